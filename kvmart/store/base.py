@@ -1,0 +1,80 @@
+"""The store interface: where artifacts live, keyed by cache id, with a small metadata entry beside each."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import BinaryIO
+
+from ..errors import UnknownCacheError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the catalogue knows of an artifact without opening it."""
+
+    cache_id: str
+    title: str
+    source: str
+    model: str
+    fingerprint: str
+    num_tokens: int
+    artifact_bytes: int
+    prefill_seconds: float
+    created_at: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Writer = Callable[[BinaryIO], int]
+
+
+class Store(ABC):
+    """A collection of artifacts. Implementations are safe to use from several threads; `put` is atomic: readers
+    see either no artifact or the whole one, never a partial write, even if the writer dies midway."""
+
+    @abstractmethod
+    def put(self, entry: Entry, write: Writer) -> Entry:
+        """Store an artifact by calling `write(f)` on a temporary file, then publishing it under entry.cache_id."""
+
+    @abstractmethod
+    def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        """A binary file positioned at 0 and its size, or None if absent."""
+
+    @abstractmethod
+    def entry(self, cache_id: str) -> Entry | None:
+        """The metadata entry of `cache_id`, or None."""
+
+    @abstractmethod
+    def entries(self) -> list[Entry]:
+        """Every entry, newest first."""
+
+    @abstractmethod
+    def delete(self, cache_id: str) -> bool:
+        """Remove an artifact and its entry; True if something was removed."""
+
+    @contextmanager
+    def open(self, cache_id: str) -> Iterator[tuple[BinaryIO, int]]:
+        """(file, size_bytes) of an artifact; raises UnknownCacheError if absent."""
+        opened = self._open(cache_id)
+        if opened is None:
+            raise UnknownCacheError(f"no artifact with cache id {cache_id!r} in this store")
+        f, size = opened
+        try:
+            yield f, size
+        finally:
+            f.close()
+
+    def resolve(self, prefix: str) -> str:
+        """The one cache id starting with `prefix` (at least 6 hex chars); UnknownCacheError otherwise."""
+        if len(prefix) < 6:
+            raise UnknownCacheError(f"cache id {prefix!r} is too short: give at least 6 characters")
+        matches = [e.cache_id for e in self.entries() if e.cache_id.startswith(prefix)]
+        if len(matches) > 1:
+            raise UnknownCacheError(f"cache id {prefix!r} is ambiguous: it matches {len(matches)} artifacts")
+        if not matches:
+            raise UnknownCacheError(f"no artifact with cache id {prefix!r} in this store (see `kvmart ls`)")
+        return matches[0]

@@ -1,0 +1,101 @@
+"""The local disk store, the embedded default: one directory, an artifact file and an entry file per cache id.
+
+    ROOT/objects/ab/<cache_id>.kvm   the artifact
+    ROOT/entries/<cache_id>.json     its metadata entry
+    ROOT/tmp/                        writes in progress; renamed into place when complete
+
+Every write goes to tmp/ then os.replace: a crash leaves at worst a stale temp file, cleaned up at the next open."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import StoreError
+from .base import Entry, Store, Writer
+
+STALE_TEMP_SECONDS = 3600.0
+
+
+class DiskStore(Store):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            for sub in ("objects", "entries", "tmp"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store at {root}: {e}") from e
+        self._clean_stale_temps()
+
+    def __repr__(self) -> str:
+        return f"DiskStore({str(self.root)!r})"
+
+    def _object_path(self, cache_id: str) -> Path:
+        return self.root / "objects" / cache_id[:2] / f"{cache_id}.kvm"
+
+    def _entry_path(self, cache_id: str) -> Path:
+        return self.root / "entries" / f"{cache_id}.json"
+
+    def put(self, entry: Entry, write: Writer) -> Entry:
+        target = self._object_path(entry.cache_id)
+        target.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{entry.cache_id[:16]}.", suffix=".kvm.tmp", dir=self.root / "tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                written = write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        stored = Entry(**{**entry.as_dict(), "artifact_bytes": written})
+        self._write_entry(stored)
+        return stored
+
+    def _write_entry(self, entry: Entry) -> None:
+        fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=self.root / "tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry.as_dict(), f, sort_keys=True)
+        os.replace(tmp, self._entry_path(entry.cache_id))
+
+    def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        try:
+            f = open(self._object_path(cache_id), "rb")
+        except (FileNotFoundError, ValueError):
+            return None
+        return f, os.fstat(f.fileno()).st_size
+
+    def entry(self, cache_id: str) -> Entry | None:
+        try:
+            return Entry(**json.loads(self._entry_path(cache_id).read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"entry of {cache_id} in {self.root} is unreadable: {e}") from e
+
+    def entries(self) -> list[Entry]:
+        found = [self.entry(p.stem) for p in (self.root / "entries").glob("*.json")]
+        return sorted((e for e in found if e is not None), key=lambda e: e.created_at, reverse=True)
+
+    def delete(self, cache_id: str) -> bool:
+        removed = False
+        for path in (self._entry_path(cache_id), self._object_path(cache_id)):
+            if path.exists():
+                path.unlink()
+                removed = True
+        return removed
+
+    def _clean_stale_temps(self) -> None:
+        """Remove temp files left by writers that died (older than an hour: younger ones may still be written)."""
+        now = time.time()
+        for tmp in (self.root / "tmp").iterdir():
+            try:
+                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,46 @@
+"""An in-process store: artifacts as bytes in a dict. For tests and throwaway runs; gone when the process ends."""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import BinaryIO
+
+from .base import Entry, Store, Writer
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blobs: dict[str, bytes] = {}
+        self._entries: dict[str, Entry] = {}
+
+    def __repr__(self) -> str:
+        return "MemoryStore()"
+
+    def put(self, entry: Entry, write: Writer) -> Entry:
+        buffer = io.BytesIO()
+        written = write(buffer)
+        stored = Entry(**{**entry.as_dict(), "artifact_bytes": written})
+        with self._lock:
+            self._blobs[entry.cache_id] = buffer.getvalue()
+            self._entries[entry.cache_id] = stored
+        return stored
+
+    def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        with self._lock:
+            blob = self._blobs.get(cache_id)
+        return None if blob is None else (io.BytesIO(blob), len(blob))
+
+    def entry(self, cache_id: str) -> Entry | None:
+        with self._lock:
+            return self._entries.get(cache_id)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.created_at, reverse=True)
+
+    def delete(self, cache_id: str) -> bool:
+        with self._lock:
+            self._entries.pop(cache_id, None)
+            return self._blobs.pop(cache_id, None) is not None
