@@ -77,6 +77,11 @@ def manifest_for(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint, sa
     )
 
 
+def tensor_names(num_layers: int) -> list[str]:
+    """The order tensors are written and read in: layer 0 keys, layer 0 values, layer 1 keys..."""
+    return [f"layers.{i}.{kind}" for i in range(num_layers) for kind in ("keys", "values")]
+
+
 def checksum(tensor: torch.Tensor) -> str:
     return xxhash.xxh3_128_hexdigest(_bytes_view(tensor.contiguous()))
 
@@ -131,7 +136,9 @@ def read_manifest(f: BinaryIO, size_bytes: int) -> tuple[Manifest, dict]:
     except (ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"not a kvmart artifact: its header has no readable kvmart manifest ({e})") from e
     manifest = _parse_manifest(body)
-    table = {name: header.get(name) for name in manifest.tensors}
+    table = {name: header.get(name) for name in tensor_names(manifest.num_layers)}
+    if set(table) != set(manifest.tensors):
+        raise ArtifactError("corrupt artifact: the manifest's tensor list does not match its layer count")
     expected = 8 + header_len + _data_bytes(table)
     if size_bytes != expected:
         raise ArtifactError(f"truncated or padded artifact: {size_bytes} bytes on disk, the header describes {expected}")

@@ -60,19 +60,25 @@ def decode_utf8(data: bytes, name: str) -> str:
 def precompute(model: Model, store: Store, text: str, title: str = "", source: str = "",
                progress: Callable[[float], None] | None = None, layout: Layout | None = None) -> Precomputed:
     """Prefill `text` once and store its artifact; a document already stored is returned without computing."""
-    start = time.perf_counter()
     ids = document_ids(model.tokenize, layout or layout_for(model.tokenizer), check_text(text))
-    model.check_fits("the document", len(ids))
-    cid = make_cache_id(model.fingerprint.digest, ids)
+    return precompute_ids(model, store, ids, title, source, progress)
+
+
+def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str = "", source: str = "",
+                   progress: Callable[[float], None] | None = None) -> Precomputed:
+    """Prefill exactly these token ids once and store the artifact (or return the stored one)."""
+    start = time.perf_counter()
+    model.check_fits("the document", len(token_ids))
+    cid = make_cache_id(model.fingerprint.digest, token_ids)
     existing = store.entry(cid)
     if existing is not None:
         return Precomputed(existing, False, time.perf_counter() - start)
-    kv = model.prefill(ids, progress)
+    kv = model.prefill(token_ids, progress)
     prefill_seconds = time.perf_counter() - start
-    manifest = manifest_for(kv, ids, model.fingerprint)
+    manifest = manifest_for(kv, token_ids, model.fingerprint)
     entry = Entry(cache_id=cid, title=title, source=source, model=model.spec, fingerprint=model.fingerprint.digest,
-                  num_tokens=len(ids), artifact_bytes=artifact_size(manifest, kv), prefill_seconds=prefill_seconds,
-                  created_at=time.time())
+                  num_tokens=len(token_ids), artifact_bytes=artifact_size(manifest, kv),
+                  prefill_seconds=prefill_seconds, created_at=time.time())
     stored = store.put(entry, lambda f: write_artifact(f, manifest, kv))
     return Precomputed(stored, True, time.perf_counter() - start)
 

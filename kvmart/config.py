@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTENTION_IMPLEMENTATIONS = ("kvmart", "sdpa", "eager")  # kvmart: see kvmart/attention.py
 DEFAULT_MODEL = "builtin:smollm2-135m"
 
 
@@ -27,7 +27,7 @@ class Settings:
     data_dir: Path
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
-    attention: str = "sdpa"
+    attention: str = "kvmart"
     store: str = ""  # empty: the local disk store under data_dir/store
 
     def __post_init__(self) -> None:

@@ -1,9 +1,13 @@
 """The KV cache in memory: `KV`, an immutable per-layer record of a token prefix's keys and values, and
-`WorkingCache`, the preallocated transformers `Cache` a forward pass appends to.
+`WorkingCache`, the transformers `Cache` one request's forward passes append to.
 
-Why preallocate: transformers' DynamicCache concatenates the whole cache onto itself at every layer of every step,
-copying hundreds of MB per token for a long document. A WorkingCache copies the reused prefix once into buffers
-sized for the whole request and writes new keys and values in place."""
+Why not DynamicCache: it concatenates the whole cache onto itself at every layer of every step, copying hundreds
+of MB per token for a long document. A WorkingCache preallocates room for the request's new tokens and writes them
+in place. It has two modes:
+- segmented (kvmart attention): the reused prefix is *referenced*, never copied; `kvmart.attention` attends over
+  the prefix and the new tokens as two segments. Loading a stored document costs no copy beyond reading it.
+- contiguous (transformers' sdpa / eager attention): the prefix is copied once into the buffers, and `update`
+  returns views of everything so far, as those implementations expect."""
 
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ class KV:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors in a fixed order: layer 0 keys, layer 0 values, layer 1 keys..."""
+        """Named tensors in the artifact order: layer 0 keys, layer 0 values, layer 1 keys..."""
         named: dict[str, torch.Tensor] = {}
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             named[f"layers.{i}.keys"] = k
@@ -57,21 +61,27 @@ class KV:
         )
 
 
-class PreallocatedLayer(CacheLayerMixin):
-    """One layer's keys and values in buffers of fixed capacity; `update` writes in place and returns views."""
+class WorkingLayer(CacheLayerMixin):
+    """One layer: an optional read-only prefix, and buffers for new tokens written in place by `update`."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor, values: torch.Tensor,
+                 length: int, segmented: bool) -> None:
         super().__init__()
-        self.keys, self.values, self.length = keys, values, length
+        self.prefix, self.keys, self.values, self.length, self.segmented = prefix, keys, values, length, segmented
         self.is_initialized = True
 
+    @property
+    def prefix_tokens(self) -> int:
+        return self.prefix[0].shape[-2] if self.prefix is not None else 0
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise AssertionError("a PreallocatedLayer is created initialized")
+        raise AssertionError("a WorkingLayer is created initialized")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens; return the new-token segment (segmented) or everything so far (contiguous)."""
         end = self.length + key_states.shape[-2]
         if end > self.keys.shape[-2]:
             raise AssertionError(f"working cache capacity {self.keys.shape[-2]} exceeded ({end})")
@@ -81,49 +91,51 @@ class PreallocatedLayer(CacheLayerMixin):
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.length + (self.prefix_tokens if self.segmented else 0)
 
     def get_max_length(self) -> int:
-        return self.keys.shape[-2]
+        return self.keys.shape[-2] + (self.prefix_tokens if self.segmented else 0)
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything so far as two tensors (a copy when segmented and a prefix exists)."""
+        k, v = self.keys[:, :, :self.length], self.values[:, :, :self.length]
+        if self.segmented and self.prefix is not None:
+            return torch.cat([self.prefix[0], k], dim=-2), torch.cat([self.prefix[1], v], dim=-2)
+        return k, v
 
 
 class WorkingCache(Cache):
-    """The cache of one request: a copy of the reused prefix plus room for `capacity` tokens in all.
+    """The cache of one request. Not thread-safe: one request owns it. The KV it was built from is never written."""
 
-    Not thread-safe; one request owns it. Reading it out with `to_kv` gives views, valid until the next update."""
-
-    def __init__(self, layers: list[PreallocatedLayer]) -> None:
+    def __init__(self, layers: list[WorkingLayer]) -> None:
         super().__init__(layers=layers)
 
     @classmethod
-    def allocate(cls, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype) -> "WorkingCache":
+    def build(cls, kv: KV | None, num_layers: int, kv_heads: int, head_dim: int, new_tokens: int,
+              dtype: torch.dtype, segmented: bool) -> "WorkingCache":
+        """Room for `new_tokens` after `kv`: referenced when segmented, copied into the buffers otherwise."""
+        prefix_tokens = kv.num_tokens if kv is not None else 0
+        capacity = new_tokens if segmented else prefix_tokens + new_tokens
         shape = (1, kv_heads, capacity, head_dim)
-        return cls([PreallocatedLayer(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype), 0)
-                    for _ in range(num_layers)])
-
-    @classmethod
-    def from_kv(cls, kv: KV | None, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
-                dtype: torch.dtype) -> "WorkingCache":
-        """A cache holding a copy of `kv` (never aliased: the KV stays untouched) with room for `capacity` tokens."""
-        cache = cls.allocate(num_layers, kv_heads, head_dim, capacity, dtype)
-        if kv is not None:
-            cache.load_prefix(kv)
-        return cache
-
-    def load_prefix(self, kv: KV) -> None:
-        n = kv.num_tokens
-        for layer, k, v in zip(self.layers, kv.keys, kv.values):
-            layer.keys[:, :, :n].copy_(k)
-            layer.values[:, :, :n].copy_(v)
-            layer.length = n
+        layers = []
+        for i in range(num_layers):
+            keys, values = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+            prefix = (kv.keys[i], kv.values[i]) if kv is not None else None
+            if prefix is not None and not segmented:
+                keys[:, :, :prefix_tokens].copy_(prefix[0])
+                values[:, :, :prefix_tokens].copy_(prefix[1])
+                prefix = None
+            length = 0 if segmented else prefix_tokens
+            layers.append(WorkingLayer(prefix, keys, values, length, segmented))
+        return cls(layers)
 
     @property
     def num_tokens(self) -> int:
-        return self.layers[0].length
+        return self.layers[0].get_seq_length()
 
     def to_kv(self) -> KV:
-        n = self.num_tokens
-        return KV(tuple(l.keys[:, :, :n] for l in self.layers), tuple(l.values[:, :, :n] for l in self.layers))
+        pairs = [layer.keys_values() for layer in self.layers]
+        return KV(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import attention
 from .builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins
 from .config import Settings
 from .errors import ContextOverflowError, InputError, ModelLoadError, ModelNotFoundError
@@ -23,10 +24,15 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class Step:
-    """The result of one forward pass: logits [num_positions, vocab] (float32) and the KV of everything so far."""
+    """The result of one forward pass: logits [num_positions, vocab] (float32) and the cache it left behind."""
 
     logits: torch.Tensor
-    kv: KV
+    cache: WorkingCache
+
+    @property
+    def kv(self) -> KV:
+        """The KV of everything so far (assembled on demand: with a long prefix this is a large copy)."""
+        return self.cache.to_kv()
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,10 @@ def resolve_model_folder(spec: str, settings: Settings, progress: Progress | Non
 class Model:
     """A loaded model. Thread-safe for reads of a KV; forward passes are serialized by the caller."""
 
-    def __init__(self, hf_model, tokenizer, folder: Path, spec: str, dtype: str, attention: str,
+    def __init__(self, hf_model, tokenizer, folder: Path, spec: str, dtype: str, attention_name: str,
                  fingerprint: ModelFingerprint) -> None:
         self.hf_model, self.tokenizer, self.folder, self.spec = hf_model, tokenizer, folder, spec
-        self.dtype_name, self.attention, self.fingerprint = dtype, attention, fingerprint
+        self.dtype_name, self.attention, self.fingerprint = dtype, attention_name, fingerprint
         config = hf_model.config
         self.num_layers: int = config.num_hidden_layers
         self.kv_heads: int = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -77,6 +83,8 @@ class Model:
 
         hf_logging.disable_progress_bar()  # kvmart draws its own progress; a bar per load is noise
         folder = resolve_model_folder(settings.model, settings, progress)
+        if settings.attention == attention.NAME:
+            attention.register()
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
             hf_model = AutoModelForCausalLM.from_pretrained(
@@ -124,7 +132,7 @@ class Model:
             raise InputError("nothing to continue with: no tokens given")
         cache = self._cache(kv, len(token_ids))
         logits = self._forward(cache, token_ids, logits_to_keep=0 if all_logits else 1)
-        return Step(logits, cache.to_kv())
+        return Step(logits, cache)
 
     def generate(self, kv: KV | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None) -> Generation:
@@ -156,8 +164,8 @@ class Model:
     def _cache(self, kv: KV | None, num_new_tokens: int) -> WorkingCache:
         prefix = kv.num_tokens if kv is not None else 0
         self.check_fits("the prompt", prefix + num_new_tokens)
-        return WorkingCache.from_kv(kv, self.num_layers, self.kv_heads, self.head_dim, prefix + num_new_tokens,
-                                    self.dtype)
+        return WorkingCache.build(kv, self.num_layers, self.kv_heads, self.head_dim, num_new_tokens, self.dtype,
+                                  segmented=self.attention == attention.NAME)
 
     @torch.inference_mode()
     def _forward(self, cache: WorkingCache, token_ids: list[int], logits_to_keep: int,
@@ -165,10 +173,11 @@ class Model:
         start = cache.num_tokens
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
         hooks = _layer_progress_hooks(self.hf_model, progress) if progress else []
+        extra = {"kvmart_cache": cache} if self.attention == attention.NAME else {}
         try:
             out = self.hf_model(
                 input_ids=torch.tensor([token_ids]), past_key_values=cache, position_ids=positions,
-                use_cache=True, logits_to_keep=logits_to_keep,
+                use_cache=True, logits_to_keep=logits_to_keep, **extra,
             )
         finally:
             for h in hooks:

@@ -34,14 +34,15 @@ class DiskStore(Store):
     def __repr__(self) -> str:
         return f"DiskStore({str(self.root)!r})"
 
-    def _object_path(self, cache_id: str) -> Path:
+    def object_path(self, cache_id: str) -> Path:
+        """Where the artifact of `cache_id` lives (whether or not it exists)."""
         return self.root / "objects" / cache_id[:2] / f"{cache_id}.kvm"
 
     def _entry_path(self, cache_id: str) -> Path:
         return self.root / "entries" / f"{cache_id}.json"
 
     def put(self, entry: Entry, write: Writer) -> Entry:
-        target = self._object_path(entry.cache_id)
+        target = self.object_path(entry.cache_id)
         target.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{entry.cache_id[:16]}.", suffix=".kvm.tmp", dir=self.root / "tmp")
         try:
@@ -65,7 +66,7 @@ class DiskStore(Store):
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         try:
-            f = open(self._object_path(cache_id), "rb")
+            f = open(self.object_path(cache_id), "rb")
         except (FileNotFoundError, ValueError):
             return None
         return f, os.fstat(f.fileno()).st_size
@@ -84,7 +85,7 @@ class DiskStore(Store):
 
     def delete(self, cache_id: str) -> bool:
         removed = False
-        for path in (self._entry_path(cache_id), self._object_path(cache_id)):
+        for path in (self._entry_path(cache_id), self.object_path(cache_id)):
             if path.exists():
                 path.unlink()
                 removed = True

@@ -1,0 +1,105 @@
+"""Claim: reusing a stored KV artifact is far cheaper than prefilling the document again, and the gap widens with
+length (the paper: 8.6x at 255 tokens, 49.7x at 3,774 on Qwen3-4B fp16, Apple M1 Pro).
+
+Measured side by side in one run, interleaved, both sides configured as a server runs them (logits computed only
+for the last position):
+  prefill : one forward pass over document + question, from nothing;
+  reuse   : load the artifact from the disk store (read + verify checksums) + one forward pass over the question.
+"warm" has the artifact in the OS page cache; "cold" evicts it first (posix_fadvise DONTNEED), so it is read from
+disk. Prints a markdown table for docs/BENCHMARKS.md.
+
+    python bench/reuse_vs_prefill.py --model builtin:qwen3-0.6b-shape --lengths 256,1024,2048,3774
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvmart import cache
+from kvmart.config import load_settings
+from kvmart.model import Model
+from kvmart.samples import SAMPLES, sample_text
+from kvmart.store import open_store
+
+PAPER = {255: (0.67, 0.078), 3774: (14.71, 0.296)}  # seconds: prefill, reuse (Qwen3-4B fp16, M1 Pro, KV in memory)
+
+
+def corpus_ids(model: Model, needed: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < needed:
+        ids += model.tokenize("".join(sample_text(name) for name in SAMPLES))
+    return ids
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def measure(model: Model, store, doc: list[int], question: list[int], repeats: int) -> dict[str, float]:
+    cid = cache.precompute_ids(model, store, doc, title="bench").entry.cache_id
+    path = store.object_path(cid)
+    rows: dict[str, list[float]] = {"prefill": [], "warm_load": [], "warm_compute": [], "cold_load": [], "cold_compute": []}
+    for _ in range(repeats):
+        rows["prefill"].append(timed(lambda: model.continue_from(None, doc + question))[0])
+        for mode in ("warm", "cold"):
+            if mode == "cold":
+                evict(path)
+            else:
+                path.read_bytes()  # make sure it is in the page cache
+            load_s, loaded = timed(lambda: cache.load(model, store, cid))
+            compute_s, _ = timed(lambda: model.continue_from(loaded.kv, question))
+            rows[f"{mode}_load"].append(load_s)
+            rows[f"{mode}_compute"].append(compute_s)
+            del loaded
+    store.delete(cid)
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:qwen3-0.6b-shape")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention", default="kvmart")
+    parser.add_argument("--lengths", default="256,1024,2048,3774")
+    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    settings = load_settings().with_overrides(model=args.model, dtype=args.dtype, attention=args.attention)
+    model = Model.load(settings)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    ids = corpus_ids(model, max(lengths) + args.question_tokens)
+    print(f"model {args.model} ({args.dtype}, attention {args.attention}), torch threads {torch.get_num_threads()}, "
+          f"question {args.question_tokens} tokens, median of {args.repeats}")
+    print("| document tokens | KV MB | prefill s | reuse warm s (load + compute) | ratio warm | reuse cold s | ratio cold |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(dir=settings.data_dir) as tmp:
+        store = open_store(tmp)
+        for n in lengths:
+            m = measure(model, store, ids[:n], ids[n:n + args.question_tokens], args.repeats)
+            warm, cold = m["warm_load"] + m["warm_compute"], m["cold_load"] + m["cold_compute"]
+            print(f"| {n:,} | {n * model.kv_bytes_per_token / 1e6:.0f} | {m['prefill']:.2f} | {warm:.3f} "
+                  f"({m['warm_load']:.3f} + {m['warm_compute']:.3f}) | {m['prefill'] / warm:.1f}x | {cold:.3f} | "
+                  f"{m['prefill'] / cold:.1f}x |", flush=True)
+    print("paper (Qwen3-4B fp16, M1 Pro, KV in memory): " + ", ".join(
+        f"{n} tokens {p:.2f}s vs {r:.3f}s = {p / r:.1f}x" for n, (p, r) in PAPER.items()))
+
+
+if __name__ == "__main__":
+    main()
