@@ -20,7 +20,7 @@ import xxhash
 from . import __version__
 from .errors import ArtifactError, FingerprintMismatchError
 from .fingerprint import ModelFingerprint, cache_id as make_cache_id
-from .kv import KV
+from .kv import KV, large_buffer
 
 FORMAT = "kvmart-kv"
 FORMAT_VERSION = 1
@@ -190,22 +190,28 @@ def read_artifact(f: BinaryIO, size_bytes: int, fingerprint: ModelFingerprint, s
     check_model(manifest, fingerprint)
     if make_cache_id(fingerprint.digest, manifest.token_ids, salt) != manifest.cache_id:
         raise ArtifactError(f"artifact {manifest.cache_id[:16]}: its cache id does not match its tokens and model")
-    tensors = {name: _read_tensor(f, name, entry, manifest) for name, entry in table.items()}
+    tensors = _read_tensors(f, table, manifest)
     keys = tuple(tensors[f"layers.{i}.keys"] for i in range(manifest.num_layers))
     values = tuple(tensors[f"layers.{i}.values"] for i in range(manifest.num_layers))
     return manifest, KV(keys, values)
 
 
-def _read_tensor(f: BinaryIO, name: str, entry: dict, manifest: Manifest) -> torch.Tensor:
+def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> dict[str, torch.Tensor]:
+    """All tensor data in one read into one huge-page buffer, then each slice checked and viewed as a tensor."""
     shape = [1, manifest.kv_heads, manifest.num_tokens, manifest.head_dim]
-    dtype = TORCH_DTYPES.get(entry.get("dtype"))
-    if entry.get("shape") != shape or dtype is None or str(dtype).removeprefix("torch.") != manifest.dtype:
-        raise ArtifactError(f"corrupt artifact: tensor {name} has shape {entry.get('shape')} and dtype "
-                            f"{entry.get('dtype')}, the manifest implies {shape} {manifest.dtype}")
-    tensor = torch.empty(shape, dtype=dtype)
-    view = _bytes_view(tensor)
-    if f.readinto(view) != len(view):
-        raise ArtifactError(f"truncated artifact: tensor {name} is cut short")
-    if xxhash.xxh3_128_hexdigest(view) != manifest.tensors[name]:
-        raise ArtifactError(f"corrupt artifact: tensor {name} does not match its checksum (bit flip or tampering)")
-    return tensor
+    total = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values())
+    buffer = large_buffer(total)
+    if f.readinto(memoryview(buffer.numpy())) != total:
+        raise ArtifactError("truncated artifact: the tensor data is cut short")
+    tensors = {}
+    for name, entry in table.items():
+        dtype = TORCH_DTYPES.get(entry.get("dtype"))
+        if entry.get("shape") != shape or dtype is None or str(dtype).removeprefix("torch.") != manifest.dtype:
+            raise ArtifactError(f"corrupt artifact: tensor {name} has shape {entry.get('shape')} and dtype "
+                                f"{entry.get('dtype')}, the manifest implies {shape} {manifest.dtype}")
+        start, end = entry["data_offsets"]
+        raw = buffer[start:end]
+        if xxhash.xxh3_128_hexdigest(memoryview(raw.numpy())) != manifest.tensors[name]:
+            raise ArtifactError(f"corrupt artifact: tensor {name} does not match its checksum (bit flip or tampering)")
+        tensors[name] = raw.view(dtype).view(shape)
+    return tensors

@@ -11,6 +11,7 @@ in place. It has two modes:
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,20 @@ class KV:
         return self.num_layers == other.num_layers and all(
             torch.equal(a, b) for a, b in zip((*self.keys, *self.values), (*other.keys, *other.values))
         )
+
+
+def large_buffer(num_bytes: int) -> torch.Tensor:
+    """A zero-copy uint8 tensor over fresh anonymous memory advised to use transparent huge pages.
+
+    Why: first-touch page faults on 4 KiB pages cost more than the copy itself (here, filling 865 MB took 0.5 s
+    with 4 KiB pages and 0.13 s with huge pages), and loading an artifact touches every page once. The mapping is
+    freed when the last tensor viewing it is."""
+    if num_bytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    region = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8)
 
 
 class WorkingLayer(CacheLayerMixin):
