@@ -133,18 +133,19 @@ class Model:
         return Step(logits, cache)
 
     def generate(self, kv: KV | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> Generation:
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Generation:
         start = time.perf_counter()
         tokens, logits = [], []
-        for token, step_logits in self.stream(kv, token_ids, max_new_tokens, temperature, top_p, seed):
+        for token, step_logits in self.stream(kv, token_ids, max_new_tokens, temperature, top_p, seed, stop_at_eos):
             tokens.append(token)
             logits.append(step_logits)
         return Generation(tokens, logits, time.perf_counter() - start)
 
     def stream(self, kv: KV | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True
+               ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (token, logits that chose it) one by one: greedy at temperature 0, else sampled with top-p.
-        Stops after an end-of-sequence token or `max_new_tokens`."""
+        Stops after `max_new_tokens`, or after an end-of-sequence token when `stop_at_eos`."""
         if not token_ids:
             raise InputError("generation needs at least one prompt token after the cached prefix")
         prefix = kv.num_tokens if kv is not None else 0
@@ -155,7 +156,7 @@ class Model:
         for i in range(max_new_tokens):
             token = choose_token(logits, temperature, top_p, generator)
             yield token, logits
-            if token in self.eos_ids or i == max_new_tokens - 1:
+            if (stop_at_eos and token in self.eos_ids) or i == max_new_tokens - 1:
                 return
             logits = self._forward(cache, [token], logits_to_keep=1)[-1]
 

@@ -39,9 +39,10 @@ def verify(model: Model, loaded: Loaded, question_token_ids: list[int], num_toke
     fresh = model.prefill(doc)
     reused_step = model.continue_from(loaded.kv, question_token_ids, all_logits=True)
     fresh_step = model.continue_from(fresh, question_token_ids, all_logits=True)
-    reused_gen = model.generate(loaded.kv, question_token_ids, num_tokens)
-    fresh_gen = model.generate(fresh, question_token_ids, num_tokens)
-    single_gen = model.generate(None, doc + question_token_ids, num_tokens)
+    # compare a fixed number of tokens, as the paper does: an end-of-turn token does not end the comparison
+    reused_gen = model.generate(loaded.kv, question_token_ids, num_tokens, stop_at_eos=False)
+    fresh_gen = model.generate(fresh, question_token_ids, num_tokens, stop_at_eos=False)
+    single_gen = model.generate(None, doc + question_token_ids, num_tokens, stop_at_eos=False)
     matching = leading_matches(reused_gen.token_ids, single_gen.token_ids)
     return VerifyReport(
         cache_id=loaded.entry.cache_id, dtype=model.dtype_name, document_tokens=len(doc),
