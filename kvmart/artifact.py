@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -145,7 +146,14 @@ def read_manifest(f: BinaryIO, size_bytes: int) -> tuple[Manifest, dict]:
     return manifest, table
 
 
-def _parse_manifest(body: dict) -> Manifest:
+_FIELD_TYPES = {"cache_id": str, "fingerprint": dict, "fingerprint_digest": str, "token_ids": list, "num_layers": int,
+                "kv_heads": int, "head_dim": int, "dtype": str, "codec": str, "tensors": dict, "created_by": dict,
+                "salt_hash": str}
+
+
+def _parse_manifest(body: object) -> Manifest:
+    if not isinstance(body, dict):
+        raise ArtifactError(f"not a kvmart artifact: its manifest is a JSON {type(body).__name__}, not an object")
     if body.get("format") != FORMAT:
         raise ArtifactError(f"not a kvmart artifact: format is {body.get('format')!r}, expected {FORMAT!r}")
     if body.get("format_version") != FORMAT_VERSION:
@@ -156,8 +164,18 @@ def _parse_manifest(body: dict) -> Manifest:
         raise ArtifactError("corrupt artifact: the manifest does not match its recorded hash")
     if body.get("codec") != "raw":
         raise ArtifactError(f"artifact codec {body.get('codec')!r} is not supported by this kvmart")
-    fields = {k: body[k] for k in Manifest.__dataclass_fields__ if k in body}
-    return Manifest(**fields)
+    missing = [k for k in _FIELD_TYPES if k not in body and k != "salt_hash"]
+    if missing:
+        raise ArtifactError(f"corrupt artifact: its manifest lacks {', '.join(missing)}")
+    wrong = [k for k, kind in _FIELD_TYPES.items() if k in body and not _is(body[k], kind)]
+    if wrong or not all(_is(t, int) and t >= 0 for t in body["token_ids"]) or min(
+            body["num_layers"], body["kv_heads"], body["head_dim"]) <= 0:
+        raise ArtifactError(f"corrupt artifact: manifest fields of the wrong type or range: {', '.join(wrong) or 'shape'}")
+    return Manifest(**{k: body[k] for k in _FIELD_TYPES if k in body})
+
+
+def _is(value: object, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
 def _data_bytes(table: dict[str, dict | None]) -> int:
@@ -166,7 +184,10 @@ def _data_bytes(table: dict[str, dict | None]) -> int:
     for name, entry in table.items():
         if not isinstance(entry, dict) or "data_offsets" not in entry:
             raise ArtifactError(f"corrupt artifact: tensor {name!r} is listed in the manifest but not in the header")
-        start, end = entry["data_offsets"]
+        span = entry["data_offsets"]
+        if not (isinstance(span, list) and len(span) == 2 and all(_is(x, int) for x in span)):
+            raise ArtifactError(f"corrupt artifact: tensor {name!r} has data_offsets {span!r}, not two integers")
+        start, end = span
         if start != offset or end < start:
             raise ArtifactError(f"corrupt artifact: tensor {name!r} is not where the format puts it")
         offset = end
@@ -210,6 +231,9 @@ def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> di
             raise ArtifactError(f"corrupt artifact: tensor {name} has shape {entry.get('shape')} and dtype "
                                 f"{entry.get('dtype')}, the manifest implies {shape} {manifest.dtype}")
         start, end = entry["data_offsets"]
+        if end - start != manifest.num_tokens * manifest.kv_heads * manifest.head_dim * dtype.itemsize:
+            raise ArtifactError(f"corrupt artifact: tensor {name} spans {end - start} bytes, its shape {shape} "
+                                f"{manifest.dtype} needs {math.prod(shape) * dtype.itemsize}")
         raw = buffer[start:end]
         if xxhash.xxh3_128_hexdigest(memoryview(raw.numpy())) != manifest.tensors[name]:
             raise ArtifactError(f"corrupt artifact: tensor {name} does not match its checksum (bit flip or tampering)")

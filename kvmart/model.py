@@ -148,7 +148,10 @@ class Model:
         Stops after `max_new_tokens`, or after an end-of-sequence token when `stop_at_eos`."""
         if not token_ids:
             raise InputError("generation needs at least one prompt token after the cached prefix")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         prefix = kv.num_tokens if kv is not None else 0
+        # prompt + generated tokens <= context, as OpenAI and vLLM count (the last token is never fed back)
         self.check_fits("the prompt plus the tokens to generate", prefix + len(token_ids) + max_new_tokens)
         cache = self._cache(kv, len(token_ids) + max_new_tokens)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
