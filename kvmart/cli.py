@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from . import cache
@@ -123,7 +124,7 @@ def precompute(settings: Settings, file: str) -> None:
 @cli.command()
 @click.argument("doc")
 @click.argument("question")
-@click.option("--max-tokens", default=64, show_default=True, help="Most tokens to generate.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--seed", type=int, help="Sampling seed.")
 @common_options
@@ -132,7 +133,7 @@ def ask(settings: Settings, doc: str, question: str, max_tokens: int, temperatur
     model, store = load_model(settings), open_store(settings.store_url)
     loaded = cache.load(model, store, resolve_document(model, store, doc))
     answer = cache.ask(model, loaded, question, max_tokens, temperature, seed)
-    out.print(answer.text.strip())
+    out.print(answer.text.strip(), markup=False)
     console.print(f"[dim]tokens from cache {answer.cached_tokens:,} · computed {answer.computed_tokens:,} · "
                   f"generated {len(answer.token_ids):,} · artifact load {answer.load_seconds:.2f}s · "
                   f"prefill time saved {answer.saved_seconds:.2f}s[/dim]")
@@ -171,9 +172,14 @@ def print_report(r) -> None:
 def list_(settings: Settings) -> None:
     """List stored artifacts."""
     entries = open_store(settings.store_url).entries()
-    table = Table("cache_id", "title", "model", "tokens", "bytes", "prefill s")
+    table = Table()
+    table.add_column("cache_id", no_wrap=True, min_width=16)
+    for name in ("title", "model"):
+        table.add_column(name, overflow="fold")
+    for name in ("tokens", "bytes", "prefill s"):
+        table.add_column(name, justify="right", no_wrap=True)
     for e in entries:
-        table.add_row(e.cache_id[:16], e.title, e.model, f"{e.num_tokens:,}", f"{e.artifact_bytes:,}",
+        table.add_row(e.cache_id[:16], escape(e.title), escape(e.model), f"{e.num_tokens:,}", f"{e.artifact_bytes:,}",
                       f"{e.prefill_seconds:.2f}")
     out.print(table if entries else "no artifacts stored")
 
@@ -201,7 +207,7 @@ def models() -> None:
 @cli.command()
 @click.option("--sample", type=click.Choice(list(SAMPLES)), default="mpl-2.0", show_default=True)
 @click.option("--question", help="Question to ask (default: the sample's own).")
-@click.option("--max-tokens", default=48, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True, help="Most tokens to generate.")
 @common_options
 def demo(settings: Settings, sample: str, question: str | None, max_tokens: int) -> None:
     """The main job end to end: precompute a bundled document, answer from its cache, verify exactness."""
@@ -216,7 +222,7 @@ def demo(settings: Settings, sample: str, question: str | None, max_tokens: int)
     question = question or SAMPLES[sample][1]
     loaded = cache.load(model, store, e.cache_id)
     answer = cache.ask(model, loaded, question, max_tokens)
-    out.print(f"[bold]2. ask[/bold] {question}\n   {answer.text.strip()}")
+    out.print(f"[bold]2. ask[/bold] {escape(question)}\n   {escape(answer.text.strip())}")
     out.print(f"   tokens from cache {answer.cached_tokens:,} · computed {answer.computed_tokens} · "
               f"load {answer.load_seconds:.2f}s + answer {answer.generate_seconds:.2f}s · "
               f"prefill saved {answer.saved_seconds:.2f}s")
@@ -229,6 +235,117 @@ def demo(settings: Settings, sample: str, question: str | None, max_tokens: int)
         raise SystemExit(1)
 
 
+def _decimal(ctx, param, value: str | None):
+    """click callback: a money option as Decimal (never float)."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        return None if value is None else Decimal(value)
+    except InvalidOperation:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+
+
+def _count(ctx, param, value: str) -> int:
+    """click callback: a whole count written plainly or as 80e6."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+    if number != number.to_integral_value() or number < 0:
+        raise click.BadParameter(f"{value!r} is not a whole, non-negative number")
+    return int(number)
+
+
+def cost_shape(spec: str):
+    """A shape from the table, a built-in's spec, or a model folder's config.json; no weights are loaded."""
+    import json
+
+    from .economics import known_shapes, lookup_shape, shape_from_config
+    from .errors import ModelLoadError, ModelNotFoundError
+
+    shape = lookup_shape(spec)
+    if shape is not None:
+        return shape
+    config = Path(spec).expanduser() / "config.json"
+    if not config.is_file():
+        raise ModelNotFoundError(f"{spec!r} is neither a known shape nor a model folder with a config.json; "
+                                 f"known shapes: {', '.join(known_shapes())}")
+    try:
+        return shape_from_config(json.loads(config.read_text(encoding="utf-8")), Path(spec).name)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot read a model shape from {config}: {e!r}") from e
+
+
+@cli.command()
+@click.option("--model", "spec", default="Qwen3-4B", show_default=True,
+              help="A shape (Qwen3-0.6B, Qwen3-4B, Qwen3-8B, Llama-3.1-8B, SmolLM2-135M), builtin:NAME, or a model "
+                   "folder (its config.json is read; no weights are loaded).")
+@click.option("--tokens", default=3774, show_default=True, help="Document tokens.")
+@click.option("--question-tokens", default=32, show_default=True, help="Tokens appended after the document.")
+@click.option("--reads", default="1", show_default=True, callback=_count, help="Reads of the document (80e6 works).")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["float32", "float16", "bfloat16", "float8", "int8"]), help="KV and weight dtype.")
+@click.option("--prefill-seconds", type=float, help="Measured prefill time (with --reuse-seconds): price it "
+                                                    "instead of the roofline estimate.")
+@click.option("--reuse-seconds", type=float, help="Measured reuse time.")
+@click.option("--usd-per-hour", callback=_decimal, help="Device price, $/hour [4.6, implied by the paper].")
+@click.option("--flops", type=float, help="Achieved FLOP/s [2.15e12, the paper's M1 Pro, fitted].")
+@click.option("--bandwidth", type=float, help="Memory bandwidth, GB/s [200, M1 Pro].")
+@click.option("--overhead", type=float, help="Fixed seconds per forward pass [0].")
+@click.option("--egress", callback=_decimal, help="Egress, $/GB [0.09].")
+@click.option("--storage", callback=_decimal, help="Storage, $/GB-month [0.023].")
+@click.option("--input-price", callback=_decimal, help="List input price, $/1M tokens [at cost: the prefill].")
+@click.option("--cache-read-fraction", callback=_decimal, help="Cache reads at this fraction of list [0.1].")
+@click.option("--royalty-share", callback=_decimal, help="Publisher's share of the margin [0.5].")
+@click.option("--compression-ratio", type=float, help="Lossless ratio of a shipped artifact [1].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw savings vs length and cost vs reads (PNG).")
+@click.option("--measured", type=click.Path(exists=True, dir_okay=False),
+              help="A bench/economics.py --json result to draw beside the analytic curves.")
+def cost(spec: str, tokens: int, question_tokens: int, reads: int, dtype: str, prefill_seconds: float | None,
+         reuse_seconds: float | None, usd_per_hour, flops, bandwidth, overhead, egress, storage, input_price,
+         cache_read_fraction, royalty_share, compression_ratio, as_json: bool, plot: str | None,
+         measured: str | None) -> None:
+    """The economics of one document: prefill vs reuse compute and dollars, egress vs hosting, N reads, and the
+    tariff split of a read. Defaults reproduce the paper's setup (docs/ECONOMICS.md); no model is loaded."""
+    import dataclasses
+    import json
+
+
+    from . import cost_report
+    from .economics import Prices, analyse
+
+    overrides = {"device_usd_per_hour": usd_per_hour, "achieved_flops_per_second": flops,
+                 "memory_bytes_per_second": bandwidth * 1e9 if bandwidth else None,
+                 "pass_overhead_seconds": overhead, "egress_usd_per_gb": egress,
+                 "storage_usd_per_gb_month": storage, "input_usd_per_mtok": input_price,
+                 "cache_read_fraction": cache_read_fraction, "royalty_share": royalty_share,
+                 "compression_ratio": compression_ratio}
+    try:
+        prices = dataclasses.replace(Prices(), **{k: v for k, v in overrides.items() if v is not None})
+        e = analyse(cost_shape(spec), tokens, question_tokens, reads, prices, dtype, prefill_seconds, reuse_seconds)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    if as_json:
+        click.echo(json.dumps(cost_report.as_json(e), indent=2))
+    else:
+        table = Table("quantity", "value", "how", title=escape(cost_report.title(e)), title_justify="left")
+        for heading, rows in cost_report.sections(e):
+            table.add_row(f"[bold]{escape(heading)}[/bold]", "", "")
+            for row in rows:
+                table.add_row(*map(escape, row))  # a folder's name may hold [brackets]: text, not markup
+            table.add_section()
+        out.print(table)
+    if plot:
+        points = cost_report.paper_points(e)
+        if measured:
+            points += cost_report.measured_points(json.loads(Path(measured).read_text(encoding="utf-8")))
+        cost_report.plot(e, Path(plot), points)
+        console.print(f"wrote {plot}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
@@ -239,5 +356,33 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except KvmartError as e:
-        console.print(f"[red]Error:[/red] {e}", highlight=False)
+        console.print(f"[red]Error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
+
+
+@cli.command()
+@click.option("--host", help="Address to listen on.  [default: 127.0.0.1]")
+@click.option("--port", type=int, help="TCP port.  [default: 8000]")
+@click.option("--ram-cache-bytes", help="Hot tier budget for decoded KV caches in RAM, e.g. 2GiB.  [default: 2GiB]")
+@click.option("--max-active", type=int, help="Requests the model worker interleaves.  [default: 4]")
+@click.option("--max-queue", type=int, help="Requests waiting beyond those; more get HTTP 429.  [default: 64]")
+@click.option("--max-body-bytes", help="Largest request body accepted (HTTP 413 beyond).  [default: 32MiB]")
+@common_options
+def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
+          max_active: int | None, max_queue: int | None, max_body_bytes: str | None) -> None:
+    """Serve OpenAI- and Anthropic-compatible HTTP APIs that answer from hosted KV caches (docs/SERVER.md).
+
+    Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
+    request that reads one, by name or by pasting its text, continues from its stored KV. Options can also be set
+    as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES."""
+    from .server import load_server_settings, serve as run_server
+    from .server.config import parse_bytes
+
+    server = load_server_settings().with_overrides(
+        host=host, port=port, max_active=max_active, max_queue=max_queue,
+        ram_cache_bytes=parse_bytes(ram_cache_bytes) if ram_cache_bytes else None,
+        max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None)
+    model = load_model(settings)
+    console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
+                  f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
+    run_server(settings, server, model)

@@ -1,0 +1,132 @@
+"""The HTTP app: `create_app(settings, server)` -> FastAPI, and `serve` to run it with uvicorn.
+
+A request flows one way: parse (openai.py, anthropic.py, documents.py) -> resolve documents and the longest stored
+prefix -> hot tier / store -> engine on the model worker -> response. Typed errors are translated to HTTP here,
+once, in the body format of the API the path belongs to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import Settings
+from ..errors import KvmartError
+from ..model import Model
+from ..store import Store
+from . import anthropic, documents, openai
+from .config import ServerSettings
+from .errors import HttpError, RequestError, http_error
+from .services import Services, build_services
+
+log = logging.getLogger("kvmart.server")
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents", "/v1/models",
+               "/metrics", "/healthz")
+
+
+def create_app(settings: Settings, server: ServerSettings | None = None, model: Model | None = None,
+               store: Store | None = None) -> FastAPI:
+    """The app, with its own model worker (started and drained by the app's lifespan)."""
+    services = build_services(settings, server or ServerSettings(), model, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services.catalog.refresh()
+        services.worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
+
+    app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.services = services
+    for module in (openai, anthropic, documents):
+        app.include_router(module.router)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_exception_handler(KvmartError, kvmart_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_exception)
+    app.add_middleware(RequestMetrics, services=services)
+    return app
+
+
+def error_response(path: str, error: HttpError) -> JSONResponse:
+    """The error in the body format of the API `path` belongs to."""
+    body = anthropic.error_body(error) if path.startswith("/v1/messages") else openai.error_body(error)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+async def kvmart_error(request: Request, exc: KvmartError) -> JSONResponse:
+    return error_response(request.url.path, http_error(exc))
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"][1:]) or None
+    return error_response(request.url.path, http_error(RequestError(f"invalid {where}: {first['msg']}", where)))
+
+
+async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(request.url.path, HttpError(exc.status_code, kind, message))
+
+
+async def healthz(request: Request):
+    """200 while the model worker is alive; 503 otherwise."""
+    services: Services = request.app.state.services
+    active, waiting = services.worker.depth()
+    alive = services.worker.is_alive()
+    body = {"status": "ok" if alive else "unavailable", "model": services.model_id, "active": active,
+            "waiting": waiting, "documents": len(services.catalog.documents())}
+    return JSONResponse(body, status_code=200 if alive else 503)
+
+
+async def metrics(request: Request):
+    services: Services = request.app.state.services
+    return PlainTextResponse(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every HTTP request by endpoint and status and times it to the end of its response
+    (streams included)."""
+
+    def __init__(self, app, services: Services) -> None:
+        self.app, self.services = app, services
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        began, status = time.perf_counter(), [500]
+
+        async def capture(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            endpoint = endpoint_label(scope["path"])
+            self.services.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
+            self.services.metrics.request_seconds.observe(time.perf_counter() - began, endpoint=endpoint)
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label: the known endpoint the path belongs to, or `other`."""
+    return next((p for p in KNOWN_PATHS if path == p or path.startswith(p + "/")), "other")
+
+
+def serve(settings: Settings, server: ServerSettings, model: Model | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it exits."""
+    import uvicorn
+
+    app = create_app(settings, server, model)
+    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=None)

@@ -1,0 +1,78 @@
+"""The server's settings: one frozen, validated object beside the core `Settings` (which says which model and
+store). Every environment variable the server reads is in `ENV` below, with the prefix KVMART_; `kvmart serve`'s
+options override them."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields, replace
+
+from ..errors import ConfigError
+
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+         "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1e9', '0' -> a byte count. ConfigError on anything else."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in UNITS:
+        raise ConfigError(f"{text!r} is not a byte size; write e.g. 2GiB, 512MB or 1000000")
+    return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How `kvmart serve` listens, queues and caches. Validated when built."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ram_cache_bytes: int = 2 * 2**30  # the hot tier's budget for decoded KV caches in RAM
+    max_active: int = 4  # requests the model worker interleaves, one forward pass each in turn
+    max_queue: int = 64  # requests waiting beyond those; more get HTTP 429
+    max_body_bytes: int = 32 * 2**20  # larger request bodies get HTTP 413
+    default_max_tokens: int = 256  # when a request names no max_tokens (never beyond the context)
+    min_prefix_tokens: int = 64  # shortest automatic prefix match reused (a named document always is)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "min_prefix_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
+        for name in ("max_active", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is not a TCP port")
+
+    def with_overrides(self, **overrides: object) -> "ServerSettings":
+        """A copy with every non-None override applied (options that were not given are None)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# field name -> environment variable
+ENV = {f.name: "KVMART_" + f.name.upper() for f in fields(ServerSettings) if f.name not in ("host", "port")}
+ENV.update(host="KVMART_HOST", port="KVMART_PORT")
+
+
+def load_server_settings(environ: dict[str, str] | None = None) -> ServerSettings:
+    """ServerSettings from the environment (KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, ...)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for f in fields(ServerSettings):
+        raw = env.get(ENV[f.name])
+        if raw:
+            values[f.name] = _convert(f.name, raw, type(getattr(ServerSettings, f.name)))
+    return ServerSettings(**values)  # type: ignore[arg-type]
+
+
+def _convert(name: str, raw: str, kind: type) -> object:
+    if kind is str:
+        return raw
+    if name.endswith("_bytes"):
+        return parse_bytes(raw)
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ConfigError(f"{ENV[name]}={raw!r} is not an integer") from e

@@ -1,0 +1,205 @@
+"""The engine: what one request computes, as a stream of events. Runs only on the model worker's thread (forward
+passes and the tokenizer are not thread-safe); the worker advances one generator per step.
+
+A request flows one way: prompt -> token ids -> longest stored prefix (catalogue) -> its KV (hot tier, else the
+store; or, with `bypass`, a fresh prefill of the same document) -> continue with the rest of the prompt -> tokens.
+Both paths compute the same two steps, document then the rest, so they agree bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+
+import torch
+
+from .. import cache
+from ..chat import document_ids, layout_for
+from ..errors import ContextOverflowError
+from ..kv import KV
+from ..model import Model
+from ..store import Store
+from .catalog import Catalog, Document, Match
+from .config import ServerSettings
+from .hot import HotTier
+from .prompt import ChatPrompt, Prompt, chat_token_ids, text_token_ids
+from .text import Detokenizer, StopMatcher
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int | None = None  # None: the server's default, within the context
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Prompt
+    sampling: Sampling
+    bypass: bool = False  # prefill the matched document from scratch instead of reusing its stored KV
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """How the prompt's first `prefix_tokens` were obtained: tier `ram` or `store` (reused, `cached_tokens` ==
+    prefix_tokens), `bypass` (the same document prefilled afresh, nothing cached) or `none` (no stored prefix)."""
+
+    tier: str
+    document: Document | None
+    prefix_tokens: int
+    cached_tokens: int
+    load_seconds: float
+    saved_seconds: float  # estimated prefill time not spent: the document's share minus the load
+
+
+NO_REUSE = Reuse("none", None, 0, 0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    token_id: int
+    logprob: float
+    top: tuple[tuple[str, int, float], ...]  # (token, id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int
+    max_new_tokens: int
+    reuse: Reuse
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_id: int | None  # None: text held back until the end
+    logprob: TokenLogprob | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # stop | length
+    stop_sequence: str | None
+    completion_tokens: int  # tokens generated, an end-of-turn token included
+
+
+@dataclass(frozen=True)
+class Published:
+    document: Document
+    is_new: bool  # False: it was already stored and nothing was computed
+    seconds: float
+
+
+Event = Started | Delta | Finished | Published
+
+
+class Engine:
+    """Not thread-safe: every method runs on the model worker's thread."""
+
+    def __init__(self, model: Model, store: Store, catalog: Catalog, hot: HotTier, settings: ServerSettings) -> None:
+        self.model, self.store, self.catalog, self.hot, self.settings = model, store, catalog, hot, settings
+        self.header_ids = document_ids(model.tokenize, layout_for(model.tokenizer), "")
+
+    def generate(self, request: GenerationRequest) -> Iterator[Started | Delta | Finished]:
+        """Started, then Deltas, then Finished. Typed errors (unknown document, context overflow) come before
+        Started."""
+        named = [self.catalog.get(doc_id) for doc_id in request.prompt.documents]
+        ids = self.prompt_ids(request.prompt, named)
+        max_new = self.max_new_tokens(len(ids), request.sampling.max_tokens)
+        prefix, reuse = self.acquire(self.match(ids, named), request.bypass)
+        yield Started(len(ids), max_new, reuse)
+        yield from self.decode(prefix, ids[reuse.prefix_tokens:], max_new, request.sampling)
+
+    def publish(self, text: str, title: str, source: str, system: str | None) -> Iterator[Published]:
+        """Prefill and store a document (the CLI's `cache.precompute` path), or find it already stored."""
+        layout = layout_for(self.model.tokenizer, system) if system else None
+        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout)
+        yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
+
+    def prompt_ids(self, prompt: Prompt, documents: list[Document]) -> list[int]:
+        stored = [d.token_list() for d in documents]
+        if isinstance(prompt, ChatPrompt):
+            return chat_token_ids(self.model.tokenize, self.model.tokenizer, prompt, stored, self.header_ids)
+        return text_token_ids(self.model.tokenize, prompt, stored, self.model.hf_model.config.vocab_size)
+
+    def max_new_tokens(self, prompt_tokens: int, requested: int | None) -> int:
+        """`requested`, or the default clipped to the room left; ContextOverflowError saying by how much."""
+        limit = self.model.context_tokens
+        if requested is None:
+            if prompt_tokens + 1 > limit:
+                raise ContextOverflowError(f"the prompt ({prompt_tokens:,} tokens) plus one generated token",
+                                           prompt_tokens + 1, limit)
+            return min(self.settings.default_max_tokens, limit - prompt_tokens)
+        if prompt_tokens + requested > limit:
+            raise ContextOverflowError(f"the prompt ({prompt_tokens:,} tokens) plus max_tokens ({requested:,})",
+                                       prompt_tokens + requested, limit)
+        return requested
+
+    def match(self, ids: list[int], named: list[Document]) -> Match | None:
+        """The stored prefix to reuse. At least one prompt token is always left to compute."""
+        min_tokens = self.settings.min_prefix_tokens
+        if named:  # a named document is reused however short it is
+            min_tokens = min(min_tokens, named[0].num_tokens)
+        found = self.catalog.longest_prefix(ids, min_tokens)
+        if found is None or min(found.num_tokens, len(ids) - 1) < 1:
+            return None
+        return Match(found.document, min(found.num_tokens, len(ids) - 1))
+
+    def acquire(self, match: Match | None, bypass: bool) -> tuple[KV | None, Reuse]:
+        """The KV of the matched prefix and how it was obtained."""
+        if match is None:
+            return None, NO_REUSE
+        doc, k = match.document, match.num_tokens
+        if bypass:
+            return kv_prefix(self.model.prefill(doc.token_list()), k), Reuse("bypass", doc, k, 0, 0.0, 0.0)
+        loaded, tier = self.hot.get(doc.cache_id), "ram"
+        if loaded is None:
+            loaded, tier = cache.load(self.model, self.store, doc.cache_id), "store"
+            self.hot.put(loaded)
+        load_seconds = loaded.load_seconds if tier == "store" else 0.0
+        saved = max(0.0, doc.entry.prefill_seconds * k / doc.num_tokens - load_seconds)
+        return kv_prefix(loaded.kv, k), Reuse(tier, doc, k, k, load_seconds, saved)
+
+    def decode(self, prefix: KV | None, rest: list[int], max_new: int, sampling: Sampling
+               ) -> Iterator[Delta | Finished]:
+        """Generate after `prefix` + `rest`: text deltas (stop sequences and partial characters held back)."""
+        detokenizer, stops, count, reason = Detokenizer(self.model.decode), StopMatcher(sampling.stop), 0, "length"
+        steps = self.model.stream(prefix, rest, max_new, sampling.temperature, sampling.top_p, sampling.seed)
+        with closing(steps):
+            for token, logits in steps:
+                count += 1
+                if token in self.model.eos_ids:
+                    reason = "stop"
+                    break
+                text, stop = stops.feed(detokenizer.push(token))
+                yield Delta(text, token, self.logprob(logits, token, sampling.top_logprobs))
+                if stop is not None:
+                    yield Finished("stop", stop, count)
+                    return
+        tail, stop = stops.feed(detokenizer.flush())
+        tail += "" if stop else stops.flush()
+        if tail:
+            yield Delta(tail, None, None)
+        yield Finished("stop" if stop else reason, stop, count)
+
+    def logprob(self, logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
+        if top is None:
+            return None
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], torch.empty(0, dtype=torch.long))
+        decode = self.model.decode
+        return TokenLogprob(decode([token]), token, float(logprobs[token]),
+                            tuple((decode([int(i)]), int(i), float(v)) for v, i in zip(values, ids)))
+
+
+def kv_prefix(kv: KV, num_tokens: int) -> KV:
+    """The first `num_tokens` positions of `kv` (a contiguous copy, unless that is all of it)."""
+    if num_tokens == kv.num_tokens:
+        return kv
+    return KV(tuple(t[:, :, :num_tokens].contiguous() for t in kv.keys),
+              tuple(t[:, :, :num_tokens].contiguous() for t in kv.values))

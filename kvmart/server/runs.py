@@ -1,0 +1,103 @@
+"""One request's life on the event loop: submit its job to the model worker, wait for the first event (so every
+error that can be reported as an HTTP status is), stream the rest, and record its metrics once, at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from ..errors import KvmartError
+from .engine import Delta, Finished, GenerationRequest, Started
+from .errors import QueueFullError
+from .services import Services
+from .usage import Usage, usage_of
+from .worker import Ticket
+
+
+def submit(services: Services, events: Iterator[object]) -> Ticket:
+    """Queue a job on the model worker (QueueFullError counted as a rejection)."""
+    try:
+        return services.worker.submit(events, asyncio.get_running_loop())
+    except QueueFullError:
+        services.metrics.rejected.inc()
+        raise
+
+
+async def first_event(ticket: Ticket) -> object:
+    """The job's first event; its error if it failed first. Cancels the job if the caller is cancelled."""
+    try:
+        return await anext(ticket)
+    except BaseException:
+        ticket.cancel()
+        raise
+
+
+class Run:
+    """A generation in progress. Iterate `deltas()` once; `usage` is complete after it ends."""
+
+    def __init__(self, services: Services, ticket: Ticket, started: Started, endpoint: str, began: float) -> None:
+        self.services, self.ticket, self.started, self.endpoint, self.began = services, ticket, started, endpoint, began
+        self.finished: Finished | None = None
+        self.failed = False
+        self._first_token_seen = False
+
+    @property
+    def usage(self) -> Usage:
+        return usage_of(self.started, self.finished)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The generated text, piece by piece. If the consumer stops early (client gone), the job is cancelled."""
+        try:
+            async for event in self.ticket:
+                if isinstance(event, Delta):
+                    self._first_token(event)
+                    yield event
+                elif isinstance(event, Finished):
+                    self.finished = event
+        except KvmartError:
+            self.failed = True
+            raise
+        finally:
+            self._record()
+
+    async def collect(self) -> list[Delta]:
+        return [delta async for delta in self.deltas()]
+
+    def _first_token(self, delta: Delta) -> None:
+        if not self._first_token_seen and delta.token_id is not None:
+            self._first_token_seen = True
+            self.services.metrics.first_token_seconds.observe(time.perf_counter() - self.began,
+                                                              endpoint=self.endpoint)
+
+    def _record(self) -> None:
+        m = self.services.metrics
+        if self.finished is not None:
+            m.completion_tokens.inc(self.finished.completion_tokens)
+        elif not self.failed:  # the consumer stopped early: the client went away
+            self.ticket.cancel()
+            m.cancelled.inc()
+
+
+async def start_generation(services: Services, request: GenerationRequest, endpoint: str) -> Run:
+    """Queue `request` and wait until its prompt is resolved: unknown documents, a prompt too long and a full queue
+    raise here, before any response is sent."""
+    began = time.perf_counter()
+    ticket = submit(services, services.engine.generate(request))
+    started = await first_event(ticket)
+    assert isinstance(started, Started), started
+    _record_reuse(services, started)
+    return Run(services, ticket, started, endpoint, began)
+
+
+def _record_reuse(services: Services, started: Started) -> None:
+    m, reuse = services.metrics, started.reuse
+    if reuse.tier in ("ram", "store"):
+        m.cache_hits.inc(tier=reuse.tier)
+        m.saved_seconds.inc(reuse.saved_seconds)
+    elif reuse.tier == "bypass":
+        m.cache_bypass.inc()
+    else:
+        m.cache_misses.inc()
+    m.prompt_tokens.inc(reuse.cached_tokens, source="cache")
+    m.prompt_tokens.inc(started.prompt_tokens - reuse.cached_tokens, source="computed")

@@ -1,0 +1,70 @@
+"""What a request used, and how each API reports it. One place builds every `usage` block, so the ledger (charges,
+receipts) extends `Usage` and these two functions, not the endpoints.
+
+OpenAI: `prompt_tokens` counts the whole prompt, `prompt_tokens_details.cached_tokens` the part read from cache
+(always present, 0 without a hit, as OpenAI reports it). Anthropic: `input_tokens` counts only the tokens computed,
+`cache_read_input_tokens` those read from cache; kvmart never writes a cache while answering (documents are
+published explicitly), so `cache_creation_input_tokens` is 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .engine import Finished, Started
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    tier: str  # ram | store | bypass | none
+    document_id: str | None
+    cache_id: str | None
+    prefix_tokens: int  # where the prompt was split: document prefix, then the rest
+    load_seconds: float
+    prefill_seconds_saved: float
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+def usage_of(started: Started, finished: Finished | None) -> Usage:
+    reuse = started.reuse
+    return Usage(
+        prompt_tokens=started.prompt_tokens, cached_tokens=reuse.cached_tokens,
+        completion_tokens=finished.completion_tokens if finished else 0, tier=reuse.tier,
+        document_id=reuse.document.id if reuse.document else None,
+        cache_id=reuse.document.cache_id if reuse.document else None, prefix_tokens=reuse.prefix_tokens,
+        load_seconds=reuse.load_seconds, prefill_seconds_saved=reuse.saved_seconds,
+    )
+
+
+def kvmart_usage(u: Usage) -> dict:
+    """kvmart's own accounting, added beside each API's standard fields."""
+    return {
+        "cached_tokens": u.cached_tokens, "computed_tokens": u.computed_tokens, "cache": u.tier,
+        "document": u.document_id, "cache_id": u.cache_id, "prefix_tokens": u.prefix_tokens,
+        "load_seconds": round(u.load_seconds, 6), "prefill_seconds_saved": round(u.prefill_seconds_saved, 6),
+    }
+
+
+def openai_usage(u: Usage) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+                                      "rejected_prediction_tokens": 0},
+        "kvmart": kvmart_usage(u),
+    }
+
+
+def anthropic_usage(u: Usage) -> dict:
+    return {
+        "input_tokens": u.computed_tokens, "output_tokens": u.completion_tokens,
+        "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "kvmart": kvmart_usage(u),
+    }

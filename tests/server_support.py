@@ -1,0 +1,78 @@
+"""Helpers for the server tests: a real uvicorn server on a free loopback port in a background thread, and a
+Prometheus text parser. Not a test module (pytest collects test_*.py only)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from kvmart.config import Settings
+from kvmart.model import Model
+from kvmart.server import ServerSettings, create_app
+from kvmart.server.services import Services
+
+DEADLINE_SECONDS = 30.0  # how long to wait for something that must happen (a deadline against hangs, not a timing)
+
+
+class LiveServer:
+    """`with LiveServer(...) as s:` serves create_app(...) on 127.0.0.1:<free port> until the block ends."""
+
+    def __init__(self, model: Model, data_dir: Path, **server: object) -> None:
+        settings = Settings(data_dir=data_dir, model=model.spec, dtype=model.dtype_name, attention=model.attention)
+        self.app = create_app(settings, ServerSettings(port=0, log_level="warning").with_overrides(**server), model)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                    timeout_graceful_shutdown=None))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    @property
+    def services(self) -> Services:
+        return self.app.state.services
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        wait_until(lambda: self.server.started, "the server to start")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.url, timeout=DEADLINE_SECONDS)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(DEADLINE_SECONDS)
+        assert not self.thread.is_alive(), "the server did not shut down"
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+        if self.thread.is_alive():
+            self.stop()
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(self.http.get("/metrics").text)
+
+    def publish(self, text: str, key: str | None = "publisher", **fields: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return self.http.post("/v1/documents", json={"text": text, **fields}, headers=headers)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    end = time.monotonic() + DEADLINE_SECONDS
+    while not condition():
+        assert time.monotonic() < end, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """'name{labels}' -> value for every sample line (labels as written, sorted by the exporter)."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            match = re.fullmatch(r"(\S+?(?:\{.*\})?) (\S+)", line)
+            assert match, f"not a Prometheus sample line: {line!r}"
+            values[match.group(1)] = float(match.group(2))
+    return values

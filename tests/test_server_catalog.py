@@ -1,0 +1,90 @@
+"""The document catalogue and prefix matching (kvmart/server/catalog.py), and the hot tier (kvmart/server/hot.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmart import cache
+from kvmart.cache import Loaded
+from kvmart.kv import KV
+from kvmart.samples import sample_text
+from kvmart.server.catalog import Catalog, common_prefix_tokens, document_id
+from kvmart.server.errors import UnknownDocumentError
+from kvmart.server.hot import HotTier
+from kvmart.store import Entry, open_store
+
+
+@pytest.mark.parametrize("a, b, expected", [([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2), ([1, 2], [2, 1], 0),
+                                            ([], [1], 0), ([1, 2, 3, 4], [1, 2, 9, 4], 2)])
+def test_common_prefix_tokens(a, b, expected):
+    assert common_prefix_tokens(torch.tensor(a, dtype=torch.int64), torch.tensor(b, dtype=torch.int64)) == expected
+
+
+@pytest.fixture
+def store(kvmart_data_dir):
+    return open_store(str(kvmart_data_dir / "store"))
+
+
+def test_catalogue_sees_what_the_cli_stored_and_forgets_what_it_removed(model_f32, store):
+    catalog = Catalog(store, model_f32.fingerprint.digest)
+    stored = cache.precompute(model_f32, store, sample_text("bsd-3-clause")).entry
+    doc_id = document_id(stored.cache_id)
+    assert doc_id == "doc_" + stored.cache_id[:24]
+    found = catalog.get(doc_id)  # not known yet: get refreshes
+    assert found.token_list() == cache.load(model_f32, store, stored.cache_id).token_ids
+    store.delete(stored.cache_id)
+    catalog.refresh()
+    with pytest.raises(UnknownDocumentError, match=doc_id):
+        catalog.get(doc_id)
+
+
+def test_other_models_artifacts_are_not_listed(model_f32, store):
+    cache.precompute(model_f32, store, sample_text("bsd-3-clause"))
+    catalog = Catalog(store, "another-fingerprint")
+    catalog.refresh()
+    assert catalog.documents() == []
+
+
+def test_longest_prefix_prefers_the_longest_match_then_the_shorter_document(model_f32, store):
+    short = cache.precompute_ids(model_f32, store, [1, 2, 3, 4]).entry
+    long = cache.precompute_ids(model_f32, store, [1, 2, 3, 4, 5, 6]).entry
+    other = cache.precompute_ids(model_f32, store, [1, 2, 7, 8]).entry
+    catalog = Catalog(store, model_f32.fingerprint.digest)
+    catalog.refresh()
+    assert catalog.longest_prefix([1, 2, 3, 4, 5, 9], 1).document.cache_id == long.cache_id
+    best = catalog.longest_prefix([1, 2, 3, 4, 9], 1)
+    assert (best.document.cache_id, best.num_tokens) == (short.cache_id, 4)  # tie at 4: the shorter document
+    assert catalog.longest_prefix([1, 2, 7], 1).document.cache_id == other.cache_id
+    assert catalog.longest_prefix([1, 2, 7], 4) is None  # below the minimum
+    assert catalog.longest_prefix([9, 9], 1) is None
+
+
+def loaded_of(cache_id: str, num_bytes: int) -> Loaded:
+    tensor = torch.zeros(num_bytes // 8, dtype=torch.float32)  # keys + values: num_bytes in all
+    entry = Entry(cache_id, "", "", "m", "f", 1, num_bytes, 0.0, 0.0)
+    return Loaded(entry, KV((tensor,), (tensor.clone(),)), [1], 0.0)
+
+
+def test_hot_tier_evicts_the_least_recently_used_within_its_budget():
+    hot = HotTier(budget_bytes=1000)
+    for name in "abc":
+        assert hot.put(loaded_of(name, 400))
+    assert "a" not in hot and "b" in hot and "c" in hot  # 3 x 400 > 1000: a went first
+    assert hot.get("b") is not None  # b is now the most recently used
+    hot.put(loaded_of("d", 400))
+    assert "c" not in hot and "b" in hot and "d" in hot
+    assert hot.get("a") is None
+    stats = hot.stats()
+    assert (stats.hits, stats.misses, stats.evictions, stats.entries, stats.bytes) == (1, 1, 2, 2, 800)
+
+
+def test_hot_tier_never_keeps_what_cannot_fit_and_can_be_disabled():
+    hot = HotTier(budget_bytes=1000)
+    assert not hot.put(loaded_of("huge", 1008))
+    assert hot.stats().entries == 0
+    disabled = HotTier(budget_bytes=0)
+    assert not disabled.put(loaded_of("a", 8))
+    hot.put(loaded_of("a", 400))
+    hot.discard("a")
+    assert hot.stats().bytes == 0 and "a" not in hot

@@ -1,0 +1,88 @@
+"""The documents API (kvmart/server/documents.py): publish once, catalogue, owner-only delete, one store with the
+CLI."""
+
+from __future__ import annotations
+
+import pytest
+from server_support import LiveServer
+
+from kvmart import cache
+from kvmart.samples import sample_text
+from kvmart.server.catalog import document_id
+from kvmart.store import open_store
+
+BSD = sample_text("bsd-3-clause")
+
+
+@pytest.fixture
+def live(model_f32, tmp_path):
+    with LiveServer(model_f32, tmp_path / "data") as server:
+        yield server
+
+
+def test_publishing_twice_returns_the_same_id_and_computes_nothing(live):
+    first = live.publish(BSD, title="bsd")
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["id"] == document_id(body["cache_id"]) and body["computed"] is True
+    assert body["num_tokens"] > 0 and body["artifact_bytes"] > 0 and body["prefill_seconds"] > 0
+    again = live.publish(BSD, title="another title")
+    assert again.status_code == 200 and again.json()["computed"] is False
+    assert again.json()["id"] == body["id"] and again.json()["title"] == "bsd"
+    assert len(live.services.store.entries()) == 1
+    assert live.metrics()['kvmart_documents_published_total{outcome="already_stored"}'] == 1
+    assert live.http.get(f"/v1/documents/{body['id']}").json() == {k: v for k, v in body.items()
+                                                                 if k not in ("computed", "seconds")}
+
+
+def test_catalogue_pages_newest_first(live):
+    ids = [live.publish(sample_text(name)).json()["id"] for name in ("bsd-3-clause", "apache-2.0", "mpl-2.0")]
+    first = live.http.get("/v1/documents", params={"limit": 2}).json()
+    assert [d["id"] for d in first["data"]] == ids[::-1][:2] and first["has_more"] is True
+    rest = live.http.get("/v1/documents", params={"limit": 2, "after": first["last_id"]}).json()
+    assert [d["id"] for d in rest["data"]] == [ids[0]] and rest["has_more"] is False
+    assert live.http.get("/v1/documents", params={"limit": 0}).status_code == 400
+    assert live.http.get("/v1/documents", params={"limit": "many"}).status_code == 400
+
+
+def test_only_the_publisher_may_delete(live):
+    doc = live.publish(BSD, key="alice").json()
+    for key in ("mallory", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        refused = live.http.delete(f"/v1/documents/{doc['id']}", headers=headers)
+        assert refused.status_code == 403 and "only its publisher" in refused.json()["error"]["message"]
+    deleted = live.http.delete(f"/v1/documents/{doc['id']}", headers={"x-api-key": "alice"})
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert live.http.get(f"/v1/documents/{doc['id']}").status_code == 404
+    asked = live.http.post("/v1/chat/completions", json={"model": "builtin:tiny", "documents": [doc["id"]],
+                                                         "messages": [{"role": "user", "content": "Who?"}]})
+    assert asked.status_code == 404 and doc["id"] in asked.json()["error"]["message"]
+
+
+def test_the_cli_and_the_server_share_one_store(live, model_f32):
+    store = open_store(live.services.settings.store_url)
+    cid = cache.precompute(model_f32, store, BSD, title="from the cli").entry.cache_id
+    listed = live.http.get("/v1/documents").json()["data"]
+    assert [d["id"] for d in listed] == [document_id(cid)]
+    published = live.publish(BSD)
+    assert published.json()["id"] == document_id(cid) and published.json()["computed"] is False
+    refused = live.http.delete(f"/v1/documents/{document_id(cid)}", headers={"Authorization": "Bearer publisher"})
+    assert refused.status_code == 403  # published by the CLI: `kvmart rm` deletes it
+
+
+def test_bad_documents(live, model_f32):
+    assert live.publish("   ").status_code == 400
+    assert live.http.post("/v1/documents", json={"title": "no text"}).status_code == 400
+    assert live.http.post("/v1/documents", json={"text": "x", "colour": "red"}).status_code == 400
+    too_long = live.publish(BSD * 12)  # far beyond the tiny model's 4,096-token context
+    assert too_long.status_code == 400 and "too many" in too_long.json()["error"]["message"]
+    assert live.http.get("/v1/documents/doc_nope").status_code == 404
+
+
+def test_a_document_published_with_a_system_prompt_is_reused_by_requests_with_it(live):
+    doc = live.publish(BSD, system="Answer from the licence.").json()
+    body = {"model": "builtin:tiny", "max_tokens": 4, "documents": [doc["id"]], "temperature": 0,
+            "messages": [{"role": "system", "content": "Answer from the licence."},
+                         {"role": "user", "content": "Who?"}]}
+    usage = live.http.post("/v1/chat/completions", json=body).json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == doc["num_tokens"]
