@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -21,7 +22,7 @@ import xxhash
 from . import __version__
 from .errors import ArtifactError, FingerprintMismatchError
 from .fingerprint import ModelFingerprint, cache_id as make_cache_id
-from .kv import KV, large_buffer
+from .kv import KV, large_buffer, mapped_file
 
 FORMAT = "kvmart-kv"
 FORMAT_VERSION = 1
@@ -217,13 +218,29 @@ def read_artifact(f: BinaryIO, size_bytes: int, fingerprint: ModelFingerprint, s
     return manifest, KV(keys, values)
 
 
+def _mapped_data(f: BinaryIO, total: int) -> torch.Tensor | None:
+    """The tensor data of an artifact file, used in place from the page cache (see kv.mapped_file); None if `f`
+    cannot be mapped or is not exactly as long as its header says."""
+    data_start = f.tell()
+    try:
+        file_size = os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return None
+    if file_size != data_start + total:
+        return None
+    whole = mapped_file(f, file_size)
+    return None if whole is None else whole[data_start:]
+
+
 def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> dict[str, torch.Tensor]:
     """All tensor data in one read into one huge-page buffer, then each slice checked and viewed as a tensor."""
     shape = [1, manifest.kv_heads, manifest.num_tokens, manifest.head_dim]
     total = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values())
-    buffer = large_buffer(total)
-    if f.readinto(memoryview(buffer.numpy())) != total:
-        raise ArtifactError("truncated artifact: the tensor data is cut short")
+    buffer = _mapped_data(f, total)
+    if buffer is None:
+        buffer = large_buffer(total)
+        if f.readinto(memoryview(buffer.numpy())) != total:
+            raise ArtifactError("truncated artifact: the tensor data is cut short")
     tensors = {}
     for name, entry in table.items():
         dtype = TORCH_DTYPES.get(entry.get("dtype"))

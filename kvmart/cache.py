@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .artifact import artifact_size, manifest_for, read_artifact, write_artifact
 from .chat import Layout, document_ids, layout_for, question_ids
-from .errors import InputError
+from .errors import InputError, StoreError
 from .fingerprint import cache_id as make_cache_id
 from .kv import KV
 from .model import Model
@@ -90,7 +90,7 @@ def load(model: Model, store: Store, cache_id: str) -> Loaded:
         manifest, kv = read_artifact(f, size, model.fingerprint)
     entry = store.entry(cache_id)
     if entry is None:
-        raise InputError(f"artifact {cache_id[:16]} has no catalogue entry")
+        raise StoreError(f"artifact {cache_id[:16]} has no catalogue entry (the store is inconsistent: run kvmart rm and recompute)")
     return Loaded(entry, kv, manifest.token_ids, time.perf_counter() - start)
 
 

@@ -12,7 +12,9 @@ in place. It has two modes:
 from __future__ import annotations
 
 import mmap
+import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -74,6 +76,29 @@ def large_buffer(num_bytes: int) -> torch.Tensor:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(region, dtype=torch.uint8)
+
+
+def mapped_file(f: BinaryIO, size_bytes: int) -> torch.Tensor | None:
+    """A read-only uint8 tensor over the whole of an open regular file (a private, pre-populated memory map), or
+    None where `f` is not a mappable file.
+
+    Why: an artifact in the OS page cache is then used in place, with no allocation and no copy (865 MB mapped in
+    1 ms here, against 0.13-1.1 s to fault in fresh memory and copy into it). Writing into the tensor is a crash
+    (the pages are read-only), which the KV's immutability contract already forbids; the store replaces files by
+    rename, never in place, so a mapped artifact cannot change under a reader."""
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if size_bytes == 0 or not hasattr(mmap, "MAP_POPULATE"):
+        return None
+    try:
+        region = mmap.mmap(fd, size_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(region, dtype=torch.uint8)
 
 
 class WorkingLayer(CacheLayerMixin):
