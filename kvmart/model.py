@@ -5,6 +5,7 @@ paths run the very same computation, step for step."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -178,13 +179,19 @@ class Model:
         extra = {"kvmart_cache": cache} if self.attention == attention.NAME else {}
         try:
             out = self.hf_model(
-                input_ids=torch.tensor([token_ids]), past_key_values=cache, position_ids=positions,
-                use_cache=True, logits_to_keep=logits_to_keep, **extra,
+                input_ids=torch.tensor([token_ids]), position_ids=positions, use_cache=True,
+                logits_to_keep=logits_to_keep, **{_cache_kwarg(self.hf_model): cache}, **extra,
             )
         finally:
             for h in hooks:
                 h.remove()
         return out.logits[0].float()
+
+
+def _cache_kwarg(hf_model) -> str:
+    """The forward keyword for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before (deprecated,
+    removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
 
 def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
