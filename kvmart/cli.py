@@ -386,3 +386,18 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
     console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
                   f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
     run_server(settings, server, model)
+
+
+@cli.command()
+@click.option("--node", "nodes", multiple=True, required=True, help="A kvmart serve base URL; repeat for each node.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9000, show_default=True, help="TCP port.")
+def route(nodes: tuple[str, ...], host: str, port: int) -> None:
+    """Route requests to kvmart serve NODEs with cache affinity: the same document goes to the same node first
+    (rendezvous hashing on its id), falling back to the others when it is down (docs/SCALE.md)."""
+    import uvicorn
+
+    from .router import create_router
+
+    console.print(f"routing http://{host}:{port} -> {', '.join(nodes)}")
+    uvicorn.run(create_router(list(nodes)), host=host, port=port, log_level="warning")

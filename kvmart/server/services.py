@@ -39,7 +39,7 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
                    store: Store | None = None) -> Services:
     """Everything the app needs; loads the model (unless given) and opens the store named by `settings`."""
     model = model or Model.load(settings)
-    store = store or open_store(settings.store_url)
+    store = store or open_store(settings.store_url, local_dir=settings.data_dir / "store")  # shared: tiered
     catalog = Catalog(store, model.fingerprint.digest)
     hot = HotTier(server.ram_cache_bytes)
     worker = Worker(server.max_active, server.max_queue)
