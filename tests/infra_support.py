@@ -1,82 +1,28 @@
-"""Real servers for the tier tests, each started on a free loopback port in a temp dir and stopped afterwards:
-`RedisServer` (Debian's redis-server), `MotoS3Server` (moto's standalone S3-compatible server, `python -m
-moto.server`: no real S3 server installs from the registries here, so the S3 tier is tested against moto) and
-`KvmartNode` (a `kvmart serve` subprocess). Not a test module."""
+"""Real servers for the tier tests: Redis and kvmart nodes come from kvmart/cluster.py; moto's standalone
+S3-compatible server (`python -m moto.server`: no real S3 server installs from the registries here, so the S3
+tier is tested against moto, labelled as such) is started here. Not a test module."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-DEADLINE_SECONDS = 90.0  # a deadline against hangs (a node loads torch and a model), not a timing
+from kvmart.cluster import DEADLINE_SECONDS, KvmartNode, MissingBinaryError, free_port, wait_for
+from kvmart.cluster import RedisServer as _RedisServer
+
+__all__ = ["KvmartNode", "MotoS3Server", "RedisServer", "wait_for"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, what: str, deadline_seconds: float = DEADLINE_SECONDS) -> None:
-    end = time.monotonic() + deadline_seconds
-    while True:
-        try:
-            if condition():
-                return
-        except Exception:  # not up yet
-            pass
-        assert time.monotonic() < end, f"gave up waiting for {what}"
-        time.sleep(0.1)
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (.ci/run installs it; on a dev machine: apt-get install {name})")
-    return path
-
-
-class RedisServer:
-    """redis-server on 127.0.0.1:<port>, data in `directory` with append-only persistence, so a restart keeps
-    what was written (as a production Redis tier would be configured)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.binary, self.directory, self.port = require_binary("redis-server"), directory, free_port()
-        self.process: subprocess.Popen | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--save", "", "--protected-mode", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        wait_for(lambda: redis.Redis(port=self.port).ping(), "redis-server to start")
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: redis flushes its append-only file and exits
-            self.process.wait(DEADLINE_SECONDS)
-        self.process = None
-
-    def client(self):
-        import redis
-
-        return redis.Redis(port=self.port)
+def RedisServer(directory: Path) -> _RedisServer:  # noqa: N802 (a factory standing in for the class)
+    """A RedisServer, or a skip saying why there is none (only where redis-server cannot be installed)."""
+    try:
+        return _RedisServer(directory)
+    except MissingBinaryError as e:
+        pytest.skip(str(e))
 
 
 class MotoS3Server:
@@ -100,55 +46,3 @@ class MotoS3Server:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(DEADLINE_SECONDS)
-
-
-class KvmartNode:
-    """`kvmart serve --model builtin:tiny` as a subprocess with its own data dir (its models/ linked to the test
-    session's, so the tiny model is not rebuilt) and port, over `store_url`."""
-
-    def __init__(self, name: str, root: Path, models: Path, store_url: str, *options: str) -> None:
-        self.name, self.port, self.store_url, self.options = name, free_port(), store_url, options
-        self.data_dir = root / name
-        self.data_dir.mkdir(parents=True)
-        (self.data_dir / "models").symlink_to(models, target_is_directory=True)
-        self.log_path = root / f"{name}.log"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "KvmartNode":
-        env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)}
-        command = [sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--model", "builtin:tiny",
-                   "--port", str(self.port), "--store", self.store_url, "--max-active", "2", *self.options]
-        self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.http = httpx.Client(base_url=self.url, timeout=DEADLINE_SECONDS)
-        wait_for(self._up, f"node {self.name} to start (log: {self.log_path})")
-        return self
-
-    def _up(self) -> bool:
-        assert self.process is not None and self.process.poll() is None, self.log_path.read_text()[-3000:]
-        return self.http.get("/healthz").status_code == 200
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(DEADLINE_SECONDS)
-        self.http.close()
-        self.log.close()
-
-    def health(self) -> dict:
-        return self.http.get("/healthz").json()
-
-    def publish(self, text: str, key: str = "publisher") -> httpx.Response:
-        return self.http.post("/v1/documents", json={"text": text}, headers={"Authorization": f"Bearer {key}"})
-
-    def ask(self, doc_id: str, question: str, max_tokens: int = 8) -> dict:
-        response = self.http.post("/v1/chat/completions", json={
-            "model": "builtin:tiny", "messages": [{"role": "user", "content": question}], "documents": [doc_id],
-            "temperature": 0, "max_tokens": max_tokens})
-        assert response.status_code == 200, response.text
-        return response.json()

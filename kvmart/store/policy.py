@@ -14,6 +14,7 @@ TTL classes, like the commercial prompt caches: `5m` and `1h` expire an artifact
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -34,6 +35,7 @@ def ttl_seconds(ttl_class: str) -> int:
     return TTL_CLASSES[ttl_class]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def flops_per_byte(entry: Entry) -> float:
     """Prefill FLOPs an artifact spares per byte it occupies (its model's shape if known, else tokens per byte)."""
     size = max(entry.artifact_bytes, 1)

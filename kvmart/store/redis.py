@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import secrets
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,6 +129,19 @@ class RedisStore(Store):
             self._drop_broken(cache_id, -1, f"{len(data)} bytes instead of {index['size']}")
             return None
         return io.BytesIO(data), len(data)
+
+    def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        """The first chunk (checked), which holds the header unless the header is larger than a chunk."""
+        index = self._index(cache_id)
+        if index is None:
+            return None
+        with self._reach():
+            blob = self._client.get(self._key("chunk", cache_id, index["nonce"], "0"))
+        if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][0]:
+            return self._open(cache_id)  # let the full read find and report the damage
+        if len(blob) < 8 or 8 + struct.unpack("<Q", blob[:8])[0] > len(blob):
+            return self._open(cache_id)  # a header longer than a chunk
+        return io.BytesIO(blob), index["size"]
 
     def _drop_broken(self, cache_id: str, chunk: int, why: str) -> None:
         log.warning("redis artifact %s: chunk %d %s; treated as absent (it will be recomputed)", cache_id[:16], chunk, why)

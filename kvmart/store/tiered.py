@@ -182,6 +182,15 @@ class TieredStore(Store):
             self.misses += 1
         return None
 
+    def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        """The artifact's start from the fastest tier that has it; nothing is filled (a node that learns of a
+        document reads its header, not its tensors)."""
+        for tier in self.tiers:
+            opened = self._try(tier, lambda t=tier: t.store._open_head(cache_id), None)
+            if opened is not None:
+                return opened
+        return None
+
     def _local_copy(self, cache_id: str) -> tuple[Entry, bytes] | None:
         for tier in self.tiers:
             if not tier.is_shared:
