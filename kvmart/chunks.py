@@ -7,10 +7,14 @@ artifact format applies) holding the chunk's KV positions and its own token ids,
 reading one checks that key against the key the reader derives from its own prompt. A chunk store should be a
 store of its own (or its own prefix of a shared one): its entries are chunks, not documents.
 
-Exactness: a chunk is a slice of a whole-document prefill. With chunk boundaries on multiples of ALIGN_TOKENS,
-kvmart's attention kernels make that slice bit-identical to prefilling the prefix alone (tests/test_chunks.py
-checks it with torch.equal), so reusing k chunks then continuing is bit-exact against prefilling those k*C tokens
-and continuing."""
+Exactness: chunks are computed by *chunked prefill*: chunk 0 is prefilled, each next chunk continues from the KV of
+the chunks before it. A chunk's KV is then a function of its prefix's tokens only, computed with the same shapes
+whoever computes it, so reusing k stored chunks and continuing is bit-identical to a chunked prefill of those
+k x C tokens from scratch and continuing (tests/test_chunks.py, torch.equal, both dtypes). Why not slices of a
+whole-document prefill: CPU SDPA's blocking depends on the sequence length, so the first k positions of a longer
+prefill are not always bit-identical to prefilling k tokens, even with k a multiple of 8 or 256 (measured: float32
+differs at k = 8, 256 and 768 of 1,100 tokens from layer 1 on). Chunked prefill also saves compute: a document
+whose first chunks are stored computes only the rest."""
 
 from __future__ import annotations
 
@@ -64,6 +68,23 @@ def kv_concat(parts: list[KV]) -> KV:
               tuple(torch.cat([p.values[i] for p in parts], dim=-2) for i in layers))
 
 
+def extend(model: Model, kv: KV | None, chunk_ids: list[int]) -> KV:
+    """One step of chunked prefill: the KV of everything so far plus `chunk_ids`."""
+    return model.prefill(chunk_ids) if kv is None else model.continue_from(kv, chunk_ids).kv
+
+
+def chunked_prefill(model: Model, token_ids: list[int], chunk_tokens: int) -> KV:
+    """The KV of the full chunks of `token_ids`, computed chunk by chunk from nothing: the reference a reuse of
+    stored chunks is bit-identical to."""
+    check_chunk_tokens(chunk_tokens)
+    kv = None
+    for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
+        kv = extend(model, kv, list(token_ids[start:start + chunk_tokens]))
+    if kv is None:
+        raise ValueError(f"{len(token_ids)} tokens hold no full chunk of {chunk_tokens}")
+    return kv
+
+
 class ChunkStore:
     """Chunks of one model's documents in `store`. Thread-safe as its store is."""
 
@@ -73,33 +94,31 @@ class ChunkStore:
     def keys(self, token_ids: list[int], salt: str = "") -> list[str]:
         return chunk_keys(self.model.fingerprint.digest, token_ids, self.chunk_tokens, salt)
 
-    def put(self, token_ids: list[int], kv: KV, salt: str = "", title: str = "") -> ChunkReport:
-        """Store the full chunks of a document's KV that are not stored yet."""
-        assert kv.num_tokens == len(token_ids), "the KV must hold exactly these token ids"
+    def precompute(self, token_ids: list[int], salt: str = "", title: str = "") -> ChunkReport:
+        """Store a document's full chunks, computing only those not stored yet (a chunked prefill continued from
+        the longest stored run of leading chunks)."""
+        self.model.check_fits("the document", len(token_ids))
         keys, c = self.keys(token_ids, salt), self.chunk_tokens
-        new = stored = shared = 0
-        for i, key in enumerate(keys):
-            existing = self.store.entry(key)
-            if existing is not None:
+        hit = self.longest_prefix(token_ids, salt)
+        shared = sum(e.artifact_bytes for e in (self.store.entry(k) for k in keys[:hit.chunks]) if e is not None)
+        kv, new, stored = hit.kv, 0, 0
+        for i in range(hit.chunks, len(keys)):
+            kv = extend(self.model, kv, list(token_ids[i * c:(i + 1) * c]))
+            existing = self.store.entry(keys[i])
+            if existing is not None:  # stored meanwhile (another writer) or beyond a missing chunk
                 shared += existing.artifact_bytes
                 continue
-            ids, part = list(token_ids[i * c:(i + 1) * c]), kv_slice(kv, i * c, (i + 1) * c)
-            manifest = dataclasses.replace(manifest_for(part, ids, self.model.fingerprint, salt), cache_id=key)
-            entry = Entry(cache_id=key, title=f"{title} chunk {i}", source=f"chunk {i} of {len(keys)}",
-                          model=self.model.spec, fingerprint=self.model.fingerprint.digest, num_tokens=c,
-                          artifact_bytes=0, prefill_seconds=0.0, created_at=time.time())
-            stored += self.store.put(entry, lambda f, m=manifest, p=part: write_artifact(f, m, p)).artifact_bytes
+            stored += self._put(keys[i], i, len(keys), list(token_ids[i * c:(i + 1) * c]),
+                                kv_slice(kv, i * c, (i + 1) * c), salt, title)
             new += 1
         return ChunkReport(len(keys), new, stored, shared, len(token_ids) - len(keys) * c)
 
-    def precompute(self, token_ids: list[int], salt: str = "", title: str = "") -> ChunkReport:
-        """Prefill a document whole and store its chunks (already stored ones are shared, not rewritten)."""
-        self.model.check_fits("the document", len(token_ids))
-        keys = self.keys(token_ids, salt)
-        if keys and all(self.store.entry(k) is not None for k in keys):
-            size = sum(e.artifact_bytes for e in (self.store.entry(k) for k in keys) if e is not None)
-            return ChunkReport(len(keys), 0, 0, size, len(token_ids) - len(keys) * self.chunk_tokens)
-        return self.put(token_ids, self.model.prefill(token_ids), salt, title)
+    def _put(self, key: str, index: int, count: int, ids: list[int], part: KV, salt: str, title: str) -> int:
+        manifest = dataclasses.replace(manifest_for(part, ids, self.model.fingerprint, salt), cache_id=key)
+        entry = Entry(cache_id=key, title=f"{title} chunk {index}", source=f"chunk {index} of {count}",
+                      model=self.model.spec, fingerprint=self.model.fingerprint.digest, num_tokens=len(ids),
+                      artifact_bytes=0, prefill_seconds=0.0, created_at=time.time())
+        return self.store.put(entry, lambda f: write_artifact(f, manifest, part)).artifact_bytes
 
     def longest_prefix(self, token_ids: list[int], salt: str = "") -> PrefixHit:
         """The KV of the prompt's longest run of stored leading chunks. A chunk that is missing or fails its checks

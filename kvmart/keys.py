@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-ALIGN_TOKENS = 8  # chunk boundaries on multiples of this keep a sliced prefix bit-exact (tests/test_chunks.py)
+ALIGN_TOKENS = 8  # chunk sizes are multiples of this (vector-friendly shapes; exactness comes from chunked prefill)
 DEFAULT_CHUNK_TOKENS = 256
 
 

@@ -67,6 +67,15 @@ def _ttl(text: str) -> int:
 
 def open_shared(url: str) -> Store:
     """The shared tier a redis:// or s3:// URL names, without local tiers."""
+    try:
+        return _open_shared_tier(url)
+    except ImportError as e:
+        extra = "redis" if url.startswith("redis") else "s3"
+        raise ConfigError(f"{url.split('://')[0]}:// stores need the {e.name} package: pip install "
+                          f"'kvmart[{extra}]'") from e
+
+
+def _open_shared_tier(url: str) -> Store:
     parts = urlsplit(url)
     kind = "redis" if parts.scheme in ("redis", "rediss") else "s3"
     options = _options(url, OPTIONS[kind])

@@ -218,7 +218,7 @@ class TieredStore(Store):
     def delete(self, cache_id: str) -> bool:
         """From every tier; StoreUnavailableError if the shared tier cannot be reached (nothing pretends)."""
         removed = False
-        for tier in self.tiers:
+        for tier in sorted(self.tiers, key=lambda t: not t.is_shared):  # shared first: a failure removes nothing
             removed = (self._call(tier, lambda t=tier: t.store.delete(cache_id)) if tier.is_shared
                        else tier.store.delete(cache_id)) or removed
         with self._lock:
