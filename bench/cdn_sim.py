@@ -59,10 +59,48 @@ def scale() -> None:
     ]
     for label, cluster in clusters:
         print(row(label, analytic(w, cluster)))
+    print(f"\n### agents sweep: 16 nodes, 32 GiB RAM, no disk, shared TTL\n")
+    print("| agents | TTL | RAM | shared | prefill | TTFT p99 s | margin $ |\n|---|---|---|---|---|---|---|")
+    for agents in (1_000_000, 10_000_000, 80_000_000):
+        for ttl in (300, 3600):
+            o = analytic(replace(w, agents=agents), Cluster(ram_bytes=32 * GIB, disk_bytes=0, shared_ttl_seconds=ttl))
+            f = o.fractions
+            print(f"| {agents / 1e6:.0f}M | {ttl // 60} min | {f['ram']:.1%} | {f['shared']:.1%} | {f['prefill']:.2%} | "
+                  f"{o.ttft_p99_seconds:.3f} | {o.margin_usd:,.0f} |")
     e = analytic(w, Cluster())
     print(f"\nartifact {e.extra['artifact_bytes'] / 1e6:.0f} MB; prefill {e.extra['prefill_seconds']:.2f} s, reuse "
           f"{e.extra['reuse_seconds']:.3f} s (kvmart.economics roofline, the paper's prices); all-prefill cost "
           f"${w.reads * float(e.extra['prefill_seconds']) * 4.6 / 3600:,.0f}\n")
+
+
+def plot(path: Path) -> None:
+    """Local hit ratio vs nodes (affinity vs random routing), and prefills vs agents for two shared TTLs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = Workload()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    counts = [1, 2, 4, 8, 16, 32, 64]
+    for routing, style in (("affinity", "-o"), ("random", "--s")):
+        outs = [analytic(w, Cluster(nodes=k, routing=routing)) for k in counts]
+        left.plot(counts, [o.fractions["ram"] for o in outs], style, label=f"RAM, {routing}")
+        left.plot(counts, [o.fractions["ram"] + o.fractions["disk"] for o in outs], style, label=f"RAM+disk, {routing}")
+    left.set(xscale="log", xlabel="nodes (128 GiB RAM, 2 TB disk each)", ylabel="fraction of reads",
+             title="80M reads, 100k documents, Qwen3-4B: local hits")
+    left.legend(fontsize=8)
+    agents = [10**5, 10**6, 10**7, 80_000_000]
+    for ttl in (300, 3600):
+        outs = [analytic(replace(w, agents=a), Cluster(ram_bytes=32 * GIB, disk_bytes=0, shared_ttl_seconds=ttl))
+                for a in agents]
+        right.plot(agents, [o.fractions["prefill"] for o in outs], "-o", label=f"shared TTL {ttl // 60} min")
+    right.set(xscale="log", yscale="log", xlabel="agents (one read each, 24 h)", ylabel="reads that prefill",
+              title="16 nodes, 32 GiB RAM, no disk")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"![CDN model]({path.name})\n" if path.parent.name == "docs" else f"wrote {path}\n")
 
 
 def check(num_reads: int) -> None:
@@ -150,9 +188,12 @@ def main() -> None:
     parser.add_argument("--validate", action="store_true", help="also run the real two-node validation")
     parser.add_argument("--documents", type=int, default=12)
     parser.add_argument("--reads", type=int, default=200)
+    parser.add_argument("--plot", type=Path, help="also draw the scale plot (PNG)")
     args = parser.parse_args()
     started = time.perf_counter()
     scale()
+    if args.plot:
+        plot(args.plot)
     check(args.check_reads)
     if args.validate:
         validate(args.documents, args.reads)
