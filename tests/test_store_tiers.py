@@ -338,3 +338,30 @@ def test_redis_open_head_fetches_only_the_first_chunk(redis_server):
     store.put(entry(cid("b2")), writer(long_header))
     with store.open_head(cid("b2")) as (f, size):
         assert f.read() == long_header  # a header longer than a chunk: the whole artifact
+
+
+def test_the_cli_over_a_redis_store(redis_server, tiny_folder, monkeypatch, tmp_path: Path):
+    """precompute, ls, ask and pin with --store redis://: the CLI talks to the shared tier directly."""
+    import re
+    import sys
+
+    from click.testing import CliRunner
+
+    from kvmart.cli import cli
+
+    monkeypatch.setattr(sys, "argv", ["kvmart"])
+    url = f"{redis_server.url}?prefix={fresh_prefix()}&ttl=1h"
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The licence steward is the Mozilla Foundation.\n" * 20, encoding="utf-8")
+    run = lambda *a: CliRunner().invoke(cli, [*a, "--store", url, "--model", "builtin:tiny"],  # noqa: E731
+                                        catch_exceptions=False)
+    made = run("precompute", str(doc))
+    assert made.exit_code == 0, made.output
+    cache_id = re.search(r"cache_id  ([0-9a-f]{64})", made.output).group(1)
+    assert cache_id[:16] in run("ls").output
+    asked = run("ask", cache_id[:12], "Who is the steward?", "--max-tokens", "2")
+    assert asked.exit_code == 0, asked.output
+    client, prefix = redis_server.client(), url.split("prefix=")[1].split("&")[0]
+    assert 0 < client.ttl(f"{prefix}:index:{cache_id}") <= 3600
+    assert run("pin", cache_id[:12]).exit_code == 0
+    assert client.ttl(f"{prefix}:index:{cache_id}") == -1  # pinned: no expiry
