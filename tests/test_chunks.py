@@ -113,3 +113,28 @@ def test_tenant_salts_keep_private_chunks_apart(model_f32):
     assert store.longest_prefix(document, salt="account-1").chunks == 2
     assert store.longest_prefix(document, salt="account-2").chunks == 0
     assert store.longest_prefix(document).chunks == 0
+
+
+def test_chunks_are_shared_across_nodes_through_redis(model_f32, tmp_path: Path, tmp_path_factory):
+    """Two nodes' tiered stores (own disks) over one real redis-server: node B stores a document that shares two
+    chunks with node A's, writes only its new chunk, and reuses A's chunks fetched from Redis, bit-exactly."""
+    from infra_support import RedisServer
+    from kvmart.store import open_store
+
+    redis = RedisServer(tmp_path_factory.mktemp("redis-chunks")).start()
+    try:
+        url = f"{redis.url}?prefix=chunks"
+        node_a = ChunkStore(open_store(url, local_dir=tmp_path / "a"), model_f32, CHUNK)
+        node_b = ChunkStore(open_store(url, local_dir=tmp_path / "b"), model_f32, CHUNK)
+        system = ids(41, 2 * CHUNK)
+        first = node_a.precompute(system + ids(42, CHUNK))
+        second = node_b.precompute(system + ids(43, CHUNK))
+        assert (first.new_chunks, second.new_chunks) == (3, 1)
+        assert second.shared_bytes == 2 * (first.stored_bytes // 3)
+        assert len(redis.client().keys("chunks:index:*")) == 4
+        prompt = system + ids(44, 10)
+        hit = node_b.longest_prefix(prompt)
+        assert hit.chunks == 2
+        assert_kv_equal(hit.kv, chunked_prefill(model_f32, system, CHUNK))
+    finally:
+        redis.stop()
