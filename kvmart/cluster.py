@@ -31,11 +31,17 @@ def wait_for(condition, what: str, deadline_seconds: float = DEADLINE_SECONDS) -
         try:
             if condition():
                 return
+        except NodeDiedError:
+            raise
         except Exception:  # not up yet
             pass
         if time.monotonic() > end:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.1)
+
+
+class NodeDiedError(RuntimeError):
+    """A server process exited while it was awaited."""
 
 
 class MissingBinaryError(ConfigError):
@@ -85,8 +91,8 @@ class RedisServer:
 
 
 class KvmartNode:
-    """`kvmart serve --model builtin:tiny` as a subprocess with its own data dir (its models/ linked to the test
-    session's, so the tiny model is not rebuilt) and port, over `store_url`."""
+    """`kvmart serve --model builtin:tiny` as a subprocess with its own data dir and port, over `store_url`.
+    `models`: a models folder to link as DATA_DIR/models (shared by nodes, so the tiny model is built once)."""
 
     def __init__(self, name: str, root: Path, models: Path | None, store_url: str, *options: str) -> None:
         self.name, self.port, self.store_url, self.options = name, free_port(), store_url, options
@@ -102,8 +108,9 @@ class KvmartNode:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "KvmartNode":
+        paths = (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH"))  # this kvmart first
         env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)}
+               "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         command = [sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--model", "builtin:tiny",
                    "--port", str(self.port), "--store", self.store_url, "--max-active", "2", *self.options]
         self.log = open(self.log_path, "wb")
@@ -113,11 +120,15 @@ class KvmartNode:
         return self
 
     def _up(self) -> bool:
-        assert self.process is not None and self.process.poll() is None, self.log_path.read_text()[-3000:]
+        if self.process is None or self.process.poll() is not None:
+            raise NodeDiedError(f"node {self.name} exited: {self.log_path.read_text()[-3000:]}")
         return self.http.get("/healthz").status_code == 200
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        """Stop the node (SIGTERM: in-flight requests finish) if it was started and still runs."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(DEADLINE_SECONDS)
         self.http.close()

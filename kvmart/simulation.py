@@ -106,10 +106,12 @@ def zipf_pmf(documents: int, s: float) -> np.ndarray:
 
 
 def home_nodes(documents: int, nodes: int) -> np.ndarray:
-    """Each document's home node under affinity routing: a fixed hash of its index (as the router hashes ids)."""
+    """Each document's home node under affinity routing: a fixed hash of its index, as the router hashes ids (a
+    seeded draw beyond 200,000 documents, where hashing each in Python would dominate the run)."""
+    if documents > 200_000:
+        return np.random.default_rng(0).integers(0, nodes, documents)
     return np.array([int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "little") % nodes
-                     for i in range(documents)]) if documents <= 200_000 else \
-        np.random.default_rng(0).integers(0, nodes, documents)
+                     for i in range(documents)])
 
 
 def che_time(rates: np.ndarray, capacity: float) -> float:

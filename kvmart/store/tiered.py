@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
 from ..errors import StoreUnavailableError
@@ -49,11 +49,6 @@ class Tier:
                 "evictions": self.evictions, "errors": self.errors, "budget_bytes": self.budget_bytes}
 
 
-@dataclass
-class _Pending:
-    ids: set[str] = field(default_factory=set)
-
-
 class TieredStore(Store):
     """Thread-safe (each tier is; counters are updated under a lock)."""
 
@@ -64,7 +59,7 @@ class TieredStore(Store):
         self.retry_seconds, self.clock = retry_seconds, clock
         self.misses = 0
         self._lock = threading.Lock()
-        self._pending = _Pending()  # written while the shared tier was down
+        self._pending: set[str] = set()  # cache ids written while the shared tier was down
 
     def __repr__(self) -> str:
         return "TieredStore(" + " -> ".join(f"{t.name}={t.store!r}" for t in self.tiers) + ")"
@@ -91,7 +86,7 @@ class TieredStore(Store):
         """The shared tier answers again: push what was written while it was down."""
         with self._lock:
             tier.is_down = False
-            pending, self._pending.ids = self._pending.ids, set()
+            pending, self._pending = self._pending, set()
         log.warning("%s tier is back; pushing %d artifacts written meanwhile", tier.name, len(pending))
         for cache_id in pending:
             found = self._local_copy(cache_id)
@@ -101,7 +96,7 @@ class TieredStore(Store):
                     tier.store.put(entry, _writer(data))
                 except StoreUnavailableError:
                     with self._lock:
-                        self._pending.ids.add(cache_id)
+                        self._pending.add(cache_id)
 
     def _try(self, tier: Tier, action: Callable[[], T], default: T) -> T:
         """`action` on `tier`, or `default` if the tier is unreachable (shared tiers only)."""
@@ -120,7 +115,7 @@ class TieredStore(Store):
             if tier.is_shared and ping is not None:
                 self._try(tier, ping, None)
         return {"degraded": any(t.is_down for t in self.tiers), "tiers": [t.stats() for t in self.tiers],
-                "misses": self.misses, "pending_pushes": len(self._pending.ids)}
+                "misses": self.misses, "pending_pushes": len(self._pending)}
 
     # -- the store interface -------------------------------------------------------------------------------------
     def put(self, entry: Entry, write: Writer) -> Entry:
@@ -134,7 +129,7 @@ class TieredStore(Store):
                     stored = self._call(tier, lambda t=tier: t.store.put(stored, _writer(data)))
                 except StoreUnavailableError:
                     with self._lock:
-                        self._pending.ids.add(entry.cache_id)
+                        self._pending.add(entry.cache_id)
         for tier in self.tiers:
             if not tier.is_shared:
                 self._put_local(tier, stored, data)
@@ -222,7 +217,7 @@ class TieredStore(Store):
             removed = (self._call(tier, lambda t=tier: t.store.delete(cache_id)) if tier.is_shared
                        else tier.store.delete(cache_id)) or removed
         with self._lock:
-            self._pending.ids.discard(cache_id)
+            self._pending.discard(cache_id)
         return removed
 
     # -- placement ------------------------------------------------------------------------------------------------
