@@ -181,10 +181,14 @@ def test_redis_ttl_and_pinning(redis_server):
     assert store.set_ttl(cid("b2"), 0) is False
 
 
-def test_unreachable_redis_is_store_unavailable():
-    store = open_shared("redis://127.0.0.1:1/0")
+def test_unreachable_shared_tiers_are_store_unavailable():
     with pytest.raises(StoreUnavailableError, match="unreachable"):
-        store.entries()
+        open_shared("redis://127.0.0.1:1/0").entries()
+    s3 = open_shared("s3://kvmart-test/x?endpoint=http://127.0.0.1:1")
+    with pytest.raises(StoreUnavailableError, match="unreachable"):
+        s3.entries()
+    with pytest.raises(StoreUnavailableError, match="unreachable"):
+        s3.put(entry(cid("a1")), writer(b"x"))
 
 
 def test_store_urls(tmp_path: Path):
