@@ -206,11 +206,15 @@ def check_model(manifest: Manifest, fingerprint: ModelFingerprint) -> None:
         )
 
 
-def read_artifact(f: BinaryIO, size_bytes: int, fingerprint: ModelFingerprint, salt: str = "") -> tuple[Manifest, KV]:
-    """Read and fully verify an artifact; raises ArtifactError (or FingerprintMismatchError) on any problem."""
+def read_artifact(f: BinaryIO, size_bytes: int, fingerprint: ModelFingerprint, salt: str = "",
+                  expected_cache_id: str | None = None) -> tuple[Manifest, KV]:
+    """Read and fully verify an artifact; raises ArtifactError (or FingerprintMismatchError) on any problem.
+    `expected_cache_id`: the id the reader derived itself (a prefix chunk's chained key, kvmart/keys.py), checked
+    instead of the document cache id recomputed from the token ids."""
     manifest, table = read_manifest(f, size_bytes)
     check_model(manifest, fingerprint)
-    if make_cache_id(fingerprint.digest, manifest.token_ids, salt) != manifest.cache_id:
+    expected = expected_cache_id or make_cache_id(fingerprint.digest, manifest.token_ids, salt)
+    if expected != manifest.cache_id:
         raise ArtifactError(f"artifact {manifest.cache_id[:16]}: its cache id does not match its tokens and model")
     tensors = _read_tensors(f, table, manifest)
     keys = tuple(tensors[f"layers.{i}.keys"] for i in range(manifest.num_layers))

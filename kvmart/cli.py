@@ -31,7 +31,8 @@ out = Console(highlight=False, soft_wrap=True)
 def common_options(command: Callable) -> Callable:
     """--model/--dtype/--attention/--data-dir/--store on every command; they become `settings`."""
 
-    @click.option("--store", help="Store URL (default: DATA_DIR/store).")
+    @click.option("--store", help="Store URL (default: DATA_DIR/store; redis://HOST:PORT/DB or s3://BUCKET/PREFIX for "
+                                  "a shared tier, docs/SCALE.md).")
     @click.option("--data-dir", type=click.Path(file_okay=False), help="Where models and the store live.")
     @click.option("--attention", type=click.Choice(ATTENTION_IMPLEMENTATIONS), help="Attention implementation.")
     @click.option("--dtype", type=click.Choice(DTYPES), help="Model and KV dtype.")
@@ -386,3 +387,37 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
     console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
                   f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
     run_server(settings, server, model)
+
+
+@cli.command()
+@click.argument("cache_id")
+@click.option("--ttl", type=click.Choice(["5m", "1h", "pinned"]), default="pinned", show_default=True,
+              help="Expire after this long unread, or never (pinned).")
+@common_options
+def pin(settings: Settings, cache_id: str, ttl: str) -> None:
+    """Pin CACHE_ID (or give it a TTL class) in a shared store that keeps TTLs (Redis): paid hot documents."""
+    from .errors import ConfigError
+    from .store.policy import ttl_seconds
+
+    store = open_store(settings.store_url)
+    set_ttl = getattr(store, "set_ttl", None)
+    if set_ttl is None:
+        raise ConfigError(f"store {settings.store_url} keeps no TTLs (pinning applies to redis:// stores)")
+    cid = store.resolve(cache_id)
+    set_ttl(cid, ttl_seconds(ttl))
+    out.print(f"{cid} {ttl}")
+
+
+@cli.command()
+@click.option("--node", "nodes", multiple=True, required=True, help="A kvmart serve base URL; repeat for each node.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9000, show_default=True, help="TCP port.")
+def route(nodes: tuple[str, ...], host: str, port: int) -> None:
+    """Route requests to kvmart serve NODEs with cache affinity: the same document goes to the same node first
+    (rendezvous hashing on its id), falling back to the others when it is down (docs/SCALE.md)."""
+    import uvicorn
+
+    from .router import create_router
+
+    console.print(f"routing http://{host}:{port} -> {', '.join(nodes)}")
+    uvicorn.run(create_router(list(nodes)), host=host, port=port, log_level="warning")

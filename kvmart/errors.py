@@ -63,3 +63,7 @@ class FingerprintMismatchError(ArtifactError):
 
 class StoreError(KvmartError):
     """A store cannot be opened or written."""
+
+
+class StoreUnavailableError(StoreError):
+    """A shared tier (Redis, S3) cannot be reached right now. A tiered store degrades around it and retries later."""

@@ -80,12 +80,18 @@ async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONR
 
 
 async def healthz(request: Request):
-    """200 while the model worker is alive; 503 otherwise."""
+    """200 while the model worker is alive (status `degraded` while a shared store tier is unreachable: the node
+    keeps serving from its local tiers, prefilling on a miss); 503 otherwise."""
     services: Services = request.app.state.services
     active, waiting = services.worker.depth()
     alive = services.worker.is_alive()
-    body = {"status": "ok" if alive else "unavailable", "model": services.model_id, "active": active,
+    store_health = getattr(services.store, "health", None)
+    tiers = await asyncio.to_thread(store_health) if store_health else None
+    status = "unavailable" if not alive else "degraded" if tiers and tiers["degraded"] else "ok"
+    body = {"status": status, "model": services.model_id, "active": active,
             "waiting": waiting, "documents": len(services.catalog.documents())}
+    if tiers is not None:
+        body["store"] = tiers
     return JSONResponse(body, status_code=200 if alive else 503)
 
 

@@ -86,7 +86,7 @@ class Catalog:
 
     def add(self, entry: Entry) -> Document:
         """Register a stored artifact (its token ids come from its manifest)."""
-        with self.store.open(entry.cache_id) as (f, size):
+        with self.store.open_head(entry.cache_id) as (f, size):  # the header only: no tensors are fetched
             manifest, _ = read_manifest(f, size)
         document = Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64))
         with self._lock:

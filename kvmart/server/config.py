@@ -5,22 +5,10 @@ options override them."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, fields, replace
 
+from ..config import UNITS, parse_bytes  # noqa: F401  (re-exported: the server's options use them)
 from ..errors import ConfigError
-
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-         "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1e9', '0' -> a byte count. ConfigError on anything else."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if not match or match.group(2) not in UNITS:
-        raise ConfigError(f"{text!r} is not a byte size; write e.g. 2GiB, 512MB or 1000000")
-    return int(float(match.group(1)) * UNITS[match.group(2)])
-
 
 @dataclass(frozen=True)
 class ServerSettings:

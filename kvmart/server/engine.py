@@ -13,9 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+import logging
+import time
+
 from .. import cache
+from ..artifact import manifest_for, write_artifact
 from ..chat import document_ids, layout_for
-from ..errors import ContextOverflowError
+from ..errors import ArtifactError, ContextOverflowError, UnknownCacheError
 from ..kv import KV
 from ..model import Model
 from ..store import Store
@@ -24,6 +28,8 @@ from .config import ServerSettings
 from .hot import HotTier
 from .prompt import ChatPrompt, Prompt, chat_token_ids, text_token_ids
 from .text import Detokenizer, StopMatcher
+
+log = logging.getLogger("kvmart.server")
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,9 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Reuse:
     """How the prompt's first `prefix_tokens` were obtained: tier `ram` or `store` (reused, `cached_tokens` ==
-    prefix_tokens), `bypass` (the same document prefilled afresh, nothing cached) or `none` (no stored prefix)."""
+    prefix_tokens), `bypass` (the same document prefilled afresh, nothing cached), `recomputed` (its artifact was
+    missing or refused, e.g. lost from a shared tier: prefilled again and stored back) or `none` (no stored
+    prefix)."""
 
     tier: str
     document: Document | None
@@ -159,11 +167,26 @@ class Engine:
             return kv_prefix(self.model.prefill(doc.token_list()), k), Reuse("bypass", doc, k, 0, 0.0, 0.0)
         loaded, tier = self.hot.get(doc.cache_id), "ram"
         if loaded is None:
-            loaded, tier = cache.load(self.model, self.store, doc.cache_id), "store"
+            try:
+                loaded, tier = cache.load(self.model, self.store, doc.cache_id), "store"
+            except (UnknownCacheError, ArtifactError) as e:
+                log.warning("artifact %s unusable (%s): recomputing it", doc.cache_id[:16], e)
+                loaded = self.recompute(doc)
+                self.hot.put(loaded)
+                return kv_prefix(loaded.kv, k), Reuse("recomputed", doc, k, 0, 0.0, 0.0)
             self.hot.put(loaded)
         load_seconds = loaded.load_seconds if tier == "store" else 0.0
         saved = max(0.0, doc.entry.prefill_seconds * k / doc.num_tokens - load_seconds)
         return kv_prefix(loaded.kv, k), Reuse(tier, doc, k, k, load_seconds, saved)
+
+    def recompute(self, doc: Document) -> cache.Loaded:
+        """Prefill a catalogued document whose artifact is gone or refused, and store it back. The same ids give
+        the same KV as the lost artifact held, so answers stay bit-exact."""
+        start, ids = time.perf_counter(), doc.token_list()
+        kv = self.model.prefill(ids)
+        manifest = manifest_for(kv, ids, self.model.fingerprint)
+        entry = self.store.put(doc.entry, lambda f: write_artifact(f, manifest, kv))
+        return cache.Loaded(entry, kv, ids, time.perf_counter() - start)
 
     def decode(self, prefix: KV | None, rest: list[int], max_new: int, sampling: Sampling
                ) -> Iterator[Delta | Finished]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import (ArtifactError, ContextOverflowError, InputError, KvmartError, StoreError,
+from ..errors import (ArtifactError, ContextOverflowError, InputError, KvmartError, StoreError, StoreUnavailableError,
                       UnknownCacheError)
 
 
@@ -93,6 +93,7 @@ STATUS: tuple[tuple[type[KvmartError], int, str], ...] = (
     (QueueFullError, 429, "rate_limit"),
     (ShuttingDownError, 503, "unavailable"),
     (ArtifactError, 500, "server"),
+    (StoreUnavailableError, 503, "unavailable"),
     (StoreError, 500, "server"),
     (KvmartError, 500, "server"),
 )

@@ -39,7 +39,9 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
                    store: Store | None = None) -> Services:
     """Everything the app needs; loads the model (unless given) and opens the store named by `settings`."""
     model = model or Model.load(settings)
-    store = store or open_store(settings.store_url)
+    store = store or open_store(settings.store_url, local_dir=settings.data_dir / "store")  # shared: tiered
+    # TODO(ledger): several nodes over one shared store must also share one ledger (PostgreSQL): each node charges
+    # a read where its Run ends (runs.py), in one transaction per read (docs/SCALE.md, "Ledger").
     catalog = Catalog(store, model.fingerprint.digest)
     hot = HotTier(server.ram_cache_bytes)
     worker = Worker(server.max_active, server.max_queue)

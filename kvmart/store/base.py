@@ -68,6 +68,23 @@ class Store(ABC):
         finally:
             f.close()
 
+    @contextmanager
+    def open_head(self, cache_id: str) -> Iterator[tuple[BinaryIO, int]]:
+        """(file, size_bytes) where the file holds at least the artifact's start (its header), for reading a
+        manifest without fetching the tensors. A store that is not local overrides `_open_head` to fetch only
+        the start; by default the whole artifact is opened. Raises UnknownCacheError if absent."""
+        opened = self._open_head(cache_id)
+        if opened is None:
+            raise UnknownCacheError(f"no artifact with cache id {cache_id!r} in this store")
+        f, size = opened
+        try:
+            yield f, size
+        finally:
+            f.close()
+
+    def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        return self._open(cache_id)
+
     def resolve(self, prefix: str) -> str:
         """The one cache id starting with `prefix` (at least 6 hex chars); UnknownCacheError otherwise."""
         if len(prefix) < 6:

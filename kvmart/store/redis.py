@@ -1,0 +1,199 @@
+"""The Redis shared tier: artifacts split into size-limited chunk keys under an index, published atomically.
+
+    PREFIX:chunk:<cache_id>:<nonce>:<i>   bytes i*chunk_bytes .. (i+1)*chunk_bytes of the artifact
+    PREFIX:index:<cache_id>               JSON: the entry, size, chunk size, nonce, xxh3-128 of every chunk
+    PREFIX:catalog                        a set of cache ids (lazily pruned of ids whose index is gone)
+
+A put writes every chunk under a fresh nonce, then the index with SET NX: readers see no index (absent) or a
+complete artifact, never a partial one, and when two nodes publish the same cache id at once the first index wins
+and the loser deletes its chunks, so the artifact is stored once. A read checks every chunk against the index's
+checksums; a chunk missing (evicted, expired, lost in a restart without persistence) or corrupt makes the whole
+artifact absent (and its index is dropped so it can be republished): it is recomputed, never served partially.
+
+TTLs (`ttl_seconds`, 0 = none: pinned) apply to the index and chunks alike and are refreshed on every read, as
+the commercial prompt caches refresh theirs. Every connection failure is a StoreUnavailableError."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import xxhash
+
+from ..errors import StoreError, StoreUnavailableError
+from .base import Entry, Store, Writer
+
+log = logging.getLogger("kvmart.store")
+DEFAULT_CHUNK_BYTES = 8 << 20  # well under Redis' 512 MB value limit; small enough to stream in pieces
+FETCH_BATCH = 16  # chunks per MGET: bounds one reply's size
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where and how: `redis://[user:pass@]host:port/db?prefix=kvmart&chunk_bytes=8MiB&ttl_seconds=3600`."""
+
+    url: str
+    prefix: str = "kvmart"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ttl_seconds: int = 0
+    timeout_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1 or self.ttl_seconds < 0 or self.timeout_seconds <= 0:
+            raise StoreError(f"redis store: chunk_bytes must be >= 1, ttl_seconds >= 0, timeout > 0 ({self})")
+
+
+class RedisStore(Store):
+    def __init__(self, config: RedisConfig) -> None:
+        import redis
+
+        self.config = config
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._client = redis.Redis.from_url(config.url, socket_timeout=config.timeout_seconds,
+                                            socket_connect_timeout=config.timeout_seconds)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.config.url!r}, prefix={self.config.prefix!r})"
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.config.prefix, *parts))
+
+    @contextmanager
+    def _reach(self) -> Iterator[None]:
+        """Translate connection failures into StoreUnavailableError."""
+        try:
+            yield
+        except self._errors as e:
+            raise StoreUnavailableError(f"redis at {self.config.url} is unreachable: {e}") from e
+
+    def ping(self) -> None:
+        """StoreUnavailableError unless the server answers."""
+        with self._reach():
+            self._client.ping()
+
+    def put(self, entry: Entry, write: Writer) -> Entry:
+        buffer = io.BytesIO()
+        size = write(buffer)
+        data = buffer.getbuffer()
+        step, nonce, ttl = self.config.chunk_bytes, secrets.token_hex(8), self.config.ttl_seconds or None
+        chunk_keys = [self._key("chunk", entry.cache_id, nonce, str(i)) for i in range(max(1, -(-size // step)))]
+        stored = Entry(**{**entry.as_dict(), "artifact_bytes": size})
+        index = {"entry": stored.as_dict(), "size": size, "chunk_bytes": step, "nonce": nonce,
+                 "chunks": [xxhash.xxh3_128_hexdigest(data[i * step:(i + 1) * step]) for i in range(len(chunk_keys))]}
+        with self._reach():
+            pipe = self._client.pipeline(transaction=False)
+            for i, key in enumerate(chunk_keys):
+                pipe.set(key, bytes(data[i * step:(i + 1) * step]), ex=ttl)
+            pipe.execute()
+            if self._client.set(self._key("index", entry.cache_id), json.dumps(index), nx=True, ex=ttl):
+                self._client.sadd(self._key("catalog"), entry.cache_id)
+                return stored
+            self._client.delete(*chunk_keys)  # another writer published it first: keep theirs
+        existing = self.entry(entry.cache_id)
+        return existing if existing is not None else stored
+
+    def _index(self, cache_id: str) -> dict | None:
+        with self._reach():
+            raw = self._client.get(self._key("index", cache_id))
+        if raw is None:
+            return None
+        try:
+            index = json.loads(raw)
+            Entry(**index["entry"])
+            return index
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"redis index of {cache_id[:16]} is unreadable: {e}") from e
+
+    def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        index = self._index(cache_id)
+        if index is None:
+            return None
+        keys = [self._key("chunk", cache_id, index["nonce"], str(i)) for i in range(len(index["chunks"]))]
+        data = bytearray()
+        with self._reach():
+            for start in range(0, len(keys), FETCH_BATCH):
+                for i, blob in enumerate(self._client.mget(keys[start:start + FETCH_BATCH]), start):
+                    if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][i]:
+                        self._drop_broken(cache_id, i, "missing" if blob is None else "corrupt")
+                        return None
+                    data += blob
+            self._refresh_ttl(cache_id, keys)
+        if len(data) != index["size"]:
+            self._drop_broken(cache_id, -1, f"{len(data)} bytes instead of {index['size']}")
+            return None
+        return io.BytesIO(data), len(data)
+
+    def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        """The first chunk (checked), which holds the header unless the header is larger than a chunk."""
+        index = self._index(cache_id)
+        if index is None:
+            return None
+        with self._reach():
+            blob = self._client.get(self._key("chunk", cache_id, index["nonce"], "0"))
+        if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][0]:
+            return self._open(cache_id)  # let the full read find and report the damage
+        if len(blob) < 8 or 8 + struct.unpack("<Q", blob[:8])[0] > len(blob):
+            return self._open(cache_id)  # a header longer than a chunk
+        return io.BytesIO(blob), index["size"]
+
+    def _drop_broken(self, cache_id: str, chunk: int, why: str) -> None:
+        log.warning("redis artifact %s: chunk %d %s; treated as absent (it will be recomputed)", cache_id[:16], chunk, why)
+        self._client.delete(self._key("index", cache_id))
+        self._client.srem(self._key("catalog"), cache_id)
+
+    def _refresh_ttl(self, cache_id: str, chunk_keys: list[str]) -> None:
+        if self.config.ttl_seconds:
+            pipe = self._client.pipeline(transaction=False)
+            for key in (self._key("index", cache_id), *chunk_keys):
+                pipe.expire(key, self.config.ttl_seconds)
+            pipe.execute()
+
+    def entry(self, cache_id: str) -> Entry | None:
+        index = self._index(cache_id)
+        return None if index is None else Entry(**index["entry"])
+
+    def entries(self) -> list[Entry]:
+        with self._reach():
+            ids = sorted(m.decode() for m in self._client.smembers(self._key("catalog")))
+            raws = self._client.mget([self._key("index", c) for c in ids]) if ids else []
+            gone = [c for c, raw in zip(ids, raws) if raw is None]
+            if gone:  # expired or evicted: prune the set
+                self._client.srem(self._key("catalog"), *gone)
+        found = []
+        for cache_id, raw in zip(ids, raws):
+            if raw is not None:
+                try:
+                    found.append(Entry(**json.loads(raw)["entry"]))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("redis index of %s is unreadable; skipped", cache_id[:16])
+        return sorted(found, key=lambda e: e.created_at, reverse=True)
+
+    def delete(self, cache_id: str) -> bool:
+        index = self._index(cache_id)
+        with self._reach():
+            self._client.srem(self._key("catalog"), cache_id)
+            if index is None:
+                return False
+            keys = [self._key("chunk", cache_id, index["nonce"], str(i)) for i in range(len(index["chunks"]))]
+            return bool(self._client.delete(self._key("index", cache_id), *keys))
+
+    def set_ttl(self, cache_id: str, ttl_seconds: int) -> bool:
+        """Give an artifact a TTL (0: pinned, no expiry); False if it is absent."""
+        index = self._index(cache_id)
+        if index is None:
+            return False
+        keys = [self._key("index", cache_id)]
+        keys += [self._key("chunk", cache_id, index["nonce"], str(i)) for i in range(len(index["chunks"]))]
+        with self._reach():
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.expire(key, ttl_seconds) if ttl_seconds else pipe.persist(key)
+            pipe.execute()
+        return True

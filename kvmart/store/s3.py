@@ -1,0 +1,168 @@
+"""The S3-compatible shared tier (AWS S3, MinIO, Ceph, R2...), through boto3 with a configurable endpoint.
+
+    PREFIX/objects/<cache_id>.<nonce>.kvm   the artifact (one object: S3 PUTs are atomic)
+    PREFIX/entries/<cache_id>.json          its index: the entry, the object key, size and xxh3-128, written last
+
+The index is written last with `If-None-Match: *`: readers see no index or a complete artifact; when two nodes
+publish the same cache id at once, the first index wins and the loser deletes its object (stored once). A read
+checks size and checksum; a missing or corrupt object makes the artifact absent (recomputed, never used).
+Connection failures are StoreUnavailableError."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import xxhash
+
+from ..errors import StoreError, StoreUnavailableError
+from .base import Entry, Store, Writer
+
+log = logging.getLogger("kvmart.store")
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """`s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1`; credentials come from the usual
+    AWS sources (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, instance roles)."""
+
+    bucket: str
+    prefix: str = "kvmart"
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    timeout_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.bucket:
+            raise StoreError("s3 store: the URL names no bucket (s3://BUCKET/prefix)")
+
+
+class S3Store(Store):
+    def __init__(self, config: S3Config) -> None:
+        import boto3
+        import botocore.config
+        import botocore.exceptions as bex
+
+        self.config = config
+        self._unreachable = (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
+                             bex.ConnectionClosedError)
+        self._client_error = bex.ClientError
+        self._client = boto3.client(
+            "s3", endpoint_url=config.endpoint, region_name=config.region,
+            config=botocore.config.Config(connect_timeout=config.timeout_seconds, read_timeout=config.timeout_seconds,
+                                          retries={"max_attempts": 2}))
+
+    def __repr__(self) -> str:
+        return f"S3Store(s3://{self.config.bucket}/{self.config.prefix}, endpoint={self.config.endpoint!r})"
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.config.prefix, *parts) if p)
+
+    @contextmanager
+    def _reach(self) -> Iterator[None]:
+        try:
+            yield
+        except self._unreachable as e:
+            raise StoreUnavailableError(f"s3 endpoint {self.config.endpoint or 'AWS'} is unreachable: {e}") from e
+
+    def _is(self, error: Exception, *codes: str) -> bool:
+        return isinstance(error, self._client_error) and error.response.get("Error", {}).get("Code") in codes
+
+    def ping(self) -> None:
+        with self._reach():
+            self._client.head_bucket(Bucket=self.config.bucket)
+
+    def put(self, entry: Entry, write: Writer) -> Entry:
+        buffer = io.BytesIO()
+        size = write(buffer)
+        data = buffer.getvalue()
+        object_key = self._key("objects", f"{entry.cache_id}.{secrets.token_hex(8)}.kvm")
+        stored = Entry(**{**entry.as_dict(), "artifact_bytes": size})
+        index = {"entry": stored.as_dict(), "object": object_key, "size": size, "xxh3": xxhash.xxh3_128_hexdigest(data)}
+        with self._reach():
+            self._client.put_object(Bucket=self.config.bucket, Key=object_key, Body=data)
+            try:
+                self._client.put_object(Bucket=self.config.bucket, Key=self._index_key(entry.cache_id),
+                                        Body=json.dumps(index).encode(), IfNoneMatch="*")
+                return stored
+            except self._client_error as e:
+                if not self._is(e, "PreconditionFailed", "ConditionalRequestConflict"):
+                    raise StoreError(f"s3 put of {entry.cache_id[:16]} failed: {e}") from e
+            self._client.delete_object(Bucket=self.config.bucket, Key=object_key)  # published first by another
+        existing = self.entry(entry.cache_id)
+        return existing if existing is not None else stored
+
+    def _index_key(self, cache_id: str) -> str:
+        return self._key("entries", f"{cache_id}.json")
+
+    def _index(self, cache_id: str) -> dict | None:
+        with self._reach():
+            try:
+                raw = self._client.get_object(Bucket=self.config.bucket, Key=self._index_key(cache_id))["Body"].read()
+            except self._client_error as e:
+                if self._is(e, "NoSuchKey", "404"):
+                    return None
+                raise StoreError(f"s3 read of {cache_id[:16]} failed: {e}") from e
+        try:
+            index = json.loads(raw)
+            Entry(**index["entry"])
+            return index
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"s3 index of {cache_id[:16]} is unreadable: {e}") from e
+
+    def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        index = self._index(cache_id)
+        if index is None:
+            return None
+        with self._reach():
+            try:
+                data = self._client.get_object(Bucket=self.config.bucket, Key=index["object"])["Body"].read()
+            except self._client_error as e:
+                if not self._is(e, "NoSuchKey", "404"):
+                    raise StoreError(f"s3 read of {cache_id[:16]} failed: {e}") from e
+                data = None
+        if data is None or len(data) != index["size"] or xxhash.xxh3_128_hexdigest(data) != index["xxh3"]:
+            log.warning("s3 artifact %s is %s; treated as absent (it will be recomputed)", cache_id[:16],
+                        "missing" if data is None else "corrupt")
+            with self._reach():
+                self._client.delete_object(Bucket=self.config.bucket, Key=self._index_key(cache_id))
+            return None
+        return io.BytesIO(data), len(data)
+
+    def entry(self, cache_id: str) -> Entry | None:
+        index = self._index(cache_id)
+        return None if index is None else Entry(**index["entry"])
+
+    def entries(self) -> list[Entry]:
+        found = []
+        with self._reach():
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.config.bucket, Prefix=self._key("entries") + "/")
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        for key in keys:
+            cache_id = key.rsplit("/", 1)[-1].removesuffix(".json")
+            try:
+                entry = self.entry(cache_id)
+            except StoreError as e:
+                if isinstance(e, StoreUnavailableError):
+                    raise
+                log.warning("%s; skipped", e)
+                continue
+            if entry is not None:
+                found.append(entry)
+        return sorted(found, key=lambda e: e.created_at, reverse=True)
+
+    def delete(self, cache_id: str) -> bool:
+        index = self._index(cache_id)
+        if index is None:
+            return False
+        with self._reach():
+            self._client.delete_object(Bucket=self.config.bucket, Key=self._index_key(cache_id))
+            self._client.delete_object(Bucket=self.config.bucket, Key=index["object"])
+        return True

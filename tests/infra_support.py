@@ -1,0 +1,48 @@
+"""Real servers for the tier tests: Redis and kvmart nodes come from kvmart/cluster.py; moto's standalone
+S3-compatible server (`python -m moto.server`: no real S3 server installs from the registries here, so the S3
+tier is tested against moto, labelled as such) is started here. Not a test module."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvmart.cluster import DEADLINE_SECONDS, KvmartNode, MissingBinaryError, free_port, wait_for
+from kvmart.cluster import RedisServer as _RedisServer
+
+__all__ = ["KvmartNode", "MotoS3Server", "RedisServer", "wait_for"]
+
+
+def RedisServer(directory: Path) -> _RedisServer:  # noqa: N802 (a factory standing in for the class)
+    """A RedisServer, or a skip saying why there is none (only where redis-server cannot be installed)."""
+    try:
+        return _RedisServer(directory)
+    except MissingBinaryError as e:
+        pytest.skip(str(e))
+
+
+class MotoS3Server:
+    """moto's standalone server (S3-compatible, in memory) as a subprocess on 127.0.0.1:<port>."""
+
+    def __init__(self) -> None:
+        pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
+        self.port, self.process = free_port(), None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MotoS3Server":
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: httpx.get(self.endpoint, timeout=1).status_code < 500, "moto.server to start")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(DEADLINE_SECONDS)

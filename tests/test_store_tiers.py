@@ -1,0 +1,371 @@
+"""The shared tiers and the tiered store: the store contract over a real Redis server and over moto's standalone
+S3-compatible server (labelled: moto, not AWS), atomic and once-only publishing, integrity of what comes back
+(missing or corrupt chunks are absent, never partial), TTLs, and the tiered store's fill, write-through,
+budgets and degraded mode around a shared tier that goes down and comes back."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from kvmart.errors import ConfigError, StoreUnavailableError, UnknownCacheError
+from kvmart.store import Entry, Store, open_shared, open_store
+from kvmart.store.disk import DiskStore
+from kvmart.store.memory import MemoryStore
+from kvmart.store.policy import Placement
+from kvmart.store.tiered import Tier, TieredStore
+
+from infra_support import MotoS3Server, RedisServer
+
+
+def cid(prefix: str) -> str:
+    return (prefix + "0123456789abcdef" * 4)[:64]
+
+
+def entry(cache_id: str, created_at: float = 1000.0, title: str = "doc", model: str = "builtin:tiny") -> Entry:
+    return Entry(cache_id=cache_id, title=title, source="", model=model, fingerprint="f" * 64, num_tokens=3,
+                 artifact_bytes=0, prefill_seconds=0.5, created_at=created_at)
+
+
+def writer(payload: bytes):
+    return lambda f: f.write(payload)
+
+
+def read_back(store: Store, cache_id: str) -> bytes:
+    with store.open(cache_id) as (f, size):
+        data = f.read()
+    assert size == len(data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    server = MotoS3Server().start()
+    import boto3
+
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket="kvmart-test")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fake_aws_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+_counter = iter(range(10**6))
+
+
+def fresh_prefix() -> str:
+    return f"t{next(_counter)}"
+
+
+def redis_store(server: RedisServer, **options: str) -> Store:
+    query = "&".join(f"{k}={v}" for k, v in {"prefix": fresh_prefix(), **options}.items())
+    return open_shared(f"{server.url}?{query}")
+
+
+@pytest.fixture(params=["redis", "s3 (moto server)"])
+def shared(request):
+    """A fresh, empty namespace on a shared tier."""
+    if request.param == "redis":
+        return redis_store(request.getfixturevalue("redis_server"), chunk_bytes="7")
+    server = request.getfixturevalue("moto_s3")
+    return open_shared(f"s3://kvmart-test/{fresh_prefix()}?endpoint={server.endpoint}")
+
+
+# -- the contract, on each shared tier -----------------------------------------------------------------------------
+def test_put_open_entries_delete(shared):
+    a, b = cid("aa11"), cid("bb22")
+    stored = shared.put(entry(a, 1000.0), writer(b"artifact bytes, several chunks long"))
+    shared.put(entry(b, 2000.0, "second"), writer(b"b"))
+    assert stored.artifact_bytes == len(b"artifact bytes, several chunks long")
+    assert read_back(shared, a) == b"artifact bytes, several chunks long"
+    assert shared.entry(a) == stored
+    assert [e.cache_id for e in shared.entries()] == [b, a]  # newest first
+    assert shared.resolve(a[:8]) == a
+    assert shared.delete(a) is True and shared.delete(a) is False
+    assert shared.entry(a) is None and [e.cache_id for e in shared.entries()] == [b]
+    with pytest.raises(UnknownCacheError):
+        with shared.open(a):
+            pass
+
+
+def test_a_failed_write_publishes_nothing(shared):
+    def dies(f):
+        f.write(b"half an artifact")
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError):
+        shared.put(entry(cid("dead")), dies)
+    assert shared.entry(cid("dead")) is None and shared.entries() == []
+
+
+def test_two_publishers_store_once(shared):
+    """The first index wins; the second publisher gets the first's entry and its bytes are not kept."""
+    first = shared.put(entry(cid("cc33"), 1.0, "first"), writer(b"first copy"))
+    second = shared.put(entry(cid("cc33"), 2.0, "second"), writer(b"second copy"))
+    assert second == first and read_back(shared, cid("cc33")) == b"first copy"
+
+
+def test_concurrent_publishers_store_once(redis_server):
+    store = redis_store(redis_server, chunk_bytes="4")
+    barrier, results = threading.Barrier(4), []
+
+    def publish(n: int) -> None:
+        barrier.wait()
+        results.append(store.put(entry(cid("dd44"), float(n), f"writer {n}"), writer(f"copy {n}".encode())))
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.title for r in results}) == 1  # every writer was told the same winner
+    winner = results[0].title.removeprefix("writer ")
+    assert read_back(store, cid("dd44")) == f"copy {winner}".encode()
+    chunk_keys = redis_server.client().keys(f"{store.config.prefix}:chunk:*")
+    assert len(chunk_keys) == 2  # one artifact's chunks (6 bytes in 4-byte chunks); the losers' were deleted
+
+
+def test_redis_missing_chunk_is_absent_not_partial(redis_server):
+    store = redis_store(redis_server, chunk_bytes="4")
+    store.put(entry(cid("ee55")), writer(b"0123456789ab"))
+    client = redis_server.client()
+    client.delete(sorted(client.keys(f"{store.config.prefix}:chunk:*"))[1])
+    assert store._open(cid("ee55")) is None
+    assert store.entry(cid("ee55")) is None  # the broken index is dropped, so the artifact can be republished
+    store.put(entry(cid("ee55")), writer(b"0123456789ab"))
+    assert read_back(store, cid("ee55")) == b"0123456789ab"
+
+
+def test_redis_corrupt_chunk_is_absent(redis_server):
+    store = redis_store(redis_server, chunk_bytes="4")
+    store.put(entry(cid("ff66")), writer(b"0123456789ab"))
+    client = redis_server.client()
+    key = sorted(client.keys(f"{store.config.prefix}:chunk:*"))[0]
+    client.set(key, b"XXXX")  # same length, other bytes
+    assert store._open(cid("ff66")) is None
+
+
+def test_s3_corrupt_object_is_absent(moto_s3):
+    import boto3
+
+    store = open_shared(f"s3://kvmart-test/{fresh_prefix()}?endpoint={moto_s3.endpoint}")
+    store.put(entry(cid("ab12")), writer(b"0123456789ab"))
+    client = boto3.client("s3", endpoint_url=moto_s3.endpoint, region_name="us-east-1")
+    obj = next(o["Key"] for o in client.list_objects_v2(Bucket="kvmart-test", Prefix=store.config.prefix)["Contents"]
+               if o["Key"].endswith(".kvm"))
+    client.put_object(Bucket="kvmart-test", Key=obj, Body=b"0123456789aX")
+    assert store._open(cid("ab12")) is None and store.entry(cid("ab12")) is None
+
+
+def test_redis_ttl_and_pinning(redis_server):
+    store = redis_store(redis_server, ttl="5m")
+    store.put(entry(cid("a1")), writer(b"x" * 10))
+    client = redis_server.client()
+    keys = client.keys(f"{store.config.prefix}:index:*") + client.keys(f"{store.config.prefix}:chunk:*")
+    assert keys and all(0 < client.ttl(k) <= 300 for k in keys)
+    assert store.set_ttl(cid("a1"), 0) is True  # pinned
+    assert all(client.ttl(k) == -1 for k in keys)
+    assert store.set_ttl(cid("b2"), 0) is False
+
+
+def test_unreachable_shared_tiers_are_store_unavailable():
+    with pytest.raises(StoreUnavailableError, match="unreachable"):
+        open_shared("redis://127.0.0.1:1/0").entries()
+    s3 = open_shared("s3://kvmart-test/x?endpoint=http://127.0.0.1:1")
+    with pytest.raises(StoreUnavailableError, match="unreachable"):
+        s3.entries()
+    with pytest.raises(StoreUnavailableError, match="unreachable"):
+        s3.put(entry(cid("a1")), writer(b"x"))
+
+
+def test_store_urls(tmp_path: Path):
+    with pytest.raises(ConfigError, match="unknown store option 'colour'"):
+        open_shared("redis://127.0.0.1:1/0?colour=blue")
+    with pytest.raises(ConfigError, match="TTL class"):
+        open_shared("redis://127.0.0.1:1/0?ttl=forever")
+    with pytest.raises(ConfigError, match="known schemes"):
+        open_store("ftp://x")
+    tiered = open_store("redis://127.0.0.1:1/0?ram_bytes=1MiB&disk_bytes=2MiB", local_dir=tmp_path / "local")
+    assert isinstance(tiered, TieredStore)
+    assert [(t.name, t.budget_bytes, t.is_shared) for t in tiered.tiers] == [
+        ("ram", 2**20, False), ("disk", 2 * 2**20, False), ("redis", 0, True)]
+
+
+# -- the tiered store ----------------------------------------------------------------------------------------------
+class Flaky(MemoryStore):
+    """A shared tier that can be switched off."""
+
+    is_down = False
+
+    def _check(self) -> None:
+        if self.is_down:
+            raise StoreUnavailableError("switched off")
+
+    def put(self, e, w):
+        self._check()
+        return super().put(e, w)
+
+    def _open(self, c):
+        self._check()
+        return super()._open(c)
+
+    def entry(self, c):
+        self._check()
+        return super().entry(c)
+
+    def entries(self):
+        self._check()
+        return super().entries()
+
+    def delete(self, c):
+        self._check()
+        return super().delete(c)
+
+    def ping(self):
+        self._check()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tiered(tmp_path: Path, shared: Store, ram_bytes: int = 0, clock=None) -> TieredStore:
+    tiers = [Tier("ram", MemoryStore(), ram_bytes)] if ram_bytes else []
+    tiers += [Tier("disk", DiskStore(tmp_path / "disk")), Tier("shared", shared, is_shared=True)]
+    return TieredStore(tiers, retry_seconds=5.0, clock=clock or Clock())
+
+
+def test_write_through_and_fill_on_miss(tmp_path: Path):
+    shared = MemoryStore()
+    node_a, node_b = tiered(tmp_path / "a", shared, 100), tiered(tmp_path / "b", shared, 100)
+    node_a.put(entry(cid("a1")), writer(b"payload"))
+    assert shared.entry(cid("a1")) is not None  # written through
+    assert read_back(node_b, cid("a1")) == b"payload"  # node B: miss in RAM and disk, hit on the shared tier
+    assert [t.hits for t in node_b.tiers] == [0, 0, 1]
+    assert [t.fills for t in node_b.tiers] == [1, 1, 0]
+    assert read_back(node_b, cid("a1")) == b"payload"
+    assert [t.hits for t in node_b.tiers] == [1, 0, 1]  # now from RAM
+    assert node_b.tiers[1].store.entry(cid("a1")) is not None  # and on B's disk
+
+
+def test_degraded_while_shared_is_down_then_recovers(tmp_path: Path):
+    shared, clock = Flaky(), Clock()
+    node = tiered(tmp_path, shared, clock=clock)
+    node.put(entry(cid("a1")), writer(b"before"))
+    shared.is_down = True
+    assert read_back(node, cid("a1")) == b"before"  # from the local disk
+    node.put(entry(cid("b2")), writer(b"during"))  # the write succeeds locally
+    assert node.health()["degraded"] is True and node.health()["pending_pushes"] == 1
+    assert {e.cache_id for e in node.entries()} == {cid("a1"), cid("b2")}
+    shared.is_down = False
+    assert node.health()["degraded"] is True  # not retried before its time: no request waits on a dead tier
+    clock.now = 10.0
+    health = node.health()
+    assert health["degraded"] is False and health["pending_pushes"] == 0
+    assert read_back(shared, cid("b2")) == b"during"  # pushed once it came back
+
+
+def test_delete_refuses_to_pretend_when_shared_is_down(tmp_path: Path):
+    shared = Flaky()
+    node = tiered(tmp_path, shared)
+    node.put(entry(cid("a1")), writer(b"x"))
+    shared.is_down = True
+    with pytest.raises(StoreUnavailableError):
+        node.delete(cid("a1"))
+    assert node.entry(cid("a1")) is not None  # nothing removed anywhere: the delete can be retried whole
+
+
+def test_ram_budget_evicts_by_cost_aware_score(tmp_path: Path):
+    """The RAM tier holds two 40-byte artifacts; the third evicts the one spared least prefill per byte x reads."""
+    placement = Placement()
+    tiers = [Tier("ram", MemoryStore(), 100), Tier("disk", DiskStore(tmp_path / "d"))]
+    node = TieredStore(tiers, placement)
+    short = Entry(**{**entry(cid("a1")).as_dict(), "num_tokens": 100, "model": "Qwen3-0.6B"})
+    long = Entry(**{**entry(cid("b2")).as_dict(), "num_tokens": 4000, "model": "Qwen3-0.6B"})
+    node.put(short, writer(b"s" * 40))
+    node.put(long, writer(b"l" * 40))
+    node.put(entry(cid("c3")), writer(b"c" * 40))
+    ram = {e.cache_id for e in tiers[0].store.entries()}
+    assert cid("a1") not in ram and cid("b2") in ram  # same bytes, same reads: the longer prefill is kept
+    assert tiers[0].evictions == 1 and tiers[1].store.entry(cid("a1")) is not None  # still on disk
+
+
+def test_pinned_artifacts_are_never_evicted(tmp_path: Path):
+    placement = Placement()
+    tiers = [Tier("ram", MemoryStore(), 100), Tier("disk", DiskStore(tmp_path / "d"))]
+    node = TieredStore(tiers, placement)
+    node.put(entry(cid("a1")), writer(b"a" * 60))
+    node.set_ttl_class(cid("a1"), "pinned")
+    node.put(entry(cid("b2")), writer(b"b" * 60))  # does not fit beside the pinned one: RAM keeps the pin
+    assert {e.cache_id for e in tiers[0].store.entries()} == {cid("a1")}
+    assert read_back(node, cid("b2")) == b"b" * 60  # served from disk
+
+
+def test_the_ttl_sweep(tmp_path: Path):
+    clock = Clock()
+    clock.now = 1000.0
+    node = TieredStore([Tier("disk", DiskStore(tmp_path / "d"))], Placement(clock=clock))
+    node.put(entry(cid("a1"), created_at=1000.0), writer(b"a"))
+    node.put(entry(cid("b2"), created_at=1000.0), writer(b"b"))
+    node.set_ttl_class(cid("a1"), "5m")
+    clock.now = 1000.0 + 301
+    assert node.sweep() == 1  # a1 unread for over 5 minutes; b2 is in the default 1 h class
+    assert node.entry(cid("a1")) is None and node.entry(cid("b2")) is not None
+
+
+def test_redis_open_head_fetches_only_the_first_chunk(redis_server):
+    import struct
+
+    store = redis_store(redis_server, chunk_bytes="16")
+    artifact = struct.pack("<Q", 4) + b"head" + b"tensors " * 20
+    store.put(entry(cid("a1")), writer(artifact))
+    with store.open_head(cid("a1")) as (f, size):
+        assert f.read() == artifact[:16] and size == len(artifact)  # the header, and the whole size
+    long_header = struct.pack("<Q", 40) + b"h" * 40 + b"tensors"
+    store.put(entry(cid("b2")), writer(long_header))
+    with store.open_head(cid("b2")) as (f, size):
+        assert f.read() == long_header  # a header longer than a chunk: the whole artifact
+
+
+def test_the_cli_over_a_redis_store(redis_server, tiny_folder, monkeypatch, tmp_path: Path):
+    """precompute, ls, ask and pin with --store redis://: the CLI talks to the shared tier directly."""
+    import re
+    import sys
+
+    from click.testing import CliRunner
+
+    from kvmart.cli import cli
+
+    monkeypatch.setattr(sys, "argv", ["kvmart"])
+    url = f"{redis_server.url}?prefix={fresh_prefix()}&ttl=1h"
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The licence steward is the Mozilla Foundation.\n" * 20, encoding="utf-8")
+    run = lambda *a: CliRunner().invoke(cli, [*a, "--store", url, "--model", "builtin:tiny"],  # noqa: E731
+                                        catch_exceptions=False)
+    made = run("precompute", str(doc))
+    assert made.exit_code == 0, made.output
+    cache_id = re.search(r"cache_id  ([0-9a-f]{64})", made.output).group(1)
+    assert cache_id[:16] in run("ls").output
+    asked = run("ask", cache_id[:12], "Who is the steward?", "--max-tokens", "2")
+    assert asked.exit_code == 0, asked.output
+    client, prefix = redis_server.client(), url.split("prefix=")[1].split("&")[0]
+    assert 0 < client.ttl(f"{prefix}:index:{cache_id}") <= 3600
+    assert run("pin", cache_id[:12]).exit_code == 0
+    assert client.ttl(f"{prefix}:index:{cache_id}") == -1  # pinned: no expiry
