@@ -232,8 +232,12 @@ def test_bad_settings(kvmart_cli, doc: Path):
     assert from_env.exit_code == 2 and "dtype 'float16' is not supported" in from_env.stderr
     option = kvmart_cli("ls", "--dtype", "float16")
     assert option.exit_code == 2 and "float16" in option.stderr
-    store = kvmart_cli("ls", "--store", "s3://bucket")
-    assert store.exit_code == 2 and "unknown store scheme 's3'" in store.stderr and "file, memory" in store.stderr
+    store = kvmart_cli("ls", "--store", "ftp://bucket")
+    assert store.exit_code == 2 and "unknown store scheme 'ftp'" in store.stderr and "file, memory" in store.stderr
+    no_keys = kvmart_cli("ls", "--store", "s3://bucket", env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                                                              "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                                                              "AWS_CONFIG_FILE": "/nonexistent"})
+    assert no_keys.exit_code == 2 and "AWS_ACCESS_KEY_ID" in no_keys.stderr, no_keys.stderr
 
 
 def test_unknown_sample(kvmart_cli):

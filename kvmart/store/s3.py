@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import xxhash
 
-from ..errors import StoreError, StoreUnavailableError
+from ..errors import ConfigError, StoreError, StoreUnavailableError
 from .base import Entry, Store, Writer
 
 log = logging.getLogger("kvmart.store")
@@ -53,6 +53,7 @@ class S3Store(Store):
         self._unreachable = (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
                              bex.ConnectionClosedError)
         self._client_error = bex.ClientError
+        self._no_credentials = (bex.NoCredentialsError, bex.PartialCredentialsError)
         self._client = boto3.client(
             "s3", endpoint_url=config.endpoint, region_name=config.region,
             config=botocore.config.Config(connect_timeout=config.timeout_seconds, read_timeout=config.timeout_seconds,
@@ -70,6 +71,9 @@ class S3Store(Store):
             yield
         except self._unreachable as e:
             raise StoreUnavailableError(f"s3 endpoint {self.config.endpoint or 'AWS'} is unreachable: {e}") from e
+        except self._no_credentials as e:
+            raise ConfigError(f"s3 store s3://{self.config.bucket}: {e} (set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from e
 
     def _is(self, error: Exception, *codes: str) -> bool:
         return isinstance(error, self._client_error) and error.response.get("Error", {}).get("Code") in codes
