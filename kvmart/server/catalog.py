@@ -103,30 +103,33 @@ class Catalog:
         with self._lock:
             self._documents.pop(doc_id, None)
 
-    def get(self, doc_id: str) -> Document:
-        """The document `doc_id`; UnknownDocumentError if neither the catalogue nor the store has it."""
+    def get(self, doc_id: str, hidden: frozenset[str] = frozenset()) -> Document:
+        """The document `doc_id`; UnknownDocumentError if neither the catalogue nor the store has it, or if its
+        cache id is `hidden` from the caller (a private document of another tenant: the same 404)."""
         with self._lock:
             found = self._documents.get(doc_id)
         if found is None:
             self.refresh()
             with self._lock:
                 found = self._documents.get(doc_id)
-        if found is None:
+        if found is None or found.cache_id in hidden:
             raise UnknownDocumentError(doc_id)
         return found
 
-    def documents(self) -> list[Document]:
-        """Every document, newest first."""
+    def documents(self, hidden: frozenset[str] = frozenset()) -> list[Document]:
+        """Every document but the `hidden` ones, newest first."""
         with self._lock:
-            docs = list(self._documents.values())
+            docs = [d for d in self._documents.values() if d.cache_id not in hidden]
         return sorted(docs, key=lambda d: (-d.entry.created_at, d.id))
 
-    def longest_prefix(self, token_ids: list[int], min_tokens: int) -> Match | None:
-        """The document sharing the longest prefix with `token_ids`, if at least `min_tokens` long. Ties go to
-        the shorter document (less to load), then to the smaller id."""
+    def longest_prefix(self, token_ids: list[int], min_tokens: int, hidden: frozenset[str] = frozenset()
+                       ) -> Match | None:
+        """The document sharing the longest prefix with `token_ids`, if at least `min_tokens` long, among those
+        not `hidden` from the caller (so another tenant's private cache is never reused, nor its existence
+        revealed by timing). Ties go to the shorter document (less to load), then to the smaller id."""
         ids = torch.tensor(token_ids, dtype=torch.int64)
         with self._lock:
-            docs = list(self._documents.values())
+            docs = [d for d in self._documents.values() if d.cache_id not in hidden]
         matches = [Match(doc, common_prefix_tokens(ids, doc.token_ids)) for doc in docs]
         usable = [m for m in matches if m.num_tokens >= max(min_tokens, 1)]
         return min(usable, key=lambda m: (-m.num_tokens, m.document.num_tokens, m.document.id), default=None)
