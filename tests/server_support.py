@@ -69,10 +69,11 @@ class LiveServer:
             self.services.ledger.deposit(name, Decimal(usd))
         return key
 
-    def publish(self, text: str, key: str | None = None, **fields: object) -> httpx.Response:
-        """POST /v1/documents with `key` (default: the publisher's)."""
+    def publish(self, text: str | None, key: str | None = None, **fields: object) -> httpx.Response:
+        """POST /v1/documents with `key` (default: the publisher's); text None leaves it out."""
         headers = {"Authorization": f"Bearer {key or self.publisher_key}"}
-        return self.http.post("/v1/documents", json={"text": text, **fields}, headers=headers)
+        body = {"text": text, **fields} if text is not None else fields
+        return self.http.post("/v1/documents", json=body, headers=headers)
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

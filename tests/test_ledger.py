@@ -191,10 +191,23 @@ def test_private_documents_are_hidden_from_other_tenants(ledger):
     stranger, _ = funded(ledger, "stranger", "agent", "1")
     ledger.publish("e" * 64, owner, Terms("private", readers=("friend",)), owner.tenant_salt, 10)
     ledger.publish("f" * 64, owner, Terms("public"), "", 10)
-    assert ledger.hidden(stranger) == frozenset({"e" * 64})
-    assert ledger.hidden(friend) == ledger.hidden(owner) == frozenset()
-    assert ledger.hidden(ledger.account("admin")) == frozenset()
+    assert ledger.readable(stranger) == frozenset()
+    assert ledger.readable(friend) == ledger.readable(owner) == frozenset({"e" * 64})
+    assert ledger.readable(ledger.account("admin")) is None
     assert ledger.salt_of("e" * 64) == owner.tenant_salt and ledger.salt_of("f" * 64) == ""
     assert owner.tenant_salt != friend.tenant_salt
     with pytest.raises(AccountError):
         ledger.publish("a" * 64, owner, Terms("private", readers=("ghost",)), owner.tenant_salt, 10)
+
+
+def test_a_free_tariff_charges_nothing_and_still_balances(ledger_url, tmp_path):
+    free = Tariff(prefill_usd_per_mtok=Decimal(0), output_usd_per_mtok=Decimal(0),
+                  precompute_usd_per_mtok=Decimal(0))
+    book = open_ledger(ledger_url, tmp_path, tariff=free, environ={})
+    agent, _ = book.create_account("free-rider", "agent")
+    used = book.quote(None, 1000, 10, 10)
+    assert used.total_nanousd == 0
+    charge = book.settle(book.open_hold(agent, 0, None, "h"), used, None, None)
+    assert book.verify_receipt(charge.receipt) and book.health().is_sound
+    assert book.usage(agent).requests == 1
+    book.close()

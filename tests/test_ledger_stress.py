@@ -4,6 +4,7 @@ mid-transaction leaves the books balanced."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -71,7 +72,7 @@ def serve(ledger, accounts, licences, outcomes: Counter, charged: dict, req: Req
     licence = licences.get(req.cache_id)
     most = ledger.quote(licence, req.cached, req.computed, req.max_output)
     try:
-        held = ledger.open_hold(account, most.total_nanousd, req.key, repr(req))
+        held = ledger.open_hold(account, most.total_nanousd, req.key, hashlib.sha256(repr(req).encode()).hexdigest())
     except InsufficientFundsError:
         count(outcomes, "402")
         return
@@ -102,7 +103,7 @@ def test_thousands_of_concurrent_charges_never_create_or_lose_money(ledger_url, 
     deposits = {}
     for i in range(NUM_AGENTS):
         ledger.create_account(f"agent{i}", "agent")
-        deposits[f"agent{i}"] = Decimal(rng.choice(["0.002", "0.01", "0.05", "1"]))  # some run dry: 402s
+        deposits[f"agent{i}"] = Decimal(("0.002", "0.05", "1", "1")[i % 4])  # the poor ones run dry: 402s
         ledger.deposit(f"agent{i}", deposits[f"agent{i}"])
     accounts = {a.name: a for a in ledger.accounts()}
     licences = {d: ledger.licence(d) for d in DOCS if d}
@@ -121,7 +122,7 @@ def test_thousands_of_concurrent_charges_never_create_or_lose_money(ledger_url, 
                                                  .group_by(charges.c.idempotency_key)).all())
     assert keyed and all(count == 1 for _, count in keyed)  # every key charged at most once
     assert ledger.run(lambda conn: conn.execute(select(func.count()).select_from(holds)).scalar_one()) == 0
-    assert outcomes["charged"] > 1000 and outcomes["402"] > 0 and outcomes["replayed"] > 0, outcomes
+    assert outcomes["charged"] > NUM_REQUESTS // 3 and outcomes["402"] > 0 and outcomes["replayed"] > 0, outcomes
     ledger.close()
 
 
@@ -133,9 +134,10 @@ from kvmart.ledger import open_ledger
 ledger = open_ledger(sys.argv[1], Path(sys.argv[2]), environ={})
 agent = ledger.account("spender")
 print("ready", flush=True)
+used = ledger.quote(None, 10, 10, 10)
 while True:
-    hold = ledger.open_hold(agent, 1000, None, "h")
-    ledger.settle(hold, ledger.quote(None, 10, 10, 10), None, None)
+    hold = ledger.open_hold(agent, used.total_nanousd, None, "0" * 64)
+    ledger.settle(hold, used, None, None)
 """
 
 
@@ -150,6 +152,7 @@ def test_a_process_killed_mid_transaction_leaves_the_books_balanced(ledger_url, 
         assert process.stdout.readline().strip() == "ready", process.stderr.read()
         end = time.monotonic() + 30
         while ledger.usage(ledger.account("spender")).requests < 50 and time.monotonic() < end:
+            assert process.poll() is None, process.stderr.read()
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)

@@ -3,10 +3,11 @@ nothing) and is safe to call from any thread, and from several processes on one 
 
 from __future__ import annotations
 
-import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.engine import Connection
 
@@ -22,6 +23,7 @@ from .tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nano
 
 ADMIN_KEY_ENV = "KVMART_ADMIN_KEY"
 SECRET_ENV = "KVMART_LEDGER_SECRET"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,13 @@ class Ledger:
         self._configured_secret = secret
         self.admin_key_issued: str | None = None  # the admin key made at first start, to print once
         self._secret = b""
+        self._salts: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Ledger({redact(self.url)})"
 
-    def run(self, work):
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """`work` in one transaction (see db.in_transaction)."""
         return in_transaction(self.engine, work)
 
     def bootstrap(self, admin_key: str | None) -> None:
@@ -100,16 +104,22 @@ class Ledger:
         return self.run(lambda conn: entries.deposit(conn, acc.get_account(conn, name), to_nanousd(usd)))
 
     # -- licences ------------------------------------------------------------------------------------------------
-    def hidden(self, account: Account) -> frozenset[str]:
-        """Cache ids `account` may not see."""
-        return self.run(lambda conn: licences.hidden_cache_ids(conn, account))
+    def readable(self, account: Account) -> frozenset[str] | None:
+        """Cache ids of the private documents `account` may read (None: all, for the admin)."""
+        return self.run(lambda conn: licences.readable_private(conn, account))
 
     def licence(self, cache_id: str) -> Licence | None:
         return self.run(lambda conn: licences.find_licence(conn, cache_id))
 
-    @functools.lru_cache(maxsize=4096)  # a cache id's salt never changes  # noqa: B019
     def salt_of(self, cache_id: str) -> str:
-        return self.run(lambda conn: licences.salt_of(conn, cache_id))
+        """The tenant salt a private cache id was made with ('' if its licence is not recorded). Remembered once
+        found: a cache id's salt never changes (it is part of the id)."""
+        salt = self._salts.get(cache_id)
+        if salt is None:
+            salt = self.run(lambda conn: licences.salt_of(conn, cache_id))
+            if salt:
+                self._salts[cache_id] = salt
+        return salt
 
     def check_readers(self, names: tuple[str, ...]) -> None:
         self.run(lambda conn: licences.check_readers(conn, names))
@@ -120,6 +130,7 @@ class Ledger:
         fee = 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
 
         def work(conn: Connection) -> int:
+            licences.forget(conn, cache_id)  # terms left by an artifact deleted outside the server (`kvmart rm`)
             licences.register(conn, cache_id, publisher, terms, salt, num_tokens)
             if fee:
                 provider = acc.get_account(conn, acc.PROVIDER)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import and_, delete, insert, not_, select
+from sqlalchemy import and_, delete, insert, or_, select
 from sqlalchemy.engine import Connection
 
 from ..errors import TariffError
@@ -101,14 +101,16 @@ def find_licence(conn: Connection, cache_id: str) -> Licence | None:
                    decimal_or_none(row.royalty_share), row.num_tokens, readers)
 
 
-def hidden_cache_ids(conn: Connection, account: Account) -> frozenset[str]:
-    """Cache ids of the private documents `account` may not read (none for the admin)."""
+def readable_private(conn: Connection, account: Account) -> frozenset[str] | None:
+    """Cache ids of the private documents `account` may read: those it published and those listing it. None for
+    the admin, who reads everything. (Private caches are salted; the server hides every salted cache not in
+    this set, so one whose licence is not yet, or no longer, recorded is hidden from everyone.)"""
     if account.is_admin:
-        return frozenset()
+        return None
     listed = select(licence_readers.c.cache_id).where(licence_readers.c.account_id == account.id)
     query = select(licences.c.cache_id).where(and_(licences.c.kind == "private",
-                                                   licences.c.publisher_id != account.id,
-                                                   not_(licences.c.cache_id.in_(listed))))
+                                                   or_(licences.c.publisher_id == account.id,
+                                                       licences.c.cache_id.in_(listed))))
     return frozenset(conn.execute(query).scalars())
 
 

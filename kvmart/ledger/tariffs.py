@@ -104,7 +104,7 @@ def to_nanousd(usd: Decimal) -> int:
 
 def usd_text(nanousd: int) -> str:
     """Nano-dollars as an exact decimal string of dollars ('0.000377400')."""
-    return str((Decimal(nanousd) / NANO_PER_USD).quantize(Decimal("0.000000001")))
+    return f"{Decimal(nanousd).scaleb(-9):.9f}"
 
 
 def token_cost(num_tokens: int, usd_per_mtok: Decimal) -> int:

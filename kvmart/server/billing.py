@@ -4,13 +4,17 @@ the client goes away (nothing charged). The admin is never charged. See kvmart/l
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
+from ..errors import LedgerError
 from ..ledger import Account, Charge, Hold, Licence
 from .engine import Started
 from .services import Services
+
+log = logging.getLogger("kvmart.server")
 
 
 @dataclass(frozen=True)
@@ -73,4 +77,7 @@ def release(services: Services, bill: Bill) -> None:
     being cancelled, when awaiting is no longer possible."""
     if bill.hold is not None:
         hold, bill.hold = bill.hold, None
-        services.ledger.release(hold)
+        try:
+            services.ledger.release(hold)
+        except LedgerError:  # the request's own error matters more; a hold left behind is dropped at next start
+            log.exception("could not release hold %d", hold.id)

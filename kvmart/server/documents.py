@@ -111,7 +111,7 @@ async def list_documents(request: Request, limit: int = 20, after: str | None = 
     if not 1 <= limit <= MAX_PAGE:
         raise RequestError(f"limit must be between 1 and {MAX_PAGE}", "limit")
     await run_in_threadpool(services.catalog.refresh)  # reads the store: off the event loop
-    docs = services.catalog.documents(await run_in_threadpool(services.ledger.hidden, account))
+    docs = services.catalog.documents(await run_in_threadpool(services.ledger.readable, account))
     start = 0
     if after is not None:
         ids = [d.id for d in docs]
@@ -125,7 +125,7 @@ async def list_documents(request: Request, limit: int = 20, after: str | None = 
 
 def visible_document(services: Services, account: Account, doc_id: str) -> Document:
     """The document, unless it does not exist or `account` may not see it: UnknownDocumentError (404) alike."""
-    return services.catalog.get(doc_id, services.ledger.hidden(account))
+    return services.catalog.get(doc_id, services.ledger.readable(account))
 
 
 @router.get("/v1/documents/{doc_id}")

@@ -19,7 +19,7 @@ from ..errors import ContextOverflowError
 from ..kv import KV
 from ..model import Model
 from ..store import Store
-from .catalog import Catalog, Document, Match
+from .catalog import Catalog, Document, Match, Readable
 from .config import ServerSettings
 from .hot import HotTier
 from .prompt import ChatPrompt, Prompt, chat_token_ids, text_token_ids
@@ -41,7 +41,7 @@ class GenerationRequest:
     prompt: Prompt
     sampling: Sampling
     bypass: bool = False  # prefill the matched document from scratch instead of reusing its stored KV
-    hidden: frozenset[str] = frozenset()  # cache ids the caller may not read: never named, never matched
+    readable: Readable = None  # the private documents the caller may read (None: all); others are never matched
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,10 @@ class Engine:
     def generate(self, request: GenerationRequest) -> Iterator[Started | Delta | Finished]:
         """Started, then Deltas, then Finished. Typed errors (unknown document, context overflow) come before
         Started."""
-        named = [self.catalog.get(doc_id, request.hidden) for doc_id in request.prompt.documents]
+        named = [self.catalog.get(doc_id, request.readable) for doc_id in request.prompt.documents]
         ids = self.prompt_ids(request.prompt, named)
         max_new = self.max_new_tokens(len(ids), request.sampling.max_tokens)
-        prefix, reuse = self.acquire(self.match(ids, named, request.hidden), request.bypass)
+        prefix, reuse = self.acquire(self.match(ids, named, request.readable), request.bypass)
         yield Started(len(ids), max_new, reuse)
         yield from self.decode(prefix, ids[reuse.prefix_tokens:], max_new, request.sampling)
 
@@ -145,12 +145,12 @@ class Engine:
                                        prompt_tokens + requested, limit)
         return requested
 
-    def match(self, ids: list[int], named: list[Document], hidden: frozenset[str] = frozenset()) -> Match | None:
+    def match(self, ids: list[int], named: list[Document], readable: Readable = None) -> Match | None:
         """The stored prefix to reuse. At least one prompt token is always left to compute."""
         min_tokens = self.settings.min_prefix_tokens
         if named:  # a named document is reused however short it is
             min_tokens = min(min_tokens, named[0].num_tokens)
-        found = self.catalog.longest_prefix(ids, min_tokens, hidden)
+        found = self.catalog.longest_prefix(ids, min_tokens, readable)
         if found is None or min(found.num_tokens, len(ids) - 1) < 1:
             return None
         return Match(found.document, min(found.num_tokens, len(ids) - 1))
@@ -164,7 +164,8 @@ class Engine:
             return kv_prefix(self.model.prefill(doc.token_list()), k), Reuse("bypass", doc, k, 0, 0.0, 0.0)
         loaded, tier = self.hot.get(doc.cache_id), "ram"
         if loaded is None:
-            loaded, tier = cache.load(self.model, self.store, doc.cache_id, self.salt_for(doc.cache_id)), "store"
+            salt = self.salt_for(doc.cache_id) if doc.is_salted else ""
+            loaded, tier = cache.load(self.model, self.store, doc.cache_id, salt), "store"
             self.hot.put(loaded)
         load_seconds = loaded.load_seconds if tier == "store" else 0.0
         saved = max(0.0, doc.entry.prefill_seconds * k / doc.num_tokens - load_seconds)

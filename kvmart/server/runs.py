@@ -96,8 +96,8 @@ async def start_generation(services: Services, request: GenerationRequest, endpo
     held: unknown documents, a prompt too long, a full queue and insufficient funds raise here, before any
     response is sent."""
     began = time.perf_counter()
-    hidden = await run_in_threadpool(services.ledger.hidden, payer.account)
-    ticket = submit(services, services.engine.generate(dataclasses.replace(request, hidden=hidden)))
+    readable = await run_in_threadpool(services.ledger.readable, payer.account)
+    ticket = submit(services, services.engine.generate(dataclasses.replace(request, readable=readable)))
     started = await first_event(ticket)
     assert isinstance(started, Started), started
     try:
