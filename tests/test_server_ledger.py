@@ -75,6 +75,9 @@ def test_a_read_is_charged_in_usage_and_reported(live):
     assert Decimal(charge["provider_usd"]) + Decimal(charge["royalty_usd"]) == Decimal(charge["usd"])
     mine = usage_of(live, reader)
     assert mine["requests"] == 1 and mine["spent_usd"] == charge["usd"]
+    [listed] = mine["charges"]  # the per-request charge, with its receipt
+    assert listed["usd"] == charge["usd"] and listed["receipt"] == charge["receipt"]
+    assert mine["tariff"]["cache_read_fraction"] == "0.1"
     assert Decimal(mine["balance_usd"]) == 1 - Decimal(charge["usd"])
     earned = usage_of(live, pub)
     assert earned["royalties_usd"] == charge["royalty_usd"]
@@ -173,6 +176,8 @@ def test_bad_licences_and_prices_are_400_and_only_publishers_publish(live):
     charge = live.http.post("/v1/chat/completions", json=chat([priced["id"]])).json()["usage"]["kvmart"]["charge"]
     assert Decimal(charge["cache_read_usd"]) == Decimal(priced["num_tokens"]) * Decimal("0.5") / 10**6
     assert Decimal(charge["royalty_usd"]) == Decimal(charge["cache_read_usd"]) * Decimal("0.75")
+    split = next(d for d in usage_of(live, live.publisher_key)["documents"] if d["document"] == priced["id"])
+    assert (split["royalty_share"], split["cache_read_usd_per_mtok"], split["reads"]) == ("0.75", "0.5", 1)
 
 
 def test_the_admin_creates_and_funds_accounts(live):

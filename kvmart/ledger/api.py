@@ -169,6 +169,9 @@ class Ledger:
     def usage(self, account: Account) -> reports.Usage:
         return self.run(lambda conn: reports.usage(conn, account))
 
+    def recent_charges(self, account: Account, limit: int) -> list[Charge]:
+        return self.run(lambda conn: charges.recent_charges(conn, account, limit, self._secret))
+
     def balances(self) -> list[reports.Balance]:
         return self.run(reports.balances)
 

@@ -127,6 +127,13 @@ def charge_of(row: Row, account_name: str, secret: bytes, replayed: bool) -> Cha
     return Charge(row.transaction_id, quote, row.cache_id, row.publisher_id, receipt, replayed)
 
 
+def recent_charges(conn: Connection, account: Account, limit: int, secret: bytes) -> list[Charge]:
+    """The account's latest charges, newest first, with their receipts."""
+    rows = conn.execute(select(charges).where(charges.c.account_id == account.id)
+                        .order_by(charges.c.transaction_id.desc()).limit(limit))
+    return [charge_of(row, account.name, secret, replayed=False) for row in rows]
+
+
 def find_charge(conn: Connection, account_id: int, idempotency_key: str, secret: bytes) -> Charge | None:
     row = conn.execute(select(charges).where(charges.c.account_id == account_id,
                                              charges.c.idempotency_key == idempotency_key)).first()

@@ -33,6 +33,8 @@ class DocumentReport:
     royalty_nanousd: int
     saved_nanousd: int
     precompute_nanousd: int  # the publisher's one-time charge
+    royalty_share: str | None = None  # the licence's own terms (Decimal text); None: the tariff's
+    cache_read_usd_per_mtok: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,10 @@ def documents(conn: Connection, publisher_id: int | None = None) -> list[Documen
                      ).where(c.cache_id.is_not(None)).group_by(c.cache_id)
     read = {r.cache_id: r for r in conn.execute(per_doc)}
     fees = precompute_fees(conn)
-    terms = {r.cache_id: r for r in conn.execute(select(licences.c.cache_id, licences.c.kind, licences.c.publisher_id,
-                                                        accounts.c.name).join(accounts, accounts.c.id ==
-                                                                              licences.c.publisher_id))}
+    columns = (licences.c.cache_id, licences.c.kind, licences.c.publisher_id, licences.c.royalty_share,
+               licences.c.cache_read_usd_per_mtok, accounts.c.name)
+    terms = {r.cache_id: r for r in conn.execute(select(*columns).join(accounts, accounts.c.id ==
+                                                                       licences.c.publisher_id))}
     ids = set(read) | set(terms)
     if publisher_id is not None:
         ids = {i for i in ids if i in terms and terms[i].publisher_id == publisher_id}
@@ -82,7 +85,8 @@ def documents(conn: Connection, publisher_id: int | None = None) -> list[Documen
         reports.append(DocumentReport(
             cache_id, t.name if t else None, t.kind if t else "public", int(r.reads) if r else 0,
             int(r.cached) if r else 0, int(r.revenue) if r else 0, int(r.read) if r else 0,
-            int(r.royalty) if r else 0, int(r.saved) if r else 0, fees.get(cache_id, 0)))
+            int(r.royalty) if r else 0, int(r.saved) if r else 0, fees.get(cache_id, 0),
+            t.royalty_share if t else None, t.cache_read_usd_per_mtok if t else None))
     return sorted(reports, key=lambda d: (-d.revenue_nanousd, d.cache_id))
 
 
