@@ -211,3 +211,19 @@ def test_a_free_tariff_charges_nothing_and_still_balances(ledger_url, tmp_path):
     assert book.verify_receipt(charge.receipt) and book.health().is_sound
     assert book.usage(agent).requests == 1
     book.close()
+
+
+def test_servers_starting_together_migrate_once(ledger_url, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvmart.ledger.migrations import MIGRATIONS
+    from kvmart.ledger.schema import schema_migrations
+
+    with ThreadPoolExecutor(4) as pool:
+        books = list(pool.map(lambda _: open_ledger(ledger_url, tmp_path, environ={}), range(4)))
+    assert sum(b.admin_key_issued is not None for b in books) == 1  # one admin key, made by whoever came first
+    names = books[0].run(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
+    assert sorted(names) == [name for name, _ in MIGRATIONS]
+    assert [a.name for a in books[0].accounts()] == ["provider", "external", "admin"]
+    for book in books:
+        book.close()

@@ -193,3 +193,21 @@ def test_the_admin_creates_and_funds_accounts(live):
     assert live.http.post("/v1/accounts", headers=auth(key), json={"name": "x", "role": "agent"}).status_code == 403
     again = live.http.post("/v1/accounts", headers=auth(admin), json={"name": "via-http", "role": "agent"})
     assert again.status_code == 400
+
+
+def test_concurrent_requests_racing_for_one_balance_never_overdraw_it(live):
+    from concurrent.futures import ThreadPoolExecutor
+
+    racer = live.account("racer", "agent", usd="0")
+    most = quote(Tariff(), 0, 40, 6, False).total_nanousd  # a little above one request's largest charge
+    live.services.ledger.deposit("racer", Decimal(3 * most) / 10**9)  # enough for about three at once
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: live.http.post("/v1/chat/completions", headers=auth(racer), json=chat()),
+                                  range(8)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 402} and 402 in codes and 200 in codes, codes
+    charged = [Decimal(r.json()["usage"]["kvmart"]["charge"]["usd"]) for r in responses if r.status_code == 200]
+    mine = usage_of(live, racer)
+    assert mine["requests"] == len(charged) and Decimal(mine["spent_usd"]) == sum(charged)
+    assert Decimal(mine["balance_usd"]) == Decimal(3 * most) / 10**9 - sum(charged) >= 0
+    assert live.services.ledger.health().is_sound
