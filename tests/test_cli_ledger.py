@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 import kvmart.cli
-from kvmart.ledger import open_ledger, quote, Tariff
+from kvmart.ledger import Tariff, open_ledger, quote
 
 
 class EntryPoint(click.Command):

@@ -227,3 +227,17 @@ def test_servers_starting_together_migrate_once(ledger_url, tmp_path):
     assert [a.name for a in books[0].accounts()] == ["provider", "external", "admin"]
     for book in books:
         book.close()
+
+
+def test_a_hold_left_by_a_dead_server_stops_reserving_money_after_an_hour(ledger):
+    from sqlalchemy import update
+
+    from kvmart.ledger.schema import holds
+
+    agent, _ = funded(ledger, "agent", "agent", "0.001")
+    ledger.open_hold(agent, 10**6, None, "h")  # the server dies here: the request is never settled
+    with pytest.raises(InsufficientFundsError):
+        ledger.open_hold(agent, 1, None, "h")
+    ledger.run(lambda conn: conn.execute(update(holds).values(created_at=holds.c.created_at - 3601)))
+    assert isinstance(ledger.open_hold(agent, 10**6, None, "h"), Hold)
+    assert ledger.release_stale() == 1 and ledger.health().is_sound

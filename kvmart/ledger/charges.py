@@ -8,8 +8,8 @@
    hold, in one transaction, with a signed receipt. `release` drops the hold of a request that failed or was
    cancelled: nothing is charged.
 
-A server killed between the two leaves a hold and no charge; the ledger still balances (holds are not entries),
-and `release_stale` drops holds older than an hour."""
+A server killed between the two leaves a hold and no charge; the ledger still balances (holds are not entries).
+A hold older than an hour reserves nothing any more, and `release_stale` (at each server start) deletes it."""
 
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ from sqlalchemy.engine import Connection, Row
 
 from ..errors import IdempotencyConflictError
 from .accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
-from .entries import check_covers, post
+from .entries import HOLD_TTL_SECONDS, check_covers, post
 from .receipts import signed
 from .schema import charges, holds
 from .tariffs import Quote
 
-STALE_HOLD_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def release(conn: Connection, hold_id: int) -> None:
     conn.execute(delete(holds).where(holds.c.id == hold_id))
 
 
-def release_stale(conn: Connection, older_than_seconds: int = STALE_HOLD_SECONDS) -> int:
+def release_stale(conn: Connection, older_than_seconds: int = HOLD_TTL_SECONDS) -> int:
     """Drop holds left by servers that died mid-request; how many."""
     cutoff = int(time.time()) - older_than_seconds
     return conn.execute(delete(holds).where(holds.c.created_at < cutoff)).rowcount

@@ -17,12 +17,14 @@ from .schema import accounts, entries, holds, transactions
 from .tariffs import usd_text
 
 Leg = tuple[int, int]  # (account id, amount in nano-dollars: credit > 0, debit < 0)
+HOLD_TTL_SECONDS = 3600  # a hold older than this was left by a server that died mid-request: it reserves nothing
 
 
 def held_nanousd(conn: Connection, account_id: int) -> int:
-    """Money reserved for the account's requests in flight."""
+    """Money reserved for the account's requests in flight (holds younger than HOLD_TTL_SECONDS)."""
+    cutoff = int(time.time()) - HOLD_TTL_SECONDS
     total = conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
-                         .where(holds.c.account_id == account_id)).scalar_one()
+                         .where(holds.c.account_id == account_id, holds.c.created_at >= cutoff)).scalar_one()
     return int(total)
 
 
@@ -55,8 +57,9 @@ def check_covers(conn: Connection, account: Account, amount: int, hold_exempt: i
         return
     held = held_nanousd(conn, account.id)
     if hold_exempt is not None:
+        cutoff = int(time.time()) - HOLD_TTL_SECONDS
         held -= conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
-                             .where(holds.c.id == hold_exempt)).scalar_one()
+                             .where(holds.c.id == hold_exempt, holds.c.created_at >= cutoff)).scalar_one()
     available = account.balance_nanousd - held
     if available + amount < 0:
         raise InsufficientFundsError(

@@ -44,8 +44,8 @@ class Terms:
             raise TariffError("cache_read_usd_per_mtok is for priced licences only")
         if self.readers and self.kind != "private":
             raise TariffError("readers are listed for private licences only")
-        Tariff(royalty_share=self.royalty_share or Tariff.royalty_share,
-               cache_read_usd_per_mtok=self.cache_read_usd_per_mtok)  # validates the numbers
+        Tariff().with_overrides(royalty_share=self.royalty_share,  # validates the numbers
+                                cache_read_usd_per_mtok=self.cache_read_usd_per_mtok)
 
     @property
     def is_private(self) -> bool:
