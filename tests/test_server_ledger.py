@@ -211,3 +211,48 @@ def test_concurrent_requests_racing_for_one_balance_never_overdraw_it(live):
     assert mine["requests"] == len(charged) and Decimal(mine["spent_usd"]) == sum(charged)
     assert Decimal(mine["balance_usd"]) == Decimal(3 * most) / 10**9 - sum(charged) >= 0
     assert live.services.ledger.health().is_sound
+
+
+def test_a_server_killed_mid_request_leaves_balanced_books(tiny_folder, kvmart_data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pg_support import free_port
+    from server_support import DEADLINE_SECONDS, wait_until
+
+    from kvmart.ledger import open_ledger
+
+    ledger = open_ledger("", kvmart_data_dir, environ={})
+    _, key = ledger.create_account("victim", "agent")
+    ledger.deposit("victim", Decimal(1))
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--port",
+                                str(port)], env={**os.environ, "KVMART_MODEL": MODEL, "KVMART_ADMIN_KEY": "a" * 32},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def is_up() -> bool:
+        try:
+            return httpx.get(url + "/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return process.poll() is not None
+
+    try:
+        wait_until(is_up, "kvmart serve to listen")
+        assert process.poll() is None, process.communicate()
+        body = chat(max_tokens=3000, stream=True)
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(key),
+                          timeout=DEADLINE_SECONDS) as response:
+            assert response.status_code == 200 and next(response.iter_lines()).startswith("data: ")
+            process.send_signal(signal.SIGKILL)  # mid-answer: held, never charged
+    except httpx.TransportError:
+        pass  # the stream broke as the server died
+    finally:
+        process.kill()
+        process.communicate()
+    victim = ledger.usage(ledger.account("victim"))
+    assert victim.requests == 0 and victim.balance_nanousd == 10**9 and victim.held_nanousd > 0
+    assert ledger.health().is_sound
+    ledger.close()
