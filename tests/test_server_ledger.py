@@ -116,6 +116,7 @@ def test_an_agent_without_funds_gets_402_and_pays_nothing(live):
     assert messages.status_code == 402 and messages.json()["error"]["type"] == "billing_error"
     mine = usage_of(live, pauper)
     assert mine["balance_usd"] == "0.000001000" and mine["requests"] == 0 and mine["held_usd"] == "0.000000000"
+    assert live.metrics()['kvmart_charges_total{outcome="payment_required"}'] >= 2
 
 
 def test_a_retry_with_the_same_idempotency_key_is_charged_once(live):
@@ -128,6 +129,7 @@ def test_a_retry_with_the_same_idempotency_key_is_charged_once(live):
     assert one["replayed"] is False and two["replayed"] is True and one["receipt"] == two["receipt"]
     mine = usage_of(live, retrier)
     assert mine["requests"] == 1 and mine["spent_usd"] == one["usd"]
+    assert live.metrics()['kvmart_charges_total{outcome="replayed"}'] >= 1
     other = live.http.post("/v1/chat/completions", headers=headers, json=chat(content="Something else?"))
     assert other.status_code == 409
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import LedgerError
+from ..errors import InsufficientFundsError, LedgerError
 from ..ledger import Account, Charge, Hold, Licence
+from ..ledger.tariffs import NANO_PER_USD
 from .engine import Started
 from .services import Services
 
@@ -53,10 +54,15 @@ async def open_bill(services: Services, payer: Payer, started: Started) -> Bill:
         bill.licence = await run_in_threadpool(services.ledger.licence, bill.cache_id)
     most = services.ledger.quote(bill.licence, reuse.cached_tokens, started.prompt_tokens - reuse.cached_tokens,
                                  started.max_new_tokens)
-    held = await run_in_threadpool(services.ledger.open_hold, payer.account, most.total_nanousd,
-                                   payer.idempotency_key, payer.request_hash)
+    try:
+        held = await run_in_threadpool(services.ledger.open_hold, payer.account, most.total_nanousd,
+                                       payer.idempotency_key, payer.request_hash)
+    except InsufficientFundsError:
+        services.metrics.charges.inc(outcome="payment_required")
+        raise
     if isinstance(held, Charge):
         bill.charge = held
+        services.metrics.charges.inc(outcome="replayed")
     else:
         bill.hold = held
     return bill
@@ -70,6 +76,10 @@ async def settle(services: Services, bill: Bill, cached_tokens: int, computed_to
     used = services.ledger.quote(bill.licence, cached_tokens, computed_tokens, output_tokens)
     hold, bill.hold = bill.hold, None
     bill.charge = await run_in_threadpool(services.ledger.settle, hold, used, bill.licence, bill.cache_id)
+    m = services.metrics
+    m.charges.inc(outcome="charged")
+    m.charged_usd.inc(used.total_nanousd / NANO_PER_USD)  # a float for Prometheus only; the ledger keeps integers
+    m.royalty_usd.inc(used.royalty_nanousd / NANO_PER_USD)
 
 
 def release(services: Services, bill: Bill) -> None:
@@ -77,6 +87,7 @@ def release(services: Services, bill: Bill) -> None:
     being cancelled, when awaiting is no longer possible."""
     if bill.hold is not None:
         hold, bill.hold = bill.hold, None
+        services.metrics.charges.inc(outcome="released")
         try:
             services.ledger.release(hold)
         except LedgerError:  # the request's own error matters more; a hold left behind is dropped at next start
