@@ -241,3 +241,16 @@ def test_a_hold_left_by_a_dead_server_stops_reserving_money_after_an_hour(ledger
     ledger.run(lambda conn: conn.execute(update(holds).values(created_at=holds.c.created_at - 3601)))
     assert isinstance(ledger.open_hold(agent, 10**6, None, "h"), Hold)
     assert ledger.release_stale() == 1 and ledger.health().is_sound
+
+
+def test_ledger_urls(tmp_path):
+    from kvmart.errors import ConfigError
+    from kvmart.ledger.db import ledger_url, redact
+
+    assert ledger_url("", tmp_path) == f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    assert ledger_url("postgresql://kv@db:5432/ledger", tmp_path) == "postgresql+psycopg://kv@db:5432/ledger"
+    assert ledger_url("postgres://kv@db/ledger", tmp_path) == "postgresql+psycopg://kv@db/ledger"
+    assert ledger_url("postgresql+psycopg://kv@db/l", tmp_path) == "postgresql+psycopg://kv@db/l"
+    with pytest.raises(ConfigError, match="known: sqlite"):
+        ledger_url("mysql://root:hunter2@db/x", tmp_path)
+    assert "hunter2" not in redact("postgresql://kv:hunter2@db/ledger")
