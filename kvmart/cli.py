@@ -367,7 +367,7 @@ def main() -> None:
 @click.option("--max-active", type=int, help="Requests the model worker interleaves.  [default: 4]")
 @click.option("--max-queue", type=int, help="Requests waiting beyond those; more get HTTP 429.  [default: 64]")
 @click.option("--max-body-bytes", help="Largest request body accepted (HTTP 413 beyond).  [default: 32MiB]")
-@click.option("--ledger", "ledger_url", help="Ledger database URL.  [default: DATA_DIR/ledger.sqlite; or "
+@click.option("--ledger", "--db", "ledger_url", help="Ledger database URL.  [default: DATA_DIR/ledger.sqlite; or "
                                              "postgresql://USER@HOST:PORT/DB]")
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,

@@ -20,7 +20,7 @@ from .ledger.db import redact
 def ledger_options(command: Callable) -> Callable:
     """--data-dir and --ledger; the command gets an open `ledger`."""
 
-    @click.option("--ledger", "ledger_url", help="Ledger database URL (default: DATA_DIR/ledger.sqlite; "
+    @click.option("--ledger", "--db", "ledger_url", help="Ledger database URL (default: DATA_DIR/ledger.sqlite; "
                                                  "postgresql://USER@HOST:PORT/DB).")
     @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the embedded ledger lives.")
     @functools.wraps(command)

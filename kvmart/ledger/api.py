@@ -56,6 +56,10 @@ class Ledger:
         """`work` in one transaction (see db.in_transaction)."""
         return in_transaction(self.engine, work)
 
+    def read(self, work: Callable[[Connection], T]) -> T:
+        """`work`, which only reads, in one transaction (a snapshot)."""
+        return in_transaction(self.engine, work, write=False)
+
     def bootstrap(self, admin_key: str | None) -> None:
         """Migrate; make the house accounts, the receipt secret and (first start) the admin key. All under the
         migration lock, so servers starting together on one database do it once."""
@@ -91,13 +95,13 @@ class Ledger:
         return self.run(lambda conn: acc.revoke_keys(conn, acc.get_account(conn, name)))
 
     def accounts(self) -> list[Account]:
-        return self.run(acc.list_accounts)
+        return self.read(acc.list_accounts)
 
     def account(self, name: str) -> Account:
-        return self.run(lambda conn: acc.get_account(conn, name))
+        return self.read(lambda conn: acc.get_account(conn, name))
 
     def authenticate(self, key: str) -> Account:
-        return self.run(lambda conn: acc.authenticate(conn, key))
+        return self.read(lambda conn: acc.authenticate(conn, key))
 
     def deposit(self, name: str, usd) -> int:
         """Credit `usd` (a Decimal) to an account from outside; the transaction id."""
@@ -106,23 +110,23 @@ class Ledger:
     # -- licences ------------------------------------------------------------------------------------------------
     def readable(self, account: Account) -> frozenset[str] | None:
         """Cache ids of the private documents `account` may read (None: all, for the admin)."""
-        return self.run(lambda conn: licences.readable_private(conn, account))
+        return self.read(lambda conn: licences.readable_private(conn, account))
 
     def licence(self, cache_id: str) -> Licence | None:
-        return self.run(lambda conn: licences.find_licence(conn, cache_id))
+        return self.read(lambda conn: licences.find_licence(conn, cache_id))
 
     def salt_of(self, cache_id: str) -> str:
         """The tenant salt a private cache id was made with ('' if its licence is not recorded). Remembered once
         found: a cache id's salt never changes (it is part of the id)."""
         salt = self._salts.get(cache_id)
         if salt is None:
-            salt = self.run(lambda conn: licences.salt_of(conn, cache_id))
+            salt = self.read(lambda conn: licences.salt_of(conn, cache_id))
             if salt:
                 self._salts[cache_id] = salt
         return salt
 
     def check_readers(self, names: tuple[str, ...]) -> None:
-        self.run(lambda conn: licences.check_readers(conn, names))
+        self.read(lambda conn: licences.check_readers(conn, names))
 
     def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> int:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
@@ -167,23 +171,23 @@ class Ledger:
 
     # -- reports -------------------------------------------------------------------------------------------------
     def usage(self, account: Account) -> reports.Usage:
-        return self.run(lambda conn: reports.usage(conn, account))
+        return self.read(lambda conn: reports.usage(conn, account))
 
     def recent_charges(self, account: Account, limit: int) -> list[Charge]:
-        return self.run(lambda conn: charges.recent_charges(conn, account, limit, self._secret))
+        return self.read(lambda conn: charges.recent_charges(conn, account, limit, self._secret))
 
     def balances(self) -> list[reports.Balance]:
-        return self.run(reports.balances)
+        return self.read(reports.balances)
 
     def documents(self) -> list[reports.DocumentReport]:
-        return self.run(reports.documents)
+        return self.read(reports.documents)
 
     def health(self) -> Health:
         def work(conn: Connection) -> Health:
             negative = [a.name for a in acc.list_accounts(conn) if a.balance_nanousd < 0 and not a.may_go_negative]
             return Health(entries.entries_sum(conn), entries.unbalanced_accounts(conn), negative)
 
-        return self.run(work)
+        return self.read(work)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -4,8 +4,9 @@
     sqlite:///PATH             SQLite file
     postgresql://USER@HOST/DB  PostgreSQL through psycopg 3 (several servers may share one)
 
-SQLite: every transaction starts with BEGIN IMMEDIATE (one writer at a time, others wait up to `BUSY_SECONDS`), in
-WAL mode. PostgreSQL: READ COMMITTED, and every balance change first locks the account rows it touches, in id
+SQLite: every writing transaction starts with BEGIN IMMEDIATE (one writer at a time, others wait up to
+`BUSY_SECONDS`), in WAL mode; a read-only one (`write=False`) with a plain BEGIN, reading a snapshot without
+waiting for writers. PostgreSQL: READ COMMITTED, and every balance change first locks the account rows it touches, in id
 order (`SELECT ... FOR UPDATE`), so concurrent requests spending one balance serialize on its row. Deadlocks and
 serialization failures are retried; anything else is a LedgerError."""
 
@@ -86,7 +87,8 @@ def _sqlite_immediate(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        writes = connection.get_execution_options().get("kvmart_write", True)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
 
 def is_retryable(error: DBAPIError) -> bool:
@@ -94,13 +96,16 @@ def is_retryable(error: DBAPIError) -> bool:
     return sqlstate in RETRY_SQLSTATES or "database is locked" in str(error.orig)
 
 
-def in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+def in_transaction(engine: Engine, work: Callable[[Connection], T], write: bool = True) -> T:
     """Run `work` in one transaction: all of it commits, or none of it (an exception rolls it back). Retried
-    from the start on deadlock or serialization failure; `work` must have no effect outside the database."""
+    from the start on deadlock or serialization failure; `work` must have no effect outside the database.
+    `write=False` promises that `work` only reads (SQLite then lets it run beside a writer)."""
     for attempt in range(RETRIES):
         try:
-            with engine.begin() as conn:
-                return work(conn)
+            with engine.connect() as raw:
+                conn = raw.execution_options(kvmart_write=write)
+                with conn.begin():
+                    return work(conn)
         except DBAPIError as e:
             if not is_retryable(e) or attempt == RETRIES - 1:
                 raise LedgerError(f"ledger database error: {e.orig}") from e
