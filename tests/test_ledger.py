@@ -254,3 +254,22 @@ def test_ledger_urls(tmp_path):
     with pytest.raises(ConfigError, match="known: sqlite"):
         ledger_url("mysql://root:hunter2@db/x", tmp_path)
     assert "hunter2" not in redact("postgresql://kv:hunter2@db/ledger")
+
+
+def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path):
+    from sqlalchemy import delete, inspect
+
+    from kvmart.ledger.schema import responses, schema_migrations
+
+    old = open_ledger(ledger_url, tmp_path, environ={})
+    old.create_account("kept", "agent")
+    old.run(lambda conn: responses.drop(conn))  # as a ledger made before 0002 was
+    old.run(lambda conn: conn.execute(delete(schema_migrations).where(schema_migrations.c.name != "0001_initial")))
+    assert "responses" not in old.read(lambda conn: inspect(conn).get_table_names())
+    old.close()
+    new = open_ledger(ledger_url, tmp_path, environ={})
+    assert "responses" in new.read(lambda conn: inspect(conn).get_table_names())
+    assert new.account("kept").role == "agent"  # data kept
+    names = new.read(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
+    assert sorted(names) == ["0001_initial", "0002_stored_responses"]
+    new.close()

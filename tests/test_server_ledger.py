@@ -127,11 +127,20 @@ def test_a_retry_with_the_same_idempotency_key_is_charged_once(live):
     assert first.status_code == again.status_code == 200
     one, two = first.json()["usage"]["kvmart"]["charge"], again.json()["usage"]["kvmart"]["charge"]
     assert one["replayed"] is False and two["replayed"] is True and one["receipt"] == two["receipt"]
+    assert again.headers["idempotent-replayed"] == "true"  # the kept answer: same id, same text, nothing computed
+    assert again.json()["id"] == first.json()["id"] and again.json()["choices"] == first.json()["choices"]
+    streamed = live.http.post("/v1/chat/completions", headers=headers, json=chat(stream=True))
+    assert streamed.status_code == 409  # another body (stream: true) under the same key
     mine = usage_of(live, retrier)
     assert mine["requests"] == 1 and mine["spent_usd"] == one["usd"]
     assert live.metrics()['kvmart_charges_total{outcome="replayed"}'] >= 1
     other = live.http.post("/v1/chat/completions", headers=headers, json=chat(content="Something else?"))
     assert other.status_code == 409
+    message = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    retried = [live.http.post("/v1/messages", headers=auth(retrier, **{"Idempotency-Key": "msg-7"}), json=message)
+               for _ in range(2)]
+    assert retried[0].json()["id"] == retried[1].json()["id"]
+    assert usage_of(live, retrier)["requests"] == 2
 
 
 def test_private_documents_are_invisible_to_other_tenants(live):

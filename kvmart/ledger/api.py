@@ -160,6 +160,12 @@ class Ledger:
         publisher = licence.publisher_id if licence else None
         return self.run(lambda conn: charges.settle(conn, hold, charged, cache_id, publisher, self._secret))
 
+    def remember_response(self, account: Account, idempotency_key: str, body: str) -> None:
+        self.run(lambda conn: charges.remember_response(conn, account.id, idempotency_key, body))
+
+    def stored_response(self, account: Account, idempotency_key: str, request_hash: str) -> str | None:
+        return self.read(lambda conn: charges.stored_response(conn, account.id, idempotency_key, request_hash))
+
     def release(self, hold: Hold) -> None:
         self.run(lambda conn: charges.release(conn, hold.id))
 

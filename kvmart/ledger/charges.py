@@ -23,7 +23,7 @@ from ..errors import IdempotencyConflictError
 from .accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
 from .entries import HOLD_TTL_SECONDS, check_covers, post
 from .receipts import signed
-from .schema import charges, holds
+from .schema import charges, holds, responses
 from .tariffs import Quote
 
 
@@ -97,6 +97,28 @@ def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, pub
         royalty_nanousd=quote.royalty_nanousd, saved_nanousd=quote.saved_nanousd, signature=receipt["signature"],
         created_at=now))
     return Charge(txn_id, quote, cache_id, royalty_to, receipt)
+
+
+def remember_response(conn: Connection, account_id: int, idempotency_key: str, body: str) -> None:
+    """Keep the answer of a charged idempotent request (the first one kept wins)."""
+    exists = conn.execute(select(responses.c.account_id).where(responses.c.account_id == account_id,
+                                                               responses.c.idempotency_key == idempotency_key)).first()
+    if exists is None:
+        conn.execute(insert(responses).values(account_id=account_id, idempotency_key=idempotency_key, body=body,
+                                              created_at=int(time.time())))
+
+
+def stored_response(conn: Connection, account_id: int, idempotency_key: str, request_hash: str) -> str | None:
+    """The kept answer for this key, if the same request was charged under it; IdempotencyConflictError if the
+    key was charged for a different request."""
+    charged = conn.execute(select(charges.c.request_hash).where(charges.c.account_id == account_id,
+                                                                charges.c.idempotency_key == idempotency_key)).first()
+    if charged is None:
+        return None
+    if charged.request_hash != request_hash:
+        raise IdempotencyConflictError(f"Idempotency-Key {idempotency_key!r} was already used for a different request")
+    return conn.execute(select(responses.c.body).where(responses.c.account_id == account_id,
+                                                       responses.c.idempotency_key == idempotency_key)).scalar()
 
 
 def release(conn: Connection, hold_id: int) -> None:

@@ -26,8 +26,14 @@ def initial(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=tables)
 
 
+def stored_responses(conn: Connection) -> None:
+    """The answers of idempotent requests, replayed to their retries."""
+    schema.responses.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
+    ("0002_stored_responses", stored_responses),
 )
 
 

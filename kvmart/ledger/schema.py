@@ -102,6 +102,15 @@ holds = Table(
     UniqueConstraint("account_id", "idempotency_key", name="uq_holds_idempotency"),
 )
 
+# the answer to a charged request sent with an Idempotency-Key, so that a retry gets the same answer (0002)
+responses = Table(
+    "responses", metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("body", Text, nullable=False),  # the response's JSON
+    Column("created_at", BigInteger, nullable=False),
+)
+
 meta = Table(
     "meta", metadata,
     Column("key", String(64), primary_key=True),

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KvmartError
 from .auth import caller, idempotency_key, request_hash
-from .billing import Payer
+from .billing import Payer, remember_response, replayed_response
 from .body import parse, read_json
 from .engine import Finished, GenerationRequest, Sampling
 from .errors import HttpError, UnsupportedParameterError, http_error
@@ -115,15 +115,19 @@ async def messages(request: Request):
     req = parse(MessagesRequest, body)
     check_model(services, req.model)
     payer = Payer(account, idempotency_key(request), request_hash(body))
+    if not req.stream and (replay := await replayed_response(services, payer)):
+        return replay
     run = await start_generation(services, messages_request(req), "messages", payer)
     message_id = f"msg_{uuid.uuid4().hex}"
     if req.stream:
         return StreamingResponse(message_stream(run, message_head(services, message_id)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     text = "".join(d.text for d in await run.collect())
-    return JSONResponse({**message_head(services, message_id), "content": [{"type": "text", "text": text}],
-                         "stop_reason": stop_reason(run.finished), "stop_sequence": run.finished.stop_sequence,
-                         "usage": anthropic_usage(run.usage)})
+    answer = {**message_head(services, message_id), "content": [{"type": "text", "text": text}],
+              "stop_reason": stop_reason(run.finished), "stop_sequence": run.finished.stop_sequence,
+              "usage": anthropic_usage(run.usage)}
+    await remember_response(services, payer, run.bill, answer)
+    return JSONResponse(answer)
 
 
 async def message_stream(run: Run, head: dict):

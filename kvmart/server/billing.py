@@ -4,9 +4,11 @@ the client goes away (nothing charged). The admin is never charged. See kvmart/l
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InsufficientFundsError, LedgerError
@@ -80,6 +82,30 @@ async def settle(services: Services, bill: Bill, cached_tokens: int, computed_to
     m.charges.inc(outcome="charged")
     m.charged_usd.inc(used.total_nanousd / NANO_PER_USD)  # a float for Prometheus only; the ledger keeps integers
     m.royalty_usd.inc(used.royalty_nanousd / NANO_PER_USD)
+
+
+async def replayed_response(services: Services, payer: Payer) -> JSONResponse | None:
+    """The kept answer to an idempotent request already charged (the same text, usage and receipt, marked
+    `replayed`), or None. Nothing is computed or charged."""
+    if payer.idempotency_key is None or payer.account.is_admin:
+        return None
+    stored = await run_in_threadpool(services.ledger.stored_response, payer.account, payer.idempotency_key,
+                                     payer.request_hash)
+    if stored is None:
+        return None
+    body = json.loads(stored)
+    charge = body.get("usage", {}).get("kvmart", {}).get("charge")
+    if charge:
+        charge["replayed"] = True
+    services.metrics.charges.inc(outcome="replayed")
+    return JSONResponse(body, headers={"Idempotent-Replayed": "true"})
+
+
+async def remember_response(services: Services, payer: Payer, bill: Bill, body: dict) -> None:
+    """Keep a charged idempotent request's answer for its retries."""
+    if payer.idempotency_key is not None and bill.charge is not None and not bill.charge.replayed:
+        await run_in_threadpool(services.ledger.remember_response, payer.account, payer.idempotency_key,
+                                json.dumps(body, separators=(",", ":")))
 
 
 def release(services: Services, bill: Bill) -> None:

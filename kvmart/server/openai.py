@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KvmartError
 from .auth import caller, idempotency_key, request_hash
-from .billing import Payer
+from .billing import Payer, remember_response, replayed_response
 from .body import parse, read_json
 from .engine import Delta, GenerationRequest, Sampling, TokenLogprob
 from .errors import HttpError, RequestError, UnknownModelError, UnsupportedParameterError, http_error
@@ -214,6 +214,8 @@ async def chat_completions(request: Request):
     check_model(services, req.model)
     check_chat(req)
     payer = Payer(account, idempotency_key(request), request_hash(body))
+    if not req.stream and (replay := await replayed_response(services, payer)):
+        return replay
     run = await start_generation(services, chat_request(req), "chat", payer)
     reply = Reply(services, "chatcmpl")
     if req.stream:
@@ -225,7 +227,9 @@ async def chat_completions(request: Request):
                                       "refusal": None},
               "logprobs": chat_logprobs(deltas) if req.logprobs else None,
               "finish_reason": run.finished.finish_reason}
-    return JSONResponse({**reply.head("chat.completion"), "choices": [choice], "usage": openai_usage(run.usage)})
+    answer = {**reply.head("chat.completion"), "choices": [choice], "usage": openai_usage(run.usage)}
+    await remember_response(services, payer, run.bill, answer)
+    return JSONResponse(answer)
 
 
 async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):
@@ -256,6 +260,8 @@ async def completions(request: Request):
     req = parse(CompletionRequest, body)
     check_model(services, req.model)
     payer = Payer(account, idempotency_key(request), request_hash(body))
+    if not req.stream and (replay := await replayed_response(services, payer)):
+        return replay
     run = await start_generation(services, completion_request(req), "completions", payer)
     reply = Reply(services, "cmpl")
     if req.stream:
@@ -266,7 +272,9 @@ async def completions(request: Request):
     choice = {"index": 0, "text": "".join(d.text for d in deltas),
               "logprobs": completion_logprobs(deltas) if req.logprobs is not None else None,
               "finish_reason": run.finished.finish_reason}
-    return JSONResponse({**reply.head("text_completion"), "choices": [choice], "usage": openai_usage(run.usage)})
+    answer = {**reply.head("text_completion"), "choices": [choice], "usage": openai_usage(run.usage)}
+    await remember_response(services, payer, run.bill, answer)
+    return JSONResponse(answer)
 
 
 async def completion_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):
