@@ -137,7 +137,8 @@ def validate(num_documents: int, num_reads: int) -> None:
         models = root / "models"
         models.mkdir()
         for name in ("a", "b"):  # one after the other: the first builds builtin:tiny into models/
-            nodes.append(KvmartNode(name, root, models, redis.url, "--ram-cache-bytes", str(ram_docs * sizes_guess)))
+            nodes.append(KvmartNode(name, root, models, redis.url, "--ram-cache-bytes", str(ram_docs * sizes_guess),
+                                    ledger_url=f"sqlite:///{root / 'ledger.sqlite'}", admin_key="kvm_cdn_sim_admin"))
             nodes[-1].start()
         a, b = nodes
         published = [a.publish(t).json() for t in texts]  # everything published on node A (it is on A's disk)

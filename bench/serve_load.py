@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -47,9 +48,9 @@ def start_server(app) -> tuple[uvicorn.Server, str]:
     return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
-def ask(url: str, body: dict, barrier: threading.Barrier) -> Sample:
+def ask(url: str, body: dict, barrier: threading.Barrier, key: str) -> Sample:
     """One streamed chat completion; time to the first content and to the end."""
-    with httpx.Client(base_url=url, timeout=600) as client:
+    with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}) as client:
         barrier.wait()
         start = time.perf_counter()
         first, usage = None, None
@@ -68,7 +69,8 @@ def ask(url: str, body: dict, barrier: threading.Barrier) -> Sample:
                   usage["prompt_tokens_details"]["cached_tokens"])
 
 
-def wave(url: str, doc_id: str, model: str, clients: int, max_tokens: int, cache: str) -> tuple[float, list[Sample]]:
+def wave(url: str, doc_id: str, model: str, clients: int, max_tokens: int, cache: str, key: str
+         ) -> tuple[float, list[Sample]]:
     """`clients` requests at once; (wall seconds, samples)."""
     barrier = threading.Barrier(clients)
     bodies = [{"model": model, "documents": [doc_id], "cache": cache, "stream": True, "max_tokens": max_tokens,
@@ -77,8 +79,16 @@ def wave(url: str, doc_id: str, model: str, clients: int, max_tokens: int, cache
               for i, topic in zip(range(clients), ["liability", "warranty", "patents", "trademarks"] * clients)]
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        samples = list(pool.map(lambda body: ask(url, body, barrier), bodies))
+        samples = list(pool.map(lambda body: ask(url, body, barrier, key), bodies))
     return time.perf_counter() - start, samples
+
+
+def agent_key(app) -> str:
+    """A funded agent of the app's ledger: requests are metered, as in production."""
+    ledger = app.state.services.ledger
+    _, key = ledger.create_account("bench-agent", "agent")
+    ledger.deposit("bench-agent", Decimal(1000))
+    return key
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,16 +113,20 @@ def main() -> None:
     settings = load_settings().with_overrides(model=args.model)
     model = Model.load(settings)
     with tempfile.TemporaryDirectory(dir=settings.data_dir) as tmp:
-        store_settings = settings.with_overrides(store=str(Path(tmp) / "store"))
+        store_settings = settings.with_overrides(store=str(Path(tmp) / "store"),
+                                                 ledger=f"sqlite:///{Path(tmp) / 'ledger.sqlite'}")
         server_settings = ServerSettings(max_active=args.max_active, max_queue=max(64, args.clients))
-        server, url = start_server(create_app(store_settings, server_settings, model))
-        doc = httpx.post(url + "/v1/documents", json={"text": sample_text(args.sample)}, timeout=600).json()
+        app = create_app(store_settings, server_settings, model)
+        key = agent_key(app)
+        server, url = start_server(app)
+        doc = httpx.post(url + "/v1/documents", json={"text": sample_text(args.sample)}, timeout=600,
+                         headers={"Authorization": f"Bearer {app.state.services.ledger.admin_key_issued}"}).json()
         for cache in ("default", "bypass"):  # warm-up: load the artifact into the hot tier, touch every code path
-            wave(url, doc["id"], model.spec, 1, args.max_tokens, cache)
+            wave(url, doc["id"], model.spec, 1, args.max_tokens, cache, key)
         results: dict[str, list[tuple[float, list[Sample]]]] = {"default": [], "bypass": []}
         for _ in range(args.rounds):
             for cache in results:
-                results[cache].append(wave(url, doc["id"], model.spec, args.clients, args.max_tokens, cache))
+                results[cache].append(wave(url, doc["id"], model.spec, args.clients, args.max_tokens, cache, key))
         server.should_exit = True
     report(args, model, doc, results)
 

@@ -58,24 +58,26 @@ def decode_utf8(data: bytes, name: str) -> str:
 
 
 def precompute(model: Model, store: Store, text: str, title: str = "", source: str = "",
-               progress: Callable[[float], None] | None = None, layout: Layout | None = None) -> Precomputed:
-    """Prefill `text` once and store its artifact; a document already stored is returned without computing."""
+               progress: Callable[[float], None] | None = None, layout: Layout | None = None,
+               salt: str = "") -> Precomputed:
+    """Prefill `text` once and store its artifact; a document already stored is returned without computing.
+    A tenant `salt` (the server's, for private documents) gives the same text its own cache id."""
     ids = document_ids(model.tokenize, layout or layout_for(model.tokenizer), check_text(text))
-    return precompute_ids(model, store, ids, title, source, progress)
+    return precompute_ids(model, store, ids, title, source, progress, salt)
 
 
 def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str = "", source: str = "",
-                   progress: Callable[[float], None] | None = None) -> Precomputed:
+                   progress: Callable[[float], None] | None = None, salt: str = "") -> Precomputed:
     """Prefill exactly these token ids once and store the artifact (or return the stored one)."""
     start = time.perf_counter()
     model.check_fits("the document", len(token_ids))
-    cid = make_cache_id(model.fingerprint.digest, token_ids)
+    cid = make_cache_id(model.fingerprint.digest, token_ids, salt)
     existing = store.entry(cid)
     if existing is not None:
         return Precomputed(existing, False, time.perf_counter() - start)
     kv = model.prefill(token_ids, progress)
     prefill_seconds = time.perf_counter() - start
-    manifest = manifest_for(kv, token_ids, model.fingerprint)
+    manifest = manifest_for(kv, token_ids, model.fingerprint, salt)
     entry = Entry(cache_id=cid, title=title, source=source, model=model.spec, fingerprint=model.fingerprint.digest,
                   num_tokens=len(token_ids), artifact_bytes=artifact_size(manifest, kv),
                   prefill_seconds=prefill_seconds, created_at=time.time())
@@ -83,11 +85,11 @@ def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str 
     return Precomputed(stored, True, time.perf_counter() - start)
 
 
-def load(model: Model, store: Store, cache_id: str) -> Loaded:
-    """Read and verify an artifact for `model`; ArtifactError if it is corrupt or foreign."""
+def load(model: Model, store: Store, cache_id: str, salt: str = "") -> Loaded:
+    """Read and verify an artifact for `model` (made with `salt`); ArtifactError if it is corrupt or foreign."""
     start = time.perf_counter()
     with store.open(cache_id) as (f, size):
-        manifest, kv = read_artifact(f, size, model.fingerprint)
+        manifest, kv = read_artifact(f, size, model.fingerprint, salt)
     entry = store.entry(cache_id)
     if entry is None:
         raise StoreError(f"artifact {cache_id[:16]} has no catalogue entry (the store is inconsistent: run kvmart rm and recompute)")

@@ -368,14 +368,19 @@ def main() -> None:
 @click.option("--max-active", type=int, help="Requests the model worker interleaves.  [default: 4]")
 @click.option("--max-queue", type=int, help="Requests waiting beyond those; more get HTTP 429.  [default: 64]")
 @click.option("--max-body-bytes", help="Largest request body accepted (HTTP 413 beyond).  [default: 32MiB]")
+@click.option("--ledger", "--db", "ledger_url", help="Ledger database URL.  [default: DATA_DIR/ledger.sqlite; or "
+                                             "postgresql://USER@HOST:PORT/DB]")
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
-          max_active: int | None, max_queue: int | None, max_body_bytes: str | None) -> None:
+          max_active: int | None, max_queue: int | None, max_body_bytes: str | None, ledger_url: str | None) -> None:
     """Serve OpenAI- and Anthropic-compatible HTTP APIs that answer from hosted KV caches (docs/SERVER.md).
 
     Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
     request that reads one, by name or by pasting its text, continues from its stored KV. Options can also be set
-    as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES."""
+    as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES,
+    KVMART_LEDGER. Every request authenticates with an API key (`kvmart accounts create`); the admin key is
+    KVMART_ADMIN_KEY, or printed once at the first start."""
+    from .ledger import open_ledger
     from .server import load_server_settings, serve as run_server
     from .server.config import parse_bytes
 
@@ -383,10 +388,14 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
         host=host, port=port, max_active=max_active, max_queue=max_queue,
         ram_cache_bytes=parse_bytes(ram_cache_bytes) if ram_cache_bytes else None,
         max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None)
+    settings = settings.with_overrides(ledger=ledger_url)
+    ledger = open_ledger(settings.ledger, settings.data_dir)
+    if ledger.admin_key_issued:
+        console.print(f"[bold]admin API key (shown once, keep it):[/bold] {ledger.admin_key_issued}")
     model = load_model(settings)
     console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
                   f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
-    run_server(settings, server, model)
+    run_server(settings, server, model, ledger)
 
 
 @cli.command()
@@ -421,3 +430,9 @@ def route(nodes: tuple[str, ...], host: str, port: int) -> None:
 
     console.print(f"routing http://{host}:{port} -> {', '.join(nodes)}")
     uvicorn.run(create_router(list(nodes)), host=host, port=port, log_level="warning")
+
+
+from .cli_ledger import accounts, ledger  # noqa: E402  (they use this module's consoles)
+
+cli.add_command(accounts)
+cli.add_command(ledger)

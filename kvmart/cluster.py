@@ -94,8 +94,12 @@ class KvmartNode:
     """`kvmart serve --model builtin:tiny` as a subprocess with its own data dir and port, over `store_url`.
     `models`: a models folder to link as DATA_DIR/models (shared by nodes, so the tiny model is built once)."""
 
-    def __init__(self, name: str, root: Path, models: Path | None, store_url: str, *options: str) -> None:
+    def __init__(self, name: str, root: Path, models: Path | None, store_url: str, *options: str,
+                 ledger_url: str = "", admin_key: str = "") -> None:
+        """`ledger_url`: the ledger the nodes share (PostgreSQL in production; empty: each node its own SQLite);
+        `admin_key`: KVMART_ADMIN_KEY, the key `publish` and `ask` send unless given another."""
         self.name, self.port, self.store_url, self.options = name, free_port(), store_url, options
+        self.ledger_url, self.admin_key = ledger_url, admin_key
         self.data_dir = root / name
         self.data_dir.mkdir(parents=True)
         if models is not None:
@@ -111,6 +115,10 @@ class KvmartNode:
         paths = (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH"))  # this kvmart first
         env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        if self.ledger_url:
+            env["KVMART_LEDGER"] = self.ledger_url
+        if self.admin_key:
+            env["KVMART_ADMIN_KEY"] = self.admin_key
         command = [sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--model", "builtin:tiny",
                    "--port", str(self.port), "--store", self.store_url, "--max-active", "2", *self.options]
         self.log = open(self.log_path, "wb")
@@ -137,12 +145,15 @@ class KvmartNode:
     def health(self) -> dict:
         return self.http.get("/healthz").json()
 
-    def publish(self, text: str, key: str = "publisher") -> httpx.Response:
-        return self.http.post("/v1/documents", json={"text": text}, headers={"Authorization": f"Bearer {key}"})
+    def _auth(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.admin_key}"}
 
-    def ask(self, doc_id: str, question: str, max_tokens: int = 8) -> dict:
+    def publish(self, text: str, key: str | None = None) -> httpx.Response:
+        return self.http.post("/v1/documents", json={"text": text}, headers=self._auth(key))
+
+    def ask(self, doc_id: str, question: str, max_tokens: int = 8, key: str | None = None) -> dict:
         response = self.http.post("/v1/chat/completions", json={
             "model": "builtin:tiny", "messages": [{"role": "user", "content": question}], "documents": [doc_id],
-            "temperature": 0, "max_tokens": max_tokens})
+            "temperature": 0, "max_tokens": max_tokens}, headers=self._auth(key))
         assert response.status_code == 200, response.text
         return response.json()

@@ -40,6 +40,7 @@ class Settings:
     dtype: str = "float32"
     attention: str = "kvmart"
     store: str = ""  # empty: the local disk store under data_dir/store
+    ledger: str = ""  # empty: the SQLite ledger data_dir/ledger.sqlite; or postgresql://USER@HOST:PORT/DB
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,7 +73,8 @@ ENV = {f.name: "KVMART_" + f.name.upper() for f in fields(Settings)}
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Settings from the environment (KVMART_DATA_DIR, KVMART_MODEL, KVMART_DTYPE, KVMART_ATTENTION, KVMART_STORE)."""
+    """Settings from the environment (KVMART_DATA_DIR, KVMART_MODEL, KVMART_DTYPE, KVMART_ATTENTION, KVMART_STORE,
+    KVMART_LEDGER)."""
     env = os.environ if environ is None else environ
     values: dict[str, object] = {name: env[var] for name, var in ENV.items() if env.get(var)}
     values["data_dir"] = Path(str(values.get("data_dir") or default_data_dir())).expanduser()

@@ -67,3 +67,36 @@ class StoreError(KvmartError):
 
 class StoreUnavailableError(StoreError):
     """A shared tier (Redis, S3) cannot be reached right now. A tiered store degrades around it and retries later."""
+class LedgerError(KvmartError):
+    """The ledger's database cannot be opened, migrated or written."""
+
+    exit_code = 5
+
+
+class AuthenticationError(KvmartError):
+    """No API key, or one the ledger does not know or has revoked (HTTP 401)."""
+
+    exit_code = 6
+
+
+class AccountError(InputError):
+    """An account name or role that cannot be used (bad name, unknown account, name taken)."""
+
+
+class TariffError(InputError):
+    """A price or share that is negative, not a number, or a fraction above 1 (HTTP 400)."""
+
+
+class InsufficientFundsError(KvmartError):
+    """The account's balance (less its holds for requests in flight) does not cover the charge (HTTP 402).
+    Nothing was charged."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, needed_nanousd: int = 0, available_nanousd: int = 0) -> None:
+        super().__init__(message)
+        self.needed_nanousd, self.available_nanousd = needed_nanousd, available_nanousd
+
+
+class IdempotencyConflictError(KvmartError):
+    """An Idempotency-Key reused with a different request, or while its first request is still running (HTTP 409)."""

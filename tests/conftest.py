@@ -106,3 +106,28 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
         for line in lines:
             terminalreporter.write_line(line)
 
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/pg_support.py); skipped only where it cannot exist."""
+    from pg_support import PostgresServer
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]', in the test extras)")
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    with server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path) -> str:
+    """The URL of a fresh, empty ledger database: embedded SQLite, then a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    return request.getfixturevalue("postgres").new_database()

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from decimal import Decimal
+
 import httpx
 import uvicorn
 
@@ -21,11 +23,15 @@ DEADLINE_SECONDS = 30.0  # how long to wait for something that must happen (a de
 
 
 class LiveServer:
-    """`with LiveServer(...) as s:` serves create_app(...) on 127.0.0.1:<free port> until the block ends."""
+    """`with LiveServer(...) as s:` serves create_app(...) on 127.0.0.1:<free port> until the block ends. Its
+    ledger (SQLite in `data_dir`) has a funded `publisher` and a funded `agent`; `http` sends the agent's key and
+    `publish` the publisher's."""
 
     def __init__(self, model: Model, data_dir: Path, **server: object) -> None:
         settings = Settings(data_dir=data_dir, model=model.spec, dtype=model.dtype_name, attention=model.attention)
         self.app = create_app(settings, ServerSettings(port=0, log_level="warning").with_overrides(**server), model)
+        self.publisher_key = self.account("publisher", "publisher")
+        self.agent_key = self.account("agent", "agent")
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                     timeout_graceful_shutdown=None))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
@@ -39,7 +45,8 @@ class LiveServer:
         wait_until(lambda: self.server.started, "the server to start")
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.url, timeout=DEADLINE_SECONDS)
+        self.http = httpx.Client(base_url=self.url, timeout=DEADLINE_SECONDS,
+                                 headers={"Authorization": f"Bearer {self.agent_key}"})
         return self
 
     def stop(self) -> None:
@@ -55,9 +62,18 @@ class LiveServer:
     def metrics(self) -> dict[str, float]:
         return parse_metrics(self.http.get("/metrics").text)
 
-    def publish(self, text: str, key: str | None = "publisher", **fields: str) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return self.http.post("/v1/documents", json={"text": text, **fields}, headers=headers)
+    def account(self, name: str, role: str, usd: str = "100") -> str:
+        """A new account with `usd` dollars; its API key."""
+        _, key = self.services.ledger.create_account(name, role)
+        if Decimal(usd) > 0:
+            self.services.ledger.deposit(name, Decimal(usd))
+        return key
+
+    def publish(self, text: str | None, key: str | None = None, **fields: object) -> httpx.Response:
+        """POST /v1/documents with `key` (default: the publisher's); text None leaves it out."""
+        headers = {"Authorization": f"Bearer {key or self.publisher_key}"}
+        body = {"text": text, **fields} if text is not None else fields
+        return self.http.post("/v1/documents", json=body, headers=headers)
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

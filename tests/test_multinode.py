@@ -17,18 +17,40 @@ from kvmart.store import open_shared
 from kvmart.samples import sample_text
 
 from infra_support import KvmartNode, RedisServer, wait_for
+from kvmart.ledger import open_ledger
+from pg_support import PostgresServer
 
 QUESTION = "Who may change the terms?"
 PREFIX = "nodes"
 
 
+ADMIN_KEY = "kvm_multinode_admin_key_for_tests"
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, session_dir: Path, tiny_folder: Path):
+def postgres():
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ledger_url(postgres) -> str:
+    return postgres.new_database()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, session_dir: Path, tiny_folder: Path, ledger_url: str):
+    """Redis (the shared tier), one PostgreSQL ledger, two nodes over both."""
     root = tmp_path_factory.mktemp("cluster")
     redis = RedisServer(root / "redis").start()
     url = f"{redis.url}?prefix={PREFIX}"
-    nodes = [KvmartNode("a", root, session_dir / "models", url),
-             KvmartNode("b", root, session_dir / "models", url, "--ram-cache-bytes", "0")]  # B: every read hits a store tier
+    shared = {"ledger_url": ledger_url, "admin_key": ADMIN_KEY}
+    nodes = [KvmartNode("a", root, session_dir / "models", url, **shared),
+             KvmartNode("b", root, session_dir / "models", url, "--ram-cache-bytes", "0", **shared)]  # B: every read hits a store tier
     threads = [threading.Thread(target=n.start) for n in nodes]  # the two start (load torch) side by side
     for t in threads:
         t.start()
@@ -132,7 +154,7 @@ def test_the_router_keeps_a_document_on_one_node_and_fails_over(cluster):
     port = server.servers[0].sockets[0].getsockname()[1]
     body = {"model": "builtin:tiny", "messages": [{"role": "user", "content": QUESTION}], "documents": [doc["id"]],
             "temperature": 0, "max_tokens": 4}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=a._auth(None)) as client:
         chosen = {client.post("/v1/chat/completions", json=body).headers["x-kvmart-node"] for _ in range(3)}
         assert len(chosen) == 1  # affinity: the same node every time
         other = a if chosen == {b.url} else b
@@ -144,3 +166,29 @@ def test_the_router_keeps_a_document_on_one_node_and_fails_over(cluster):
         assert cached_tokens(response.json()) == doc["num_tokens"]
     server.should_exit = True
     thread.join(30)
+
+
+def test_one_ledger_across_nodes_charges_each_read_once(cluster, ledger_url: str, tmp_path: Path):
+    """An agent reads a document published on A from both nodes: the shared PostgreSQL ledger holds both charges,
+    the publisher's royalties and the agent's balance agree, and the ledger balances."""
+    from decimal import Decimal
+
+    redis, a, b = cluster
+    ledger = open_ledger(ledger_url, tmp_path, environ={"KVMART_ADMIN_KEY": ADMIN_KEY})
+    _, publisher_key = ledger.create_account("multinode-publisher", "publisher")
+    _, agent_key = ledger.create_account("multinode-agent", "agent")
+    ledger.deposit("multinode-agent", Decimal("5"))
+    response = a.publish(document(7), key=publisher_key)
+    assert response.status_code in (200, 201), response.text
+    doc = response.json()
+    answers = [node.ask(doc["id"], QUESTION, key=agent_key) for node in (a, b, b)]
+    assert [cached_tokens(x) for x in answers] == [doc["num_tokens"]] * 3
+    charges = [x["usage"]["kvmart"]["charge"] for x in answers]
+    charged = [round(Decimal(c["usd"]) * 10**9) for c in charges]
+    agent = ledger.usage(ledger.account("multinode-agent"))
+    assert agent.requests == 3 and agent.spent_nanousd == sum(charged) > 0
+    assert agent.balance_nanousd == 5 * 10**9 - sum(charged)
+    assert ledger.usage(ledger.account("multinode-publisher")).royalties_nanousd == sum(
+        round(Decimal(c["royalty_usd"]) * 10**9) for c in charges) > 0
+    assert len({c["receipt"]["receipt"] for c in charges}) == 3 and all(ledger.verify_receipt(c["receipt"]) for c in charges)
+    assert ledger.health().is_sound

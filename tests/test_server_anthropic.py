@@ -27,7 +27,7 @@ def doc(live) -> dict:
 
 @pytest.fixture(scope="module")
 def client(live) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=live.url, api_key="test-key", max_retries=0)
+    return anthropic.Anthropic(base_url=live.url, api_key=live.agent_key, max_retries=0)
 
 
 def message(client, doc_id: str | None, **extra):
@@ -48,7 +48,7 @@ def test_messages_report_cache_reads_as_anthropic_does(client, doc, live):
     assert reply.type == "message" and reply.role == "assistant" and reply.model == MODEL
     assert reply.stop_reason in ("end_turn", "max_tokens")
     # the same prompt as the OpenAI chat endpoint builds: the same answer
-    chat = openai.OpenAI(base_url=live.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+    chat = openai.OpenAI(base_url=live.url + "/v1", api_key=live.agent_key, max_retries=0).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0,
         extra_body={"documents": [doc["id"]]})
     assert reply.content[0].text == chat.choices[0].message.content

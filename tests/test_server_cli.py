@@ -13,6 +13,8 @@ from server_support import DEADLINE_SECONDS, wait_until
 
 from kvmart.samples import sample_text
 
+ADMIN_KEY = "admin-key-for-this-test-only"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,12 +34,14 @@ def test_serve_answers_then_sigterm_lets_the_answer_finish(tiny_folder, kvmart_d
     process = subprocess.Popen(
         [sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--port", str(port),
          "--ram-cache-bytes", "64MiB", "--max-queue", "8"],
-        env={**os.environ, "KVMART_MODEL": "builtin:tiny"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env={**os.environ, "KVMART_MODEL": "builtin:tiny", "KVMART_ADMIN_KEY": ADMIN_KEY}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: is_up(url) or process.poll() is not None, "kvmart serve to listen")
         assert process.poll() is None, process.communicate()
-        with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS) as client:
+        with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS,
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
             doc = client.post("/v1/documents", json={"text": sample_text("bsd-3-clause")}).json()
             body = {"model": "builtin:tiny", "documents": [doc["id"]], "max_tokens": 200, "temperature": 0,
                     "stream": True, "messages": [{"role": "user", "content": "Who holds the copyright?"}]}

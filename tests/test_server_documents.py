@@ -3,6 +3,7 @@ CLI."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from server_support import LiveServer
 
@@ -31,8 +32,8 @@ def test_publishing_twice_returns_the_same_id_and_computes_nothing(live):
     assert again.json()["id"] == body["id"] and again.json()["title"] == "bsd"
     assert len(live.services.store.entries()) == 1
     assert live.metrics()['kvmart_documents_published_total{outcome="already_stored"}'] == 1
-    assert live.http.get(f"/v1/documents/{body['id']}").json() == {k: v for k, v in body.items()
-                                                                 if k not in ("computed", "seconds")}
+    fetched = live.http.get(f"/v1/documents/{body['id']}").json()
+    assert fetched == {k: v for k, v in body.items() if k not in ("computed", "seconds", "precompute_charge_usd")}
 
 
 def test_catalogue_pages_newest_first(live):
@@ -46,12 +47,14 @@ def test_catalogue_pages_newest_first(live):
 
 
 def test_only_the_publisher_may_delete(live):
-    doc = live.publish(BSD, key="alice").json()
-    for key in ("mallory", None):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        refused = live.http.delete(f"/v1/documents/{doc['id']}", headers=headers)
+    alice, mallory = live.account("alice", "publisher"), live.account("mallory", "publisher")
+    doc = live.publish(BSD, key=alice).json()
+    for key in (mallory, live.agent_key):
+        refused = live.http.delete(f"/v1/documents/{doc['id']}", headers={"Authorization": f"Bearer {key}"})
         assert refused.status_code == 403 and "only its publisher" in refused.json()["error"]["message"]
-    deleted = live.http.delete(f"/v1/documents/{doc['id']}", headers={"x-api-key": "alice"})
+    anonymous = httpx.delete(f"{live.url}/v1/documents/{doc['id']}")
+    assert anonymous.status_code == 401
+    deleted = httpx.delete(f"{live.url}/v1/documents/{doc['id']}", headers={"x-api-key": alice})  # Anthropic's header
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
     assert live.http.get(f"/v1/documents/{doc['id']}").status_code == 404
     asked = live.http.post("/v1/chat/completions", json={"model": "builtin:tiny", "documents": [doc["id"]],
@@ -66,14 +69,15 @@ def test_the_cli_and_the_server_share_one_store(live, model_f32):
     assert [d["id"] for d in listed] == [document_id(cid)]
     published = live.publish(BSD)
     assert published.json()["id"] == document_id(cid) and published.json()["computed"] is False
-    refused = live.http.delete(f"/v1/documents/{document_id(cid)}", headers={"Authorization": "Bearer publisher"})
+    refused = live.http.delete(f"/v1/documents/{document_id(cid)}",
+                               headers={"Authorization": f"Bearer {live.publisher_key}"})
     assert refused.status_code == 403  # published by the CLI: `kvmart rm` deletes it
 
 
 def test_bad_documents(live, model_f32):
     assert live.publish("   ").status_code == 400
-    assert live.http.post("/v1/documents", json={"title": "no text"}).status_code == 400
-    assert live.http.post("/v1/documents", json={"text": "x", "colour": "red"}).status_code == 400
+    assert live.publish(None, title="no text").status_code == 400
+    assert live.publish("x", colour="red").status_code == 400
     too_long = live.publish(BSD * 12)  # far beyond the tiny model's 4,096-token context
     assert too_long.status_code == 400 and "too many" in too_long.json()["error"]["message"]
     assert live.http.get("/v1/documents/doc_nope").status_code == 404

@@ -149,7 +149,7 @@ def test_shutdown_finishes_requests_in_flight(model_f32, tmp_path):
         worker = server.services.worker
         with ThreadPoolExecutor(1) as pool:
             with worker.hold():
-                in_flight = pool.submit(_stream_all, server.url, chat(max_tokens=12, stream=True))
+                in_flight = pool.submit(_stream_all, server.url, chat(max_tokens=12, stream=True), server.agent_key)
                 wait_until(lambda: sum(worker.depth()) == 1, "the request to be queued")
                 server.server.should_exit = True
                 wait_until(lambda: _refused(server.url), "the server to stop listening")
@@ -159,8 +159,8 @@ def test_shutdown_finishes_requests_in_flight(model_f32, tmp_path):
     assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def _stream_all(url: str, body: dict) -> list[str]:
-    with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS) as client:
+def _stream_all(url: str, body: dict, key: str) -> list[str]:
+    with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS, headers={"Authorization": f"Bearer {key}"}) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             return [line.removeprefix("data: ") for line in response.iter_lines() if line]

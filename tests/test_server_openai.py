@@ -29,7 +29,7 @@ def doc(live) -> dict:
 
 @pytest.fixture(scope="module")
 def client(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="test-key", max_retries=0)
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=live.agent_key, max_retries=0)
 
 
 def ask(client, doc_id: str | None, question: str = QUESTION, **extra):

@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KvmartError
+from .auth import caller, idempotency_key, request_hash
+from .billing import Payer, remember_response, replayed_response
 from .body import parse, read_json
 from .engine import Finished, GenerationRequest, Sampling
 from .errors import HttpError, UnsupportedParameterError, http_error
@@ -25,6 +27,8 @@ from .usage import anthropic_usage
 
 router = APIRouter()
 ERROR_TYPES = {"invalid_request": "invalid_request_error", "permission": "permission_error",
+               "authentication": "authentication_error", "payment": "billing_error",
+               "conflict": "invalid_request_error",
                "not_found": "not_found_error", "too_large": "request_too_large", "rate_limit": "rate_limit_error",
                "unavailable": "overloaded_error", "server": "api_error"}
 
@@ -106,17 +110,24 @@ def message_head(services: Services, message_id: str) -> dict:
 @router.post("/v1/messages")
 async def messages(request: Request):
     services: Services = request.app.state.services
-    req = parse(MessagesRequest, await read_json(request, services.server.max_body_bytes))
+    account = await caller(request)
+    body = await read_json(request, services.server.max_body_bytes)
+    req = parse(MessagesRequest, body)
     check_model(services, req.model)
-    run = await start_generation(services, messages_request(req), "messages")
+    payer = Payer(account, idempotency_key(request), request_hash(body))
+    if not req.stream and (replay := await replayed_response(services, payer)):
+        return replay
+    run = await start_generation(services, messages_request(req), "messages", payer)
     message_id = f"msg_{uuid.uuid4().hex}"
     if req.stream:
         return StreamingResponse(message_stream(run, message_head(services, message_id)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     text = "".join(d.text for d in await run.collect())
-    return JSONResponse({**message_head(services, message_id), "content": [{"type": "text", "text": text}],
-                         "stop_reason": stop_reason(run.finished), "stop_sequence": run.finished.stop_sequence,
-                         "usage": anthropic_usage(run.usage)})
+    answer = {**message_head(services, message_id), "content": [{"type": "text", "text": text}],
+              "stop_reason": stop_reason(run.finished), "stop_sequence": run.finished.stop_sequence,
+              "usage": anthropic_usage(run.usage)}
+    await remember_response(services, payer, run.bill, answer)
+    return JSONResponse(answer)
 
 
 async def message_stream(run: Run, head: dict):

@@ -18,26 +18,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
 from ..errors import KvmartError
+from ..ledger import Ledger
 from ..model import Model
 from ..store import Store
-from . import anthropic, documents, openai
+from . import anthropic, documents, money, openai
 from .config import ServerSettings
 from .errors import HttpError, RequestError, http_error
 from .services import Services, build_services
 
 log = logging.getLogger("kvmart.server")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents", "/v1/models",
-               "/metrics", "/healthz")
+               "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
 
 
 def create_app(settings: Settings, server: ServerSettings | None = None, model: Model | None = None,
-               store: Store | None = None) -> FastAPI:
+               store: Store | None = None, ledger: Ledger | None = None) -> FastAPI:
     """The app, with its own model worker (started and drained by the app's lifespan)."""
-    services = build_services(settings, server or ServerSettings(), model, store)
+    services = build_services(settings, server or ServerSettings(), model, store, ledger)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         services.catalog.refresh()
+        released = await asyncio.to_thread(services.ledger.release_stale)
+        if released:
+            log.warning("released %d holds left by requests that never finished", released)
         services.worker.start()
         try:
             yield
@@ -46,7 +50,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, model: 
 
     app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
-    for module in (openai, anthropic, documents):
+    for module in (openai, anthropic, documents, money):
         app.include_router(module.router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -130,9 +134,10 @@ def endpoint_label(path: str) -> str:
     return next((p for p in KNOWN_PATHS if path == p or path.startswith(p + "/")), "other")
 
 
-def serve(settings: Settings, server: ServerSettings, model: Model | None = None) -> None:
+def serve(settings: Settings, server: ServerSettings, model: Model | None = None, ledger: Ledger | None = None
+          ) -> None:
     """Run the server until SIGINT/SIGTERM; in-flight requests finish before it exits."""
     import uvicorn
 
-    app = create_app(settings, server, model)
+    app = create_app(settings, server, model, ledger=ledger)
     uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=None)

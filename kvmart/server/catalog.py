@@ -30,10 +30,20 @@ def document_id(cache_id: str) -> str:
     return ID_PREFIX + cache_id[:ID_HEX_DIGITS]
 
 
+# The private documents a caller may read (cache ids), or None: every document (the admin; no ledger). A document
+# made with a tenant salt is private: visible only to callers whose set holds it, so a salted artifact is hidden
+# from everyone by default, even before (or without) its licence.
+Readable = frozenset[str] | None
+
+
 @dataclass(frozen=True)
 class Document:
     entry: Entry
     token_ids: torch.Tensor  # int64, 1-D: the artifact's token ids
+    is_salted: bool = False  # made with a tenant salt: a private document
+
+    def visible_to(self, readable: Readable) -> bool:
+        return readable is None or not self.is_salted or self.cache_id in readable
 
     @property
     def id(self) -> str:
@@ -88,7 +98,7 @@ class Catalog:
         """Register a stored artifact (its token ids come from its manifest)."""
         with self.store.open_head(entry.cache_id) as (f, size):  # the header only: no tensors are fetched
             manifest, _ = read_manifest(f, size)
-        document = Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64))
+        document = Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64), bool(manifest.salt_hash))
         with self._lock:
             self._documents[document.id] = document
         return document
@@ -103,30 +113,32 @@ class Catalog:
         with self._lock:
             self._documents.pop(doc_id, None)
 
-    def get(self, doc_id: str) -> Document:
-        """The document `doc_id`; UnknownDocumentError if neither the catalogue nor the store has it."""
+    def get(self, doc_id: str, readable: Readable = None) -> Document:
+        """The document `doc_id`; UnknownDocumentError if neither the catalogue nor the store has it, or if it is
+        private and not `readable` by the caller (another tenant's: the same 404)."""
         with self._lock:
             found = self._documents.get(doc_id)
         if found is None:
             self.refresh()
             with self._lock:
                 found = self._documents.get(doc_id)
-        if found is None:
+        if found is None or not found.visible_to(readable):
             raise UnknownDocumentError(doc_id)
         return found
 
-    def documents(self) -> list[Document]:
-        """Every document, newest first."""
+    def documents(self, readable: Readable = None) -> list[Document]:
+        """Every document the caller may see, newest first."""
         with self._lock:
-            docs = list(self._documents.values())
+            docs = [d for d in self._documents.values() if d.visible_to(readable)]
         return sorted(docs, key=lambda d: (-d.entry.created_at, d.id))
 
-    def longest_prefix(self, token_ids: list[int], min_tokens: int) -> Match | None:
-        """The document sharing the longest prefix with `token_ids`, if at least `min_tokens` long. Ties go to
-        the shorter document (less to load), then to the smaller id."""
+    def longest_prefix(self, token_ids: list[int], min_tokens: int, readable: Readable = None) -> Match | None:
+        """The document sharing the longest prefix with `token_ids`, if at least `min_tokens` long, among those the
+        caller may see (so another tenant's private cache is never reused, nor its existence revealed by a
+        cache hit). Ties go to the shorter document (less to load), then to the smaller id."""
         ids = torch.tensor(token_ids, dtype=torch.int64)
         with self._lock:
-            docs = list(self._documents.values())
+            docs = [d for d in self._documents.values() if d.visible_to(readable)]
         matches = [Match(doc, common_prefix_tokens(ids, doc.token_ids)) for doc in docs]
         usable = [m for m in matches if m.num_tokens >= max(min_tokens, 1)]
         return min(usable, key=lambda m: (-m.num_tokens, m.document.num_tokens, m.document.id), default=None)

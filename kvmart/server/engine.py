@@ -7,7 +7,7 @@ Both paths compute the same two steps, document then the rest, so they agree bit
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ from ..errors import ArtifactError, ContextOverflowError, UnknownCacheError
 from ..kv import KV
 from ..model import Model
 from ..store import Store
-from .catalog import Catalog, Document, Match
+from .catalog import Catalog, Document, Match, Readable
 from .config import ServerSettings
 from .hot import HotTier
 from .prompt import ChatPrompt, Prompt, chat_token_ids, text_token_ids
@@ -47,6 +47,7 @@ class GenerationRequest:
     prompt: Prompt
     sampling: Sampling
     bypass: bool = False  # prefill the matched document from scratch instead of reusing its stored KV
+    readable: Readable = None  # the private documents the caller may read (None: all); others are never matched
 
 
 @dataclass(frozen=True)
@@ -109,24 +110,28 @@ Event = Started | Delta | Finished | Published
 class Engine:
     """Not thread-safe: every method runs on the model worker's thread."""
 
-    def __init__(self, model: Model, store: Store, catalog: Catalog, hot: HotTier, settings: ServerSettings) -> None:
+    def __init__(self, model: Model, store: Store, catalog: Catalog, hot: HotTier, settings: ServerSettings,
+                 salt_for: Callable[[str], str] = lambda cache_id: "") -> None:
         self.model, self.store, self.catalog, self.hot, self.settings = model, store, catalog, hot, settings
+        self.salt_for = salt_for  # the tenant salt a cache id was made with (the ledger's licence), to verify it
         self.header_ids = document_ids(model.tokenize, layout_for(model.tokenizer), "")
 
     def generate(self, request: GenerationRequest) -> Iterator[Started | Delta | Finished]:
         """Started, then Deltas, then Finished. Typed errors (unknown document, context overflow) come before
         Started."""
-        named = [self.catalog.get(doc_id) for doc_id in request.prompt.documents]
+        named = [self.catalog.get(doc_id, request.readable) for doc_id in request.prompt.documents]
         ids = self.prompt_ids(request.prompt, named)
         max_new = self.max_new_tokens(len(ids), request.sampling.max_tokens)
-        prefix, reuse = self.acquire(self.match(ids, named), request.bypass)
+        prefix, reuse = self.acquire(self.match(ids, named, request.readable), request.bypass)
         yield Started(len(ids), max_new, reuse)
         yield from self.decode(prefix, ids[reuse.prefix_tokens:], max_new, request.sampling)
 
-    def publish(self, text: str, title: str, source: str, system: str | None) -> Iterator[Published]:
-        """Prefill and store a document (the CLI's `cache.precompute` path), or find it already stored."""
+    def publish(self, text: str, title: str, source: str, system: str | None, salt: str = ""
+                ) -> Iterator[Published]:
+        """Prefill and store a document (the CLI's `cache.precompute` path), or find it already stored. A private
+        document is stored under its publisher's tenant `salt`."""
         layout = layout_for(self.model.tokenizer, system) if system else None
-        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout)
+        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout, salt=salt)
         yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
 
     def prompt_ids(self, prompt: Prompt, documents: list[Document]) -> list[int]:
@@ -148,12 +153,12 @@ class Engine:
                                        prompt_tokens + requested, limit)
         return requested
 
-    def match(self, ids: list[int], named: list[Document]) -> Match | None:
+    def match(self, ids: list[int], named: list[Document], readable: Readable = None) -> Match | None:
         """The stored prefix to reuse. At least one prompt token is always left to compute."""
         min_tokens = self.settings.min_prefix_tokens
         if named:  # a named document is reused however short it is
             min_tokens = min(min_tokens, named[0].num_tokens)
-        found = self.catalog.longest_prefix(ids, min_tokens)
+        found = self.catalog.longest_prefix(ids, min_tokens, readable)
         if found is None or min(found.num_tokens, len(ids) - 1) < 1:
             return None
         return Match(found.document, min(found.num_tokens, len(ids) - 1))
@@ -167,11 +172,12 @@ class Engine:
             return kv_prefix(self.model.prefill(doc.token_list()), k), Reuse("bypass", doc, k, 0, 0.0, 0.0)
         loaded, tier = self.hot.get(doc.cache_id), "ram"
         if loaded is None:
+            salt = self.salt_for(doc.cache_id) if doc.is_salted else ""
             try:
-                loaded, tier = cache.load(self.model, self.store, doc.cache_id), "store"
+                loaded, tier = cache.load(self.model, self.store, doc.cache_id, salt), "store"
             except (UnknownCacheError, ArtifactError) as e:
                 log.warning("artifact %s unusable (%s): recomputing it", doc.cache_id[:16], e)
-                loaded = self.recompute(doc)
+                loaded = self.recompute(doc, salt)
                 self.hot.put(loaded)
                 return kv_prefix(loaded.kv, k), Reuse("recomputed", doc, k, 0, 0.0, 0.0)
             self.hot.put(loaded)
@@ -179,12 +185,13 @@ class Engine:
         saved = max(0.0, doc.entry.prefill_seconds * k / doc.num_tokens - load_seconds)
         return kv_prefix(loaded.kv, k), Reuse(tier, doc, k, k, load_seconds, saved)
 
-    def recompute(self, doc: Document) -> cache.Loaded:
-        """Prefill a catalogued document whose artifact is gone or refused, and store it back. The same ids give
-        the same KV as the lost artifact held, so answers stay bit-exact."""
+    def recompute(self, doc: Document, salt: str = "") -> cache.Loaded:
+        """Prefill a catalogued document whose artifact is gone or refused, and store it back (under its tenant's
+        salt, for a private document). The same ids give the same KV as the lost artifact held, so answers stay
+        bit-exact."""
         start, ids = time.perf_counter(), doc.token_list()
         kv = self.model.prefill(ids)
-        manifest = manifest_for(kv, ids, self.model.fingerprint)
+        manifest = manifest_for(kv, ids, self.model.fingerprint, salt)
         entry = self.store.put(doc.entry, lambda f: write_artifact(f, manifest, kv))
         return cache.Loaded(entry, kv, ids, time.perf_counter() - start)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import (ArtifactError, ContextOverflowError, InputError, KvmartError, StoreError, StoreUnavailableError,
+from ..errors import (ArtifactError, AuthenticationError, ContextOverflowError, IdempotencyConflictError,
+                      InputError, InsufficientFundsError, KvmartError, LedgerError, StoreError, StoreUnavailableError,
                       UnknownCacheError)
 
 
@@ -74,7 +75,8 @@ class HttpError:
     """What an error becomes on the wire, before an API dresses it. `kind` is API-neutral."""
 
     status: int
-    kind: str  # invalid_request | permission | not_found | too_large | rate_limit | unavailable | server
+    kind: str  # invalid_request | authentication | payment | permission | not_found | conflict | too_large |
+    # rate_limit | unavailable | server
     message: str
     param: str | None = None
     code: str | None = None
@@ -85,16 +87,20 @@ class HttpError:
 STATUS: tuple[tuple[type[KvmartError], int, str], ...] = (
     (ContextOverflowError, 400, "invalid_request"),
     (InputError, 400, "invalid_request"),
+    (AuthenticationError, 401, "authentication"),
+    (InsufficientFundsError, 402, "payment"),
     (ForbiddenError, 403, "permission"),
     (UnknownDocumentError, 404, "not_found"),
     (UnknownModelError, 404, "not_found"),
     (UnknownCacheError, 404, "not_found"),
+    (IdempotencyConflictError, 409, "conflict"),
     (BodyTooLargeError, 413, "too_large"),
     (QueueFullError, 429, "rate_limit"),
     (ShuttingDownError, 503, "unavailable"),
     (ArtifactError, 500, "server"),
     (StoreUnavailableError, 503, "unavailable"),
     (StoreError, 500, "server"),
+    (LedgerError, 500, "server"),
     (KvmartError, 500, "server"),
 )
 
@@ -110,6 +116,10 @@ def http_error(error: KvmartError) -> HttpError:
         param, code = "documents", "document_not_found"
     if isinstance(error, UnknownModelError):
         param, code = "model", "model_not_found"
+    if isinstance(error, AuthenticationError):
+        code = "invalid_api_key"
+    if isinstance(error, InsufficientFundsError):
+        code = "insufficient_funds"
     if isinstance(error, QueueFullError):
         headers["Retry-After"] = str(error.retry_after_seconds)
         code = "rate_limit_exceeded"

@@ -143,6 +143,11 @@ class ServerMetrics:
                                       "Requests refused because the queue was full (HTTP 429)."))
         self.cancelled = r.add(Counter("kvmart_cancelled_requests_total",
                                        "Requests whose client went away before the answer ended."))
+        self.charges = r.add(Counter("kvmart_charges_total", "Metered requests by outcome: charged, replayed (an "
+                                     "idempotent retry), payment_required (HTTP 402), released (failed or cancelled)."))
+        self.charged_usd = r.add(Counter("kvmart_charged_usd_total",
+                                         "Dollars charged to agents (monitoring only: the ledger is the record)."))
+        self.royalty_usd = r.add(Counter("kvmart_royalty_usd_total", "Dollars of royalties credited to publishers."))
         self.published = r.add(Counter("kvmart_documents_published_total",
                                        "POST /v1/documents by outcome: computed, or already stored."))
         r.add(Gauge("kvmart_documents", "Documents in the catalogue for the loaded model.", read_documents))

@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KvmartError
+from .auth import caller, idempotency_key, request_hash
+from .billing import Payer, remember_response, replayed_response
 from .body import parse, read_json
 from .engine import Delta, GenerationRequest, Sampling, TokenLogprob
 from .errors import HttpError, RequestError, UnknownModelError, UnsupportedParameterError, http_error
@@ -26,6 +28,8 @@ from .usage import openai_usage
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERROR_TYPES = {"invalid_request": "invalid_request_error", "permission": "permission_error",
+               "authentication": "authentication_error", "payment": "insufficient_quota",
+               "conflict": "invalid_request_error",
                "not_found": "invalid_request_error", "too_large": "invalid_request_error",
                "rate_limit": "rate_limit_error", "unavailable": "server_error", "server": "server_error"}
 
@@ -204,10 +208,15 @@ class Reply:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     services: Services = request.app.state.services
-    req = parse(ChatCompletionRequest, await read_json(request, services.server.max_body_bytes))
+    account = await caller(request)
+    body = await read_json(request, services.server.max_body_bytes)
+    req = parse(ChatCompletionRequest, body)
     check_model(services, req.model)
     check_chat(req)
-    run = await start_generation(services, chat_request(req), "chat")
+    payer = Payer(account, idempotency_key(request), request_hash(body))
+    if not req.stream and (replay := await replayed_response(services, payer)):
+        return replay
+    run = await start_generation(services, chat_request(req), "chat", payer)
     reply = Reply(services, "chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -218,7 +227,9 @@ async def chat_completions(request: Request):
                                       "refusal": None},
               "logprobs": chat_logprobs(deltas) if req.logprobs else None,
               "finish_reason": run.finished.finish_reason}
-    return JSONResponse({**reply.head("chat.completion"), "choices": [choice], "usage": openai_usage(run.usage)})
+    answer = {**reply.head("chat.completion"), "choices": [choice], "usage": openai_usage(run.usage)}
+    await remember_response(services, payer, run.bill, answer)
+    return JSONResponse(answer)
 
 
 async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):
@@ -244,9 +255,14 @@ async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: boo
 @router.post("/v1/completions")
 async def completions(request: Request):
     services: Services = request.app.state.services
-    req = parse(CompletionRequest, await read_json(request, services.server.max_body_bytes))
+    account = await caller(request)
+    body = await read_json(request, services.server.max_body_bytes)
+    req = parse(CompletionRequest, body)
     check_model(services, req.model)
-    run = await start_generation(services, completion_request(req), "completions")
+    payer = Payer(account, idempotency_key(request), request_hash(body))
+    if not req.stream and (replay := await replayed_response(services, payer)):
+        return replay
+    run = await start_generation(services, completion_request(req), "completions", payer)
     reply = Reply(services, "cmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -256,7 +272,9 @@ async def completions(request: Request):
     choice = {"index": 0, "text": "".join(d.text for d in deltas),
               "logprobs": completion_logprobs(deltas) if req.logprobs is not None else None,
               "finish_reason": run.finished.finish_reason}
-    return JSONResponse({**reply.head("text_completion"), "choices": [choice], "usage": openai_usage(run.usage)})
+    answer = {**reply.head("text_completion"), "choices": [choice], "usage": openai_usage(run.usage)}
+    await remember_response(services, payer, run.bill, answer)
+    return JSONResponse(answer)
 
 
 async def completion_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):
@@ -285,11 +303,13 @@ def model_card(services: Services) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request):
     services: Services = request.app.state.services
+    await caller(request)
     return {"object": "list", "data": [model_card(services)]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str):
     services: Services = request.app.state.services
+    await caller(request)
     check_model(services, model_id)
     return model_card(services)

@@ -1,13 +1,18 @@
 """One request's life on the event loop: submit its job to the model worker, wait for the first event (so every
-error that can be reported as an HTTP status is), stream the rest, and record its metrics once, at the end."""
+error that can be reported as an HTTP status is), hold its charge, stream the rest, charge it and record its
+metrics once, at the end."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
+from starlette.concurrency import run_in_threadpool
+
 from ..errors import KvmartError
+from .billing import Bill, Payer, open_bill, release, settle
 from .engine import Delta, Finished, GenerationRequest, Started
 from .errors import QueueFullError
 from .services import Services
@@ -36,18 +41,21 @@ async def first_event(ticket: Ticket) -> object:
 class Run:
     """A generation in progress. Iterate `deltas()` once; `usage` is complete after it ends."""
 
-    def __init__(self, services: Services, ticket: Ticket, started: Started, endpoint: str, began: float) -> None:
+    def __init__(self, services: Services, ticket: Ticket, started: Started, endpoint: str, began: float,
+                 bill: Bill) -> None:
         self.services, self.ticket, self.started, self.endpoint, self.began = services, ticket, started, endpoint, began
+        self.bill = bill
         self.finished: Finished | None = None
         self.failed = False
         self._first_token_seen = False
 
     @property
     def usage(self) -> Usage:
-        return usage_of(self.started, self.finished)
+        return usage_of(self.started, self.finished, self.bill)
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The generated text, piece by piece. If the consumer stops early (client gone), the job is cancelled."""
+        """The generated text, piece by piece, then the charge is settled. If the consumer stops early (client
+        gone) or the job fails, the job is cancelled and its hold released: nothing is charged."""
         try:
             async for event in self.ticket:
                 if isinstance(event, Delta):
@@ -60,6 +68,10 @@ class Run:
             raise
         finally:
             self._record()
+            if self.finished is None or self.failed:
+                release(self.services, self.bill)
+        usage = self.usage
+        await settle(self.services, self.bill, usage.cached_tokens, usage.computed_tokens, usage.completion_tokens)
 
     async def collect(self) -> list[Delta]:
         return [delta async for delta in self.deltas()]
@@ -79,15 +91,22 @@ class Run:
             m.cancelled.inc()
 
 
-async def start_generation(services: Services, request: GenerationRequest, endpoint: str) -> Run:
-    """Queue `request` and wait until its prompt is resolved: unknown documents, a prompt too long and a full queue
-    raise here, before any response is sent."""
+async def start_generation(services: Services, request: GenerationRequest, endpoint: str, payer: Payer) -> Run:
+    """Queue `request` (hiding what `payer` may not read) and wait until its prompt is resolved and its charge
+    held: unknown documents, a prompt too long, a full queue and insufficient funds raise here, before any
+    response is sent."""
     began = time.perf_counter()
-    ticket = submit(services, services.engine.generate(request))
+    readable = await run_in_threadpool(services.ledger.readable, payer.account)
+    ticket = submit(services, services.engine.generate(dataclasses.replace(request, readable=readable)))
     started = await first_event(ticket)
     assert isinstance(started, Started), started
+    try:
+        bill = await open_bill(services, payer, started)
+    except BaseException:
+        ticket.cancel()
+        raise
     _record_reuse(services, started)
-    return Run(services, ticket, started, endpoint, began)
+    return Run(services, ticket, started, endpoint, began, bill)
 
 
 def _record_reuse(services: Services, started: Started) -> None:

@@ -1,11 +1,12 @@
 """The server's shared objects, built once per app: the model, the store, the catalogue, the hot tier, the engine
-and its worker, the metrics and the owner records. Nothing here is global: each `create_app` builds its own."""
+and its worker, the metrics and the ledger (accounts, licences, charges). Nothing here is global: each `create_app` builds its own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..config import Settings
+from ..ledger import Ledger, open_ledger
 from ..model import Model
 from ..store import Store, open_store
 from .catalog import Catalog
@@ -13,7 +14,6 @@ from .config import ServerSettings
 from .engine import Engine
 from .hot import HotTier
 from .metrics import ServerMetrics
-from .owners import Owners
 from .worker import Worker
 
 
@@ -28,7 +28,7 @@ class Services:
     engine: Engine
     worker: Worker
     metrics: ServerMetrics
-    owners: Owners
+    ledger: Ledger
 
     @property
     def model_id(self) -> str:
@@ -36,8 +36,10 @@ class Services:
 
 
 def build_services(settings: Settings, server: ServerSettings, model: Model | None = None,
-                   store: Store | None = None) -> Services:
-    """Everything the app needs; loads the model (unless given) and opens the store named by `settings`."""
+                   store: Store | None = None, ledger: Ledger | None = None) -> Services:
+    """Everything the app needs; loads the model (unless given) and opens the store and the ledger named by
+    `settings`."""
+    ledger = ledger or open_ledger(settings.ledger, settings.data_dir)
     model = model or Model.load(settings)
     store = store or open_store(settings.store_url, local_dir=settings.data_dir / "store")  # shared: tiered
     # TODO(ledger): several nodes over one shared store must also share one ledger (PostgreSQL): each node charges
@@ -51,5 +53,5 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values, read_documents=lambda: len(catalog.documents()))
-    return Services(settings, server, model, store, catalog, hot, Engine(model, store, catalog, hot, server),
-                    worker, metrics, Owners(settings.data_dir / "server" / "owners.json"))
+    engine = Engine(model, store, catalog, hot, server, salt_for=ledger.salt_of)
+    return Services(settings, server, model, store, catalog, hot, engine, worker, metrics, ledger)

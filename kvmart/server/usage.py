@@ -4,12 +4,15 @@ receipts) extends `Usage` and these two functions, not the endpoints.
 OpenAI: `prompt_tokens` counts the whole prompt, `prompt_tokens_details.cached_tokens` the part read from cache
 (always present, 0 without a hit, as OpenAI reports it). Anthropic: `input_tokens` counts only the tokens computed,
 `cache_read_input_tokens` those read from cache; kvmart never writes a cache while answering (documents are
-published explicitly), so `cache_creation_input_tokens` is 0."""
+published explicitly), so `cache_creation_input_tokens` is 0. Both carry `kvmart`: tokens by kind, and the
+request's charge (what it paid, the publisher's royalty, what it saved against re-prefilling, a signed receipt)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ledger import Charge, usd_text
+from .billing import Bill
 from .engine import Finished, Started
 
 
@@ -24,13 +27,15 @@ class Usage:
     prefix_tokens: int  # where the prompt was split: document prefix, then the rest
     load_seconds: float
     prefill_seconds_saved: float
+    is_metered: bool = True  # False: the admin, never charged
+    charge: Charge | None = None  # None until settled (or not metered)
 
     @property
     def computed_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
 
 
-def usage_of(started: Started, finished: Finished | None) -> Usage:
+def usage_of(started: Started, finished: Finished | None, bill: Bill | None = None) -> Usage:
     reuse = started.reuse
     return Usage(
         prompt_tokens=started.prompt_tokens, cached_tokens=reuse.cached_tokens,
@@ -38,7 +43,20 @@ def usage_of(started: Started, finished: Finished | None) -> Usage:
         document_id=reuse.document.id if reuse.document else None,
         cache_id=reuse.document.cache_id if reuse.document else None, prefix_tokens=reuse.prefix_tokens,
         load_seconds=reuse.load_seconds, prefill_seconds_saved=reuse.saved_seconds,
+        is_metered=bill.is_metered if bill else True, charge=bill.charge if bill else None,
     )
+
+
+def charge_json(charge: Charge | None) -> dict | None:
+    """A charge as the response shows it: dollars as exact decimal strings, and the signed receipt."""
+    if charge is None:
+        return None
+    q = charge.quote
+    return {"usd": usd_text(q.total_nanousd), "cache_read_usd": usd_text(q.cache_read_nanousd),
+            "computed_usd": usd_text(q.computed_nanousd), "output_usd": usd_text(q.output_nanousd),
+            "royalty_usd": usd_text(q.royalty_nanousd), "provider_usd": usd_text(q.provider_nanousd),
+            "saved_vs_prefill_usd": usd_text(q.saved_nanousd), "replayed": charge.replayed,
+            "receipt": charge.receipt}
 
 
 def kvmart_usage(u: Usage) -> dict:
@@ -47,6 +65,8 @@ def kvmart_usage(u: Usage) -> dict:
         "cached_tokens": u.cached_tokens, "computed_tokens": u.computed_tokens, "cache": u.tier,
         "document": u.document_id, "cache_id": u.cache_id, "prefix_tokens": u.prefix_tokens,
         "load_seconds": round(u.load_seconds, 6), "prefill_seconds_saved": round(u.prefill_seconds_saved, 6),
+        "tokens": {"cached": u.cached_tokens, "computed": u.computed_tokens, "output": u.completion_tokens},
+        "metered": u.is_metered, "charge": charge_json(u.charge),
     }
 
 

@@ -1,0 +1,17 @@
+"""The ledger: accounts and API keys, licences, tariffs, double-entry postings, signed receipts and reports, on
+SQLAlchemy (SQLite embedded by default, PostgreSQL for production). `open_ledger(url, data_dir)` is the entry
+point; `Ledger` the one object the server and the CLI use.
+
+    accounts.py   accounts, roles, API keys (stored hashed)     licences.py   public / private / priced terms
+    tariffs.py    prices (Decimal) and quotes (nano-dollars)    entries.py    balanced transactions, balances
+    charges.py    hold -> settle / release, idempotency         receipts.py   HMAC-signed receipts
+    reports.py    balances, documents, usage                    schema.py, migrations.py, db.py   the database"""
+
+from .accounts import Account
+from .api import Health, Ledger, open_ledger
+from .charges import Charge, Hold
+from .licences import KINDS, Licence, Terms
+from .tariffs import Quote, Tariff, load_tariff, parse_money, quote, usd_text
+
+__all__ = ["Account", "Charge", "Health", "Hold", "KINDS", "Ledger", "Licence", "Quote", "Tariff", "Terms",
+           "load_tariff", "open_ledger", "parse_money", "quote", "usd_text"]

@@ -1,0 +1,218 @@
+"""The Ledger: the one object the server and the CLI use. Each method is one database transaction (all or
+nothing) and is safe to call from any thread, and from several processes on one database."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.engine import Connection
+
+from ..errors import AccountError, AuthenticationError
+from . import accounts as acc
+from . import charges, entries, licences, receipts, reports
+from .accounts import Account
+from .charges import Charge, Hold
+from .db import in_transaction, ledger_url, open_engine, redact
+from .licences import Licence, Terms
+from .migrations import migrate
+from .tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nanousd
+
+ADMIN_KEY_ENV = "KVMART_ADMIN_KEY"
+SECRET_ENV = "KVMART_LEDGER_SECRET"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Health:
+    entries_sum_nanousd: int  # 0 in a sound ledger
+    unbalanced_accounts: list[str]  # balance column != sum of entries
+    negative_accounts: list[str]  # below zero (only `external` may be)
+
+    @property
+    def is_sound(self) -> bool:
+        return self.entries_sum_nanousd == 0 and not self.unbalanced_accounts and not self.negative_accounts
+
+
+class Ledger:
+    """Accounts, licences and money. Build with `open_ledger`."""
+
+    def __init__(self, url: str, tariff: Tariff, secret: str | None) -> None:
+        self.url = url
+        self.engine = open_engine(url)
+        self.tariff = tariff
+        self._configured_secret = secret
+        self.admin_key_issued: str | None = None  # the admin key made at first start, to print once
+        self._secret = b""
+        self._salts: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"Ledger({redact(self.url)})"
+
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """`work` in one transaction (see db.in_transaction)."""
+        return in_transaction(self.engine, work)
+
+    def read(self, work: Callable[[Connection], T]) -> T:
+        """`work`, which only reads, in one transaction (a snapshot)."""
+        return in_transaction(self.engine, work, write=False)
+
+    def bootstrap(self, admin_key: str | None) -> None:
+        """Migrate; make the house accounts, the receipt secret and (first start) the admin key. All under the
+        migration lock, so servers starting together on one database do it once."""
+
+        def work(conn: Connection) -> str | None:
+            acc.ensure_house_accounts(conn)
+            self._secret = receipts.ledger_secret(conn, self._configured_secret)
+            admin = acc.get_account(conn, acc.ADMIN)
+            if admin_key:
+                if not is_live_key(conn, admin_key):
+                    acc.issue_key(conn, admin, admin_key)
+                return None
+            return None if acc.has_key(conn, admin) else acc.issue_key(conn, admin)
+
+        self.admin_key_issued = migrate(self.engine, work)
+
+    # -- accounts ------------------------------------------------------------------------------------------------
+    def create_account(self, name: str, role: str) -> tuple[Account, str]:
+        """A new account and its first API key (shown once)."""
+        if role not in ("publisher", "agent"):
+            raise AccountError(f"role {role!r}: accounts are created as publisher or agent")
+
+        def work(conn: Connection) -> tuple[Account, str]:
+            account = acc.create_account(conn, name, role)
+            return account, acc.issue_key(conn, account)
+
+        return self.run(work)
+
+    def issue_key(self, name: str) -> str:
+        return self.run(lambda conn: acc.issue_key(conn, acc.get_account(conn, name)))
+
+    def revoke_keys(self, name: str) -> int:
+        return self.run(lambda conn: acc.revoke_keys(conn, acc.get_account(conn, name)))
+
+    def accounts(self) -> list[Account]:
+        return self.read(acc.list_accounts)
+
+    def account(self, name: str) -> Account:
+        return self.read(lambda conn: acc.get_account(conn, name))
+
+    def authenticate(self, key: str) -> Account:
+        return self.read(lambda conn: acc.authenticate(conn, key))
+
+    def deposit(self, name: str, usd) -> int:
+        """Credit `usd` (a Decimal) to an account from outside; the transaction id."""
+        return self.run(lambda conn: entries.deposit(conn, acc.get_account(conn, name), to_nanousd(usd)))
+
+    # -- licences ------------------------------------------------------------------------------------------------
+    def readable(self, account: Account) -> frozenset[str] | None:
+        """Cache ids of the private documents `account` may read (None: all, for the admin)."""
+        return self.read(lambda conn: licences.readable_private(conn, account))
+
+    def licence(self, cache_id: str) -> Licence | None:
+        return self.read(lambda conn: licences.find_licence(conn, cache_id))
+
+    def salt_of(self, cache_id: str) -> str:
+        """The tenant salt a private cache id was made with ('' if its licence is not recorded). Remembered once
+        found: a cache id's salt never changes (it is part of the id)."""
+        salt = self._salts.get(cache_id)
+        if salt is None:
+            salt = self.read(lambda conn: licences.salt_of(conn, cache_id))
+            if salt:
+                self._salts[cache_id] = salt
+        return salt
+
+    def check_readers(self, names: tuple[str, ...]) -> None:
+        self.read(lambda conn: licences.check_readers(conn, names))
+
+    def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> int:
+        """Record a newly published document's licence and charge its publisher the precompute fee, together;
+        the fee in nano-dollars. InsufficientFundsError (nothing recorded) if the publisher cannot pay it."""
+        fee = 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
+
+        def work(conn: Connection) -> int:
+            licences.forget(conn, cache_id)  # terms left by an artifact deleted outside the server (`kvmart rm`)
+            licences.register(conn, cache_id, publisher, terms, salt, num_tokens)
+            if fee:
+                provider = acc.get_account(conn, acc.PROVIDER)
+                entries.post(conn, "precompute", [(publisher.id, -fee), (provider.id, fee)], memo=cache_id)
+            return fee
+
+        return self.run(work)
+
+    def forget(self, cache_id: str) -> None:
+        self.run(lambda conn: licences.forget(conn, cache_id))
+
+    # -- charges -------------------------------------------------------------------------------------------------
+    def quote(self, licence: Licence | None, cached_tokens: int, computed_tokens: int, output_tokens: int) -> Quote:
+        tariff = licence.tariff(self.tariff) if licence else self.tariff
+        return quote(tariff, cached_tokens, computed_tokens, output_tokens, has_publisher=licence is not None)
+
+    def open_hold(self, account: Account, amount_nanousd: int, idempotency_key: str | None,
+                  request_hash: str) -> Hold | Charge:
+        return self.run(lambda conn: charges.open_hold(conn, account, amount_nanousd, idempotency_key,
+                                                       request_hash, self._secret))
+
+    def settle(self, hold: Hold, charged: Quote, licence: Licence | None, cache_id: str | None) -> Charge:
+        publisher = licence.publisher_id if licence else None
+        return self.run(lambda conn: charges.settle(conn, hold, charged, cache_id, publisher, self._secret))
+
+    def remember_response(self, account: Account, idempotency_key: str, body: str) -> None:
+        self.run(lambda conn: charges.remember_response(conn, account.id, idempotency_key, body))
+
+    def stored_response(self, account: Account, idempotency_key: str, request_hash: str) -> str | None:
+        return self.read(lambda conn: charges.stored_response(conn, account.id, idempotency_key, request_hash))
+
+    def release(self, hold: Hold) -> None:
+        self.run(lambda conn: charges.release(conn, hold.id))
+
+    def release_stale(self) -> int:
+        return self.run(charges.release_stale)
+
+    def verify_receipt(self, receipt: object) -> bool:
+        return receipts.verify(self._secret, receipt)
+
+    # -- reports -------------------------------------------------------------------------------------------------
+    def usage(self, account: Account) -> reports.Usage:
+        return self.read(lambda conn: reports.usage(conn, account))
+
+    def recent_charges(self, account: Account, limit: int) -> list[Charge]:
+        return self.read(lambda conn: charges.recent_charges(conn, account, limit, self._secret))
+
+    def balances(self) -> list[reports.Balance]:
+        return self.read(reports.balances)
+
+    def documents(self) -> list[reports.DocumentReport]:
+        return self.read(reports.documents)
+
+    def health(self) -> Health:
+        def work(conn: Connection) -> Health:
+            negative = [a.name for a in acc.list_accounts(conn) if a.balance_nanousd < 0 and not a.may_go_negative]
+            return Health(entries.entries_sum(conn), entries.unbalanced_accounts(conn), negative)
+
+        return self.read(work)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def is_live_key(conn: Connection, key: str) -> bool:
+    try:
+        acc.authenticate(conn, key)
+        return True
+    except AuthenticationError:
+        return False
+
+
+def open_ledger(url: str, data_dir: Path, tariff: Tariff | None = None, environ: dict[str, str] | None = None
+                ) -> Ledger:
+    """The ledger at `url` (empty: SQLite in `data_dir`), migrated and bootstrapped. The admin key is
+    KVMART_ADMIN_KEY if set; else one is made at first start (`ledger.admin_key_issued`)."""
+    env = os.environ if environ is None else environ
+    ledger = Ledger(ledger_url(url, data_dir), tariff or load_tariff(env),
+                    env.get(SECRET_ENV) or None)
+    ledger.bootstrap(env.get(ADMIN_KEY_ENV) or None)
+    return ledger

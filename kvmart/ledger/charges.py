@@ -1,0 +1,168 @@
+"""Charging a request in two steps, each one database transaction:
+
+1. `open_hold`, before any token is generated: reserve the request's largest possible charge (its prompt, and
+   max_tokens of output) against the agent's available money (balance less its other holds); 402 if it does not
+   cover it. With an Idempotency-Key, a key already charged returns that charge instead (nothing is held or
+   charged again), and a key whose first request is still running is a 409.
+2. `settle`, when the answer is complete: post the actual charge (agent -> provider + publisher) and delete the
+   hold, in one transaction, with a signed receipt. `release` drops the hold of a request that failed or was
+   cancelled: nothing is charged.
+
+A server killed between the two leaves a hold and no charge; the ledger still balances (holds are not entries).
+A hold older than an hour reserves nothing any more, and `release_stale` (at each server start) deletes it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import Connection, Row
+
+from ..errors import IdempotencyConflictError
+from .accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
+from .entries import HOLD_TTL_SECONDS, check_covers, post
+from .receipts import signed
+from .schema import charges, holds, responses
+from .tariffs import Quote
+
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: int
+    account_id: int
+    amount_nanousd: int
+    idempotency_key: str | None
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A settled charge; `receipt` is its signed receipt, `replayed` True when an idempotent retry found it."""
+
+    transaction_id: int
+    quote: Quote
+    cache_id: str | None
+    publisher_id: int | None
+    receipt: dict
+    replayed: bool = False
+
+
+def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempotency_key: str | None,
+              request_hash: str, secret: bytes) -> Hold | Charge:
+    """Reserve `amount_nanousd` for a request, or the earlier charge of the same idempotency key."""
+    locked = lock_accounts(conn, {account.id})[account.id]
+    if idempotency_key is not None:
+        earlier = find_charge(conn, account.id, idempotency_key, secret)
+        if earlier is not None:
+            if earlier_hash(conn, earlier) != request_hash:
+                raise IdempotencyConflictError(
+                    f"Idempotency-Key {idempotency_key!r} was already used for a different request")
+            return earlier
+        running = conn.execute(select(holds.c.id).where(holds.c.account_id == account.id,
+                                                        holds.c.idempotency_key == idempotency_key)).first()
+        if running is not None:
+            raise IdempotencyConflictError(
+                f"a request with Idempotency-Key {idempotency_key!r} is still running; retry when it has finished")
+    check_covers(conn, locked, -amount_nanousd)
+    hold_id = conn.execute(insert(holds).values(account_id=account.id, amount_nanousd=amount_nanousd,
+                                                idempotency_key=idempotency_key, created_at=int(time.time()))
+                           ).inserted_primary_key[0]
+    return Hold(int(hold_id), account.id, amount_nanousd, idempotency_key, request_hash)
+
+
+def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, publisher_id: int | None,
+           secret: bytes) -> Charge:
+    """Post the charge of a held request and drop its hold. The charge never exceeds the hold, so it is always
+    covered; InsufficientFundsError only if the hold was released meanwhile and the money spent."""
+    if quote.total_nanousd > hold.amount_nanousd:
+        raise AssertionError(f"charge {quote.total_nanousd} exceeds its hold {hold.amount_nanousd}")
+    agent = account_by_id(conn, hold.account_id)
+    provider = get_account(conn, PROVIDER)
+    royalty_to = publisher_id if quote.royalty_nanousd else None
+    legs = [(agent.id, -quote.total_nanousd), (provider.id, quote.provider_nanousd)]
+    if royalty_to is not None:
+        legs.append((royalty_to, quote.royalty_nanousd))
+    txn_id = post(conn, "charge", legs, memo=cache_id or "", hold_exempt=hold.id)
+    conn.execute(delete(holds).where(holds.c.id == hold.id))
+    now = int(time.time())
+    receipt = signed(secret, receipt_payload(txn_id, agent.name, cache_id, quote, now))
+    conn.execute(insert(charges).values(
+        transaction_id=txn_id, account_id=agent.id, idempotency_key=hold.idempotency_key,
+        request_hash=hold.request_hash, cache_id=cache_id, publisher_id=royalty_to,
+        cached_tokens=quote.cached_tokens, computed_tokens=quote.computed_tokens, output_tokens=quote.output_tokens,
+        total_nanousd=quote.total_nanousd, computed_nanousd=quote.computed_nanousd,
+        cache_read_nanousd=quote.cache_read_nanousd, output_nanousd=quote.output_nanousd,
+        royalty_nanousd=quote.royalty_nanousd, saved_nanousd=quote.saved_nanousd, signature=receipt["signature"],
+        created_at=now))
+    return Charge(txn_id, quote, cache_id, royalty_to, receipt)
+
+
+def remember_response(conn: Connection, account_id: int, idempotency_key: str, body: str) -> None:
+    """Keep the answer of a charged idempotent request (the first one kept wins)."""
+    exists = conn.execute(select(responses.c.account_id).where(responses.c.account_id == account_id,
+                                                               responses.c.idempotency_key == idempotency_key)).first()
+    if exists is None:
+        conn.execute(insert(responses).values(account_id=account_id, idempotency_key=idempotency_key, body=body,
+                                              created_at=int(time.time())))
+
+
+def stored_response(conn: Connection, account_id: int, idempotency_key: str, request_hash: str) -> str | None:
+    """The kept answer for this key, if the same request was charged under it; IdempotencyConflictError if the
+    key was charged for a different request."""
+    charged = conn.execute(select(charges.c.request_hash).where(charges.c.account_id == account_id,
+                                                                charges.c.idempotency_key == idempotency_key)).first()
+    if charged is None:
+        return None
+    if charged.request_hash != request_hash:
+        raise IdempotencyConflictError(f"Idempotency-Key {idempotency_key!r} was already used for a different request")
+    return conn.execute(select(responses.c.body).where(responses.c.account_id == account_id,
+                                                       responses.c.idempotency_key == idempotency_key)).scalar()
+
+
+def release(conn: Connection, hold_id: int) -> None:
+    conn.execute(delete(holds).where(holds.c.id == hold_id))
+
+
+def release_stale(conn: Connection, older_than_seconds: int = HOLD_TTL_SECONDS) -> int:
+    """Drop holds left by servers that died mid-request; how many."""
+    cutoff = int(time.time()) - older_than_seconds
+    return conn.execute(delete(holds).where(holds.c.created_at < cutoff)).rowcount
+
+
+def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote: Quote, created_at: int) -> dict:
+    return {"receipt": f"rcpt_{txn_id}", "account": account_name, "document_cache_id": cache_id,
+            "tokens": {"cached": quote.cached_tokens, "computed": quote.computed_tokens, "output": quote.output_tokens},
+            "nanousd": {"total": quote.total_nanousd, "cache_read": quote.cache_read_nanousd,
+                        "computed": quote.computed_nanousd, "output": quote.output_nanousd,
+                        "royalty": quote.royalty_nanousd, "saved_vs_prefill": quote.saved_nanousd},
+            "created_at": created_at}
+
+
+def charge_of(row: Row, account_name: str, secret: bytes, replayed: bool) -> Charge:
+    """A stored charge, its receipt rebuilt and re-signed from the stored row."""
+    quote = Quote(row.cached_tokens, row.computed_tokens, row.output_tokens, row.computed_nanousd,
+                  row.cache_read_nanousd, row.output_nanousd, row.royalty_nanousd, row.saved_nanousd)
+    receipt = signed(secret, receipt_payload(row.transaction_id, account_name, row.cache_id, quote, row.created_at))
+    return Charge(row.transaction_id, quote, row.cache_id, row.publisher_id, receipt, replayed)
+
+
+def recent_charges(conn: Connection, account: Account, limit: int, secret: bytes) -> list[Charge]:
+    """The account's latest charges, newest first, with their receipts."""
+    rows = conn.execute(select(charges).where(charges.c.account_id == account.id)
+                        .order_by(charges.c.transaction_id.desc()).limit(limit))
+    return [charge_of(row, account.name, secret, replayed=False) for row in rows]
+
+
+def find_charge(conn: Connection, account_id: int, idempotency_key: str, secret: bytes) -> Charge | None:
+    row = conn.execute(select(charges).where(charges.c.account_id == account_id,
+                                             charges.c.idempotency_key == idempotency_key)).first()
+    if row is None:
+        return None
+    return charge_of(row, account_by_id(conn, account_id).name, secret, replayed=True)
+
+
+def earlier_hash(conn: Connection, charge: Charge) -> str:
+    return conn.execute(select(charges.c.request_hash).where(charges.c.transaction_id == charge.transaction_id)
+                        ).scalar_one()

@@ -1,0 +1,88 @@
+"""Double-entry postings. A transaction is a list of legs (account, signed nano-dollars) that sums to zero; it is
+written with its entries and the balance updates in the caller's database transaction, after locking the accounts
+it touches. No balance but `external`'s may end below zero: such a posting raises InsufficientFundsError and the
+caller's transaction rolls back, so nothing of it is written."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Connection
+
+from ..errors import AccountError, InsufficientFundsError
+from .accounts import EXTERNAL, Account, get_account, lock_accounts
+from .schema import accounts, entries, holds, transactions
+from .tariffs import usd_text
+
+Leg = tuple[int, int]  # (account id, amount in nano-dollars: credit > 0, debit < 0)
+HOLD_TTL_SECONDS = 3600  # a hold older than this was left by a server that died mid-request: it reserves nothing
+
+
+def held_nanousd(conn: Connection, account_id: int) -> int:
+    """Money reserved for the account's requests in flight (holds younger than HOLD_TTL_SECONDS)."""
+    cutoff = int(time.time()) - HOLD_TTL_SECONDS
+    total = conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
+                         .where(holds.c.account_id == account_id, holds.c.created_at >= cutoff)).scalar_one()
+    return int(total)
+
+
+def post(conn: Connection, kind: str, legs: list[Leg], memo: str = "", hold_exempt: int | None = None) -> int:
+    """Write one balanced transaction; its id. `hold_exempt` names a hold whose money this posting spends (so it
+    is not counted against the balance twice)."""
+    net: dict[int, int] = defaultdict(int)
+    for account_id, amount in legs:
+        net[account_id] += amount
+    if sum(net.values()) != 0:
+        raise AssertionError(f"unbalanced transaction {kind}: legs sum to {sum(net.values())}")
+    locked = lock_accounts(conn, set(net))
+    for account_id, amount in net.items():
+        check_covers(conn, locked[account_id], amount, hold_exempt)
+    txn_id = conn.execute(insert(transactions).values(kind=kind, memo=memo, created_at=int(time.time()))
+                          ).inserted_primary_key[0]
+    rows = [{"transaction_id": txn_id, "account_id": a, "amount_nanousd": n} for a, n in net.items() if n]
+    if rows:  # a free request (zero prices) is a transaction without entries
+        conn.execute(insert(entries), rows)
+    for account_id, amount in net.items():
+        if amount:
+            conn.execute(update(accounts).where(accounts.c.id == account_id)
+                         .values(balance_nanousd=accounts.c.balance_nanousd + amount))
+    return int(txn_id)
+
+
+def check_covers(conn: Connection, account: Account, amount: int, hold_exempt: int | None = None) -> None:
+    """InsufficientFundsError if adding `amount` would take the account's available money below zero."""
+    if amount >= 0 or account.may_go_negative:
+        return
+    held = held_nanousd(conn, account.id)
+    if hold_exempt is not None:
+        cutoff = int(time.time()) - HOLD_TTL_SECONDS
+        held -= conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
+                             .where(holds.c.id == hold_exempt, holds.c.created_at >= cutoff)).scalar_one()
+    available = account.balance_nanousd - held
+    if available + amount < 0:
+        raise InsufficientFundsError(
+            f"insufficient funds: account {account.name!r} has ${usd_text(available)} available "
+            f"(balance ${usd_text(account.balance_nanousd)}, ${usd_text(held)} held for requests in flight) "
+            f"and this needs ${usd_text(-amount)}; nothing was charged", -amount, available)
+
+
+def deposit(conn: Connection, account: Account, amount_nanousd: int, memo: str = "") -> int:
+    """Money paid in from outside: `external` -> the account."""
+    if amount_nanousd <= 0:
+        raise AccountError(f"a deposit must be positive, got {amount_nanousd} nano-dollars")
+    return post(conn, "deposit", [(get_account(conn, EXTERNAL).id, -amount_nanousd), (account.id, amount_nanousd)],
+                memo)
+
+
+def entries_sum(conn: Connection) -> int:
+    """The sum of every entry ever written: zero in a sound ledger."""
+    return int(conn.execute(select(func.coalesce(func.sum(entries.c.amount_nanousd), 0))).scalar_one())
+
+
+def unbalanced_accounts(conn: Connection) -> list[str]:
+    """Accounts whose balance column differs from the sum of their entries (none in a sound ledger)."""
+    sums = dict(conn.execute(select(entries.c.account_id, func.sum(entries.c.amount_nanousd))
+                             .group_by(entries.c.account_id)).all())
+    return [r.name for r in conn.execute(select(accounts)) if int(sums.get(r.id, 0)) != r.balance_nanousd]

@@ -1,0 +1,131 @@
+"""Licences: who may read a published document, and at what price.
+
+- `public`: anyone with a key reads it at the default tariff.
+- `private`: only its publisher and the accounts it lists. To everyone else it does not exist: naming it is a 404,
+  listings leave it out, and a prompt pasting its text never matches its cache. Its cache id is salted with the
+  publisher's tenant salt (set from the authenticated account, never from the request), so it never collides with
+  another tenant's cache of the same text, nor with the public one.
+- `priced`: anyone reads it, at the document's own cache-read price.
+Each licence may also set its own royalty share. A cache id with no licence (precomputed by the operator's CLI)
+is public and has no publisher: no royalty is paid on it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import and_, delete, insert, or_, select
+from sqlalchemy.engine import Connection
+
+from ..errors import TariffError
+from .accounts import Account, get_account
+from .schema import licence_readers, licences
+from .tariffs import Tariff
+
+KINDS = ("public", "private", "priced")
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a publisher asks for when publishing."""
+
+    kind: str = "public"
+    readers: tuple[str, ...] = ()  # account names (private documents)
+    cache_read_usd_per_mtok: Decimal | None = None  # priced documents
+    royalty_share: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise TariffError(f"licence {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "priced" and self.cache_read_usd_per_mtok is None:
+            raise TariffError("a priced licence needs cache_read_usd_per_mtok")
+        if self.kind != "priced" and self.cache_read_usd_per_mtok is not None:
+            raise TariffError("cache_read_usd_per_mtok is for priced licences only")
+        if self.readers and self.kind != "private":
+            raise TariffError("readers are listed for private licences only")
+        Tariff().with_overrides(royalty_share=self.royalty_share,  # validates the numbers
+                                cache_read_usd_per_mtok=self.cache_read_usd_per_mtok)
+
+    @property
+    def is_private(self) -> bool:
+        return self.kind == "private"
+
+
+@dataclass(frozen=True)
+class Licence:
+    cache_id: str
+    publisher_id: int
+    kind: str
+    salt: str
+    cache_read_usd_per_mtok: Decimal | None
+    royalty_share: Decimal | None
+    num_tokens: int
+    readers: frozenset[int]
+
+    def may_read(self, account: Account) -> bool:
+        if self.kind != "private" or account.is_admin:
+            return True
+        return account.id == self.publisher_id or account.id in self.readers
+
+    def tariff(self, base: Tariff) -> Tariff:
+        return base.with_overrides(cache_read_usd_per_mtok=self.cache_read_usd_per_mtok,
+                                   royalty_share=self.royalty_share)
+
+
+def decimal_or_none(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
+
+
+def register(conn: Connection, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> Licence:
+    """Record the terms of a newly published document."""
+    readers = {get_account(conn, name).id for name in terms.readers}
+    conn.execute(insert(licences).values(
+        cache_id=cache_id, publisher_id=publisher.id, kind=terms.kind, salt=salt, num_tokens=num_tokens,
+        cache_read_usd_per_mtok=None if terms.cache_read_usd_per_mtok is None else str(terms.cache_read_usd_per_mtok),
+        royalty_share=None if terms.royalty_share is None else str(terms.royalty_share), created_at=int(time.time())))
+    if readers:
+        conn.execute(insert(licence_readers), [{"cache_id": cache_id, "account_id": r} for r in readers])
+    found = find_licence(conn, cache_id)
+    assert found is not None
+    return found
+
+
+def find_licence(conn: Connection, cache_id: str) -> Licence | None:
+    row = conn.execute(select(licences).where(licences.c.cache_id == cache_id)).first()
+    if row is None:
+        return None
+    readers = frozenset(conn.execute(select(licence_readers.c.account_id)
+                                     .where(licence_readers.c.cache_id == cache_id)).scalars())
+    return Licence(row.cache_id, row.publisher_id, row.kind, row.salt, decimal_or_none(row.cache_read_usd_per_mtok),
+                   decimal_or_none(row.royalty_share), row.num_tokens, readers)
+
+
+def readable_private(conn: Connection, account: Account) -> frozenset[str] | None:
+    """Cache ids of the private documents `account` may read: those it published and those listing it. None for
+    the admin, who reads everything. (Private caches are salted; the server hides every salted cache not in
+    this set, so one whose licence is not yet, or no longer, recorded is hidden from everyone.)"""
+    if account.is_admin:
+        return None
+    listed = select(licence_readers.c.cache_id).where(licence_readers.c.account_id == account.id)
+    query = select(licences.c.cache_id).where(and_(licences.c.kind == "private",
+                                                   or_(licences.c.publisher_id == account.id,
+                                                       licences.c.cache_id.in_(listed))))
+    return frozenset(conn.execute(query).scalars())
+
+
+def forget(conn: Connection, cache_id: str) -> None:
+    conn.execute(delete(licence_readers).where(licence_readers.c.cache_id == cache_id))
+    conn.execute(delete(licences).where(licences.c.cache_id == cache_id))
+
+
+def salt_of(conn: Connection, cache_id: str) -> str:
+    """The salt a cache id was made with ('' for public documents and unknown ids)."""
+    return conn.execute(select(licences.c.salt).where(licences.c.cache_id == cache_id)).scalar() or ""
+
+
+def check_readers(conn: Connection, names: tuple[str, ...]) -> None:
+    """AccountError naming the first reader that is not an account."""
+    for name in names:
+        get_account(conn, name)
+

@@ -1,0 +1,124 @@
+"""The ledger's tables (SQLAlchemy Core), the same on SQLite and PostgreSQL. Money columns are BigInteger
+nano-dollars; prices kept per document are Decimal text (exact on every database). The schema changes only through
+named migrations (migrations.py)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Column, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint)
+
+metadata = MetaData()
+
+# one row per party: publishers, agents, the admin, and the house accounts `provider` and `external`
+accounts = Table(
+    "accounts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),  # admin | publisher | agent | provider | external
+    Column("tenant_salt", String(64), nullable=False),  # salts this tenant's private caches; never sent out
+    Column("balance_nanousd", BigInteger, nullable=False, default=0),  # always the sum of its entries
+    Column("created_at", BigInteger, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("key_hash", String(64), nullable=False, unique=True),  # sha256 of the key; the key is never stored
+    Column("prefix", String(16), nullable=False),  # the key's first characters, to name it in listings
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)
+
+# a published document's terms; a cache id without a row is public, with no publisher (precomputed by the CLI)
+licences = Table(
+    "licences", metadata,
+    Column("cache_id", String(64), primary_key=True),
+    Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),  # public | private | priced
+    Column("salt", String(64), nullable=False),  # the publisher's tenant salt for private caches, else ''
+    Column("cache_read_usd_per_mtok", String(40), nullable=True),  # Decimal text; priced documents
+    Column("royalty_share", String(40), nullable=True),  # Decimal text; None: the tariff's
+    Column("num_tokens", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+licence_readers = Table(
+    "licence_readers", metadata,
+    Column("cache_id", String(64), ForeignKey("licences.cache_id", ondelete="CASCADE"), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+)
+
+# double entry: every transaction's entries sum to zero
+transactions = Table(
+    "transactions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),  # deposit | charge | precompute
+    Column("memo", Text, nullable=False, default=""),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+entries = Table(
+    "entries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("transaction_id", Integer, ForeignKey("transactions.id"), nullable=False, index=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("amount_nanousd", BigInteger, nullable=False),  # credit > 0, debit < 0
+)
+
+# the detail of each request charge (one transaction), with its signed receipt
+charges = Table(
+    "charges", metadata,
+    Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("cache_id", String(64), nullable=True),
+    Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("computed_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+    Column("total_nanousd", BigInteger, nullable=False),
+    Column("computed_nanousd", BigInteger, nullable=False),
+    Column("cache_read_nanousd", BigInteger, nullable=False),
+    Column("output_nanousd", BigInteger, nullable=False),
+    Column("royalty_nanousd", BigInteger, nullable=False),
+    Column("saved_nanousd", BigInteger, nullable=False),
+    Column("signature", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("account_id", "idempotency_key", name="uq_charges_idempotency"),
+    Index("ix_charges_account", "account_id"),
+    Index("ix_charges_cache", "cache_id"),
+)
+
+# money reserved for a request in flight (its largest possible charge); settled or released when it ends
+holds = Table(
+    "holds", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("amount_nanousd", BigInteger, nullable=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("account_id", "idempotency_key", name="uq_holds_idempotency"),
+)
+
+# the answer to a charged request sent with an Idempotency-Key, so that a retry gets the same answer (0002)
+responses = Table(
+    "responses", metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("body", Text, nullable=False),  # the response's JSON
+    Column("created_at", BigInteger, nullable=False),
+)
+
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+schema_migrations = Table(
+    "schema_migrations", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("applied_at", BigInteger, nullable=False),
+)

@@ -1,0 +1,54 @@
+"""Who is calling: every /v1 request authenticates with an API key (`Authorization: Bearer KEY`, or Anthropic's
+`x-api-key: KEY`), looked up in the ledger by its sha256. No key, an unknown key or a revoked one is HTTP 401."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+
+from ..errors import AuthenticationError
+from ..ledger import Account
+from .errors import ForbiddenError, RequestError
+from .services import Services
+
+IDEMPOTENCY_HEADER = "idempotency-key"
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+
+def api_key(headers: Headers) -> str | None:
+    auth = headers.get("authorization", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "").strip()
+    return key or None
+
+
+async def caller(request: Request) -> Account:
+    """The authenticated account; AuthenticationError (401) otherwise."""
+    key = api_key(request.headers)
+    if key is None:
+        raise AuthenticationError("missing API key: send `Authorization: Bearer KEY` (or `x-api-key: KEY`); "
+                                  "`kvmart accounts create NAME --role agent` makes one")
+    services: Services = request.app.state.services
+    return await run_in_threadpool(services.ledger.authenticate, key)
+
+
+def require_role(account: Account, *roles: str) -> None:
+    """ForbiddenError (403) unless the account has one of `roles` or is the admin."""
+    if not account.is_admin and account.role not in roles:
+        raise ForbiddenError(f"account {account.name!r} is a {account.role}; this needs a {' or '.join(roles)} "
+                             "account")
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise RequestError(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters", "Idempotency-Key")
+    return key
+
+
+def request_hash(body: dict) -> str:
+    """What identifies a request for idempotency: its JSON body, canonically written."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
