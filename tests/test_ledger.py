@@ -177,6 +177,15 @@ def test_a_charge_pays_provider_and_publisher_exactly(ledger):
     assert ledger.usage(publisher).royalties_nanousd == 1_132_200 and ledger.health().is_sound
 
 
+def test_the_first_publisher_keeps_a_licence_and_a_second_publish_charges_nothing(ledger):
+    first, _ = funded(ledger, "first", "publisher", "1")
+    second, _ = funded(ledger, "second", "publisher", "1")
+    assert ledger.publish("b" * 64, first, Terms("public"), "", 1000) == 1_000_000
+    assert ledger.publish("b" * 64, second, Terms("priced", cache_read_usd_per_mtok=Decimal("9")), "", 1000) is None
+    assert ledger.licence("b" * 64).kind == "public" and ledger.documents()[0].publisher == "first"
+    assert ledger.account("second").balance_nanousd == NANO_PER_USD and ledger.health().is_sound
+
+
 def test_a_publisher_who_cannot_pay_the_precompute_fee_records_nothing(ledger):
     publisher, _ = funded(ledger, "broke", "publisher", "0")
     with pytest.raises(InsufficientFundsError):

@@ -143,6 +143,33 @@ def test_a_chunk_lost_from_redis_is_recomputed_not_served_partially(cluster):
     assert f"{PREFIX}:index:{doc['cache_id']}".encode() in redis.client().keys(f"{PREFIX}:index:*")
 
 
+def test_one_ledger_across_nodes_charges_each_read_once(cluster, ledger_url: str, tmp_path: Path):
+    """An agent reads a document published on A from both nodes: the shared PostgreSQL ledger holds both charges,
+    the publisher's royalties and the agent's balance agree, and the ledger balances."""
+    from decimal import Decimal
+
+    redis, a, b = cluster
+    ledger = open_ledger(ledger_url, tmp_path, environ={"KVMART_ADMIN_KEY": ADMIN_KEY})
+    _, publisher_key = ledger.create_account("multinode-publisher", "publisher")
+    _, agent_key = ledger.create_account("multinode-agent", "agent")
+    ledger.deposit("multinode-agent", Decimal("5"))
+    ledger.deposit("multinode-publisher", Decimal("1"))
+    response = a.publish(document(7), key=publisher_key)
+    assert response.status_code in (200, 201), response.text
+    doc = response.json()
+    answers = [node.ask(doc["id"], QUESTION, key=agent_key) for node in (a, b, b)]
+    assert [cached_tokens(x) for x in answers] == [doc["num_tokens"]] * 3
+    charges = [x["usage"]["kvmart"]["charge"] for x in answers]
+    charged = [round(Decimal(c["usd"]) * 10**9) for c in charges]
+    agent = ledger.usage(ledger.account("multinode-agent"))
+    assert agent.requests == 3 and agent.spent_nanousd == sum(charged) > 0
+    assert agent.balance_nanousd == 5 * 10**9 - sum(charged)
+    assert ledger.usage(ledger.account("multinode-publisher")).royalties_nanousd == sum(
+        round(Decimal(c["royalty_usd"]) * 10**9) for c in charges) > 0
+    assert len({c["receipt"]["receipt"] for c in charges}) == 3 and all(ledger.verify_receipt(c["receipt"]) for c in charges)
+    assert ledger.health().is_sound
+
+
 def test_the_router_keeps_a_document_on_one_node_and_fails_over(cluster):
     redis, a, b = cluster
     doc = publish(a, document(6))
@@ -167,28 +194,3 @@ def test_the_router_keeps_a_document_on_one_node_and_fails_over(cluster):
     server.should_exit = True
     thread.join(30)
 
-
-def test_one_ledger_across_nodes_charges_each_read_once(cluster, ledger_url: str, tmp_path: Path):
-    """An agent reads a document published on A from both nodes: the shared PostgreSQL ledger holds both charges,
-    the publisher's royalties and the agent's balance agree, and the ledger balances."""
-    from decimal import Decimal
-
-    redis, a, b = cluster
-    ledger = open_ledger(ledger_url, tmp_path, environ={"KVMART_ADMIN_KEY": ADMIN_KEY})
-    _, publisher_key = ledger.create_account("multinode-publisher", "publisher")
-    _, agent_key = ledger.create_account("multinode-agent", "agent")
-    ledger.deposit("multinode-agent", Decimal("5"))
-    response = a.publish(document(7), key=publisher_key)
-    assert response.status_code in (200, 201), response.text
-    doc = response.json()
-    answers = [node.ask(doc["id"], QUESTION, key=agent_key) for node in (a, b, b)]
-    assert [cached_tokens(x) for x in answers] == [doc["num_tokens"]] * 3
-    charges = [x["usage"]["kvmart"]["charge"] for x in answers]
-    charged = [round(Decimal(c["usd"]) * 10**9) for c in charges]
-    agent = ledger.usage(ledger.account("multinode-agent"))
-    assert agent.requests == 3 and agent.spent_nanousd == sum(charged) > 0
-    assert agent.balance_nanousd == 5 * 10**9 - sum(charged)
-    assert ledger.usage(ledger.account("multinode-publisher")).royalties_nanousd == sum(
-        round(Decimal(c["royalty_usd"]) * 10**9) for c in charges) > 0
-    assert len({c["receipt"]["receipt"] for c in charges}) == 3 and all(ledger.verify_receipt(c["receipt"]) for c in charges)
-    assert ledger.health().is_sound

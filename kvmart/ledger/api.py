@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
-from ..errors import AccountError, AuthenticationError
+from ..errors import AccountError, AuthenticationError, LedgerError
 from . import accounts as acc
 from . import charges, entries, licences, receipts, reports
 from .accounts import Account
@@ -128,20 +129,29 @@ class Ledger:
     def check_readers(self, names: tuple[str, ...]) -> None:
         self.read(lambda conn: licences.check_readers(conn, names))
 
-    def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> int:
+    def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> int | None:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
-        the fee in nano-dollars. InsufficientFundsError (nothing recorded) if the publisher cannot pay it."""
+        the fee in nano-dollars. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
+        None, with nothing recorded or charged, if the document already has a licence: the first publisher keeps
+        it, whether another node published the same text at the same moment or the artifact was deleted or
+        evicted (`kvmart rm`, a shared tier's TTL) and computed again."""
         fee = 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
 
-        def work(conn: Connection) -> int:
-            licences.forget(conn, cache_id)  # terms left by an artifact deleted outside the server (`kvmart rm`)
+        def work(conn: Connection) -> int | None:
+            if licences.find_licence(conn, cache_id) is not None:
+                return None
             licences.register(conn, cache_id, publisher, terms, salt, num_tokens)
             if fee:
                 provider = acc.get_account(conn, acc.PROVIDER)
                 entries.post(conn, "precompute", [(publisher.id, -fee), (provider.id, fee)], memo=cache_id)
             return fee
 
-        return self.run(work)
+        try:
+            return self.run(work)
+        except LedgerError as e:  # two nodes inserted the same licence at once: the other one's committed first
+            if isinstance(e.__cause__, IntegrityError) and self.licence(cache_id) is not None:
+                return None
+            raise
 
     def forget(self, cache_id: str) -> None:
         self.run(lambda conn: licences.forget(conn, cache_id))

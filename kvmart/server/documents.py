@@ -79,15 +79,15 @@ async def publish(request: Request):
     assert isinstance(published, Published), published
     services.metrics.published.inc(outcome="computed" if published.is_new else "already_stored")
     doc, fee = published.document, 0
-    if published.is_new:
-        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt)
+    if published.is_new:  # None: another node published the same text first; its licence stands
+        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt) or 0
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
             "seconds": published.seconds, "precompute_charge_usd": usd_text(fee)}
     return JSONResponse(body, status_code=201 if published.is_new else 200)
 
 
-def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str) -> int:
+def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str) -> int | None:
     """The licence and the publisher's fee, together; if the publisher cannot pay, the new artifact is deleted
     again and the 402 raised: nothing stored, nothing charged."""
     try:

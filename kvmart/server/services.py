@@ -42,8 +42,7 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
     ledger = ledger or open_ledger(settings.ledger, settings.data_dir)
     model = model or Model.load(settings)
     store = store or open_store(settings.store_url, local_dir=settings.data_dir / "store")  # shared: tiered
-    # TODO(ledger): several nodes over one shared store must also share one ledger (PostgreSQL): each node charges
-    # a read where its Run ends (runs.py), in one transaction per read (docs/SCALE.md, "Ledger").
+    # several nodes over one shared store share one ledger too (--ledger postgresql://...; docs/SCALE.md "Ledger")
     catalog = Catalog(store, model.fingerprint.digest)
     hot = HotTier(server.ram_cache_bytes)
     worker = Worker(server.max_active, server.max_queue)
