@@ -21,6 +21,7 @@ from ..errors import KvmartError
 from ..ledger import Ledger
 from ..model import Model
 from ..store import Store
+from ..web import mount_web
 from . import anthropic, documents, money, openai
 from .config import ServerSettings
 from .errors import HttpError, RequestError, http_error
@@ -57,6 +58,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, model: 
     app.add_exception_handler(KvmartError, kvmart_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
+    mount_web(app)  # the market's web page at /
     app.add_middleware(RequestMetrics, services=services)
     return app
 
