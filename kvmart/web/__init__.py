@@ -10,16 +10,21 @@ elsewhere, no build step). See docs/WEB.md.
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from starlette.staticfiles import StaticFiles
+from typing import TYPE_CHECKING
 
-from .pages import HERE
-from .routes import router
-from .sessions import Sessions
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
-def mount_web(app: FastAPI) -> None:
-    """Add the web page's routes and static files to the server's app."""
+def mount_web(app: "FastAPI") -> None:
+    """Add the web page's routes and static files to the server's app. (Imported here, not at the top: the web
+    modules import the server's, and the server's app imports this function.)"""
+    from starlette.staticfiles import StaticFiles
+
+    from .pages import HERE
+    from .routes import router
+    from .sessions import Sessions
+
     app.state.web_sessions = Sessions()
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

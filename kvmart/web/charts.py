@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 640, 200
-PAD_LEFT, PAD_BOTTOM, PAD_TOP = 64, 28, 16
+PAD_LEFT, PAD_BOTTOM, PAD_TOP = 96, 28, 16
 BAR_ROW = 22  # px per row of a horizontal bar chart
 
 
