@@ -213,3 +213,12 @@ def test_titles_are_escaped_everywhere(live):
     for text in pages:
         assert "<script>alert" not in text and "<img src=x" not in text
         assert "&lt;script&gt;alert(" in text
+
+
+def test_revoking_the_key_ends_the_session(live):
+    key = live.account("revoked-soon", "agent")
+    client = signed_in(live, key)
+    assert 'id="signed-in-as">revoked-soon' in client.get("/").text
+    live.services.ledger.revoke_keys("revoked-soon")
+    assert 'id="signed-in-as"' not in client.get("/").text
+    assert client.get("/publisher").headers["location"] == "/signin"
