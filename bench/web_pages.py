@@ -68,7 +68,8 @@ def main() -> None:
             for size in (int(s) for s in args.sizes.split(",")):
                 for i in track(range(len(published), size), description=f"publishing up to {size}"):
                     body = {"text": f"Document {i}.\n\n" + texts[i % 3][: 1500 + 7 * i], "title": f"doc {i}"}
-                    published.append(http.post("/v1/documents", json=body, headers=auth).raise_for_status().json()["id"])
+                    response = http.post("/v1/documents", json=body, headers=auth).raise_for_status()
+                    published.append(response.json()["id"])
                 html, api, page, one = [], [], [], []
                 for _ in range(args.repeats):  # interleaved, so drift hits both alike
                     html += median_ms(http, "/", 1)

@@ -83,6 +83,9 @@ def test_try_it_streams_the_api_answer_with_cached_tokens(live):
     assert "".join(pieces) == api["choices"][0]["message"]["content"]  # the same computation as the API
     assert api["usage"]["prompt_tokens"] == usage["prompt_tokens"]
     assert agent.get(f"/documents/{doc['id']}").text.count('id="doc-reads">2<') == 1  # both reads counted
+    requests = live.services.ledger.usage(live.services.ledger.account("agent")).requests
+    mine = agent.get("/publisher").text  # an agent's own page: its spending, no publishing
+    assert f'id="requests">{requests}<' in mine and 'id="publish-form"' not in mine
 
 
 def test_publisher_publishes_earns_and_deletes(live):
