@@ -5,8 +5,10 @@ the session store."""
 from __future__ import annotations
 
 import re
+import time
 from decimal import Decimal
 
+from kvmart.ledger import Terms, open_ledger
 from kvmart.web import charts, stats
 from kvmart.web.formatting import price, size, usd
 from kvmart.web.provider import Samples, quantile
@@ -60,3 +62,36 @@ def test_sessions_are_fresh_bounded_and_expire():
     assert sessions.get(b.token) is None and sessions.get(a.token) is a and len(sessions) == 2
     expired = Sessions(idle_seconds=-1)
     assert expired.get(expired.new().token) is None
+
+
+def test_reads_and_savings_over_time_from_real_charges(ledger_url, tmp_path):
+    """On SQLite and on PostgreSQL: each charge lands in its time bucket; the licence terms come back exact."""
+    ledger = open_ledger(ledger_url, tmp_path, environ={})
+    try:
+        for name, role in (("pub", "publisher"), ("reader", "agent")):
+            ledger.create_account(name, role)
+            ledger.deposit(name, Decimal("1"))
+        cache_id, other = "a" * 64, "b" * 64
+        priced = Terms("priced", cache_read_usd_per_mtok=Decimal("0.25"))
+        ledger.publish(cache_id, ledger.account("pub"), priced, "", 100)
+        ledger.publish(other, ledger.account("pub"), Terms("private"), "salt", 100)
+        saved = 0
+        for doc, reads in ((cache_id, 3), (other, 1)):
+            licence = ledger.licence(doc)
+            for _ in range(reads):
+                used = ledger.quote(licence, 100, 5, 2)
+                ledger.settle(ledger.open_hold(ledger.account("reader"), used.total_nanousd, None, "h"), used, licence,
+                              doc)
+                saved += used.saved_nanousd
+        now = int(time.time())
+        reads = stats.reads_over_time(ledger, cache_id, now)
+        assert reads.bucket_seconds == 60 and len(reads.values) == stats.MAX_BUCKETS
+        assert reads.values[-1] + reads.values[-2] == 3 and reads.total == 3  # this minute (or the one before)
+        assert stats.reads_over_time(ledger, "c" * 64, now).total == 0
+        assert stats.savings_over_time(ledger, now).total == saved > 0
+        later = stats.reads_over_time(ledger, cache_id, now + 2 * 3600)  # two hours on: hourly buckets
+        assert later.bucket_seconds == 3600 and later.total == 3 and later.values[-1] == 0
+        terms = stats.licence_terms(ledger)
+        assert terms[cache_id] == stats.Terms("priced", Decimal("0.25")) and terms[other].kind == "private"
+    finally:
+        ledger.close()
