@@ -30,6 +30,7 @@ from .services import Services, build_services
 log = logging.getLogger("kvmart.server")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents", "/v1/models",
                "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
+KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static")  # web page
 
 
 def create_app(settings: Settings, server: ServerSettings | None = None, model: Model | None = None,
