@@ -21,6 +21,7 @@ from ..errors import KvmartError
 from ..ledger import Ledger
 from ..model import Model
 from ..store import Store
+from ..web import mount_web
 from . import anthropic, documents, money, openai
 from .config import ServerSettings
 from .errors import HttpError, RequestError, http_error
@@ -29,6 +30,7 @@ from .services import Services, build_services
 log = logging.getLogger("kvmart.server")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents", "/v1/models",
                "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
+KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static")  # web page
 
 
 def create_app(settings: Settings, server: ServerSettings | None = None, model: Model | None = None,
@@ -57,6 +59,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, model: 
     app.add_exception_handler(KvmartError, kvmart_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
+    mount_web(app)  # the market's web page at /
     app.add_middleware(RequestMetrics, services=services)
     return app
 

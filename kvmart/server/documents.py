@@ -69,8 +69,15 @@ async def publish(request: Request):
     text was already published (nothing computed, nothing charged)."""
     services: Services = request.app.state.services
     account = await caller(request)
-    require_role(account, "publisher")
     req = parse(PublishRequest, await read_json(request, services.server.max_body_bytes))
+    body, is_new = await publish_as(services, account, req)
+    return JSONResponse(body, status_code=201 if is_new else 200)
+
+
+async def publish_as(services: Services, account: Account, req: PublishRequest) -> tuple[dict, bool]:
+    """Publish `req` for `account` (the API and the web page both come here): the document's JSON, and whether it
+    was computed now. ForbiddenError for an agent, TariffError/AccountError for bad terms, 402 for the fee."""
+    require_role(account, "publisher")
     terms = req.terms()
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
@@ -84,7 +91,7 @@ async def publish(request: Request):
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
             "seconds": published.seconds, "precompute_charge_usd": usd_text(fee)}
-    return JSONResponse(body, status_code=201 if published.is_new else 200)
+    return body, published.is_new
 
 
 def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str) -> int | None:
@@ -142,7 +149,13 @@ async def delete_document(request: Request, doc_id: str):
     """Only its publisher (or the admin) may delete a document; documents precomputed by the CLI are deleted with
     `kvmart rm`. Another tenant's private document is a 404, as if it did not exist."""
     services: Services = request.app.state.services
-    account = await caller(request)
+    await delete_as(services, await caller(request), doc_id)
+    return {"id": doc_id, "object": "document.deleted", "deleted": True}
+
+
+async def delete_as(services: Services, account: Account, doc_id: str) -> None:
+    """Delete `doc_id` for `account` (the API and the web page): 404 if it may not see it, 403 unless it is the
+    document's publisher or the admin."""
     doc = await run_in_threadpool(visible_document, services, account, doc_id)
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     if not account.is_admin and (licence is None or licence.publisher_id != account.id):
@@ -150,4 +163,3 @@ async def delete_document(request: Request, doc_id: str):
         raise ForbiddenError(f"document {doc_id!r} {why}; only its publisher may delete it")
     remove(services, doc)
     await run_in_threadpool(services.ledger.forget, doc.cache_id)
-    return {"id": doc_id, "object": "document.deleted", "deleted": True}

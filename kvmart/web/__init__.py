@@ -1,0 +1,30 @@
+"""The market's web page, served by `kvmart serve` at `/`: a catalogue, a publisher's page and a provider's page,
+rendered on the server (Jinja2 templates, inline SVG charts, a little vanilla JavaScript; nothing loaded from
+elsewhere, no build step). See docs/WEB.md.
+
+    routes.py     the routes                      pages.py      templates, viewer, CSRF, forms, headers
+    sessions.py   cookie sessions                 access.py     what a viewer may see
+    views.py      catalogue, document, publisher  provider.py   the provider's figures (/metrics, ledger)
+    stats.py      figures over time (ledger)      charts.py     SVG charts
+    formatting.py number formats                  templates/, static/"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+
+def mount_web(app: "FastAPI") -> None:
+    """Add the web page's routes and static files to the server's app. (Imported here, not at the top: the web
+    modules import the server's, and the server's app imports this function.)"""
+    from starlette.staticfiles import StaticFiles
+
+    from .pages import HERE
+    from .routes import router
+    from .sessions import Sessions
+
+    app.state.web_sessions = Sessions()
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

@@ -1,0 +1,45 @@
+"""How numbers read on the page (Jinja filters): dollars from nano-dollars, bytes, seconds, ages."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+from ..ledger.tariffs import NANO_PER_USD
+
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def usd(nanousd: int) -> str:
+    """Exact dollars, trailing zeros trimmed to cents: 1_500_000_000 -> '$1.50', 429_400 -> '$0.0004294'."""
+    whole, frac = divmod(abs(nanousd), NANO_PER_USD)
+    sign = "-" if nanousd < 0 else ""
+    return f"{sign}${whole:,}.{f'{frac:09d}'.rstrip('0').ljust(2, '0')}"
+
+
+def price(usd_per_mtok: Decimal) -> str:
+    return f"${usd_per_mtok.normalize():f} / Mtok"
+
+
+def size(num_bytes: float) -> str:
+    value, unit = float(num_bytes), 0
+    while value >= 1024 and unit < len(BYTE_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{value:,.0f} {BYTE_UNITS[unit]}" if unit == 0 else f"{value:,.1f} {BYTE_UNITS[unit]}"
+
+
+def seconds(value: float) -> str:
+    if value < 1:
+        return f"{value * 1000:,.1f} ms"
+    return f"{value:,.2f} s"
+
+
+def age(created_at: float, now: float | None = None) -> str:
+    elapsed = max(0.0, (time.time() if now is None else now) - created_at)
+    for span, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if elapsed >= span:
+            return f"{elapsed // span:.0f} {unit} ago"
+    return "just now"
+
+
+FILTERS = {"usd": usd, "price": price, "size": size, "seconds": seconds, "age": age}

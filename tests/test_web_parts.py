@@ -1,0 +1,97 @@
+"""The web page's pure parts: SVG charts (escaped labels, bar heights in proportion), time buckets of the ledger's
+charges, money and size formats, the Prometheus text parser and histogram quantiles the provider's page uses, and
+the session store."""
+
+from __future__ import annotations
+
+import re
+import time
+from decimal import Decimal
+
+from kvmart.ledger import Terms, open_ledger
+from kvmart.web import charts, stats
+from kvmart.web.formatting import price, size, usd
+from kvmart.web.provider import Samples, quantile
+from kvmart.web.sessions import Sessions
+
+
+def test_charts_escape_labels_and_scale_bars():
+    svg = charts.hbar_chart([("<script>x</script>", 10), ("b & c", 5)], "t <i>")
+    assert "<script>" not in svg and "&lt;script&gt;" in svg and "b &amp; c" in svg and "t &lt;i&gt;" in svg
+    widths = [float(w) for w in re.findall(r'<rect class="bar" x="\d+" y="[\d.]+" width="([\d.]+)"', svg)]
+    assert len(widths) == 2 and abs(widths[0] - 2 * widths[1]) < 0.2
+    bars = charts.bar_chart(["a", "b", "c"], [0, 4, 2], "reads")
+    heights = [float(h) for h in re.findall(r'height="([\d.]+)"><title>', bars)]
+    assert heights[0] == 0 and abs(heights[1] - 2 * heights[2]) < 0.2
+    assert "<rect" not in charts.hbar_chart([], "empty")
+
+
+def test_bucket_width_fits_the_span_in_24_buckets():
+    assert stats.bucket_width(0) == 60 and stats.bucket_width(23 * 60) == 60
+    assert stats.bucket_width(24 * 60) == 3600 and stats.bucket_width(2 * 86400) == 86400
+    assert stats.bucket_width(10**9) == 7 * 86400
+
+
+def test_money_and_sizes_read_exactly():
+    assert usd(429_400) == "$0.0004294" and usd(1_500_000_000) == "$1.50" and usd(0) == "$0.00"
+    assert usd(3_000 * 10**9) == "$3,000.00" and usd(-5) == "-$0.000000005"
+    assert price(Decimal("0.250")) == "$0.25 / Mtok" and price(Decimal("1E+1")) == "$10 / Mtok"
+    assert size(512) == "512 B" and size(1536) == "1.5 KiB" and size(3 * 2**30) == "3.0 GiB"
+
+
+def test_prometheus_samples_and_quantiles():
+    text = "\n".join(['# HELP x y', 'kvmart_cache_hits_total{tier="ram"} 3', 'kvmart_cache_hits_total{tier="store"} 1',
+                      'kvmart_queue_active 2', 'h_bucket{endpoint="a",le="0.1"} 1', 'h_bucket{endpoint="a",le="1"} 19',
+                      'h_bucket{endpoint="a",le="+Inf"} 20', 'lbl{v="a \\"q\\" b"} 7'])
+    samples = Samples(text)
+    assert samples.by_label("kvmart_cache_hits_total", "tier") == {"ram": 3, "store": 1}
+    assert samples.total("kvmart_queue_active") == 2 and samples.get("kvmart_cache_hits_total", tier="ram") == 3
+    assert samples.get("lbl", v='a \\"q\\" b') == 7
+    buckets = {0.1: 1, 1.0: 19, float("inf"): 20}
+    assert quantile(buckets, 0.5) == 1.0 and quantile(buckets, 0.05) == 0.1 and quantile(buckets, 0.99) == float("inf")
+    assert quantile({}, 0.95) == 0.0
+
+
+def test_sessions_are_fresh_bounded_and_expire():
+    sessions = Sessions(max_sessions=2, idle_seconds=3600)
+    a, b = sessions.new(), sessions.new("kvm_key")
+    assert a.token != b.token and a.csrf != b.csrf and "kvm_key" not in repr(b)
+    assert sessions.get(a.token) is a and a.csrf_matches(a.csrf) and not a.csrf_matches(b.csrf)
+    assert not a.csrf_matches("") and not a.csrf_matches(None)
+    sessions.new()  # over the bound: the least recently used (b) goes
+    assert sessions.get(b.token) is None and sessions.get(a.token) is a and len(sessions) == 2
+    expired = Sessions(idle_seconds=-1)
+    assert expired.get(expired.new().token) is None
+
+
+def test_reads_and_savings_over_time_from_real_charges(ledger_url, tmp_path):
+    """On SQLite and on PostgreSQL: each charge lands in its time bucket; the licence terms come back exact."""
+    ledger = open_ledger(ledger_url, tmp_path, environ={})
+    try:
+        for name, role in (("pub", "publisher"), ("reader", "agent")):
+            ledger.create_account(name, role)
+            ledger.deposit(name, Decimal("1"))
+        cache_id, other = "a" * 64, "b" * 64
+        priced = Terms("priced", cache_read_usd_per_mtok=Decimal("0.25"))
+        ledger.publish(cache_id, ledger.account("pub"), priced, "", 100)
+        ledger.publish(other, ledger.account("pub"), Terms("private"), "salt", 100)
+        saved = 0
+        for doc, reads in ((cache_id, 3), (other, 1)):
+            licence = ledger.licence(doc)
+            for _ in range(reads):
+                used = ledger.quote(licence, 100, 5, 2)
+                ledger.settle(ledger.open_hold(ledger.account("reader"), used.total_nanousd, None, "h"), used, licence,
+                              doc)
+                saved += used.saved_nanousd
+        now = int(time.time())
+        reads = stats.reads_over_time(ledger, cache_id, now)
+        assert reads.bucket_seconds == 60 and len(reads.values) == stats.MAX_BUCKETS
+        assert reads.values[-1] + reads.values[-2] == 3 and reads.total == 3  # this minute (or the one before)
+        assert stats.reads_over_time(ledger, "c" * 64, now).total == 0
+        assert stats.savings_over_time(ledger, now).total == saved > 0
+        later = stats.reads_over_time(ledger, cache_id, now + 2 * 3600)  # two hours on: hourly buckets
+        assert later.bucket_seconds == 3600 and later.total == 3 and later.values[-1] == 0
+        terms = stats.licence_terms(ledger)
+        assert terms[cache_id] == stats.Terms("priced", Decimal("0.25")) and terms[other].kind == "private"
+    finally:
+        ledger.close()
