@@ -31,7 +31,7 @@ PARAMS_KEY = "kvmart"  # our key inside a request's kv_transfer_params
 class VllmOptions:
     """How vLLM is started. On the CPU backend vLLM's KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB)."""
 
-    block_size: int = 16  # tokens per KV block; stored documents are reused in whole blocks
+    block_size: int | None = None  # tokens per KV block (None: vLLM's default); documents are reused in whole blocks
     prefix_caching: bool = True  # vLLM's own in-memory prefix cache (kvmart's store is the tier below it)
     memory_fraction: float = 0.3  # gpu_memory_utilization: on CPU, the fraction of RAM vLLM may reserve
     max_model_len: int | None = None  # None: the model's context
@@ -39,7 +39,7 @@ class VllmOptions:
     enforce_eager: bool = True  # no graph capture: faster start-up, and what the CPU backend does anyway
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"block_size must be at least 1 (got {self.block_size})")
         if not 0 < self.memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1] (got {self.memory_fraction})")
@@ -115,9 +115,11 @@ class VllmEngine(Engine):
         store = open_store(settings.store_url)
         transfer = KVTransferConfig(
             kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
+            kv_load_failure_policy="recompute",  # an artifact refused on load is recomputed, never fatal
             kv_connector_extra_config={"store": settings.store_url, "data_dir": str(settings.data_dir),
                                        "spec": settings.model})
-        llm = LLM(model=str(folder), tokenizer=str(folder), dtype=settings.dtype, seed=0,
+        llm = LLM(model=str(folder), tokenizer=str(folder), dtype=settings.dtype, seed=0, runner="generate",
+                  hf_overrides=_causal_lm_overrides(folder),
                   block_size=options.block_size, enable_prefix_caching=options.prefix_caching,
                   gpu_memory_utilization=options.memory_fraction, max_model_len=options.max_model_len,
                   max_num_batched_tokens=options.max_num_batched_tokens, enforce_eager=options.enforce_eager,
@@ -219,6 +221,19 @@ class VllmEngine(Engine):
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if shutdown is not None:
                 shutdown()
+
+
+def _causal_lm_overrides(folder: Path) -> dict:
+    """A config.json without `architectures` (kvmart's built-in models are written from a bare config) makes
+    vLLM load the headless model; name the causal-LM class transformers maps the model type to."""
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("architectures") or config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return {}
+    return {"architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]}
 
 
 def _tier(output) -> str:

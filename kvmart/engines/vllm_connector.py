@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..artifact import artifact_size, manifest_for, read_artifact, write_artifact
 from ..errors import KvmartError
@@ -72,20 +73,32 @@ class _Publishing:
 
 
 def attention_backend_name(vllm_config) -> str:
-    """The attention backend vLLM uses for this model (part of the fingerprint of the KV it computes)."""
+    """The attention backend vLLM selects for this model (part of the fingerprint of the KV it computes). Every
+    process asks vLLM's selector, so the frontend, the scheduler and the worker agree; the worker then checks it
+    against the backend its layers really use (`register_kv_caches`)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.selector import get_attn_backend
+
+    model = vllm_config.model_config
+    with set_current_vllm_config(vllm_config):
+        backend = get_attn_backend(model.get_head_size(), model.dtype, vllm_config.cache_config.cache_dtype,
+                                   num_heads=model.get_num_attention_heads(vllm_config.parallel_config))
+    return backend.get_name()
+
+
+def layers_backend_name(vllm_config, layer_names: list[str]) -> str | None:
+    """The backend the worker's attention layers use (None where they cannot be seen from this process)."""
     layers = getattr(vllm_config.compilation_config, "static_forward_context", None) or {}
-    for layer in layers.values():
-        backend = getattr(layer, "attn_backend", None)
+    for name in layer_names:
+        backend = getattr(layers.get(name), "attn_backend", None)
         if backend is not None:
             return backend.get_name()
-    return _selected_backend(vllm_config)
-
-
-def _selected_backend(vllm_config) -> str:
-    raise NotImplementedError  # filled in from the installed vLLM
+    return None
 
 
 class KvmartConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.DISK  # vLLM's metrics: external hits come from kvmart's store
+
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
@@ -105,6 +118,7 @@ class KvmartConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_names: list[str] = []
         self._failed_blocks: set[int] = set()
+        self._backend = self.fingerprint.attention.removeprefix("vllm:")
 
     def _fingerprint(self, backend: str):
         return vllm_fingerprint(self.folder, self.dtype, backend, self.block_size, vllm.__version__,
@@ -188,7 +202,14 @@ class KvmartConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._kv_caches = kv_caches
         self._layer_names = sorted(kv_caches, key=_layer_index)
-        self.fingerprint = self._fingerprint(attention_backend_name(self._vllm_config))
+        used = layers_backend_name(self._vllm_config, self._layer_names)
+        if used is not None and used != self.fingerprint.attention.removeprefix("vllm:"):
+            # the layers are the truth: KV is saved under their backend, and what this engine's scheduler
+            # matches (another fingerprint) is refused when loaded, never used
+            log.error("kvmart: vLLM's selector names attention backend %s but the layers use %s",
+                      self.fingerprint.attention, used)
+            self.fingerprint = self._fingerprint(used)
+        self._backend = used or self.fingerprint.attention.removeprefix("vllm:")
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         """Copy each planned document prefix from the store into the paged buffers, before the forward pass."""
@@ -228,7 +249,7 @@ class KvmartConnector(KVConnectorBase_V1):
         if kv.num_tokens < spec.end:
             raise KvmartError(f"artifact {spec.cache_id[:16]} holds {kv.num_tokens} tokens, {spec.end} were matched")
         for i, name in enumerate(self._layer_names):
-            keys, values = paged_views(self._kv_caches[name], self.block_size)
+            keys, values = paged_views(self._kv_caches[name], self.block_size, self._backend)
             scatter(keys, kv.keys[i], spec.start, spec.end, spec.block_ids, self.block_size)
             scatter(values, kv.values[i], spec.start, spec.end, spec.block_ids, self.block_size)
 
@@ -236,7 +257,7 @@ class KvmartConnector(KVConnectorBase_V1):
         num_tokens = len(spec.token_ids)
         keys, values = [], []
         for name in self._layer_names:
-            k, v = paged_views(self._kv_caches[name], self.block_size)
+            k, v = paged_views(self._kv_caches[name], self.block_size, self._backend)
             keys.append(gather(k, spec.block_ids, num_tokens, self.block_size))
             values.append(gather(v, spec.block_ids, num_tokens, self.block_size))
         kv = KV(tuple(keys), tuple(values))
@@ -260,9 +281,20 @@ def _layer_index(name: str) -> int:
     return digits[0]
 
 
-def paged_views(kv_cache: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of one layer's paged buffer, each as a [num_blocks, kv_heads, block_size, head_dim] view."""
-    raise NotImplementedError  # from the installed backend's layout
+def paged_views(kv_cache: torch.Tensor, block_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one layer's paged buffer, each as a [num_blocks, kv_heads, block_size, head_dim] view.
+
+    vLLM's logical per-layer shape is [num_blocks, kv_heads, block_size, 2 * head_dim]. The CPU backend reads each
+    (block, head) run as block_size keys then block_size values; the GPU backends (flash attention, triton) split
+    the last axis, keys first (vllm/v1/attention/backends/cpu_attn.py, flash_attn.py)."""
+    num_blocks, heads, tokens, content = kv_cache.shape
+    if tokens != block_size:
+        raise KvmartError(f"vLLM's kernel block size {tokens} differs from its block size {block_size}: start vLLM "
+                          f"with a block size its {backend} kernels take whole (e.g. {tokens})")
+    if backend == "CPU_ATTN":
+        halves = kv_cache.view(num_blocks, heads, 2 * tokens, content // 2)
+        return halves[:, :, :tokens], halves[:, :, tokens:]
+    return kv_cache[..., :content // 2], kv_cache[..., content // 2:]
 
 
 def scatter(blocks: torch.Tensor, source: torch.Tensor, start: int, end: int, block_ids: list[int],
