@@ -141,3 +141,58 @@ def _vllm_version() -> str:
     import vllm
 
     return vllm.__version__
+
+
+def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, folder: Path, tokenizer, monkeypatch):
+    """`kvmart serve --engine vllm` over the store the runs above filled: a chat request naming a document is
+    answered by vLLM from the stored KV, and usage reports the document's cached tokens as the transformers
+    engine does (what the ledger charges)."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from kvmart.config import Settings
+    from kvmart.server import ServerSettings, create_app
+    from kvmart.server.catalog import document_id
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    settings = Settings(data_dir=runs["data_dir"], model=str(folder), dtype="float32")
+    app = create_app(settings, ServerSettings(port=0, engine="vllm", log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        block = runs["first"]["block_size"]
+        with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS) as http:
+            listed = {d["id"] for d in http.get("/v1/documents").json()["data"]}
+            published = runs["first"]["published"]
+            assert {document_id(p["cache_id"]) for p in published} <= listed
+            reply = http.post("/v1/chat/completions", json={
+                "model": str(folder), "temperature": 0, "max_tokens": MAX_TOKENS,
+                "messages": [{"role": "user", "content": QUESTIONS[0]}],
+                "documents": [document_id(published[1]["cache_id"])]}).json()
+            usage = reply["usage"]
+            assert usage["prompt_tokens"] == len(runs["prompts"][2])
+            assert usage["prompt_tokens_details"]["cached_tokens"] == len(runs["docs"][1]) // block * block
+            assert usage["kvmart"]["cache"] == "store" and usage["kvmart"]["cache_id"] == published[1]["cache_id"]
+            scratch = [t for t in runs["first"]["answers"][2]["tokens"] if t != tokenizer.eos_token_id]
+            assert reply["choices"][0]["message"]["content"] == tokenizer.decode(scratch, skip_special_tokens=True)
+            refused = http.post("/v1/chat/completions", json={
+                "model": str(folder), "messages": [{"role": "user", "content": "hi"}], "logprobs": True})
+            assert refused.status_code == 400 and "vllm" in refused.json()["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(DEADLINE_SECONDS)
+
+
+def _wait(condition) -> None:
+    import time
+
+    end = time.monotonic() + DEADLINE_SECONDS
+    while not condition():
+        assert time.monotonic() < end, "gave up waiting for the server to start"
+        time.sleep(0.05)
