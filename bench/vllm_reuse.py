@@ -15,6 +15,7 @@ vLLM installed): the engine, the connector and this script are device-agnostic.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -43,6 +44,7 @@ def ttft(engine: VllmEngine, prompt: list[int], bypass: bool) -> tuple[float, in
 
 
 def main() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on the CPU backend (ignored on GPUs)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:smollm2-135m")
     parser.add_argument("--dtype", default="float32")

@@ -39,6 +39,7 @@ SPEC = RandomQwen3Spec("vllm-test", 256, 2, 4, 2, 64, 512, TOKENIZER_VOCAB_SIZE,
 DOCS = [("bsd-3-clause", 1400), ("mpl-2.0", 2500), ("apache-2.0", 1800)]
 QUESTIONS = ["Who may use it?", "What must be kept in copies?", "What is a Contributor?"]
 MAX_TOKENS = 12
+CORRUPTED = 2  # this document's artifact gets a flipped bit between the two engines: refused, recomputed
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 DEADLINE_SECONDS = 900  # vLLM starts in about a minute on 2 CPU cores; a deadline against hangs, not a timing
 
@@ -80,8 +81,16 @@ def runs(tmp_path_factory, folder: Path, tokenizer):
     prompts = [doc + question_ids(tokenize, layout, q) for doc in docs for q in QUESTIONS[:2]]
     first = run_engine(data_dir, folder, publish=docs, prompts=prompts, bypass=True, max_tokens=MAX_TOKENS,
                        logprobs=1)
+    corrupt(DiskStore(data_dir / "store"), first["published"][CORRUPTED]["cache_id"])
     second = run_engine(data_dir, folder, publish=docs[:1], prompts=prompts, max_tokens=MAX_TOKENS, logprobs=1)
     return {"data_dir": data_dir, "docs": docs, "prompts": prompts, "first": first, "second": second}
+
+
+def corrupt(store: DiskStore, cache_id: str) -> None:
+    path = store.object_path(cache_id)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # in the last layer's values
+    path.write_bytes(bytes(data))
 
 
 def test_publishing_stores_vllm_made_artifacts(runs):
@@ -104,7 +113,10 @@ def test_a_restarted_engine_loads_documents_from_the_store(runs):
     for prompt, answer, doc in zip(runs["prompts"], runs["second"]["answers"], _doc_of_each_prompt(runs)):
         aligned = len(runs["docs"][doc]) // block * block
         assert answer["document"] == runs["first"]["published"][doc]["cache_id"]
-        assert answer["cached_tokens"] == aligned and answer["tier"] == "store"
+        if doc == CORRUPTED:  # refused on load (checksum), recomputed by vLLM, and not metered as cached
+            assert answer["cached_tokens"] == 0
+        else:
+            assert answer["cached_tokens"] == aligned and answer["tier"] == "store"
     for answer in runs["first"]["answers"]:  # from scratch: nothing was loaded
         assert answer["cached_tokens"] == 0
 
@@ -128,6 +140,7 @@ def test_vllm_artifacts_are_refused_by_the_transformers_engine(runs, folder: Pat
     cache_id = runs["first"]["published"][0]["cache_id"]
     with store.open(cache_id) as (f, size):
         data = f.read()
+    assert CORRUPTED != 0
     transformers_fp = model_fingerprint(folder, "float32", "kvmart")
     with pytest.raises(FingerprintMismatchError, match="engine"):
         read_artifact(io.BytesIO(data), len(data), transformers_fp)

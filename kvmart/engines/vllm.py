@@ -199,7 +199,8 @@ class VllmEngine(Engine):
             return 0, None
         if bypass:
             return 0, found.document.entry
-        return min(output.num_cached_tokens or 0, found.num_tokens), found.document.entry
+        not_computed = (output.num_cached_tokens or 0) - _reported(output, "refused_tokens")
+        return max(0, min(not_computed, found.num_tokens)), found.document.entry
 
     def _params(self, max_tokens: int, temperature: float, seed: int | None, top_p: float, transfer: dict,
                 logprobs: int | None = None):
@@ -236,12 +237,17 @@ def _causal_lm_overrides(folder: Path) -> dict:
     return {"architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]}
 
 
-def _tier(output) -> str:
-    """`store` if kvmart's connector loaded KV for the request (it says so in the request's kv_transfer_params),
-    else `ram`: vLLM's own prefix cache held the document."""
+def _reported(output, name: str) -> int:
+    """What kvmart's connector reported for the request in its kv_transfer_params (`loaded_tokens`: read from the
+    store; `refused_tokens`: matched but refused on load, then recomputed by vLLM)."""
     params = getattr(output, "kv_transfer_params", None) or {}
-    loaded = (params.get(PARAMS_KEY) or {}).get("loaded_tokens", 0) if isinstance(params, dict) else 0
-    return "store" if loaded else "ram"
+    ours = params.get(PARAMS_KEY) if isinstance(params, dict) else None
+    return int(ours.get(name, 0)) if isinstance(ours, dict) else 0
+
+
+def _tier(output) -> str:
+    """`store` if kvmart's connector loaded KV for the request, else `ram`: vLLM's own prefix cache held it."""
+    return "store" if _reported(output, "loaded_tokens") else "ram"
 
 
 def _eos_ids(folder: Path, tokenizer) -> frozenset[int]:

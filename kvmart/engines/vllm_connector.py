@@ -113,7 +113,8 @@ class KvmartConnector(KVConnectorBase_V1):
         self.catalog = Catalog(self.store, self.fingerprint.digest)
         self._loads: dict[str, tuple[str, int, int]] = {}  # req_id -> (cache_id, end, num_external)
         self._publishing: dict[str, _Publishing] = {}
-        self._loaded: dict[str, int] = {}  # req_id -> tokens planned to load (reported when it finishes)
+        self._loaded: dict[str, tuple[int, set[int]]] = {}  # req_id -> (tokens loaded, their blocks)
+        self._refused: dict[str, int] = {}  # req_id -> tokens whose load the worker refused
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_names: list[str] = []
@@ -177,7 +178,7 @@ class KvmartConnector(KVConnectorBase_V1):
         start = end - num_external  # vLLM's own prefix cache holds [0, start): those blocks are shared, left alone
         blocks = list(block_ids[start // self.block_size:end // self.block_size])
         meta.loads.append(LoadSpec(req_id, cache_id, start, end, blocks))
-        self._loaded[req_id] = end - start
+        self._loaded[req_id] = (end - start, set(blocks))
 
     def _plan_save(self, meta: KvmartMetadata, req_id: str, num_computed: int, scheduler_output) -> None:
         """Once the step that prefills a publish request's last prompt token is scheduled, save after it."""
@@ -195,8 +196,20 @@ class KvmartConnector(KVConnectorBase_V1):
         were loaded from kvmart's store (`kv_transfer_params["kvmart"]["loaded_tokens"]`), for metering."""
         self._publishing.pop(request.request_id, None)
         self._loads.pop(request.request_id, None)
-        loaded = self._loaded.pop(request.request_id, 0)
-        return False, {PARAMS_KEY: {"loaded_tokens": loaded}} if loaded else None
+        loaded, _ = self._loaded.pop(request.request_id, (0, set()))
+        refused = self._refused.pop(request.request_id, 0)
+        if not loaded and not refused:
+            return False, None
+        return False, {PARAMS_KEY: {"loaded_tokens": loaded, "refused_tokens": refused}}
+
+    def update_connector_output(self, connector_output) -> None:
+        """A load the worker refused (its blocks came back invalid; vLLM recomputes them) loaded nothing. vLLM
+        still counts those tokens in `num_cached_tokens`, so the refusal is reported for metering."""
+        invalid = set(getattr(connector_output, "invalid_block_ids", None) or ())
+        for req_id, (tokens, blocks) in list(self._loaded.items()):
+            if blocks & invalid:
+                self._loaded[req_id] = (0, blocks)
+                self._refused[req_id] = tokens
 
     # -- worker side ------------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
