@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=3700, help="document tokens")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--block-size", type=int, help="vLLM's KV block size (default: vLLM's; the CPU kernels "
+                        "take multiples of 32). Documents are reused in whole blocks")
     parser.add_argument("--data-dir", help="default: a temporary store beside the usual models folder")
     args = parser.parse_args()
 
@@ -58,7 +60,8 @@ def main() -> None:
         settings = base.with_overrides(model=args.model, dtype=args.dtype, data_dir=args.data_dir or tmp)
         if not args.data_dir:  # reuse the converted models, keep the bench's store throwaway
             (Path(tmp) / "models").symlink_to(base.models_dir, target_is_directory=True)
-        engine = VllmEngine.open(settings, VllmOptions(prefix_caching=False, max_model_len=args.tokens + 64))
+        engine = VllmEngine.open(settings, VllmOptions(block_size=args.block_size, prefix_caching=False,
+                                                        max_model_len=args.tokens + 64))
         try:
             run(engine, args)
         finally:

@@ -39,6 +39,7 @@ SPEC = RandomQwen3Spec("vllm-test", 256, 2, 4, 2, 64, 512, TOKENIZER_VOCAB_SIZE,
 DOCS = [("bsd-3-clause", 1400), ("mpl-2.0", 2500), ("apache-2.0", 1800)]
 QUESTIONS = ["Who may use it?", "What must be kept in copies?", "What is a Contributor?"]
 MAX_TOKENS = 12
+CHUNK = 256  # the first engine's chunked-prefill size: every document spans several steps
 CORRUPTED = 2  # this document's artifact gets a flipped bit between the two engines: refused, recomputed
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 DEADLINE_SECONDS = 900  # vLLM starts in about a minute on 2 CPU cores; a deadline against hangs, not a timing
@@ -79,8 +80,9 @@ def runs(tmp_path_factory, folder: Path, tokenizer):
     tokenize = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     docs = [document_ids(tokenize, layout, sample_text(name)[:chars]) for name, chars in DOCS]
     prompts = [doc + question_ids(tokenize, layout, q) for doc in docs for q in QUESTIONS[:2]]
+    # the first engine prefills in chunks of CHUNK tokens: publishing saves a document once its last chunk is done
     first = run_engine(data_dir, folder, publish=docs, prompts=prompts, bypass=True, max_tokens=MAX_TOKENS,
-                       logprobs=1)
+                       logprobs=1, max_num_batched_tokens=CHUNK)
     corrupt(DiskStore(data_dir / "store"), first["published"][CORRUPTED]["cache_id"])
     second = run_engine(data_dir, folder, publish=docs[:1], prompts=prompts, max_tokens=MAX_TOKENS, logprobs=1)
     return {"data_dir": data_dir, "docs": docs, "prompts": prompts, "first": first, "second": second}
@@ -97,6 +99,7 @@ def test_publishing_stores_vllm_made_artifacts(runs):
     first, block = runs["first"], runs["first"]["block_size"]
     assert [p["is_new"] for p in first["published"]] == [True] * len(DOCS)
     assert [p["num_tokens"] for p in first["published"]] == [len(d) for d in runs["docs"]]
+    assert all(len(d) > CHUNK for d in runs["docs"])  # so each publish was prefilled in several chunks
     assert runs["second"]["published"][0] == {**first["published"][0], "is_new": False}  # stored once
     assert first["fingerprint"]["engine"] == f"vllm {_vllm_version()}; block_size {block}"
     assert first["fingerprint"]["attention"].startswith("vllm:")

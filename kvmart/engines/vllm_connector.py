@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..artifact import artifact_size, manifest_for, read_artifact, write_artifact
-from ..errors import KvmartError
+from ..errors import ConfigError, KvmartError
 from ..kv import KV
 from ..server.catalog import Catalog
 from ..store import Entry, open_store
@@ -86,6 +86,19 @@ def attention_backend_name(vllm_config) -> str:
     return backend.get_name()
 
 
+def check_supported(vllm_config) -> None:
+    """Refuse what the connector would get wrong: several workers (each holds a slice of the heads or layers,
+    and an artifact holds them all) and a quantized KV cache (the fingerprint's dtype is the model's)."""
+    parallel = vllm_config.parallel_config
+    workers = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+    if workers != 1:
+        raise ConfigError(f"kvmart's vLLM connector runs with one worker; this engine has {workers} "
+                          "(tensor x pipeline parallel)")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        raise ConfigError(f"kvmart's vLLM connector stores KV in the model's dtype; kv_cache_dtype "
+                          f"{vllm_config.cache_config.cache_dtype!r} is not supported")
+
+
 def layers_backend_name(vllm_config, layer_names: list[str]) -> str | None:
     """The backend the worker's attention layers use (None where they cannot be seen from this process)."""
     layers = getattr(vllm_config.compilation_config, "static_forward_context", None) or {}
@@ -101,6 +114,7 @@ class KvmartConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_supported(vllm_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.store = open_store(extra["store"])
         self.spec = extra.get("spec", vllm_config.model_config.model)
