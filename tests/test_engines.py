@@ -5,6 +5,7 @@ an artifact made by another engine is refused by name. (vLLM itself: tests/test_
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import json
 
@@ -91,3 +92,29 @@ def test_transformers_engine_without_a_document(engine, model_f32):
     done = engine.complete(prompt, max_new_tokens=5)
     assert done.cached_tokens == 0 and done.document is None
     assert done.token_ids == model_f32.generate(None, prompt, 5).token_ids
+
+
+def test_the_server_picks_its_engine_by_name():
+    from kvmart.server.config import ServerSettings, load_server_settings
+
+    assert ServerSettings().engine == "transformers"
+    assert load_server_settings({"KVMART_ENGINE": "vllm"}).engine == "vllm"
+    with pytest.raises(ConfigError) as e:
+        load_server_settings({"KVMART_ENGINE": "tgi"})
+    assert "transformers, vllm" in str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_the_vllm_engine_without_vllm_says_how_to_install_it(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        open_engine("vllm", Settings(data_dir=tmp_path, model="builtin:tiny"))
+    assert "kvmart[vllm]" in str(e.value) and "install-vllm.sh" in str(e.value)
+
+
+def test_vllm_options_are_validated():
+    from kvmart.engines.vllm import VllmOptions
+
+    with pytest.raises(ConfigError):
+        VllmOptions(block_size=0)
+    with pytest.raises(ConfigError):
+        VllmOptions(memory_fraction=1.5)
