@@ -196,13 +196,15 @@ def _data_bytes(table: dict[str, dict | None]) -> int:
 
 
 def check_model(manifest: Manifest, fingerprint: ModelFingerprint) -> None:
-    """Refuse an artifact made by any other model, tokenizer, dtype or attention implementation."""
+    """Refuse an artifact made by any other model, tokenizer, dtype, attention implementation or engine."""
     differing = fingerprint.differences(manifest.fingerprint)
     if differing or manifest.fingerprint_digest != fingerprint.digest:
+        loaded = fingerprint.as_dict()
+        details = "; ".join(f"{k}: artifact {manifest.fingerprint.get(k, '(none)')!s:.40} vs loaded "
+                            f"{loaded.get(k, '(none)')!s:.40}" for k in differing)
         raise FingerprintMismatchError(
             f"artifact {manifest.cache_id[:16]} was made by a different model: {', '.join(differing) or 'fingerprint'} "
-            f"differ ({'; '.join(f'{k}: artifact {manifest.fingerprint.get(k)!s:.16} vs loaded {fingerprint.as_dict()[k]:.16}' for k in differing)}). "
-            "Recompute it with the loaded model, or load the model it was made with."
+            f"differ ({details}). Recompute it with the loaded model, or load the model it was made with."
         )
 
 

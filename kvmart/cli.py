@@ -19,6 +19,7 @@ from rich.table import Table
 from . import cache
 from .chat import layout_for, question_ids
 from .config import ATTENTION_IMPLEMENTATIONS, DTYPES, Settings, load_settings
+from .engines import ENGINES
 from .errors import KvmartError
 from .model import Model
 from .samples import SAMPLES, sample_text
@@ -370,16 +371,19 @@ def main() -> None:
 @click.option("--max-body-bytes", help="Largest request body accepted (HTTP 413 beyond).  [default: 32MiB]")
 @click.option("--ledger", "--db", "ledger_url", help="Ledger database URL.  [default: DATA_DIR/ledger.sqlite; or "
                                              "postgresql://USER@HOST:PORT/DB]")
+@click.option("--engine", type=click.Choice(ENGINES), help="Inference engine: kvmart's own (transformers) or vLLM "
+              "with kvmart's KV connector (needs kvmart[vllm]; docs/VLLM.md).  [default: transformers]")
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
-          max_active: int | None, max_queue: int | None, max_body_bytes: str | None, ledger_url: str | None) -> None:
+          max_active: int | None, max_queue: int | None, max_body_bytes: str | None, ledger_url: str | None,
+          engine: str | None) -> None:
     """Serve OpenAI- and Anthropic-compatible HTTP APIs that answer from hosted KV caches (docs/SERVER.md).
 
     Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
     request that reads one, by name or by pasting its text, continues from its stored KV. Options can also be set
     as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES,
-    KVMART_LEDGER. Every request authenticates with an API key (`kvmart accounts create`); the admin key is
-    KVMART_ADMIN_KEY, or printed once at the first start."""
+    KVMART_LEDGER, KVMART_ENGINE. Every request authenticates with an API key (`kvmart accounts create`); the
+    admin key is KVMART_ADMIN_KEY, or printed once at the first start."""
     from .ledger import open_ledger
     from .server import load_server_settings, serve as run_server
     from .server.config import parse_bytes
@@ -387,12 +391,12 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
     server = load_server_settings().with_overrides(
         host=host, port=port, max_active=max_active, max_queue=max_queue,
         ram_cache_bytes=parse_bytes(ram_cache_bytes) if ram_cache_bytes else None,
-        max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None)
+        max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None, engine=engine)
     settings = settings.with_overrides(ledger=ledger_url)
     ledger = open_ledger(settings.ledger, settings.data_dir)
     if ledger.admin_key_issued:
         console.print(f"[bold]admin API key (shown once, keep it):[/bold] {ledger.admin_key_issued}")
-    model = load_model(settings)
+    model = load_model(settings) if server.engine == "transformers" else None  # vllm: started by the server
     console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
                   f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
     run_server(settings, server, model, ledger)

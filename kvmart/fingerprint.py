@@ -28,18 +28,34 @@ class ModelFingerprint:
     tokenizer: str
     dtype: str
     attention: str
+    # The engine that computed the KV, for engines other than kvmart's own transformers path, e.g.
+    # "vllm 0.32.0; block_size 16". Empty (and then absent from `as_dict`, so that the digest of every
+    # transformers-made artifact stays what it was) for the reference engine.
+    engine: str = ""
 
     @property
     def digest(self) -> str:
         return sha256_text(json.dumps(self.as_dict(), sort_keys=True))
 
     def as_dict(self) -> dict[str, str]:
-        return {"config": self.config, "weights": self.weights, "tokenizer": self.tokenizer,
-                "dtype": self.dtype, "attention": self.attention}
+        components = {"config": self.config, "weights": self.weights, "tokenizer": self.tokenizer,
+                      "dtype": self.dtype, "attention": self.attention}
+        if self.engine:
+            components["engine"] = self.engine
+        return components
 
     def differences(self, other: dict[str, str]) -> list[str]:
-        """Names of the components whose values differ from `other` (a recorded `as_dict()`)."""
-        return [k for k, v in self.as_dict().items() if other.get(k) != v]
+        """Names of the components whose values differ from `other` (a recorded `as_dict()`), including one
+        that only one side has (an artifact made by another engine)."""
+        mine = self.as_dict()
+        return [k for k in sorted(mine.keys() | other.keys(), key=_component_order) if other.get(k) != mine.get(k)]
+
+
+COMPONENTS = ("config", "weights", "tokenizer", "dtype", "attention", "engine")
+
+
+def _component_order(name: str) -> tuple[int, str]:
+    return (COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS), name)
 
 
 def sha256_text(text: str) -> str:

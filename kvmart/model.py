@@ -100,6 +100,10 @@ class Model:
         return TORCH_DTYPES[self.dtype_name]
 
     @property
+    def vocab_size(self) -> int:
+        return self.hf_model.config.vocab_size
+
+    @property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 

@@ -49,6 +49,9 @@ def create_app(settings: Settings, server: ServerSettings | None = None, model: 
             yield
         finally:
             await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
+            close = getattr(services.model, "close", None)  # an engine with processes of its own (vllm)
+            if close is not None:
+                close()
 
     app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services

@@ -23,8 +23,13 @@ class ServerSettings:
     default_max_tokens: int = 256  # when a request names no max_tokens (never beyond the context)
     min_prefix_tokens: int = 64  # shortest automatic prefix match reused (a named document always is)
     log_level: str = "info"
+    engine: str = "transformers"  # transformers (kvmart's own path) | vllm (vLLM with kvmart's KV connector)
 
     def __post_init__(self) -> None:
+        from ..engines import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
         for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "min_prefix_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")

@@ -138,7 +138,7 @@ class Engine:
         stored = [d.token_list() for d in documents]
         if isinstance(prompt, ChatPrompt):
             return chat_token_ids(self.model.tokenize, self.model.tokenizer, prompt, stored, self.header_ids)
-        return text_token_ids(self.model.tokenize, prompt, stored, self.model.hf_model.config.vocab_size)
+        return text_token_ids(self.model.tokenize, prompt, stored, self.model.vocab_size)
 
     def max_new_tokens(self, prompt_tokens: int, requested: int | None) -> int:
         """`requested`, or the default clipped to the room left; ContextOverflowError saying by how much."""
@@ -198,8 +198,13 @@ class Engine:
     def decode(self, prefix: KV | None, rest: list[int], max_new: int, sampling: Sampling
                ) -> Iterator[Delta | Finished]:
         """Generate after `prefix` + `rest`: text deltas (stop sequences and partial characters held back)."""
-        detokenizer, stops, count, reason = Detokenizer(self.model.decode), StopMatcher(sampling.stop), 0, "length"
         steps = self.model.stream(prefix, rest, max_new, sampling.temperature, sampling.top_p, sampling.seed)
+        return self.emit(steps, sampling)
+
+    def emit(self, steps: Iterator[tuple[int, torch.Tensor | None]], sampling: Sampling) -> Iterator[Delta | Finished]:
+        """Generated (token, logits) pairs as text deltas and a Finished; stops at an end-of-turn token or a stop
+        sequence. Logits may be None (an engine that reports none; then no logprobs)."""
+        detokenizer, stops, count, reason = Detokenizer(self.model.decode), StopMatcher(sampling.stop), 0, "length"
         with closing(steps):
             for token, logits in steps:
                 count += 1
@@ -217,8 +222,8 @@ class Engine:
             yield Delta(tail, None, None)
         yield Finished("stop" if stop else reason, stop, count)
 
-    def logprob(self, logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
-        if top is None:
+    def logprob(self, logits: torch.Tensor | None, token: int, top: int | None) -> TokenLogprob | None:
+        if top is None or logits is None:
             return None
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], torch.empty(0, dtype=torch.long))

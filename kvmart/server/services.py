@@ -40,6 +40,12 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
     """Everything the app needs; loads the model (unless given) and opens the store and the ledger named by
     `settings`."""
     ledger = ledger or open_ledger(settings.ledger, settings.data_dir)
+    engine_class = Engine
+    if model is None and server.engine == "vllm":
+        from ..engines.vllm import VllmEngine  # lazily: vLLM is an optional extra
+        from .vllm import VllmServerEngine
+
+        model, engine_class = VllmEngine.open(settings), VllmServerEngine  # type: ignore[assignment]
     model = model or Model.load(settings)
     store = store or open_store(settings.store_url, local_dir=settings.data_dir / "store")  # shared: tiered
     # several nodes over one shared store share one ledger too (--ledger postgresql://...; docs/SCALE.md "Ledger")
@@ -52,5 +58,5 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values, read_documents=lambda: len(catalog.documents()))
-    engine = Engine(model, store, catalog, hot, server, salt_for=ledger.salt_of)
+    engine = engine_class(model, store, catalog, hot, server, salt_for=ledger.salt_of)
     return Services(settings, server, model, store, catalog, hot, engine, worker, metrics, ledger)

@@ -1,0 +1,66 @@
+"""The `transformers` engine: kvmart's own path (kvmart/model.py), the embedded default and the exactness
+reference. Reusing a stored document is bit-identical to prefilling it and then the rest of the prompt in two
+steps (README, "Exactness")."""
+
+from __future__ import annotations
+
+import time
+
+from .. import cache
+from ..cache import Precomputed
+from ..config import Settings
+from ..model import Model
+from ..server.catalog import Catalog
+from ..server.engine import kv_prefix
+from ..store import Store, open_store
+from .base import Completion, Engine
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, model: Model, store: Store, min_prefix_tokens: int = 1) -> None:
+        self.model, self.store, self.min_prefix_tokens = model, store, min_prefix_tokens
+        self.spec, self.fingerprint = model.spec, model.fingerprint
+        self.catalog = Catalog(store, model.fingerprint.digest)
+
+    @classmethod
+    def open(cls, settings: Settings, store: Store | None = None) -> "TransformersEngine":
+        return cls(Model.load(settings), store or open_store(settings.store_url))
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def context_tokens(self) -> int:
+        return self.model.context_tokens
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.model.eos_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    def publish(self, token_ids: list[int], title: str = "", source: str = "") -> Precomputed:
+        result = cache.precompute_ids(self.model, self.store, token_ids, title, source)
+        self.catalog.add(result.entry)
+        return result
+
+    def complete(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 bypass: bool = False) -> Completion:
+        start = time.perf_counter()
+        self.catalog.refresh()
+        match = self.catalog.longest_prefix(prompt_ids[:-1], self.min_prefix_tokens)  # one token left to compute
+        kv, cached, document = None, 0, None
+        if match is not None:
+            document = match.document.entry
+            full = (self.model.prefill(match.document.token_list()) if bypass
+                    else cache.load(self.model, self.store, document.cache_id).kv)
+            kv, cached = kv_prefix(full, match.num_tokens), 0 if bypass else match.num_tokens
+        generation = self.model.generate(kv, prompt_ids[kv.num_tokens if kv else 0:], max_new_tokens, temperature,
+                                         seed=seed)
+        return Completion(generation.token_ids, len(prompt_ids), cached, document, time.perf_counter() - start,
+                          "store" if cached else "none")
