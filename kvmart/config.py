@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .codec import DEFAULT_CODEC, parse_spec
 from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -29,6 +30,7 @@ class Settings:
     dtype: str = "float32"
     attention: str = "kvmart"
     store: str = ""  # empty: the local disk store under data_dir/store
+    codec: str = DEFAULT_CODEC  # how new artifacts' tensors are encoded: NAME or NAME:LEVEL (kvmart.codec)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -39,6 +41,7 @@ class Settings:
             )
         if not self.model:
             raise ConfigError("model must not be empty")
+        parse_spec(self.codec)
 
     @property
     def store_url(self) -> str:
@@ -61,7 +64,8 @@ ENV = {f.name: "KVMART_" + f.name.upper() for f in fields(Settings)}
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Settings from the environment (KVMART_DATA_DIR, KVMART_MODEL, KVMART_DTYPE, KVMART_ATTENTION, KVMART_STORE)."""
+    """Settings from the environment (KVMART_DATA_DIR, KVMART_MODEL, KVMART_DTYPE, KVMART_ATTENTION, KVMART_STORE,
+    KVMART_CODEC)."""
     env = os.environ if environ is None else environ
     values: dict[str, object] = {name: env[var] for name, var in ENV.items() if env.get(var)}
     values["data_dir"] = Path(str(values.get("data_dir") or default_data_dir())).expanduser()

@@ -1,0 +1,209 @@
+"""kvmart's own lossless codec for float KV tensors (`kvmart`).
+
+Why it beats zstd on raw bytes: in a float tensor only the exponent is predictable; sign and low mantissa bits are
+close to random. General-purpose compressors see interleaved bytes and can model neither. This codec:
+
+1. rotates each element left by one bit (optional, `rotate`), so that the exponent fills the top byte exactly
+   (bfloat16 and float32: 8 exponent bits; float16: 5 exponent bits and the top 3 of the mantissa);
+2. splits elements into byte planes; the top (exponent) plane is transposed channel-major ([.., D, T]: one row per
+   channel, i.e. per layer, head and head_dim index), because a channel's exponents follow one distribution (keys
+   have outlier channels) while different channels' differ;
+3. clusters the channels by their exponent histograms (a few k-means steps on code length) and entropy-codes each
+   cluster as one zstd frame, so each cluster gets its own Huffman table;
+4. stores each lower plane as zstd where that is smaller (float32 holding upcast bfloat16 values: zeros), else raw.
+
+Layout of the encoded bytes (little-endian), for a tensor read as [L, T, D] (tokens x channels, C = L*D channels):
+
+    u16 K | C bytes: cluster of each channel (only if K > 1) | K x u32 frame length
+          | (itemsize-1) x (u8 mode 0 raw / 1 zstd, u32 length) | the K frames | the lower planes
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import torch
+
+from ..errors import CodecError
+from .zstd import compress, decompress_into
+
+DEFAULT_LEVEL = 3
+MAX_GROUPS = 16
+GROUP_OVERHEAD_BYTES = 48  # a zstd frame header, block header and Huffman table, roughly
+MIN_SYMBOLS_PER_GROUP = 4096
+KMEANS_STEPS = 8
+UINTS = {2: (torch.int16, np.uint16), 4: (torch.int32, np.uint32)}
+
+
+def grid(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(L, T, D): a tensor read as L blocks of T tokens x D channels."""
+    d = shape[-1] if len(shape) >= 1 else 1
+    t = shape[-2] if len(shape) >= 2 else 1
+    return math.prod(shape[:-2]), t, d
+
+
+def as_uint(tensor: torch.Tensor) -> np.ndarray:
+    """The contiguous tensor's elements as unsigned integers of the same width, without a copy."""
+    signed, unsigned = UINTS[tensor.element_size()]
+    if tensor.numel() == 0:
+        return np.zeros(0, dtype=unsigned)
+    return tensor.reshape(-1).view(signed).numpy().view(unsigned)
+
+
+def rotate_left(u: np.ndarray) -> np.ndarray:
+    bits = u.dtype.itemsize * 8
+    return (u << u.dtype.type(1)) | (u >> u.dtype.type(bits - 1))
+
+
+def rotate_right_inplace(u: np.ndarray) -> None:
+    bits = u.dtype.itemsize * 8
+    low = u << u.dtype.type(bits - 1)
+    np.right_shift(u, u.dtype.type(1), out=u)
+    np.bitwise_or(u, low, out=u)
+
+
+def channel_histograms(top: np.ndarray) -> np.ndarray:
+    """[C, 256] counts of each byte value in each channel's row of `top` [C, T]."""
+    channels = top.shape[0]
+    index = (np.arange(channels, dtype=np.int64)[:, None] << 8) + top
+    return np.bincount(index.reshape(-1), minlength=channels * 256).reshape(channels, 256).astype(np.float64)
+
+
+def code_bits(hist: np.ndarray, labels: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
+    """(cost [C, groups] in bits of coding each channel with each group's distribution, total bits as assigned)."""
+    counts = np.zeros((groups, 256))
+    np.add.at(counts, labels, hist)
+    probs = (counts + 1e-3) / (counts + 1e-3).sum(axis=1, keepdims=True)
+    cost = -hist @ np.log2(probs).T
+    return cost, float(cost[np.arange(len(labels)), labels].sum())
+
+
+def kmeans(hist: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
+    """Channels clustered into `groups` by the code length of their histograms; (labels, estimated bits)."""
+    symbols = np.arange(256)
+    mean = (hist @ symbols) / np.maximum(hist.sum(axis=1), 1)
+    labels = np.minimum((np.argsort(np.argsort(mean, kind="stable")) * groups) // len(mean), groups - 1)
+    cost, bits = code_bits(hist, labels, groups)
+    for _ in range(KMEANS_STEPS):
+        new = cost.argmin(axis=1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        cost, bits = code_bits(hist, labels, groups)
+    return labels, bits
+
+
+def cluster(top: np.ndarray, max_groups: int = MAX_GROUPS) -> np.ndarray:
+    """The cluster of each channel (row of `top`), the number of clusters chosen by estimated coded size."""
+    channels, tokens = top.shape
+    limit = min(max_groups, channels, max(1, channels * tokens // MIN_SYMBOLS_PER_GROUP))
+    hist = channel_histograms(top)
+    best = np.zeros(channels, dtype=np.int64)
+    best_bytes = code_bits(hist, best, 1)[1] / 8 + GROUP_OVERHEAD_BYTES
+    groups = 2
+    while groups <= limit:
+        labels, bits = kmeans(hist, groups)
+        used = len(np.unique(labels))
+        if bits / 8 + used * GROUP_OVERHEAD_BYTES < best_bytes:
+            best, best_bytes = np.unique(labels, return_inverse=True)[1], bits / 8 + used * GROUP_OVERHEAD_BYTES
+        groups *= 2
+    return best
+
+
+class PlanesCodec:
+    name = "kvmart"
+
+    def __init__(self, level: int = DEFAULT_LEVEL, rotate: bool = True, max_groups: int = MAX_GROUPS) -> None:
+        self.level, self.rotate, self.max_groups = level, rotate, max_groups
+
+    def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict]:
+        size = tensor.element_size()
+        L, T, D = grid(tuple(tensor.shape))
+        u = as_uint(tensor)
+        planes = (rotate_left(u) if self.rotate else u).view(np.uint8).reshape(L, T, D, size)
+        top = np.ascontiguousarray(planes[..., size - 1].transpose(0, 2, 1)).reshape(L * D, T)
+        labels = cluster(top, self.max_groups) if top.size else np.zeros(L * D, dtype=np.int64)
+        groups = int(labels.max()) + 1 if labels.size else 1
+        order = np.argsort(labels, kind="stable")
+        ordered = top[order]
+        bounds = np.searchsorted(labels[order], np.arange(groups + 1)) * T
+        flat = ordered.reshape(-1)
+        frames = [compress(flat[bounds[g]:bounds[g + 1]], self.level) for g in range(groups)]
+        head = [struct.pack("<H", groups)]
+        if groups > 1:
+            head.append(labels.astype(np.uint8).tobytes())
+        head.append(struct.pack(f"<{groups}I", *map(len, frames)))
+        lower = [self._lower_plane(np.ascontiguousarray(planes[..., k])) for k in range(size - 1)]
+        head += [struct.pack("<BI", mode, len(data)) for mode, data in lower]
+        return b"".join([*head, *frames, *(data for _, data in lower)]), {"rotate": self.rotate, "level": self.level}
+
+    def _lower_plane(self, plane: np.ndarray) -> tuple[int, bytes]:
+        raw = plane.tobytes()
+        packed = compress(raw, self.level)
+        return (1, packed) if len(packed) < 0.97 * len(raw) else (0, raw)
+
+    def decode(self, data: memoryview, params: dict, out: torch.Tensor) -> None:
+        if set(params) != {"rotate", "level"} or not isinstance(params["rotate"], bool):
+            raise CodecError(f"corrupt kvmart tensor: params {params!r}")
+        size = out.element_size()
+        L, T, D = grid(tuple(out.shape))
+        reader = Reader(data)
+        groups = reader.unpack("<H")[0]
+        if not 1 <= groups <= 256 or (groups > 1 and groups > L * D):
+            raise CodecError(f"corrupt kvmart tensor: {groups} channel clusters for {L * D} channels")
+        labels = np.frombuffer(reader.take(L * D), dtype=np.uint8) if groups > 1 else np.zeros(L * D, np.uint8)
+        lengths = reader.unpack(f"<{groups}I")
+        lower = [reader.unpack("<BI") for _ in range(size - 1)]
+        counts = np.bincount(labels, minlength=groups)
+        if len(counts) != groups or (groups > 1 and not counts.all()):
+            raise CodecError("corrupt kvmart tensor: channel clusters out of range")
+        ordered = np.empty((L * D, T), dtype=np.uint8)
+        flat = ordered.reshape(-1)
+        start = 0
+        for g, length in enumerate(lengths):
+            end = start + int(counts[g]) * T
+            decompress_into(reader.take(length), memoryview(flat[start:end]), "kvmart tensor exponent plane")
+            start = end
+        u = as_uint(out)
+        planes = u.view(np.uint8).reshape(L, T, D, size)
+        top = np.empty_like(ordered)
+        top[np.argsort(labels, kind="stable")] = ordered
+        planes[..., size - 1] = top.reshape(L, D, T).transpose(0, 2, 1)
+        for k, (mode, length) in enumerate(lower):
+            planes[..., k] = self._read_lower(reader.take(length), mode, L * T * D).reshape(L, T, D)
+        if reader.remaining:
+            raise CodecError(f"corrupt kvmart tensor: {reader.remaining} bytes left over")
+        if params["rotate"]:
+            rotate_right_inplace(u)
+
+    @staticmethod
+    def _read_lower(data: memoryview, mode: int, count: int) -> np.ndarray:
+        if mode == 0 and len(data) == count:
+            return np.frombuffer(data, dtype=np.uint8)
+        if mode != 1:
+            raise CodecError(f"corrupt kvmart tensor: plane mode {mode} with {len(data)} bytes for {count}")
+        plane = np.empty(count, dtype=np.uint8)
+        decompress_into(data, memoryview(plane), "kvmart tensor mantissa plane")
+        return plane
+
+
+class Reader:
+    """Sequential reads from encoded bytes; CodecError (not IndexError, not a short read) past the end."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data, self.offset = data, 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.offset
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or n > self.remaining:
+            raise CodecError(f"truncated kvmart tensor: {n} bytes wanted, {self.remaining} left")
+        self.offset += n
+        return self.data[self.offset - n:self.offset]
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
