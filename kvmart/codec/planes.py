@@ -3,19 +3,20 @@
 Why it beats zstd on raw bytes: in a float tensor only the exponent is predictable; sign and low mantissa bits are
 close to random. General-purpose compressors see interleaved bytes and can model neither. This codec:
 
-1. rotates each element left by one bit (optional, `rotate`), so that the exponent fills the top byte exactly
-   (bfloat16 and float32: 8 exponent bits; float16: 5 exponent bits and the top 3 of the mantissa);
-2. splits elements into byte planes; the top (exponent) plane is transposed channel-major ([.., D, T]: one row per
-   channel, i.e. per layer, head and head_dim index), because a channel's exponents follow one distribution (keys
-   have outlier channels) while different channels' differ;
-3. clusters the channels by their exponent histograms (a few k-means steps on code length) and entropy-codes each
-   cluster as one zstd frame, so each cluster gets its own Huffman table;
+1. rotates each element left by one bit (`rotate`), so that the exponent fills the top byte exactly (bfloat16 and
+   float32: 8 exponent bits; float16: 5 exponent bits and the top 3 of the mantissa);
+2. splits elements into byte planes; the top (exponent) plane is read channel-major (one row per channel: per
+   layer, head and head_dim index), because a channel's exponents follow one distribution (keys have outlier
+   channels) while different channels' differ;
+3. clusters the channels by their exponent histograms (a few k-means steps on code length) and codes each row with
+   its cluster's static model by rANS (kvmart/codec/rans.py), within ~0.1% of the clusters' entropy;
 4. stores each lower plane as zstd where that is smaller (float32 holding upcast bfloat16 values: zeros), else raw.
 
 Layout of the encoded bytes (little-endian), for a tensor read as [L, T, D] (tokens x channels, C = L*D channels):
 
-    u16 K | C bytes: cluster of each channel (only if K > 1) | K x u32 frame length
-          | (itemsize-1) x (u8 mode 0 raw / 1 zstd, u32 length) | the K frames | the lower planes
+    u16 K | C bytes: cluster of each channel (only if K > 1)
+          | K models: u16 n, n x u8 symbols (increasing), n x u16 frequencies (summing to 2^14)
+          | u32 rANS bytes | (itemsize-1) x (u8 mode 0 raw / 1 zstd, u32 length) | rANS stream | lower planes
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ import struct
 import numpy as np
 import torch
 
+from numba import njit
+
 from ..errors import CodecError
+from . import rans
 from .zstd import compress, decompress_into
 
 DEFAULT_LEVEL = 3
 MAX_GROUPS = 16
-GROUP_OVERHEAD_BYTES = 48  # a zstd frame header, block header and Huffman table, roughly
+GROUP_OVERHEAD_BYTES = 40  # a model: its symbols and frequencies, roughly
 MIN_SYMBOLS_PER_GROUP = 4096
 KMEANS_STEPS = 8
 UINTS = {2: (torch.int16, np.uint16), 4: (torch.int32, np.uint32)}
@@ -57,11 +61,20 @@ def rotate_left(u: np.ndarray) -> np.ndarray:
     return (u << u.dtype.type(1)) | (u >> u.dtype.type(bits - 1))
 
 
-def rotate_right_inplace(u: np.ndarray) -> None:
-    bits = u.dtype.itemsize * 8
-    low = u << u.dtype.type(bits - 1)
-    np.right_shift(u, u.dtype.type(1), out=u)
-    np.bitwise_or(u, low, out=u)
+@njit(cache=True, nogil=True)
+def _merge_top(u, top, L, T, D, shift, rotate):  # pragma: no cover - compiled
+    """Set each element's top byte from `top` [C, T] (channel-major) and rotate it right by one bit if `rotate`:
+    one pass over the tensor instead of numpy's transpose, interleave and three shifts."""
+    low = (1 << shift) - 1
+    bits = shift + 8
+    for l in range(L):
+        for t in range(T):
+            base = (l * T + t) * D
+            for d in range(D):
+                v = (np.int64(u[base + d]) & low) | (np.int64(top[l * D + d, t]) << shift)
+                if rotate:
+                    v = (v >> 1) | ((v & 1) << (bits - 1))
+                u[base + d] = v
 
 
 def channel_histograms(top: np.ndarray) -> np.ndarray:
@@ -73,8 +86,7 @@ def channel_histograms(top: np.ndarray) -> np.ndarray:
 
 def code_bits(hist: np.ndarray, labels: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
     """(cost [C, groups] in bits of coding each channel with each group's distribution, total bits as assigned)."""
-    counts = np.zeros((groups, 256))
-    np.add.at(counts, labels, hist)
+    counts = (labels[None, :] == np.arange(groups)[:, None]).astype(np.float64) @ hist
     probs = (counts + 1e-3) / (counts + 1e-3).sum(axis=1, keepdims=True)
     cost = -hist @ np.log2(probs).T
     return cost, float(cost[np.arange(len(labels)), labels].sum())
@@ -82,8 +94,7 @@ def code_bits(hist: np.ndarray, labels: np.ndarray, groups: int) -> tuple[np.nda
 
 def kmeans(hist: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
     """Channels clustered into `groups` by the code length of their histograms; (labels, estimated bits)."""
-    symbols = np.arange(256)
-    mean = (hist @ symbols) / np.maximum(hist.sum(axis=1), 1)
+    mean = (hist @ np.arange(256)) / np.maximum(hist.sum(axis=1), 1)
     labels = np.minimum((np.argsort(np.argsort(mean, kind="stable")) * groups) // len(mean), groups - 1)
     cost, bits = code_bits(hist, labels, groups)
     for _ in range(KMEANS_STEPS):
@@ -126,18 +137,17 @@ class PlanesCodec:
         top = np.ascontiguousarray(planes[..., size - 1].transpose(0, 2, 1)).reshape(L * D, T)
         labels = cluster(top, self.max_groups) if top.size else np.zeros(L * D, dtype=np.int64)
         groups = int(labels.max()) + 1 if labels.size else 1
-        order = np.argsort(labels, kind="stable")
-        ordered = top[order]
-        bounds = np.searchsorted(labels[order], np.arange(groups + 1)) * T
-        flat = ordered.reshape(-1)
-        frames = [compress(flat[bounds[g]:bounds[g + 1]], self.level) for g in range(groups)]
+        freq = np.stack([rans.quantize(np.bincount(top[labels == g].reshape(-1), minlength=256))
+                         for g in range(groups)]) if top.size else rans.quantize(np.ones(1, np.int64))[None]
+        stream = rans.encode(top, labels, freq) if top.size else b""
         head = [struct.pack("<H", groups)]
         if groups > 1:
             head.append(labels.astype(np.uint8).tobytes())
-        head.append(struct.pack(f"<{groups}I", *map(len, frames)))
+        head += [_model_bytes(f) for f in freq]
+        head.append(struct.pack("<I", len(stream)))
         lower = [self._lower_plane(np.ascontiguousarray(planes[..., k])) for k in range(size - 1)]
         head += [struct.pack("<BI", mode, len(data)) for mode, data in lower]
-        return b"".join([*head, *frames, *(data for _, data in lower)]), {"rotate": self.rotate, "level": self.level}
+        return b"".join([*head, stream, *(data for _, data in lower)]), {"rotate": self.rotate, "level": self.level}
 
     def _lower_plane(self, plane: np.ndarray) -> tuple[int, bytes]:
         raw = plane.tobytes()
@@ -154,29 +164,25 @@ class PlanesCodec:
         if not 1 <= groups <= 256 or (groups > 1 and groups > L * D):
             raise CodecError(f"corrupt kvmart tensor: {groups} channel clusters for {L * D} channels")
         labels = np.frombuffer(reader.take(L * D), dtype=np.uint8) if groups > 1 else np.zeros(L * D, np.uint8)
-        lengths = reader.unpack(f"<{groups}I")
-        lower = [reader.unpack("<BI") for _ in range(size - 1)]
-        counts = np.bincount(labels, minlength=groups)
-        if len(counts) != groups or (groups > 1 and not counts.all()):
+        if labels.size and int(labels.max()) >= groups:
             raise CodecError("corrupt kvmart tensor: channel clusters out of range")
-        ordered = np.empty((L * D, T), dtype=np.uint8)
-        flat = ordered.reshape(-1)
-        start = 0
-        for g, length in enumerate(lengths):
-            end = start + int(counts[g]) * T
-            decompress_into(reader.take(length), memoryview(flat[start:end]), "kvmart tensor exponent plane")
-            start = end
+        freq = np.stack([_read_model(reader) for _ in range(groups)])
+        stream_bytes = reader.unpack("<I")[0]
+        lower = [reader.unpack("<BI") for _ in range(size - 1)]
+        top = np.empty((L * D, T), dtype=np.uint8)
+        stream = reader.take(stream_bytes)
+        if top.size:
+            rans.decode(stream, labels, freq, top)
+        elif stream_bytes:
+            raise CodecError("corrupt kvmart tensor: an exponent stream for an empty tensor")
         u = as_uint(out)
         planes = u.view(np.uint8).reshape(L, T, D, size)
-        top = np.empty_like(ordered)
-        top[np.argsort(labels, kind="stable")] = ordered
-        planes[..., size - 1] = top.reshape(L, D, T).transpose(0, 2, 1)
         for k, (mode, length) in enumerate(lower):
             planes[..., k] = self._read_lower(reader.take(length), mode, L * T * D).reshape(L, T, D)
         if reader.remaining:
             raise CodecError(f"corrupt kvmart tensor: {reader.remaining} bytes left over")
-        if params["rotate"]:
-            rotate_right_inplace(u)
+        if u.size:
+            _merge_top(u, top, L, T, D, 8 * size - 8, params["rotate"])
 
     @staticmethod
     def _read_lower(data: memoryview, mode: int, count: int) -> np.ndarray:
@@ -187,6 +193,25 @@ class PlanesCodec:
         plane = np.empty(count, dtype=np.uint8)
         decompress_into(data, memoryview(plane), "kvmart tensor mantissa plane")
         return plane
+
+
+def _model_bytes(freq: np.ndarray) -> bytes:
+    used = np.nonzero(freq)[0]
+    return struct.pack("<H", len(used)) + used.astype(np.uint8).tobytes() + freq[used].astype("<u2").tobytes()
+
+
+def _read_model(reader: "Reader") -> np.ndarray:
+    """One cluster's frequencies [256]; CodecError unless they are a valid rANS model."""
+    (n,) = reader.unpack("<H")
+    if not 1 <= n <= 256:
+        raise CodecError(f"corrupt kvmart tensor: a model of {n} symbols")
+    symbols = np.frombuffer(reader.take(n), dtype=np.uint8)
+    counts = np.frombuffer(reader.take(2 * n), dtype="<u2").astype(np.int64)
+    if (np.diff(symbols.astype(np.int64)) <= 0).any() or (counts == 0).any() or counts.sum() != rans.PROB_SCALE:
+        raise CodecError("corrupt kvmart tensor: an invalid exponent model")
+    freq = np.zeros(256, dtype=np.int64)
+    freq[symbols] = counts
+    return freq
 
 
 class Reader:
