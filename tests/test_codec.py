@@ -72,8 +72,8 @@ def test_round_trip_is_bit_exact(spec: str, t: torch.Tensor):
 
 @settings(max_examples=30, deadline=None)
 @given(t=tensors())
-def test_round_trip_without_rotation(t: torch.Tensor):
-    planes = PlanesCodec(rotate=False)
+def test_round_trip_with_one_cluster(t: torch.Tensor):
+    planes = PlanesCodec(max_groups=1)
     data, params = planes.encode(t.contiguous())
     out = torch.empty_like(t)
     planes.decode(memoryview(data), params, out)
@@ -171,7 +171,7 @@ def test_trailing_bytes_are_refused(spec):
 
 def test_malformed_params_are_refused():
     encoded = codec.encode(kv_like(torch.bfloat16, tokens=16), "kvmart")
-    for params in ({}, {"rotate": 1, "level": 3}, {"rotate": True, "level": 3, "extra": 1}):
+    for params in ({}, {"rotate": True, "level": 3}, {"level": 3, "extra": 1}):
         with pytest.raises(CodecError, match="params"):
             codec.decode(codec.Encoded("kvmart", params, encoded.dtype, encoded.shape, encoded.data))
 

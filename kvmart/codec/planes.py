@@ -3,19 +3,20 @@
 Why it beats zstd on raw bytes: in a float tensor only the exponent is predictable; sign and low mantissa bits are
 close to random. General-purpose compressors see interleaved bytes and can model neither. This codec:
 
-1. rotates each element left by one bit (`rotate`), so that the exponent fills the top byte exactly (bfloat16 and
-   float32: 8 exponent bits; float16: 5 exponent bits and the top 3 of the mantissa);
-2. splits elements into byte planes; the top (exponent) plane is read channel-major (one row per channel: per
-   layer, head and head_dim index), because a channel's exponents follow one distribution (keys have outlier
-   channels) while different channels' differ;
-3. clusters the channels by their exponent histograms (a few k-means steps on code length) and codes each row with
+1. rotates each element left by one bit, so that the exponent fills the top byte exactly (bfloat16 and float32:
+   8 exponent bits; float16: 5 exponent bits and the top 3 of the mantissa) and the sign is the lowest bit;
+2. forms one 9-bit symbol per element, exponent byte and sign, read channel-major (one row per channel: per layer,
+   head and head_dim index), because a channel's exponents and signs follow one distribution (keys have outlier
+   channels, whose sign hardly varies) while different channels' differ;
+3. clusters the channels by their symbol histograms (a few k-means steps on code length) and codes each row with
    its cluster's static model by rANS (kvmart/codec/rans.py), within ~0.1% of the clusters' entropy;
-4. stores each lower plane as zstd where that is smaller (float32 holding upcast bfloat16 values: zeros), else raw.
+4. stores the lower byte planes (the sign bit cleared: it is in the symbol) as zstd where that is smaller (its
+   Huffman codes the 7 remaining bits of the lowest plane in 7; float32 holding upcast bfloat16: zeros), else raw.
 
 Layout of the encoded bytes (little-endian), for a tensor read as [L, T, D] (tokens x channels, C = L*D channels):
 
     u16 K | C bytes: cluster of each channel (only if K > 1)
-          | K models: u16 n, n x u8 symbols (increasing), n x u16 frequencies (summing to 2^14)
+          | K models: u16 n, n x u16 symbols (increasing, < 512), n x u16 frequencies (summing to 2^12)
           | u32 rANS bytes | (itemsize-1) x (u8 mode 0 raw / 1 zstd, u32 length) | rANS stream | lower planes
 """
 
@@ -62,26 +63,29 @@ def rotate_left(u: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _merge_top(u, top, L, T, D, shift, rotate):  # pragma: no cover - compiled
-    """Set each element's top byte from `top` [C, T] (channel-major) and rotate it right by one bit if `rotate`:
-    one pass over the tensor instead of numpy's transpose, interleave and three shifts."""
-    low = (1 << shift) - 1
-    bits = shift + 8
+def _merge_top(u, top, L, T, D, shift):  # pragma: no cover - compiled
+    """Put each element's exponent and sign back from its symbol in `top` [C, T] (channel-major) and rotate it right
+    by one bit: one pass over the tensor instead of numpy's transpose, interleave and shifts. Tiled by 64 tokens:
+    each row of `top` is a page or more, and reading 64 rows per token would miss the TLB on every element."""
+    low = ((1 << shift) - 1) & ~1
+    top_bit = shift + 7
     for l in range(L):
-        for t in range(T):
-            base = (l * T + t) * D
+        for t0 in range(0, T, 64):
+            t1 = min(t0 + 64, T)
             for d in range(D):
-                v = (np.int64(u[base + d]) & low) | (np.int64(top[l * D + d, t]) << shift)
-                if rotate:
-                    v = (v >> 1) | ((v & 1) << (bits - 1))
-                u[base + d] = v
+                row = top[l * D + d]
+                for t in range(t0, t1):
+                    i = (l * T + t) * D + d
+                    symbol = np.int64(row[t])
+                    v = (np.int64(u[i]) & low) | ((symbol >> 1) << shift) | (symbol & 1)
+                    u[i] = (v >> 1) | ((v & 1) << top_bit)
 
 
 def channel_histograms(top: np.ndarray) -> np.ndarray:
-    """[C, 256] counts of each byte value in each channel's row of `top` [C, T]."""
-    channels = top.shape[0]
-    index = (np.arange(channels, dtype=np.int64)[:, None] << 8) + top
-    return np.bincount(index.reshape(-1), minlength=channels * 256).reshape(channels, 256).astype(np.float64)
+    """[C, ALPHABET] counts of each symbol in each channel's row of `top` [C, T]."""
+    channels, size = top.shape[0], rans.ALPHABET
+    index = np.arange(channels, dtype=np.int64)[:, None] * size + top
+    return np.bincount(index.reshape(-1), minlength=channels * size).reshape(channels, size).astype(np.float64)
 
 
 def code_bits(hist: np.ndarray, labels: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
@@ -94,7 +98,7 @@ def code_bits(hist: np.ndarray, labels: np.ndarray, groups: int) -> tuple[np.nda
 
 def kmeans(hist: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
     """Channels clustered into `groups` by the code length of their histograms; (labels, estimated bits)."""
-    mean = (hist @ np.arange(256)) / np.maximum(hist.sum(axis=1), 1)
+    mean = (hist @ np.arange(hist.shape[1])) / np.maximum(hist.sum(axis=1), 1)
     labels = np.minimum((np.argsort(np.argsort(mean, kind="stable")) * groups) // len(mean), groups - 1)
     cost, bits = code_bits(hist, labels, groups)
     for _ in range(KMEANS_STEPS):
@@ -126,18 +130,18 @@ def cluster(top: np.ndarray, max_groups: int = MAX_GROUPS) -> np.ndarray:
 class PlanesCodec:
     name = "kvmart"
 
-    def __init__(self, level: int = DEFAULT_LEVEL, rotate: bool = True, max_groups: int = MAX_GROUPS) -> None:
-        self.level, self.rotate, self.max_groups = level, rotate, max_groups
+    def __init__(self, level: int = DEFAULT_LEVEL, max_groups: int = MAX_GROUPS) -> None:
+        self.level, self.max_groups = level, max_groups
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict]:
         size = tensor.element_size()
         L, T, D = grid(tuple(tensor.shape))
-        u = as_uint(tensor)
-        planes = (rotate_left(u) if self.rotate else u).view(np.uint8).reshape(L, T, D, size)
-        top = np.ascontiguousarray(planes[..., size - 1].transpose(0, 2, 1)).reshape(L * D, T)
+        rotated = rotate_left(as_uint(tensor))
+        planes = rotated.view(np.uint8).reshape(L, T, D, size)
+        top = symbols(planes[..., size - 1], planes[..., 0] & 1)
         labels = cluster(top, self.max_groups) if top.size else np.zeros(L * D, dtype=np.int64)
         groups = int(labels.max()) + 1 if labels.size else 1
-        freq = np.stack([rans.quantize(np.bincount(top[labels == g].reshape(-1), minlength=256))
+        freq = np.stack([rans.quantize(np.bincount(top[labels == g].reshape(-1), minlength=rans.ALPHABET))
                          for g in range(groups)]) if top.size else rans.quantize(np.ones(1, np.int64))[None]
         stream = rans.encode(top, labels, freq) if top.size else b""
         head = [struct.pack("<H", groups)]
@@ -145,9 +149,10 @@ class PlanesCodec:
             head.append(labels.astype(np.uint8).tobytes())
         head += [_model_bytes(f) for f in freq]
         head.append(struct.pack("<I", len(stream)))
+        planes[..., 0] &= 0xFE  # the sign is in the symbol
         lower = [self._lower_plane(np.ascontiguousarray(planes[..., k])) for k in range(size - 1)]
         head += [struct.pack("<BI", mode, len(data)) for mode, data in lower]
-        return b"".join([*head, stream, *(data for _, data in lower)]), {"rotate": self.rotate, "level": self.level}
+        return b"".join([*head, stream, *(data for _, data in lower)]), {"level": self.level}
 
     def _lower_plane(self, plane: np.ndarray) -> tuple[int, bytes]:
         raw = plane.tobytes()
@@ -155,7 +160,7 @@ class PlanesCodec:
         return (1, packed) if len(packed) < 0.97 * len(raw) else (0, raw)
 
     def decode(self, data: memoryview, params: dict, out: torch.Tensor) -> None:
-        if set(params) != {"rotate", "level"} or not isinstance(params["rotate"], bool):
+        if set(params) != {"level"}:
             raise CodecError(f"corrupt kvmart tensor: params {params!r}")
         size = out.element_size()
         L, T, D = grid(tuple(out.shape))
@@ -169,12 +174,7 @@ class PlanesCodec:
         freq = np.stack([_read_model(reader) for _ in range(groups)])
         stream_bytes = reader.unpack("<I")[0]
         lower = [reader.unpack("<BI") for _ in range(size - 1)]
-        top = np.empty((L * D, T), dtype=np.uint8)
         stream = reader.take(stream_bytes)
-        if top.size:
-            rans.decode(stream, labels, freq, top)
-        elif stream_bytes:
-            raise CodecError("corrupt kvmart tensor: an exponent stream for an empty tensor")
         u = as_uint(out)
         planes = u.view(np.uint8).reshape(L, T, D, size)
         for k, (mode, length) in enumerate(lower):
@@ -182,7 +182,11 @@ class PlanesCodec:
         if reader.remaining:
             raise CodecError(f"corrupt kvmart tensor: {reader.remaining} bytes left over")
         if u.size:
-            _merge_top(u, top, L, T, D, 8 * size - 8, params["rotate"])
+            top = np.empty((L * D, T), dtype=np.uint16)
+            rans.decode(stream, labels, freq, top)
+            _merge_top(u, top, L, T, D, 8 * size - 8)
+        elif stream_bytes:
+            raise CodecError("corrupt kvmart tensor: an exponent stream for an empty tensor")
 
     @staticmethod
     def _read_lower(data: memoryview, mode: int, count: int) -> np.ndarray:
@@ -195,22 +199,30 @@ class PlanesCodec:
         return plane
 
 
+def symbols(top: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """The 9-bit symbols [C, T] (exponent byte << 1 | sign), channel-major, of planes [L, T, D]."""
+    L, T, D = top.shape
+    joined = (top.astype(np.uint16) << 1) | sign
+    return np.ascontiguousarray(joined.transpose(0, 2, 1)).reshape(L * D, T)
+
+
 def _model_bytes(freq: np.ndarray) -> bytes:
     used = np.nonzero(freq)[0]
-    return struct.pack("<H", len(used)) + used.astype(np.uint8).tobytes() + freq[used].astype("<u2").tobytes()
+    return struct.pack("<H", len(used)) + used.astype("<u2").tobytes() + freq[used].astype("<u2").tobytes()
 
 
 def _read_model(reader: "Reader") -> np.ndarray:
-    """One cluster's frequencies [256]; CodecError unless they are a valid rANS model."""
+    """One cluster's frequencies [ALPHABET]; CodecError unless they are a valid rANS model."""
     (n,) = reader.unpack("<H")
-    if not 1 <= n <= 256:
+    if not 1 <= n <= rans.ALPHABET:
         raise CodecError(f"corrupt kvmart tensor: a model of {n} symbols")
-    symbols = np.frombuffer(reader.take(n), dtype=np.uint8)
+    used = np.frombuffer(reader.take(2 * n), dtype="<u2").astype(np.int64)
     counts = np.frombuffer(reader.take(2 * n), dtype="<u2").astype(np.int64)
-    if (np.diff(symbols.astype(np.int64)) <= 0).any() or (counts == 0).any() or counts.sum() != rans.PROB_SCALE:
+    if ((np.diff(used) <= 0).any() or used[-1] >= rans.ALPHABET or (counts == 0).any()
+            or counts.sum() != rans.PROB_SCALE):
         raise CodecError("corrupt kvmart tensor: an invalid exponent model")
-    freq = np.zeros(256, dtype=np.int64)
-    freq[symbols] = counts
+    freq = np.zeros(rans.ALPHABET, dtype=np.int64)
+    freq[used] = counts
     return freq
 
 
