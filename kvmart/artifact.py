@@ -16,6 +16,7 @@ import math
 import os
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -31,6 +32,7 @@ from .kv import KV, large_buffer, mapped_file
 FORMAT = "kvmart-kv"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: raw tensors only, `tensors` maps names to checksums
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # encoded tensors of a mapped artifact decode in parallel
 MAX_HEADER_BYTES = 64 << 20  # token ids of a 1M-token document fit easily
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -329,8 +331,8 @@ def _mapped_data(f: BinaryIO, total: int) -> torch.Tensor | None:
 
 def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> dict[str, torch.Tensor]:
     """Every tensor, checked. Raw tensors are used in place (mapped) or read at once into one huge-page buffer;
-    encoded ones are decoded one at a time into one buffer, from the mapped file or streamed tensor by tensor, so an
-    artifact is never held twice in memory. Stored bytes are checked before decoding, decoded bytes after."""
+    encoded ones are decoded into one buffer, from the mapped file (DECODE_THREADS tensors at a time) or streamed
+    tensor by tensor through one scratch buffer, so an artifact is never held twice in memory. Stored bytes are checked before decoding, decoded bytes after."""
     shape = [1, manifest.kv_heads, manifest.num_tokens, manifest.head_dim]
     dtype = TORCH_DTYPES[SAFETENSORS_BY_NAME[manifest.dtype]]
     nbytes = math.prod(shape) * dtype.itemsize
@@ -347,19 +349,23 @@ def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> di
     else:
         out, scratch = large_buffer(nbytes * len(table)), None if source is not None else bytearray(
             max(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values()))
-    tensors = {}
-    for i, (name, entry) in enumerate(table.items()):
+    def one(i: int, name: str, entry: dict) -> torch.Tensor:
         start, end = entry["data_offsets"]
         stored = memoryview(source[start:end].numpy()) if source is not None else _read_exact(f, scratch, end - start)
         record = manifest.tensors[name]
         if codecs.checksum(stored) != record.stored_checksum:
             raise ArtifactError(f"corrupt artifact: tensor {name} does not match its checksum (bit flip or tampering)")
         if out is source:
-            tensors[name] = source[start:end].view(dtype).view(shape)
-            continue
-        tensors[name] = target = out[i * nbytes:(i + 1) * nbytes].view(dtype).view(shape)
+            return source[start:end].view(dtype).view(shape)
+        target = out[i * nbytes:(i + 1) * nbytes].view(dtype).view(shape)
         _decode_into(name, stored, record, target)
-    return tensors
+        return target
+
+    jobs = [(i, name, entry) for i, (name, entry) in enumerate(table.items())]
+    if source is None or out is source or DECODE_THREADS == 1:
+        return {name: one(i, name, entry) for i, name, entry in jobs}
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:  # the decoders release the GIL: tensors decode in parallel
+        return dict(zip(table, pool.map(lambda job: one(*job), jobs)))
 
 
 def _check_entry(name: str, entry: dict, record: TensorRecord, shape: list[int], dtype: str, nbytes: int) -> None:

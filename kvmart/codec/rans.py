@@ -6,10 +6,10 @@ bits, zstd-3 2.87, zstd-19 2.40 at 4 MB/s); rANS codes within ~0.1% of the entro
 interleaved states at a few ns per symbol.
 
 Stream: 32-bit states in [2^16, 2^32), 16-bit words, probabilities quantized to 2^12. Symbols are coded row by row
-(a row: one channel's tokens), each row with its group's model, so a row's tables stay in L1. The encoder starts every state at 2^16; the
-decoder must consume exactly every word and end with every state back at 2^16, which catches most corruption
-(the artifact's checksums catch the rest before decoding). Every read is bounds-checked: corrupt input is an error
-code, never an out-of-bounds access."""
+(a row: one channel's tokens), each row with its group's model, so a row's tables stay in L1. The encoder starts
+every state at 2^16; the decoder must consume exactly every word and end with every state back at 2^16, which
+catches most corruption (the artifact's checksums catch the rest before decoding). Every read is bounds-checked:
+corrupt input is an error code, never an out-of-bounds access."""
 
 from __future__ import annotations
 
