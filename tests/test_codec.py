@@ -197,3 +197,23 @@ def test_packed_corruption_anywhere_is_refused(spec):
     for cut in (0, 5, len(blob) // 2, len(blob) - 1):
         with pytest.raises(CodecError):
             codec.unpack(blob[:cut])
+
+
+SMALL_ENCODED = codec.encode(kv_like(torch.bfloat16, tokens=16, heads=2, head_dim=8), "kvmart").data
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=400), flips=st.lists(st.integers(0, 10_000), max_size=8))
+def test_garbage_never_escapes_as_anything_but_codec_error(data: bytes, flips: list[int]):
+    """Random bytes, and a real encoding with random bytes flipped: the compiled decoder either refuses them with
+    CodecError or decodes something (a flip it cannot detect: what checksums are for), never crashes or reads out of
+    bounds."""
+    shape = (1, 2, 16, 8)
+    real = bytearray(SMALL_ENCODED)
+    for position in flips:
+        real[position % len(real)] ^= 0xFF
+    for blob in (data, bytes(real)):
+        try:
+            codec.decode(codec.Encoded("kvmart", {"level": 3}, "bfloat16", shape, blob))
+        except CodecError:
+            pass
