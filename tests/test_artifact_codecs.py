@@ -20,6 +20,7 @@ import kvmart.cli
 from kvmart import cache
 from kvmart.artifact import encode_artifact, read_artifact
 from kvmart.errors import ArtifactError
+from kvmart.kv import KV
 from kvmart.samples import sample_text
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
@@ -231,3 +232,23 @@ def test_unknown_codec_is_a_clear_error(tiny_folder, monkeypatch):
     result = run_cli("precompute", "sample:bsd-3-clause", "--codec", "lzma")
     assert result.exit_code == 2
     assert "unknown codec 'lzma'" in result.output and "kvmart" in result.output
+
+
+def test_a_tensor_the_codec_cannot_shrink_is_stored_raw(model_bf16):
+    """Random bit patterns do not compress: that tensor is stored raw inside a kvmart artifact, and the artifact
+    still reads back bit for bit (mixed raw and encoded tensors)."""
+    g = torch.Generator().manual_seed(3)
+    shape = (1, 2, 64, 16)
+    noise = torch.randint(-2**15, 2**15, shape, generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    smooth = torch.randn(shape, generator=g).to(torch.bfloat16)
+    kv = KV((noise, smooth), (smooth * 3, noise))
+    ids = list(range(64))
+    artifact = encode_artifact(kv, ids, model_bf16.fingerprint, codec="kvmart")
+    codecs_used = {name: record.codec for name, record in artifact.manifest.tensors.items()}
+    assert codecs_used == {"layers.0.keys": "raw", "layers.0.values": "kvmart", "layers.1.keys": "kvmart",
+                           "layers.1.values": "raw"}
+    buffer = io.BytesIO()
+    artifact.write(buffer)
+    _, back = read(model_bf16, buffer.getvalue())
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16))
+               for a, b in zip((*back.keys, *back.values), (*kv.keys, *kv.values)))
