@@ -2,7 +2,8 @@
 
     raw      the tensor's bytes as they are in memory
     zstd     zstd over the raw bytes (the general-purpose baseline)
-    kvmart   kvmart's own: floats split into byte planes, the exponent plane modelled per channel (docs/FORMAT.md)
+    kvmart   kvmart's own: exponent and sign modelled per cluster of channels and rANS-coded, the mantissa as byte
+             planes (planes.py, rans.py, docs/FORMAT.md)
 
 A codec name may carry a zstd level: `zstd:19`, `kvmart:3`. Decoding is bit-exact by contract: the decoded tensor
 is `torch.equal` to the encoded one, NaN payloads, infinities, subnormals and -0.0 included. Malformed or corrupt
