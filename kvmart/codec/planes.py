@@ -63,22 +63,21 @@ def rotate_left(u: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _merge_top(u, top, L, T, D, shift):  # pragma: no cover - compiled
-    """Put each element's exponent and sign back from its symbol in `top` [C, T] (channel-major) and rotate it right
-    by one bit: one pass over the tensor instead of numpy's transpose, interleave and shifts. Tiled by 64 tokens:
-    each row of `top` is a page or more, and reading 64 rows per token would miss the TLB on every element."""
+def _merge_top(u, tiles, L, T, D, shift):  # pragma: no cover - compiled
+    """Put each element's exponent and sign back from its symbol in `tiles` [L, blocks, D, TILE] and rotate it right
+    by one bit: one pass over the tensor instead of numpy's transpose, interleave and shifts. Tiled so that both
+    the symbols read (one TILE x D tile) and the elements written stay within a few pages."""
     low = ((1 << shift) - 1) & ~1
     top_bit = shift + 7
     for l in range(L):
-        for t0 in range(0, T, 64):
-            t1 = min(t0 + 64, T)
-            for d in range(D):
-                row = top[l * D + d]
-                for t in range(t0, t1):
-                    i = (l * T + t) * D + d
-                    symbol = np.int64(row[t])
-                    v = (np.int64(u[i]) & low) | ((symbol >> 1) << shift) | (symbol & 1)
-                    u[i] = (v >> 1) | ((v & 1) << top_bit)
+        for b in range(tiles.shape[1]):
+            for tt in range(min(rans.TILE, T - b * rans.TILE)):
+                t = b * rans.TILE + tt
+                base = (l * T + t) * D
+                for d in range(D):
+                    symbol = np.int64(tiles[l, b, d, tt])
+                    v = (np.int64(u[base + d]) & low) | ((symbol >> 1) << shift) | (symbol & 1)
+                    u[base + d] = (v >> 1) | ((v & 1) << top_bit)
 
 
 def channel_histograms(top: np.ndarray) -> np.ndarray:
@@ -182,9 +181,9 @@ class PlanesCodec:
         if reader.remaining:
             raise CodecError(f"corrupt kvmart tensor: {reader.remaining} bytes left over")
         if u.size:
-            top = np.empty((L * D, T), dtype=np.uint16)
-            rans.decode(stream, labels, freq, top)
-            _merge_top(u, top, L, T, D, 8 * size - 8)
+            tiles = np.empty((L, -(-T // rans.TILE), D, rans.TILE), dtype=np.uint16)
+            rans.decode(stream, labels, freq, tiles, T)
+            _merge_top(u, tiles, L, T, D, 8 * size - 8)
         elif stream_bytes:
             raise CodecError("corrupt kvmart tensor: an exponent stream for an empty tensor")
 

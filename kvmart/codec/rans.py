@@ -26,6 +26,7 @@ PACK_SHIFT = PROB_BITS + 1  # decode table entry: freq << PACK_SHIFT | (slot - c
 PACK_MASK = (1 << PACK_SHIFT) - 1
 STATE_LOW = 1 << 16
 STATES = 4
+TILE = 64  # tokens per tile of decoded symbols (the shifts and masks in _decode assume 64)
 ALPHABET = 512  # 9-bit symbols: an exponent byte and a sign
 
 
@@ -93,42 +94,43 @@ def _encode(symbols, row_group, tokens, freq, cum, words):  # pragma: no cover -
 
 
 @njit(cache=True, nogil=True)
-def _decode(words, states, row_group, sym, packed, out):  # pragma: no cover - compiled
+def _decode(words, states, row_group, sym, packed, out, tokens):  # pragma: no cover - compiled
     """Rows of symbols, as `_encode` coded them: four states in registers (unrolled), branch-free renormalization.
-    `words` ends with one padding word, so that a read never leaves it: -1 if the stream ran out, -2 if words are
-    left over, -3 if the states do not end where the encoder started them."""
+    Row r = l * D + d, token t goes to out[l, t // TILE, d, t % TILE] (out: [L, blocks, D, TILE]), so that the
+    tensor can then be assembled tile by tile. `words` ends with one padding word, so that a read never leaves it:
+    -1 if the stream ran out, -2 if words are left over, -3 if the states do not end where the encoder started."""
     x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
     pos = 0
     count = words.size - 1
-    tokens = out.shape[1]
+    channels = out.shape[2]
     whole = tokens - tokens % 4
-    for r in range(out.shape[0]):
+    for r in range(row_group.size):
         g = row_group[r]
-        row = out[r]
+        block = out[r // channels, :, r % channels]
         for t in range(0, whole, 4):
             slot = x0 & SLOT_MASK
-            row[t + 0] = sym[g, slot]
+            block[(t + 0) >> 6, (t + 0) & 63] = sym[g, slot]
             p = packed[g, slot]
             x0 = (p >> PACK_SHIFT) * (x0 >> PROB_BITS) + (p & PACK_MASK)
             n = np.int64(x0 < 65536)
             x0 = (x0 << (n << 4)) | (words[min(pos, count)] * n)
             pos += n
             slot = x1 & SLOT_MASK
-            row[t + 1] = sym[g, slot]
+            block[(t + 1) >> 6, (t + 1) & 63] = sym[g, slot]
             p = packed[g, slot]
             x1 = (p >> PACK_SHIFT) * (x1 >> PROB_BITS) + (p & PACK_MASK)
             n = np.int64(x1 < 65536)
             x1 = (x1 << (n << 4)) | (words[min(pos, count)] * n)
             pos += n
             slot = x2 & SLOT_MASK
-            row[t + 2] = sym[g, slot]
+            block[(t + 2) >> 6, (t + 2) & 63] = sym[g, slot]
             p = packed[g, slot]
             x2 = (p >> PACK_SHIFT) * (x2 >> PROB_BITS) + (p & PACK_MASK)
             n = np.int64(x2 < 65536)
             x2 = (x2 << (n << 4)) | (words[min(pos, count)] * n)
             pos += n
             slot = x3 & SLOT_MASK
-            row[t + 3] = sym[g, slot]
+            block[(t + 3) >> 6, (t + 3) & 63] = sym[g, slot]
             p = packed[g, slot]
             x3 = (p >> PACK_SHIFT) * (x3 >> PROB_BITS) + (p & PACK_MASK)
             n = np.int64(x3 < 65536)
@@ -138,7 +140,7 @@ def _decode(words, states, row_group, sym, packed, out):  # pragma: no cover - c
             k = t & 3
             x = x0 if k == 0 else (x1 if k == 1 else x2)
             slot = x & SLOT_MASK
-            row[t] = sym[g, slot]
+            block[t >> 6, t & 63] = sym[g, slot]
             p = packed[g, slot]
             x = (p >> PACK_SHIFT) * (x >> PROB_BITS) + (p & PACK_MASK)
             n = np.int64(x < 65536)
@@ -169,8 +171,9 @@ def encode(symbols: np.ndarray, row_group: np.ndarray, freq: np.ndarray) -> byte
     return states.astype("<u4").tobytes() + words[:n][::-1].astype("<u2").tobytes()
 
 
-def decode(data: memoryview, row_group: np.ndarray, freq: np.ndarray, out: np.ndarray) -> None:
-    """Fill `out` (uint16 [rows, tokens]) from `encode`'s bytes; CodecError if they cannot have come from it."""
+def decode(data: memoryview, row_group: np.ndarray, freq: np.ndarray, out: np.ndarray, tokens: int) -> None:
+    """Fill `out` (uint16 [L, blocks, D, TILE], see _decode) with the L * D rows of `tokens` symbols coded in
+    `encode`'s bytes; CodecError if they cannot have come from it."""
     if len(data) < 4 * STATES or (len(data) - 4 * STATES) % 2:
         raise CodecError("corrupt kvmart tensor: its rANS stream is cut short")
     states = np.frombuffer(data[:4 * STATES], dtype="<u4").astype(np.int64)
@@ -179,6 +182,6 @@ def decode(data: memoryview, row_group: np.ndarray, freq: np.ndarray, out: np.nd
     words = np.zeros((len(data) - 4 * STATES) // 2 + 1, dtype=np.uint16)  # + a padding word
     words[:-1] = np.frombuffer(data[4 * STATES:], dtype="<u2")
     sym, packed = slot_tables(freq)
-    status = _decode(words, states, row_group.astype(np.int64), sym, packed, out)
+    status = _decode(words, states, row_group.astype(np.int64), sym, packed, out, tokens)
     if status != 0:
         raise CodecError(f"corrupt kvmart tensor: its rANS stream does not decode ({status})")
