@@ -80,6 +80,20 @@ def _merge_top(u, tiles, L, T, D, shift):  # pragma: no cover - compiled
                     u[base + d] = (v >> 1) | ((v & 1) << top_bit)
 
 
+@njit(cache=True, nogil=True)
+def _merge_low_top(u, tiles, low, L, T, D):  # pragma: no cover - compiled
+    """_merge_top for 2-byte elements, taking the low byte from its plane `low` [L*T*D] directly (no interleave)."""
+    for l in range(L):
+        for b in range(tiles.shape[1]):
+            for tt in range(min(rans.TILE, T - b * rans.TILE)):
+                t = b * rans.TILE + tt
+                base = (l * T + t) * D
+                for d in range(D):
+                    symbol = np.int64(tiles[l, b, d, tt])
+                    v = (np.int64(low[base + d]) & 0xFE) | ((symbol >> 1) << 8) | (symbol & 1)
+                    u[base + d] = (v >> 1) | ((v & 1) << 15)
+
+
 def channel_histograms(top: np.ndarray) -> np.ndarray:
     """[C, ALPHABET] counts of each symbol in each channel's row of `top` [C, T]."""
     channels, size = top.shape[0], rans.ALPHABET
@@ -175,17 +189,22 @@ class PlanesCodec:
         lower = [reader.unpack("<BI") for _ in range(size - 1)]
         stream = reader.take(stream_bytes)
         u = as_uint(out)
-        planes = u.view(np.uint8).reshape(L, T, D, size)
-        for k, (mode, length) in enumerate(lower):
-            planes[..., k] = self._read_lower(reader.take(length), mode, L * T * D).reshape(L, T, D)
+        planes = [self._read_lower(reader.take(length), mode, u.size) for mode, length in lower]
         if reader.remaining:
             raise CodecError(f"corrupt kvmart tensor: {reader.remaining} bytes left over")
-        if u.size:
-            tiles = np.empty((L, -(-T // rans.TILE), D, rans.TILE), dtype=np.uint16)
-            rans.decode(stream, labels, freq, tiles, T)
-            _merge_top(u, tiles, L, T, D, 8 * size - 8)
-        elif stream_bytes:
-            raise CodecError("corrupt kvmart tensor: an exponent stream for an empty tensor")
+        if not u.size:
+            if stream_bytes:
+                raise CodecError("corrupt kvmart tensor: an exponent stream for an empty tensor")
+            return
+        tiles = np.empty((L, -(-T // rans.TILE), D, rans.TILE), dtype=np.uint16)
+        rans.decode(stream, labels, freq, tiles, T)
+        if size == 2:
+            _merge_low_top(u, tiles, planes[0], L, T, D)
+            return
+        interleaved = u.view(np.uint8).reshape(L, T, D, size)
+        for k, plane in enumerate(planes):
+            interleaved[..., k] = plane.reshape(L, T, D)
+        _merge_top(u, tiles, L, T, D, 8 * size - 8)
 
     @staticmethod
     def _read_lower(data: memoryview, mode: int, count: int) -> np.ndarray:
