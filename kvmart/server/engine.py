@@ -15,6 +15,7 @@ import torch
 
 from .. import cache
 from ..chat import document_ids, layout_for
+from ..codec import DEFAULT_CODEC
 from ..errors import ContextOverflowError
 from ..kv import KV
 from ..model import Model
@@ -101,8 +102,10 @@ Event = Started | Delta | Finished | Published
 class Engine:
     """Not thread-safe: every method runs on the model worker's thread."""
 
-    def __init__(self, model: Model, store: Store, catalog: Catalog, hot: HotTier, settings: ServerSettings) -> None:
+    def __init__(self, model: Model, store: Store, catalog: Catalog, hot: HotTier, settings: ServerSettings,
+                 codec: str = DEFAULT_CODEC) -> None:
         self.model, self.store, self.catalog, self.hot, self.settings = model, store, catalog, hot, settings
+        self.codec = codec  # how published documents' artifacts are encoded (KVMART_CODEC)
         self.header_ids = document_ids(model.tokenize, layout_for(model.tokenizer), "")
 
     def generate(self, request: GenerationRequest) -> Iterator[Started | Delta | Finished]:
@@ -118,7 +121,8 @@ class Engine:
     def publish(self, text: str, title: str, source: str, system: str | None) -> Iterator[Published]:
         """Prefill and store a document (the CLI's `cache.precompute` path), or find it already stored."""
         layout = layout_for(self.model.tokenizer, system) if system else None
-        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout)
+        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout,
+                                  codec=self.codec)
         yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
 
     def prompt_ids(self, prompt: Prompt, documents: list[Document]) -> list[int]:

@@ -49,5 +49,6 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values, read_documents=lambda: len(catalog.documents()))
-    return Services(settings, server, model, store, catalog, hot, Engine(model, store, catalog, hot, server),
-                    worker, metrics, Owners(settings.data_dir / "server" / "owners.json"))
+    engine = Engine(model, store, catalog, hot, server, settings.codec)
+    return Services(settings, server, model, store, catalog, hot, engine, worker, metrics,
+                    Owners(settings.data_dir / "server" / "owners.json"))
