@@ -95,10 +95,17 @@ def _merge_low_top(u, tiles, low, L, T, D):  # pragma: no cover - compiled
 
 
 def channel_histograms(top: np.ndarray) -> np.ndarray:
-    """[C, ALPHABET] counts of each symbol in each channel's row of `top` [C, T]."""
-    channels, size = top.shape[0], rans.ALPHABET
-    index = np.arange(channels, dtype=np.int64)[:, None] * size + top
-    return np.bincount(index.reshape(-1), minlength=channels * size).reshape(channels, size).astype(np.float64)
+    """[C, ALPHABET] counts of each symbol in each channel's row of `top` [C, T] (float64: exact below 2^53)."""
+    return _histograms(top, rans.ALPHABET).astype(np.float64)
+
+
+@njit(cache=True, nogil=True)
+def _histograms(top, size):  # pragma: no cover - compiled
+    counts = np.zeros((top.shape[0], size), dtype=np.int64)
+    for c in range(top.shape[0]):
+        for t in range(top.shape[1]):
+            counts[c, top[c, t]] += 1
+    return counts
 
 
 def code_bits(hist: np.ndarray, labels: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
@@ -123,11 +130,11 @@ def kmeans(hist: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
     return labels, bits
 
 
-def cluster(top: np.ndarray, max_groups: int = MAX_GROUPS) -> np.ndarray:
+def cluster(top: np.ndarray, max_groups: int = MAX_GROUPS, hist: np.ndarray | None = None) -> np.ndarray:
     """The cluster of each channel (row of `top`), the number of clusters chosen by estimated coded size."""
     channels, tokens = top.shape
     limit = min(max_groups, channels, max(1, channels * tokens // MIN_SYMBOLS_PER_GROUP))
-    hist = channel_histograms(top)
+    hist = channel_histograms(top) if hist is None else hist
     best = np.zeros(channels, dtype=np.int64)
     best_bytes = code_bits(hist, best, 1)[1] / 8 + GROUP_OVERHEAD_BYTES
     groups = 2
@@ -152,9 +159,10 @@ class PlanesCodec:
         rotated = rotate_left(as_uint(tensor))
         planes = rotated.view(np.uint8).reshape(L, T, D, size)
         top = symbols(planes[..., size - 1], planes[..., 0] & 1)
-        labels = cluster(top, self.max_groups) if top.size else np.zeros(L * D, dtype=np.int64)
+        hist = channel_histograms(top)
+        labels = cluster(top, self.max_groups, hist) if top.size else np.zeros(L * D, dtype=np.int64)
         groups = int(labels.max()) + 1 if labels.size else 1
-        freq = np.stack([rans.quantize(np.bincount(top[labels == g].reshape(-1), minlength=rans.ALPHABET))
+        freq = np.stack([rans.quantize(hist[labels == g].sum(axis=0).astype(np.int64))
                          for g in range(groups)]) if top.size else rans.quantize(np.ones(1, np.int64))[None]
         stream = rans.encode(top, labels, freq) if top.size else b""
         head = [struct.pack("<H", groups)]
