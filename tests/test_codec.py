@@ -217,3 +217,12 @@ def test_garbage_never_escapes_as_anything_but_codec_error(data: bytes, flips: l
             codec.decode(codec.Encoded("kvmart", {"level": 3}, "bfloat16", shape, blob))
         except CodecError:
             pass
+
+
+def test_settings_codec_is_validated(tmp_path):
+    from kvmart.config import load_settings
+
+    assert load_settings({"KVMART_DATA_DIR": str(tmp_path), "KVMART_CODEC": "zstd:19"}).codec == "zstd:19"
+    assert load_settings({"KVMART_DATA_DIR": str(tmp_path)}).codec == codec.DEFAULT_CODEC
+    with pytest.raises(ConfigError, match="unknown codec 'nope'"):
+        load_settings({"KVMART_DATA_DIR": str(tmp_path), "KVMART_CODEC": "nope"})
