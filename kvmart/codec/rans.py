@@ -79,17 +79,19 @@ def _encode(symbols, row_group, tokens, freq, cum, words):  # pragma: no cover -
     Returns the final states (the decoder's initial ones) and the number of words, emitted in reverse."""
     states = np.full(4, 1 << 16, dtype=np.int64)
     n = 0
-    for i in range(symbols.size - 1, -1, -1):
-        g = row_group[i // tokens]
-        s = symbols[i]
-        f = freq[g, s]
-        k = (i % tokens) & 3
-        x = states[k]
-        if x >= (f << RENORM_SHIFT):
-            words[n] = x & 0xFFFF
-            n += 1
-            x >>= 16
-        states[k] = ((x // f) << PROB_BITS) + (x % f) + cum[g, s]
+    for r in range(symbols.size // tokens - 1, -1, -1):
+        g = row_group[r]
+        for t in range(tokens - 1, -1, -1):
+            s = symbols[r * tokens + t]
+            f = freq[g, s]
+            k = t & 3
+            x = states[k]
+            if x >= (f << RENORM_SHIFT):
+                words[n] = x & 0xFFFF
+                n += 1
+                x >>= 16
+            q = x // f
+            states[k] = (q << PROB_BITS) + (x - q * f) + cum[g, s]
     return states, n
 
 
