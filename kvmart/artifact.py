@@ -3,8 +3,10 @@
     u64 little-endian N | N bytes of JSON header | tensor bytes, in header order, no gaps
 
 The header's `__metadata__["kvmart"]` holds the manifest (format version, cache id, model fingerprint, token ids,
-shapes, codec, per-tensor checksums, manifest hash). Reading verifies everything before a single tensor is handed
-out: a truncated, bit-flipped, foreign or mismatched file raises ArtifactError saying why, and is never used."""
+shapes, codec, per-tensor codec, params and checksums, manifest hash). A raw tensor is stored as its dtype and shape;
+an encoded one (kvmart.codec) as a U8 vector, so the file stays valid safetensors either way. Reading verifies
+everything before a single tensor is handed out: a truncated, bit-flipped, foreign or mismatched file raises
+ArtifactError saying why, and is never used. Version 1 artifacts (raw only) are still read."""
 
 from __future__ import annotations
 
@@ -13,27 +15,49 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import torch
-import xxhash
 
 from . import __version__
+from . import codec as codecs
+from .codec.raw import byte_view
 from .errors import ArtifactError, FingerprintMismatchError
 from .fingerprint import ModelFingerprint, cache_id as make_cache_id
 from .kv import KV, large_buffer, mapped_file
 
 FORMAT = "kvmart-kv"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: raw tensors only, `tensors` maps names to checksums
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # encoded tensors of a mapped artifact decode in parallel
 MAX_HEADER_BYTES = 64 << 20  # token ids of a 1M-token document fit easily
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_BY_NAME = {str(k).removeprefix("torch."): v for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """How one tensor is stored: its codec and params, the xxh3-128 checksum of its decoded bytes and of its stored
+    bytes (checked before decoding, so corrupt data never reaches a decoder; the same as `checksum` for raw)."""
+
+    checksum: str
+    codec: str = "raw"
+    params: dict = field(default_factory=dict)
+    stored_checksum: str = ""
+
+    def as_json(self) -> dict:
+        return {"checksum": self.checksum, "codec": self.codec, "params": self.params,
+                "stored_checksum": self.stored_checksum or self.checksum}
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What an artifact says about itself. `tensors` maps names to their xxh3-128 checksums."""
+    """What an artifact says about itself. `tensors` maps names to how each is stored; `codec` is the codec the
+    artifact was written with (a tensor it did not shrink is stored raw)."""
 
     cache_id: str
     fingerprint: dict[str, str]
@@ -44,7 +68,7 @@ class Manifest:
     head_dim: int
     dtype: str
     codec: str
-    tensors: dict[str, str]
+    tensors: dict[str, TensorRecord]
     created_by: dict[str, str]
     salt_hash: str = ""
 
@@ -56,7 +80,8 @@ class Manifest:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "cache_id": self.cache_id,
                 "fingerprint": self.fingerprint, "fingerprint_digest": self.fingerprint_digest,
                 "token_ids": self.token_ids, "num_layers": self.num_layers, "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim, "dtype": self.dtype, "codec": self.codec, "tensors": self.tensors,
+                "head_dim": self.head_dim, "dtype": self.dtype, "codec": self.codec,
+                "tensors": {name: record.as_json() for name, record in self.tensors.items()},
                 "created_by": self.created_by, "salt_hash": self.salt_hash}
 
 
@@ -66,7 +91,9 @@ def runtime_versions() -> dict[str, str]:
     return {"kvmart": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def manifest_for(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint, salt: str = "") -> Manifest:
+def manifest_for(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint, salt: str = "",
+                 codec: str = "raw", tensors: dict[str, TensorRecord] | None = None) -> Manifest:
+    """The manifest of `kv`: raw tensors unless `tensors` records how each was encoded."""
     if kv.num_tokens != len(token_ids):
         raise AssertionError(f"KV holds {kv.num_tokens} tokens but {len(token_ids)} token ids were given")
     k0 = kv.keys[0]
@@ -74,8 +101,9 @@ def manifest_for(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint, sa
         cache_id=make_cache_id(fingerprint.digest, token_ids, salt),
         fingerprint=fingerprint.as_dict(), fingerprint_digest=fingerprint.digest, token_ids=list(token_ids),
         num_layers=kv.num_layers, kv_heads=k0.shape[1], head_dim=k0.shape[3], dtype=str(kv.dtype).removeprefix("torch."),
-        codec="raw", tensors={name: checksum(t) for name, t in kv.tensors().items()},
-        created_by=runtime_versions(), salt_hash=hashlib.sha256(salt.encode()).hexdigest() if salt else "",
+        codec=codec, created_by=runtime_versions(),
+        tensors=tensors or {name: TensorRecord(checksum(t)) for name, t in kv.tensors().items()},
+        salt_hash=hashlib.sha256(salt.encode()).hexdigest() if salt else "",
     )
 
 
@@ -85,12 +113,50 @@ def tensor_names(num_layers: int) -> list[str]:
 
 
 def checksum(tensor: torch.Tensor) -> str:
-    return xxhash.xxh3_128_hexdigest(_bytes_view(tensor.contiguous()))
+    return codecs.tensor_checksum(tensor)
 
 
-def _bytes_view(tensor: torch.Tensor) -> memoryview:
-    """The tensor's memory as a writable byte buffer, without a copy (works for bfloat16, which numpy lacks)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+@dataclass(frozen=True)
+class EncodedArtifact:
+    """An artifact ready to write: its manifest, header and the stored bytes of each tensor, in order."""
+
+    manifest: Manifest
+    header: bytes
+    blobs: tuple[bytes | memoryview, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(len(b) for b in self.blobs)
+
+    def write(self, f: BinaryIO) -> int:
+        """Write the artifact to `f`; returns bytes written. Atomicity is the store's job (temp file + rename)."""
+        return f.write(self.header) + sum(f.write(b) for b in self.blobs)
+
+
+def encode_artifact(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint, salt: str = "",
+                    codec: str | codecs.Spec = codecs.DEFAULT_CODEC,
+                    progress: Callable[[float], None] | None = None) -> EncodedArtifact:
+    """Encode every tensor of `kv` with `codec` (a tensor it does not shrink is kept raw) and build the artifact.
+    Holds the encoded tensors in memory until written (for raw: views of `kv`, no copy)."""
+    spec = codecs.parse_spec(codec) if isinstance(codec, str) else codec
+    records, blobs, entries = {}, [], []
+    named = kv.tensors()
+    for i, (name, t) in enumerate(named.items()):
+        t = t.contiguous()
+        raw, digest = byte_view(t), checksum(t)
+        encoded = codecs.encode(t, spec) if spec.name != "raw" else None
+        if encoded is None or len(encoded.data) >= len(raw):
+            records[name], blob = TensorRecord(digest, "raw", {}, digest), raw
+            entries.append((name, SAFETENSORS_DTYPES[t.dtype], list(t.shape), len(raw)))
+        else:
+            blob = encoded.data
+            records[name] = TensorRecord(digest, encoded.codec, encoded.params, codecs.checksum(blob))
+            entries.append((name, "U8", [len(blob)], len(blob)))
+        blobs.append(blob)
+        if progress:
+            progress((i + 1) / len(named))
+    manifest = manifest_for(kv, token_ids, fingerprint, salt, spec.name, records)
+    return EncodedArtifact(manifest, _header(manifest, entries), tuple(blobs))
 
 
 def _manifest_json(manifest: Manifest) -> dict:
@@ -99,16 +165,22 @@ def _manifest_json(manifest: Manifest) -> dict:
     return body
 
 
-def encode_header(manifest: Manifest, kv: KV) -> bytes:
+def _header(manifest: Manifest, entries: list[tuple[str, str, list[int], int]]) -> bytes:
+    """The safetensors header: the manifest, then (name, dtype, shape, stored bytes) of each tensor in order."""
     header: dict = {"__metadata__": {"kvmart": json.dumps(_manifest_json(manifest), sort_keys=True)}}
     offset = 0
-    for name, t in kv.tensors().items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 64)  # align the tensor data to 64 bytes, as safetensors allows
     return struct.pack("<Q", len(raw)) + raw
+
+
+def encode_header(manifest: Manifest, kv: KV) -> bytes:
+    """The header of a raw artifact of `kv`."""
+    return _header(manifest, [(name, SAFETENSORS_DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size())
+                              for name, t in kv.tensors().items()])
 
 
 def artifact_size(manifest: Manifest, kv: KV) -> int:
@@ -116,10 +188,12 @@ def artifact_size(manifest: Manifest, kv: KV) -> int:
 
 
 def write_artifact(f: BinaryIO, manifest: Manifest, kv: KV) -> int:
-    """Write the artifact to `f`; returns bytes written. Atomicity is the store's job (temp file + rename)."""
+    """Write the raw artifact of `manifest_for(kv, ...)` to `f`; returns bytes written (see encode_artifact for
+    other codecs). Atomicity is the store's job (temp file + rename)."""
+    assert all(r.codec == "raw" for r in manifest.tensors.values()), "write_artifact writes raw tensors only"
     written = f.write(encode_header(manifest, kv))
     for t in kv.tensors().values():
-        written += f.write(_bytes_view(t.contiguous()))
+        written += f.write(byte_view(t.contiguous()))
     return written
 
 
@@ -157,14 +231,16 @@ def _parse_manifest(body: object) -> Manifest:
         raise ArtifactError(f"not a kvmart artifact: its manifest is a JSON {type(body).__name__}, not an object")
     if body.get("format") != FORMAT:
         raise ArtifactError(f"not a kvmart artifact: format is {body.get('format')!r}, expected {FORMAT!r}")
-    if body.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"artifact format_version {body.get('format_version')!r} is not supported by this "
-                            f"kvmart (reads version {FORMAT_VERSION})")
+    version = body.get("format_version")
+    if not (_is(version, int) and version in READABLE_VERSIONS):
+        raise ArtifactError(f"artifact format_version {version!r} is not supported by this kvmart (reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
     recorded = body.pop("manifest_sha256", None)
     if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != recorded:
         raise ArtifactError("corrupt artifact: the manifest does not match its recorded hash")
-    if body.get("codec") != "raw":
-        raise ArtifactError(f"artifact codec {body.get('codec')!r} is not supported by this kvmart")
+    codec = body.get("codec")
+    if not (isinstance(codec, str) and codec in (("raw",) if version == 1 else codecs.CODECS)):
+        raise ArtifactError(f"artifact codec {codec!r} is not supported by this kvmart")
     missing = [k for k in _FIELD_TYPES if k not in body and k != "salt_hash"]
     if missing:
         raise ArtifactError(f"corrupt artifact: its manifest lacks {', '.join(missing)}")
@@ -172,7 +248,28 @@ def _parse_manifest(body: object) -> Manifest:
     if wrong or not all(_is(t, int) and t >= 0 for t in body["token_ids"]) or min(
             body["num_layers"], body["kv_heads"], body["head_dim"]) <= 0:
         raise ArtifactError(f"corrupt artifact: manifest fields of the wrong type or range: {', '.join(wrong) or 'shape'}")
-    return Manifest(**{k: body[k] for k in _FIELD_TYPES if k in body})
+    if body["dtype"] not in SAFETENSORS_BY_NAME:
+        raise ArtifactError(f"corrupt artifact: dtype {body['dtype']!r} is not one kvmart writes")
+    fields = {k: body[k] for k in _FIELD_TYPES if k in body}
+    return Manifest(**{**fields, "tensors": {n: _parse_record(n, r, version) for n, r in body["tensors"].items()}})
+
+
+_RECORD_FIELDS = {"checksum": str, "codec": str, "params": dict, "stored_checksum": str}
+
+
+def _parse_record(name: str, record: object, version: int) -> TensorRecord:
+    """A tensor's record: version 1 has only a checksum (raw); version 2 says how the tensor is stored."""
+    if version == 1 and isinstance(record, str):
+        return TensorRecord(record, "raw", {}, record)
+    if not (isinstance(record, dict) and set(record) == set(_RECORD_FIELDS)
+            and all(isinstance(record[k], kind) for k, kind in _RECORD_FIELDS.items())):
+        raise ArtifactError(f"corrupt artifact: the record of tensor {name} is malformed: {record!r:.200}")
+    parsed = TensorRecord(**record)
+    if parsed.codec not in codecs.CODECS:
+        raise ArtifactError(f"artifact codec {parsed.codec!r} (tensor {name}) is not supported by this kvmart")
+    if parsed.codec == "raw" and (parsed.params or parsed.stored_checksum != parsed.checksum):
+        raise ArtifactError(f"corrupt artifact: the record of raw tensor {name} is inconsistent")
+    return parsed
 
 
 def _is(value: object, kind: type) -> bool:
@@ -239,26 +336,67 @@ def _mapped_data(f: BinaryIO, total: int) -> torch.Tensor | None:
 
 
 def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> dict[str, torch.Tensor]:
-    """All tensor data in one read into one huge-page buffer, then each slice checked and viewed as a tensor."""
+    """Every tensor, checked. Raw tensors are used in place (mapped) or read at once into one huge-page buffer;
+    encoded ones are decoded into one buffer, from the mapped file (DECODE_THREADS tensors at a time) or streamed
+    tensor by tensor through one scratch buffer, so an artifact is never held twice in memory. Stored bytes are checked before decoding, decoded bytes after."""
     shape = [1, manifest.kv_heads, manifest.num_tokens, manifest.head_dim]
-    total = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values())
-    buffer = _mapped_data(f, total)
-    if buffer is None:
-        buffer = large_buffer(total)
-        if f.readinto(memoryview(buffer.numpy())) != total:
-            raise ArtifactError("truncated artifact: the tensor data is cut short")
-    tensors = {}
+    dtype = TORCH_DTYPES[SAFETENSORS_BY_NAME[manifest.dtype]]
+    nbytes = math.prod(shape) * dtype.itemsize
     for name, entry in table.items():
-        dtype = TORCH_DTYPES.get(entry.get("dtype"))
-        if entry.get("shape") != shape or dtype is None or str(dtype).removeprefix("torch.") != manifest.dtype:
-            raise ArtifactError(f"corrupt artifact: tensor {name} has shape {entry.get('shape')} and dtype "
-                                f"{entry.get('dtype')}, the manifest implies {shape} {manifest.dtype}")
+        _check_entry(name, entry, manifest.tensors[name], shape, manifest.dtype, nbytes)
+    total = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values())
+    source = _mapped_data(f, total)
+    if all(r.codec == "raw" for r in manifest.tensors.values()):
+        if source is None:
+            source = large_buffer(total)
+            if f.readinto(memoryview(source.numpy())) != total:
+                raise ArtifactError("truncated artifact: the tensor data is cut short")
+        out, scratch = source, None
+    else:
+        out, scratch = large_buffer(nbytes * len(table)), None if source is not None else bytearray(
+            max(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values()))
+    def one(i: int, name: str, entry: dict) -> torch.Tensor:
         start, end = entry["data_offsets"]
-        if end - start != manifest.num_tokens * manifest.kv_heads * manifest.head_dim * dtype.itemsize:
-            raise ArtifactError(f"corrupt artifact: tensor {name} spans {end - start} bytes, its shape {shape} "
-                                f"{manifest.dtype} needs {math.prod(shape) * dtype.itemsize}")
-        raw = buffer[start:end]
-        if xxhash.xxh3_128_hexdigest(memoryview(raw.numpy())) != manifest.tensors[name]:
+        stored = memoryview(source[start:end].numpy()) if source is not None else _read_exact(f, scratch, end - start)
+        record = manifest.tensors[name]
+        if codecs.checksum(stored) != record.stored_checksum:
             raise ArtifactError(f"corrupt artifact: tensor {name} does not match its checksum (bit flip or tampering)")
-        tensors[name] = raw.view(dtype).view(shape)
-    return tensors
+        if out is source:
+            return source[start:end].view(dtype).view(shape)
+        target = out[i * nbytes:(i + 1) * nbytes].view(dtype).view(shape)
+        _decode_into(name, stored, record, target)
+        return target
+
+    jobs = [(i, name, entry) for i, (name, entry) in enumerate(table.items())]
+    if source is None or out is source or DECODE_THREADS == 1:
+        return {name: one(i, name, entry) for i, name, entry in jobs}
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:  # the decoders release the GIL: tensors decode in parallel
+        return dict(zip(table, pool.map(lambda job: one(*job), jobs)))
+
+
+def _check_entry(name: str, entry: dict, record: TensorRecord, shape: list[int], dtype: str, nbytes: int) -> None:
+    """A raw tensor's header entry must give the manifest's dtype and shape; an encoded one's, U8 bytes."""
+    start, end = entry["data_offsets"]
+    expected = (SAFETENSORS_BY_NAME[dtype], shape) if record.codec == "raw" else ("U8", [end - start])
+    if (entry.get("dtype"), entry.get("shape")) != expected:
+        raise ArtifactError(f"corrupt artifact: tensor {name} has shape {entry.get('shape')} and dtype "
+                            f"{entry.get('dtype')}, the manifest implies {expected[1]} {expected[0]}")
+    if record.codec == "raw" and end - start != nbytes:
+        raise ArtifactError(f"corrupt artifact: tensor {name} spans {end - start} bytes, its shape {shape} "
+                            f"{dtype} needs {nbytes}")
+
+
+def _read_exact(f: BinaryIO, scratch: bytearray, n: int) -> memoryview:
+    view = memoryview(scratch)[:n]
+    if f.readinto(view) != n:
+        raise ArtifactError("truncated artifact: the tensor data is cut short")
+    return view
+
+
+def _decode_into(name: str, stored: memoryview, record: TensorRecord, target: torch.Tensor) -> None:
+    try:
+        codecs.decoder(record.codec).decode(stored, record.params, target)
+    except ArtifactError as e:
+        raise ArtifactError(f"corrupt artifact: tensor {name} cannot be decoded: {e}") from e
+    if record.codec != "raw" and codecs.tensor_checksum(target) != record.checksum:
+        raise ArtifactError(f"corrupt artifact: tensor {name} decodes to data that does not match its checksum")

@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .artifact import artifact_size, manifest_for, read_artifact, write_artifact
+from .artifact import encode_artifact, read_artifact
 from .chat import Layout, document_ids, layout_for, question_ids
+from .codec import DEFAULT_CODEC, Spec
 from .errors import InputError, StoreError
 from .fingerprint import cache_id as make_cache_id
 from .kv import KV
@@ -59,16 +60,18 @@ def decode_utf8(data: bytes, name: str) -> str:
 
 def precompute(model: Model, store: Store, text: str, title: str = "", source: str = "",
                progress: Callable[[float], None] | None = None, layout: Layout | None = None,
-               salt: str = "") -> Precomputed:
+               salt: str = "", codec: str | Spec = DEFAULT_CODEC) -> Precomputed:
     """Prefill `text` once and store its artifact; a document already stored is returned without computing.
     A tenant `salt` (the server's, for private documents) gives the same text its own cache id."""
     ids = document_ids(model.tokenize, layout or layout_for(model.tokenizer), check_text(text))
-    return precompute_ids(model, store, ids, title, source, progress, salt)
+    return precompute_ids(model, store, ids, title, source, progress, salt, codec)
 
 
 def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str = "", source: str = "",
-                   progress: Callable[[float], None] | None = None, salt: str = "") -> Precomputed:
-    """Prefill exactly these token ids once and store the artifact (or return the stored one)."""
+                   progress: Callable[[float], None] | None = None, salt: str = "",
+                   codec: str | Spec = DEFAULT_CODEC) -> Precomputed:
+    """Prefill exactly these token ids once and store the artifact, its tensors encoded with `codec` (or return
+    the stored one, whatever its codec: the cache id names the content, not its encoding)."""
     start = time.perf_counter()
     model.check_fits("the document", len(token_ids))
     cid = make_cache_id(model.fingerprint.digest, token_ids, salt)
@@ -77,11 +80,11 @@ def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str 
         return Precomputed(existing, False, time.perf_counter() - start)
     kv = model.prefill(token_ids, progress)
     prefill_seconds = time.perf_counter() - start
-    manifest = manifest_for(kv, token_ids, model.fingerprint, salt)
+    artifact = encode_artifact(kv, token_ids, model.fingerprint, salt=salt, codec=codec)
     entry = Entry(cache_id=cid, title=title, source=source, model=model.spec, fingerprint=model.fingerprint.digest,
-                  num_tokens=len(token_ids), artifact_bytes=artifact_size(manifest, kv),
+                  num_tokens=len(token_ids), artifact_bytes=artifact.nbytes,
                   prefill_seconds=prefill_seconds, created_at=time.time())
-    stored = store.put(entry, lambda f: write_artifact(f, manifest, kv))
+    stored = store.put(entry, artifact.write)
     return Precomputed(stored, True, time.perf_counter() - start)
 
 

@@ -90,17 +90,17 @@ def read_document(path: str) -> tuple[str, str]:
     return cache.decode_utf8(p.read_bytes(), path), p.name
 
 
-def precompute_document(model: Model, store: Store, path: str) -> cache.Precomputed:
+def precompute_document(model: Model, store: Store, path: str, codec: str) -> cache.Precomputed:
     text, title = read_document(path)
     with Bars() as bars:
         return cache.precompute(model, store, text, title=title, source=path,
-                                progress=bars.fraction(f"prefilling {title}"))
+                                progress=bars.fraction(f"prefilling {title}"), codec=codec)
 
 
-def resolve_document(model: Model, store: Store, doc: str) -> str:
+def resolve_document(model: Model, store: Store, doc: str, codec: str) -> str:
     """A cache id (or unique prefix) or a file to precompute first -> cache id."""
     if doc.startswith("sample:") or Path(doc).is_file():
-        return precompute_document(model, store, doc).entry.cache_id
+        return precompute_document(model, store, doc, codec).entry.cache_id
     return store.resolve(doc)
 
 
@@ -112,11 +112,15 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("file")
+@click.option("--codec", help="How the KV tensors are stored: kvmart (lossless, ~1.3-1.6x smaller), zstd or raw; "
+                              "NAME:LEVEL sets the zstd level (e.g. zstd:19). Also KVMART_CODEC.  [default: raw for a "
+                              "local store (mapped in place), kvmart for redis:// and s3://]")
 @common_options
-def precompute(settings: Settings, file: str) -> None:
+def precompute(settings: Settings, file: str, codec: str | None) -> None:
     """Prefill FILE once and store its KV cache. FILE may be `sample:NAME` for a bundled document."""
+    settings = settings.with_overrides(codec=codec)
     model, store = load_model(settings), open_store(settings.store_url)
-    result = precompute_document(model, store, file)
+    result = precompute_document(model, store, file, settings.artifact_codec)
     e = result.entry
     state = "computed" if result.is_new else "already stored, nothing computed"
     out.print(f"cache_id  {e.cache_id}\ntokens    {e.num_tokens:,}\nbytes     {e.artifact_bytes:,}\n"
@@ -133,7 +137,7 @@ def precompute(settings: Settings, file: str) -> None:
 def ask(settings: Settings, doc: str, question: str, max_tokens: int, temperature: float, seed: int | None) -> None:
     """Answer QUESTION about DOC (a cache id, or a file precomputed first) from its stored KV cache."""
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = cache.load(model, store, resolve_document(model, store, doc))
+    loaded = cache.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
     answer = cache.ask(model, loaded, question, max_tokens, temperature, seed)
     out.print(answer.text.strip(), markup=False)
     console.print(f"[dim]tokens from cache {answer.cached_tokens:,} · computed {answer.computed_tokens:,} · "
@@ -151,7 +155,7 @@ def verify(settings: Settings, doc: str, question: str, tokens: int) -> None:
     from .verify import verify as run_verify
 
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = cache.load(model, store, resolve_document(model, store, doc))
+    loaded = cache.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
     q = question_ids(model.tokenize, layout_for(model.tokenizer), question)
     with console.status("comparing reuse against fresh prefills"):
         report = run_verify(model, loaded, q, tokens)
@@ -217,7 +221,7 @@ def demo(settings: Settings, sample: str, question: str | None, max_tokens: int)
 
     model, store = load_model(settings), open_store(settings.store_url)
     console.print(f"model {settings.model} ({settings.dtype}) · store {settings.store_url}")
-    result = precompute_document(model, store, f"sample:{sample}")
+    result = precompute_document(model, store, f"sample:{sample}", settings.artifact_codec)
     e = result.entry
     out.print(f"[bold]1. precompute[/bold] sample:{sample}: {e.num_tokens:,} tokens, {e.artifact_bytes / 1e6:.1f} MB, "
               f"prefill {e.prefill_seconds:.2f}s{'' if result.is_new else ' (already stored)'} -> {e.cache_id[:16]}")

@@ -57,6 +57,10 @@ class ArtifactError(KvmartError):
     exit_code = 4
 
 
+class CodecError(ArtifactError):
+    """Encoded tensor data that cannot be decoded exactly (corrupt, truncated, unknown codec or dtype). Never used."""
+
+
 class FingerprintMismatchError(ArtifactError):
     """An artifact was made by another model, tokenizer, dtype or attention implementation."""
 

@@ -116,7 +116,7 @@ def test_artifact_is_a_valid_safetensors_file(model_f32, made, tmp_path: Path):
         assert torch.equal(tensors[name], t), name
     with safe_open(str(path), framework="pt") as f:
         manifest = json.loads(f.metadata()["kvmart"])
-    assert manifest["format"] == "kvmart-kv" and manifest["format_version"] == 1
+    assert manifest["format"] == "kvmart-kv" and manifest["format_version"] == 2
     assert manifest["token_ids"] == made.token_ids
     assert made.header_bytes % 64 == 0  # tensor data starts 64-byte aligned
 
@@ -229,8 +229,9 @@ def test_data_offsets_disagreeing_with_shape_are_refused(made):
     keys, values = header["layers.0.keys"]["data_offsets"], header["layers.0.values"]["data_offsets"]
     keys[1] -= 8
     values[0] -= 8
-    forged = {name: xxhash.xxh3_128_hexdigest(tensors[start:end]) for name, (start, end) in
-              (("layers.0.keys", keys), ("layers.0.values", values))}
+    forged = {name: {**manifest["tensors"][name], "checksum": xxhash.xxh3_128_hexdigest(tensors[start:end]),
+                     "stored_checksum": xxhash.xxh3_128_hexdigest(tensors[start:end])}
+              for name, (start, end) in (("layers.0.keys", keys), ("layers.0.values", values))}
     raw = json.dumps(header, separators=(",", ":")).encode()
     data = struct.pack("<Q", len(raw)) + raw + tensors
     refused(rewrite(data, lambda m: m["tensors"].update(forged)), made.fingerprint)
@@ -242,15 +243,15 @@ def test_rewrite_helper_changes_nothing_by_itself(made):
     assert manifest.token_ids == made.token_ids and torch.equal(kv.keys[0], made.kv.keys[0])
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "2", None, True])
 def test_unsupported_format_version_is_refused(made, version):
     message = refused(rewrite(made.data, lambda m: m.update(format_version=version)), made.fingerprint)
     assert f"format_version {version!r} is not supported" in message
 
 
 def test_unsupported_codec_is_refused(made):
-    message = refused(rewrite(made.data, lambda m: m.update(codec="zstd")), made.fingerprint)
-    assert "codec 'zstd' is not supported" in message
+    message = refused(rewrite(made.data, lambda m: m.update(codec="lzma")), made.fingerprint)
+    assert "codec 'lzma' is not supported" in message
 
 
 def test_tokens_not_matching_cache_id_are_refused(made):
@@ -262,7 +263,7 @@ def test_tokens_not_matching_cache_id_are_refused(made):
 
 def test_tensor_checksum_mismatch_is_refused(made):
     def change(m: dict) -> None:
-        m["tensors"]["layers.1.values"] = "0" * 32
+        m["tensors"]["layers.1.values"].update(checksum="0" * 32, stored_checksum="0" * 32)
 
     assert "layers.1.values does not match its checksum" in refused(rewrite(made.data, change), made.fingerprint)
 

@@ -174,7 +174,14 @@ def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, folder: Path, 
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    from decimal import Decimal
+
+    from kvmart.ledger import open_ledger
+
     settings = Settings(data_dir=runs["data_dir"], model=str(folder), dtype="float32")
+    ledger = open_ledger("", settings.data_dir, environ={})  # the server's own SQLite ledger in the data dir
+    _, agent_key = ledger.create_account("vllm-agent", "agent")
+    ledger.deposit("vllm-agent", Decimal("1"))
     app = create_app(settings, ServerSettings(port=0, engine="vllm", log_level="warning"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -183,7 +190,8 @@ def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, folder: Path, 
         _wait(lambda: server.started)
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
         block = runs["first"]["block_size"]
-        with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS) as http:
+        with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS,
+                          headers={"Authorization": f"Bearer {agent_key}"}) as http:
             listed = {d["id"] for d in http.get("/v1/documents").json()["data"]}
             published = runs["first"]["published"]
             assert {document_id(p["cache_id"]) for p in published} <= listed
@@ -195,6 +203,10 @@ def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, folder: Path, 
             assert usage["prompt_tokens"] == len(runs["prompts"][2])
             assert usage["prompt_tokens_details"]["cached_tokens"] == len(runs["docs"][1]) // block * block
             assert usage["kvmart"]["cache"] == "store" and usage["kvmart"]["cache_id"] == published[1]["cache_id"]
+            charge = usage["kvmart"]["charge"]  # metered like the transformers engine: the cached tokens at the
+            assert Decimal(charge["cache_read_usd"]) > 0 and ledger.verify_receipt(charge["receipt"])  # cache tariff
+            assert ledger.usage(ledger.account("vllm-agent")).cached_tokens == usage["prompt_tokens_details"][
+                "cached_tokens"]
             scratch = [t for t in runs["first"]["answers"][2]["tokens"] if t != tokenizer.eos_token_id]
             assert reply["choices"][0]["message"]["content"] == tokenizer.decode(scratch, skip_special_tokens=True)
             refused = http.post("/v1/chat/completions", json={

@@ -19,6 +19,7 @@ import time
 from .. import cache
 from ..artifact import manifest_for, write_artifact
 from ..chat import document_ids, layout_for
+from ..codec import DEFAULT_CODEC
 from ..errors import ArtifactError, ContextOverflowError, UnknownCacheError
 from ..kv import KV
 from ..model import Model
@@ -111,9 +112,10 @@ class Engine:
     """Not thread-safe: every method runs on the model worker's thread."""
 
     def __init__(self, model: Model, store: Store, catalog: Catalog, hot: HotTier, settings: ServerSettings,
-                 salt_for: Callable[[str], str] = lambda cache_id: "") -> None:
+                 salt_for: Callable[[str], str] = lambda cache_id: "", codec: str = DEFAULT_CODEC) -> None:
         self.model, self.store, self.catalog, self.hot, self.settings = model, store, catalog, hot, settings
         self.salt_for = salt_for  # the tenant salt a cache id was made with (the ledger's licence), to verify it
+        self.codec = codec  # how published documents' artifacts are encoded (KVMART_CODEC)
         self.header_ids = document_ids(model.tokenize, layout_for(model.tokenizer), "")
 
     def generate(self, request: GenerationRequest) -> Iterator[Started | Delta | Finished]:
@@ -131,7 +133,8 @@ class Engine:
         """Prefill and store a document (the CLI's `cache.precompute` path), or find it already stored. A private
         document is stored under its publisher's tenant `salt`."""
         layout = layout_for(self.model.tokenizer, system) if system else None
-        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout, salt=salt)
+        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout, salt=salt,
+                                  codec=self.codec)
         yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
 
     def prompt_ids(self, prompt: Prompt, documents: list[Document]) -> list[int]:

@@ -58,5 +58,5 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values, read_documents=lambda: len(catalog.documents()))
-    engine = engine_class(model, store, catalog, hot, server, salt_for=ledger.salt_of)
+    engine = engine_class(model, store, catalog, hot, server, salt_for=ledger.salt_of, codec=settings.artifact_codec)
     return Services(settings, server, model, store, catalog, hot, engine, worker, metrics, ledger)

@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from ..config import SHARED_STORE_SCHEMES
 from ..errors import ConfigError
 from .base import Entry, Store
 
 SCHEMES = ("file", "memory", "redis", "rediss", "s3")
-SHARED_SCHEMES = ("redis", "rediss", "s3")
+SHARED_SCHEMES = SHARED_STORE_SCHEMES
 COMMON_OPTIONS = ("disk_bytes", "ram_bytes")
 OPTIONS = {"redis": ("prefix", "chunk_bytes", "ttl"), "s3": ("endpoint", "region")}
 

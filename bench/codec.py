@@ -1,0 +1,301 @@
+"""Claim: kvmart's lossless codec stores real KV caches smaller than general-purpose and float-specific
+compressors, decodes bit-exactly, fast enough that a compressed artifact loads no slower than a raw one wherever
+reading the bytes is the bottleneck.
+
+Side by side in one run, on KV prefilled by real models (SmolLM2-135M-Instruct's trained weights, and the built-in
+random-weight Qwen3-0.6B shape) from the bundled licence texts, float32 and bfloat16:
+  codecs  : ratio (raw bytes / encoded bytes), encode and decode MB/s (of raw bytes, one thread) for raw, zstd-3,
+            zstd-19, lz4, gzip, zipnn, pcodec, blosc2 (shuffle + zstd) and kvmart's codec (and its variants); every
+            decode is checked bit for bit; baselines that are not installed are listed as such (pip install
+            'kvmart[bench]'). The same sample of layers for every codec (--sample-mb), keys and values apart.
+  entropy : bits per element of the exponent plane, order-0 vs modelled per channel vs given the previous token's
+            exponent in the same channel (what an XOR/delta against the neighbouring token could gain).
+  loads   : whole artifacts through the disk store: bytes per token, load time with the file in the page cache
+            (warm, measured in CPU seconds of the process), and at a simulated 1 GB/s read (bytes / bandwidth +
+            the measured warm load, no overlap of reading and decoding).
+
+    python bench/codec.py                                   # the default real model and the 0.6B shape
+    python bench/codec.py --models builtin:tiny --lengths 256 --sample-mb 4   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvmart import cache
+from kvmart.artifact import encode_artifact
+from kvmart.codec.planes import PlanesCodec, as_uint, grid, rotate_left
+from kvmart.config import load_settings
+from kvmart.kv import KV
+from kvmart.model import Model
+from kvmart.samples import SAMPLES, sample_text
+from kvmart.store import Entry, open_store
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notices, once per forward pass
+
+Encoder = Callable[[torch.Tensor], bytes]
+Decoder = Callable[[bytes, torch.Tensor], None]  # fills the preallocated tensor
+
+
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def fill(out: torch.Tensor, data: bytes | memoryview) -> None:
+    raw_bytes(out)[:] = data
+
+
+def kvmart_codec(instance) -> tuple[Encoder, Decoder]:
+    state: dict = {}
+
+    def enc(t):
+        data, state["params"] = instance.encode(t)
+        return data
+
+    return enc, lambda data, out: instance.decode(memoryview(data), state["params"], out)
+
+
+def baselines() -> dict[str, tuple[Encoder, Decoder] | str]:
+    """name -> (encode, decode), or the reason it cannot run here."""
+    import zstandard
+
+    found: dict[str, tuple[Encoder, Decoder] | str] = {
+        "zstd-3": (lambda t: zstandard.ZstdCompressor(level=3).compress(raw_bytes(t)),
+                   lambda d, out: fill(out, zstandard.ZstdDecompressor().decompress(d))),
+        "zstd-19": (lambda t: zstandard.ZstdCompressor(level=19).compress(raw_bytes(t)),
+                    lambda d, out: fill(out, zstandard.ZstdDecompressor().decompress(d))),
+        "gzip-6": (lambda t: zlib.compress(raw_bytes(t), 6), lambda d, out: fill(out, zlib.decompress(d))),
+    }
+    try:
+        import lz4.frame
+
+        found["lz4"] = (lambda t: lz4.frame.compress(raw_bytes(t)), lambda d, out: fill(out, lz4.frame.decompress(d)))
+    except ImportError:
+        found["lz4"] = "not installed"
+    try:
+        import blosc2
+
+        blosc2.set_nthreads(1)
+        found["blosc2 shuffle+zstd"] = (
+            lambda t: blosc2.compress2(bytes(raw_bytes(t)), typesize=t.element_size(), clevel=5,
+                                       codec=blosc2.Codec.ZSTD, filters=[blosc2.Filter.SHUFFLE]),
+            lambda d, out: fill(out, blosc2.decompress2(d)))
+    except ImportError:
+        found["blosc2 shuffle+zstd"] = "not installed"
+    found["pcodec"] = pcodec_codec()
+    found["zipnn"] = zipnn_codec()
+    return found
+
+
+def pcodec_codec() -> tuple[Encoder, Decoder] | str:
+    """pcodec on the numbers: float32 as floats; bfloat16 upcast to float32 (exact), decoded and cast back."""
+    try:
+        from pcodec import ChunkConfig, standalone
+    except ImportError:
+        return "not installed"
+
+    def enc(t):
+        return standalone.simple_compress(t.float().reshape(-1).numpy(), ChunkConfig())
+
+    def dec(d, out):
+        out.reshape(-1).copy_(torch.from_numpy(standalone.simple_decompress(d)).to(out.dtype))
+
+    return enc, dec
+
+
+def zipnn_codec() -> tuple[Encoder, Decoder] | str:
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return "not installed"
+    coders: dict[torch.dtype, object] = {}
+
+    def coder(dtype):
+        if dtype not in coders:
+            coders[dtype] = ZipNN(input_format="byte", bytearray_dtype=str(dtype).removeprefix("torch."), threads=1)
+        return coders[dtype]
+
+    # zipnn 0.5 modifies the buffer given to compress() in place, even bytes: always hand it a copy
+    return (lambda t: coder(t.dtype).compress(bytearray(raw_bytes(t))),
+            lambda d, out: fill(out, coder(out.dtype).decompress(d)))
+
+
+def codecs_to_measure() -> dict[str, tuple[Encoder, Decoder] | str]:
+    found: dict[str, tuple[Encoder, Decoder] | str] = {
+        "raw": (lambda t: bytes(raw_bytes(t)), lambda d, out: fill(out, d))}
+    found.update(baselines())
+    found["kvmart (default)"] = kvmart_codec(PlanesCodec())
+    found["kvmart, 1 cluster"] = kvmart_codec(PlanesCodec(max_groups=1))
+    return found
+
+
+def corpus_ids(model: Model, needed: int, first: str) -> list[int]:
+    names = [first] + [n for n in SAMPLES if n != first]
+    ids: list[int] = []
+    while len(ids) < needed:
+        ids += model.tokenize("".join(sample_text(n) for n in names))
+    return ids[:needed]
+
+
+def sample(kv: KV, max_bytes: int) -> dict[str, list[torch.Tensor]]:
+    """Keys and values of evenly spaced layers, at most `max_bytes` in all."""
+    per_layer = 2 * kv.keys[0].numel() * kv.keys[0].element_size()
+    count = max(1, min(kv.num_layers, max_bytes // per_layer))
+    layers = sorted({round(i * (kv.num_layers - 1) / max(1, count - 1)) for i in range(count)})
+    return {"keys": [kv.keys[i] for i in layers], "values": [kv.values[i] for i in layers]}
+
+
+def measure(pair: tuple[Encoder, Decoder], tensors: list[torch.Tensor]) -> tuple[float, float, float]:
+    """(ratio, encode MB/s, decode MB/s) over `tensors`, each decode checked bit for bit. Speeds are in CPU time of
+    this process (every codec runs on one thread), so that other work on a shared machine does not count."""
+    encode, decode = pair
+    warm = tensors[0][..., :8, :].contiguous()  # compiles what is compiled on first use, untimed
+    decode(encode(warm), torch.empty_like(warm))
+    raw = sum(t.numel() * t.element_size() for t in tensors)
+    stored = encode_s = decode_s = 0.0
+    for t in tensors:
+        start = time.process_time()
+        data = encode(t)
+        encode_s += time.process_time() - start
+        out = torch.empty_like(t)
+        start = time.process_time()
+        decode(data, out)
+        decode_s += time.process_time() - start
+        if not torch.equal(out.view(_int(out)), t.contiguous().view(_int(t))):
+            raise AssertionError("a codec did not decode bit-exactly")
+        stored += len(data)
+    return raw / stored, raw / 1e6 / encode_s, raw / 1e6 / decode_s
+
+
+def _int(t: torch.Tensor) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32}[t.element_size()]
+
+
+def exponent_bits(tensors: list[torch.Tensor]) -> tuple[float, ...]:
+    """Bits per element of the exponent byte, coded with a static model per context (empirical: the models' own
+    cost is left out, so many-context figures are optimistic): no context (order-0); the channel; the previous
+    token's exponent in the channel; both."""
+    totals, count = np.zeros(4), 0
+    for t in tensors:
+        L, T, D = grid(tuple(t.shape))
+        top = rotate_left(as_uint(t.contiguous())).view(np.uint8).reshape(L, T, D, t.element_size())[..., -1]
+        e = top.transpose(0, 2, 1).reshape(L * D, T).astype(np.int64)[:, 1:]
+        prev = top.transpose(0, 2, 1).reshape(L * D, T).astype(np.int64)[:, :-1]
+        channel = np.broadcast_to(np.arange(L * D)[:, None], e.shape)
+        for i, context in enumerate((np.zeros_like(e), channel, prev, channel * 256 + prev)):
+            totals[i] += _code_bits(e.reshape(-1), context.reshape(-1))
+        count += e.size
+    return tuple(totals / max(count, 1))
+
+
+def _code_bits(symbols: np.ndarray, context: np.ndarray) -> float:
+    """Total bits of `symbols` (bytes) coded with each context's own empirical distribution."""
+    values, counts = np.unique(context * 256 + symbols, return_counts=True)
+    groups = np.unique(values // 256, return_inverse=True)[1]
+    totals = np.bincount(groups, weights=counts)[groups]
+    return float(-(counts * np.log2(counts / totals)).sum())
+
+
+def kv_sets(args) -> Iterator[tuple[str, Model, list[int], KV]]:
+    for spec in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            settings = load_settings().with_overrides(model=spec, dtype=dtype)
+            model = Model.load(settings)
+            for length in (int(x) for x in args.lengths.split(",")):
+                for doc in args.documents.split(","):
+                    ids = corpus_ids(model, length, doc)
+                    start = time.perf_counter()
+                    kv = model.prefill(ids)
+                    label = f"{spec.removeprefix('builtin:')} {dtype} {doc} {length:,} tokens"
+                    print(f"\n### {label} (prefill {time.perf_counter() - start:.1f} s)", flush=True)
+                    yield label, model, ids, kv
+                    del kv
+                    gc.collect()
+            del model
+            gc.collect()
+
+
+def codec_table(kv: KV, max_bytes: int, found) -> None:
+    tensors = sample(kv, max_bytes)
+    sampled = sum(t.numel() * t.element_size() for ts in tensors.values() for t in ts)
+    print(f"sample: {len(tensors['keys'])} of {kv.num_layers} layers, {sampled / 1e6:.1f} MB")
+    print("| codec | ratio keys | ratio values | ratio all | encode MB/s | decode MB/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, pair in found.items():
+        if isinstance(pair, str):
+            print(f"| {name} | {pair} | | | | |")
+            continue
+        k, v = measure(pair, tensors["keys"]), measure(pair, tensors["values"])
+        total = 2 / (1 / k[0] + 1 / v[0])  # keys and values are the same size
+        enc = 2 / (1 / k[1] + 1 / v[1])
+        dec = 2 / (1 / k[2] + 1 / v[2])
+        print(f"| {name} | {k[0]:.3f}x | {v[0]:.3f}x | **{total:.3f}x** | {enc:.0f} | {dec:.0f} |", flush=True)
+    bits = {kind: exponent_bits(ts) for kind, ts in tensors.items()}
+    print("exponent bits per element, static model per context (order-0 / channel / previous token's exponent / "
+          "both): " + "; ".join(f"{kind} {' / '.join(f'{x:.2f}' for x in b)}" for kind, b in bits.items()))
+
+
+def load_table(model: Model, ids: list[int], kv: KV, repeats: int, codecs: list[str], bandwidth: float) -> None:
+    print(f"| artifact codec | bytes/token | vs raw | warm load CPU s | warm load wall s | at {bandwidth:g} GB/s s "
+          "(read + warm load CPU) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(dir=load_settings().data_dir) as tmp:
+        for name in codecs:
+            store = open_store(str(Path(tmp) / name.replace(":", "-")))
+            artifact = encode_artifact(kv, ids, model.fingerprint, codec=name)
+            entry = store.put(Entry(artifact.manifest.cache_id, "bench", "", model.spec, model.fingerprint.digest,
+                                    len(ids), artifact.nbytes, 0.0, time.time()), artifact.write)
+            path = store.object_path(entry.cache_id)
+            path.read_bytes()  # in the page cache
+            times, walls = [], []
+            for _ in range(repeats + 1):  # the first load compiles the decoder: not counted
+                start, wall = time.process_time(), time.perf_counter()
+                loaded = cache.load(model, store, entry.cache_id)
+                times.append(time.process_time() - start)
+                walls.append(time.perf_counter() - wall)
+                del loaded
+            warm, warm_wall = statistics.median(times[1:]), statistics.median(walls[1:])
+            if name == "raw":
+                raw_bytes_, raw_warm = entry.artifact_bytes, warm
+            # the warm load of a raw artifact is a mapping (no copy): reading it at B GB/s costs bytes / B; a
+            # compressed one costs its own bytes / B plus its decode (warm load minus the raw load's checks)
+            read_s = entry.artifact_bytes / (bandwidth * 1e9)
+            decode_s = 0.0 if name == "raw" else max(0.0, warm - raw_warm)
+            print(f"| {name} | {entry.artifact_bytes / len(ids):,.0f} | {raw_bytes_ / entry.artifact_bytes:.3f}x | "
+                  f"{warm:.3f} | {warm_wall:.3f} | {read_s + decode_s + raw_warm:.3f} |", flush=True)
+            store.delete(entry.cache_id)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="builtin:smollm2-135m,builtin:qwen3-0.6b-shape")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--lengths", default="2048")
+    parser.add_argument("--documents", default="mpl-2.0", help=f"first sample of the text: {', '.join(SAMPLES)}")
+    parser.add_argument("--sample-mb", type=float, default=24, help="raw MB of KV per codec measurement")
+    parser.add_argument("--load-codecs", default="raw,zstd,kvmart", help="codecs for the whole-artifact loads")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bandwidth", type=float, default=1.0, help="simulated read bandwidth, GB/s")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for prefill (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    found = codecs_to_measure()
+    for label, model, ids, kv in kv_sets(args):
+        codec_table(kv, int(args.sample_mb * 1e6), found)
+        load_table(model, ids, kv, args.repeats, args.load_codecs.split(","), args.bandwidth)
+
+
+if __name__ == "__main__":
+    main()
