@@ -10,13 +10,11 @@ import struct
 import sys
 from pathlib import Path
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import kvmart.cli
 from kvmart import cache
 from kvmart.artifact import encode_artifact, read_artifact
 from kvmart.errors import ArtifactError
@@ -24,6 +22,7 @@ from kvmart.kv import KV
 from kvmart.samples import sample_text
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
+from cli_support import EntryPoint
 
 TEXT = sample_text("bsd-3-clause")
 QUESTION = " Who may redistribute it?"
@@ -198,15 +197,6 @@ def test_encoded_tensor_claiming_a_float_dtype_is_refused(model_bf16, bf16_kvmar
 
 
 # -- the command line --------------------------------------------------------------------------------------------
-class EntryPoint(click.Command):
-    def __init__(self) -> None:
-        super().__init__("kvmart")
-
-    def main(self, args=None, prog_name=None, **extra):
-        sys.argv = ["kvmart", *(args or [])]
-        kvmart.cli.main()
-
-
 def run_cli(*args: str, env: dict[str, str] | None = None):
     return CliRunner().invoke(EntryPoint(), list(args), env={"KVMART_MODEL": "builtin:tiny", **(env or {})},
                               catch_exceptions=False)

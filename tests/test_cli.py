@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner, Result
 from rich.errors import MarkupError
@@ -18,20 +17,10 @@ from kvmart import cache
 from kvmart.chat import document_ids, layout_for
 from kvmart.samples import sample_text
 from kvmart.store.disk import DiskStore
+from cli_support import EntryPoint
 
 TINY = "builtin:tiny"
 QUESTION = "Who holds the copyright?"
-
-
-class EntryPoint(click.Command):
-    """`kvmart.cli.main` (which reads sys.argv and translates errors) in the shape CliRunner invokes."""
-
-    def __init__(self) -> None:
-        super().__init__("kvmart")
-
-    def main(self, args=None, prog_name=None, **extra):
-        sys.argv = ["kvmart", *(args or [])]
-        kvmart.cli.main()
 
 
 @pytest.fixture

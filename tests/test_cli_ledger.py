@@ -9,23 +9,11 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 
-import kvmart.cli
 from kvmart.ledger import Tariff, open_ledger, quote
-
-
-class EntryPoint(click.Command):
-    """`kvmart.cli.main` (reads sys.argv, translates errors) in the shape CliRunner invokes."""
-
-    def __init__(self) -> None:
-        super().__init__("kvmart")
-
-    def main(self, args=None, prog_name=None, **extra):
-        sys.argv = ["kvmart", *(args or [])]
-        kvmart.cli.main()
+from cli_support import EntryPoint
 
 
 @pytest.fixture

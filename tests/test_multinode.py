@@ -18,7 +18,6 @@ from kvmart.samples import sample_text
 
 from infra_support import KvmartNode, RedisServer, wait_for
 from kvmart.ledger import open_ledger
-from pg_support import PostgresServer
 
 QUESTION = "Who may change the terms?"
 PREFIX = "nodes"
@@ -28,27 +27,18 @@ ADMIN_KEY = "kvm_multinode_admin_key_for_tests"
 
 
 @pytest.fixture(scope="module")
-def postgres():
-    try:
-        server = PostgresServer()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ledger_url(postgres) -> str:
+def shared_ledger_url(postgres) -> str:
+    """One PostgreSQL database (conftest's server) that every node of the cluster charges into."""
     return postgres.new_database()
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, session_dir: Path, tiny_folder: Path, ledger_url: str):
+def cluster(tmp_path_factory, session_dir: Path, tiny_folder: Path, shared_ledger_url: str):
     """Redis (the shared tier), one PostgreSQL ledger, two nodes over both."""
     root = tmp_path_factory.mktemp("cluster")
     redis = RedisServer(root / "redis").start()
     url = f"{redis.url}?prefix={PREFIX}"
-    shared = {"ledger_url": ledger_url, "admin_key": ADMIN_KEY}
+    shared = {"ledger_url": shared_ledger_url, "admin_key": ADMIN_KEY}
     nodes = [KvmartNode("a", root, session_dir / "models", url, **shared),
              KvmartNode("b", root, session_dir / "models", url, "--ram-cache-bytes", "0", **shared)]  # B: every read hits a store tier
     threads = [threading.Thread(target=n.start) for n in nodes]  # the two start (load torch) side by side
@@ -143,13 +133,13 @@ def test_a_chunk_lost_from_redis_is_recomputed_not_served_partially(cluster):
     assert f"{PREFIX}:index:{doc['cache_id']}".encode() in redis.client().keys(f"{PREFIX}:index:*")
 
 
-def test_one_ledger_across_nodes_charges_each_read_once(cluster, ledger_url: str, tmp_path: Path):
+def test_one_ledger_across_nodes_charges_each_read_once(cluster, shared_ledger_url: str, tmp_path: Path):
     """An agent reads a document published on A from both nodes: the shared PostgreSQL ledger holds both charges,
     the publisher's royalties and the agent's balance agree, and the ledger balances."""
     from decimal import Decimal
 
     redis, a, b = cluster
-    ledger = open_ledger(ledger_url, tmp_path, environ={"KVMART_ADMIN_KEY": ADMIN_KEY})
+    ledger = open_ledger(shared_ledger_url, tmp_path, environ={"KVMART_ADMIN_KEY": ADMIN_KEY})
     _, publisher_key = ledger.create_account("multinode-publisher", "publisher")
     _, agent_key = ledger.create_account("multinode-agent", "agent")
     ledger.deposit("multinode-agent", Decimal("5"))

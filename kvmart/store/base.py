@@ -59,28 +59,16 @@ class Store(ABC):
     @contextmanager
     def open(self, cache_id: str) -> Iterator[tuple[BinaryIO, int]]:
         """(file, size_bytes) of an artifact; raises UnknownCacheError if absent."""
-        opened = self._open(cache_id)
-        if opened is None:
-            raise UnknownCacheError(f"no artifact with cache id {cache_id!r} in this store")
-        f, size = opened
-        try:
-            yield f, size
-        finally:
-            f.close()
+        with _opened(self._open(cache_id), cache_id) as found:
+            yield found
 
     @contextmanager
     def open_head(self, cache_id: str) -> Iterator[tuple[BinaryIO, int]]:
         """(file, size_bytes) where the file holds at least the artifact's start (its header), for reading a
         manifest without fetching the tensors. A store that is not local overrides `_open_head` to fetch only
         the start; by default the whole artifact is opened. Raises UnknownCacheError if absent."""
-        opened = self._open_head(cache_id)
-        if opened is None:
-            raise UnknownCacheError(f"no artifact with cache id {cache_id!r} in this store")
-        f, size = opened
-        try:
-            yield f, size
-        finally:
-            f.close()
+        with _opened(self._open_head(cache_id), cache_id) as found:
+            yield found
 
     def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         return self._open(cache_id)
@@ -95,3 +83,15 @@ class Store(ABC):
         if not matches:
             raise UnknownCacheError(f"no artifact with cache id {prefix!r} in this store (see `kvmart ls`)")
         return matches[0]
+
+
+@contextmanager
+def _opened(opened: tuple[BinaryIO, int] | None, cache_id: str) -> Iterator[tuple[BinaryIO, int]]:
+    """An opened (file, size), closed afterwards; UnknownCacheError where nothing was found."""
+    if opened is None:
+        raise UnknownCacheError(f"no artifact with cache id {cache_id!r} in this store")
+    f, size = opened
+    try:
+        yield f, size
+    finally:
+        f.close()
