@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .artifact import encode_artifact, read_artifact
 from .chat import Layout, document_ids, layout_for, question_ids
-from .codec import DEFAULT_CODEC, Spec
+from .codec import Spec
 from .errors import InputError, StoreError
 from .fingerprint import cache_id as make_cache_id
 from .kv import KV
@@ -60,7 +60,7 @@ def decode_utf8(data: bytes, name: str) -> str:
 
 def precompute(model: Model, store: Store, text: str, title: str = "", source: str = "",
                progress: Callable[[float], None] | None = None, layout: Layout | None = None,
-               salt: str = "", codec: str | Spec = DEFAULT_CODEC) -> Precomputed:
+               salt: str = "", codec: str | Spec = "raw") -> Precomputed:
     """Prefill `text` once and store its artifact; a document already stored is returned without computing.
     A tenant `salt` (the server's, for private documents) gives the same text its own cache id."""
     ids = document_ids(model.tokenize, layout or layout_for(model.tokenizer), check_text(text))
@@ -69,9 +69,11 @@ def precompute(model: Model, store: Store, text: str, title: str = "", source: s
 
 def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str = "", source: str = "",
                    progress: Callable[[float], None] | None = None, salt: str = "",
-                   codec: str | Spec = DEFAULT_CODEC) -> Precomputed:
+                   codec: str | Spec = "raw") -> Precomputed:
     """Prefill exactly these token ids once and store the artifact, its tensors encoded with `codec` (or return
-    the stored one, whatever its codec: the cache id names the content, not its encoding)."""
+    the stored one, whatever its codec: the cache id names the content, not its encoding). `raw` by default: a
+    local store maps it in place; callers pass `Settings.artifact_codec`, which picks kvmart's codec for shared
+    stores."""
     start = time.perf_counter()
     model.check_fits("the document", len(token_ids))
     cid = make_cache_id(model.fingerprint.digest, token_ids, salt)

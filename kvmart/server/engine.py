@@ -19,7 +19,6 @@ import time
 from .. import cache
 from ..artifact import manifest_for, write_artifact
 from ..chat import document_ids, layout_for
-from ..codec import DEFAULT_CODEC
 from ..errors import ArtifactError, ContextOverflowError, UnknownCacheError
 from ..kv import KV
 from ..model import Model
@@ -112,7 +111,7 @@ class Engine:
     """Not thread-safe: every method runs on the model worker's thread."""
 
     def __init__(self, model: Model, store: Store, catalog: Catalog, hot: HotTier, settings: ServerSettings,
-                 salt_for: Callable[[str], str] = lambda cache_id: "", codec: str = DEFAULT_CODEC) -> None:
+                 salt_for: Callable[[str], str] = lambda cache_id: "", codec: str = "raw") -> None:
         self.model, self.store, self.catalog, self.hot, self.settings = model, store, catalog, hot, settings
         self.salt_for = salt_for  # the tenant salt a cache id was made with (the ledger's licence), to verify it
         self.codec = codec  # how published documents' artifacts are encoded (KVMART_CODEC)
