@@ -118,3 +118,14 @@ def test_vllm_options_are_validated():
         VllmOptions(block_size=0)
     with pytest.raises(ConfigError):
         VllmOptions(memory_fraction=1.5)
+
+
+def test_the_vllm_server_engine_refuses_private_documents():
+    """Its KV connector matches prompts against every stored document, whoever asks, so a private (tenant-salted)
+    document is refused there with a clear 400 before anything is computed or stored (docs/VLLM.md)."""
+    from kvmart.server.errors import UnsupportedParameterError
+    from kvmart.server.vllm import VllmServerEngine
+
+    engine = object.__new__(VllmServerEngine)  # publish refuses before it touches the model or the store
+    with pytest.raises(UnsupportedParameterError, match="private documents are not served by the vllm engine"):
+        next(engine.publish("text", "title", "source", None, salt="tenant-salt"))
