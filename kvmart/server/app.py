@@ -25,6 +25,7 @@ from ..web import mount_web
 from . import anthropic, documents, money, openai
 from .config import ServerSettings
 from .errors import HttpError, RequestError, http_error
+from .limits import KeyLimits, limiter_for
 from .services import Services, build_services
 
 log = logging.getLogger("kvmart.server")
@@ -60,6 +61,8 @@ def create_app(settings: Settings, server: ServerSettings | None = None, model: 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
     mount_web(app)  # the market's web page at /
+    app.add_middleware(KeyLimits, limiter=limiter_for(services.server), respond=error_response,
+                       on_reject=services.metrics.rate_limited.inc)  # per-key rate and concurrency (429)
     app.add_middleware(RequestMetrics, services=services)
     return app
 
