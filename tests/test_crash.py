@@ -6,7 +6,6 @@ transaction: tests/test_server_ledger.py and tests/test_ledger_stress.py.)"""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,40 +14,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
-from pg_support import free_port
-from server_support import DEADLINE_SECONDS, wait_until
+from node_support import Node
+from server_support import DEADLINE_SECONDS
 
 from kvmart import cache
 from kvmart.ledger import open_ledger
 from kvmart.samples import sample_text
 from kvmart.store.disk import DiskStore
 
-MODEL = "builtin:tiny"
 BSD = sample_text("bsd-3-clause")
-
-
-class Node:
-    """One `kvmart serve` process on the test's data dir."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--port", str(self.port)],
-            env={**os.environ, "KVMART_MODEL": MODEL, "KVMART_ADMIN_KEY": "a" * 32},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_until(self.is_up, "kvmart serve to listen")
-        assert self.process.poll() is None, self.process.communicate()
-
-    def is_up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return self.process.poll() is not None
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.communicate()
 
 
 def long_text(model, round_no: int) -> str:
