@@ -164,3 +164,44 @@ def test_a_node_killed_and_restarted_mid_load_loses_nothing(kvmart_data_dir):
     print(f"\nfault: {agents} agents, 1 SIGKILL + restart: {answered} answers, {transport_errors} connection errors "
           f"retried, {stuck} keys held by the dead node (409), books balanced")
     ledger.close()
+
+
+def test_redis_killed_and_restarted_mid_load_costs_no_request(kvmart_data_dir, tmp_path):
+    from infra_support import RedisServer, wait_for
+
+    agents = 16
+    redis = RedisServer(tmp_path / "redis").start()
+    ledger, publisher, keys = setup_ledger(kvmart_data_dir, agents)
+    node = Node(KVMART_STORE=f"{redis.url}?prefix=load", KVMART_RAM_CACHE_BYTES="0")  # every read: a store tier
+    statuses = {name: Counter() for name in keys}
+
+    def health() -> dict:
+        return httpx.get(node.url + "/healthz", timeout=5).json()
+
+    async def scenario() -> None:
+        doc_id = await asyncio.to_thread(publish, node.url, publisher)
+        until = time.monotonic() + 10
+        async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+            tasks = [asyncio.create_task(agent(client, key, doc_id, until, statuses[name], []))
+                     for name, key in keys.items()]
+            await asyncio.sleep(2)
+            redis.process.kill()  # SIGKILL: no flush, connections reset mid-read
+            redis.process.wait()
+            await asyncio.to_thread(wait_for, lambda: health()["status"] == "degraded", "the node to degrade")
+            await asyncio.sleep(2)
+            await asyncio.to_thread(redis.start)
+            await asyncio.to_thread(wait_for, lambda: health()["status"] == "ok", "the node to see Redis again")
+            await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        node.kill()
+        redis.stop()
+    total = sum((c for c in statuses.values()), Counter())
+    assert set(total) == {200}, f"requests failed while Redis was down: {dict(total)}"
+    for name, s in statuses.items():
+        assert ledger.usage(ledger.account(name)).requests == s[200]
+    assert ledger.health().is_sound
+    print(f"\nredis fault: {agents} agents, Redis SIGKILLed and restarted: {total[200]} answers, no error")
+    ledger.close()
