@@ -24,6 +24,7 @@ pytestmark = pytest.mark.load
 AGENTS = int(os.environ.get("KVMART_LOAD_AGENTS", "64"))
 LOAD_SECONDS = float(os.environ.get("KVMART_LOAD_SECONDS", "20"))
 GREEDY_CONCURRENCY = 8
+KEEPALIVE_SECONDS = 1.0  # below uvicorn's 5 s, so the client never reuses a connection the server is closing
 LIMITS = {"KVMART_MAX_CONCURRENT_PER_KEY": "4", "KVMART_RATE_LIMIT_PER_MINUTE": "6000",
           "KVMART_RATE_LIMIT_BURST": "600", "KVMART_MAX_QUEUE": "256"}
 
@@ -71,7 +72,7 @@ async def run_load(url: str, keys: dict[str, str], greedy: str, doc_id: str, sec
     honest = {name: Counter() for name in keys}
     greedy_statuses: Counter = Counter()
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=AGENTS + GREEDY_CONCURRENCY + 8)
+    limits = httpx.Limits(max_connections=AGENTS + GREEDY_CONCURRENCY + 8, keepalive_expiry=KEEPALIVE_SECONDS)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         tasks = [agent(client, key, doc_id, until, honest[name], latencies) for name, key in keys.items()]
         tasks += [agent(client, greedy, doc_id, until, greedy_statuses, []) for _ in range(GREEDY_CONCURRENCY)]
@@ -181,7 +182,8 @@ def test_redis_killed_and_restarted_mid_load_costs_no_request(kvmart_data_dir, t
     async def scenario() -> None:
         doc_id = await asyncio.to_thread(publish, node.url, publisher)
         until = time.monotonic() + 10
-        async with httpx.AsyncClient(base_url=node.url, timeout=60) as client:
+        limits = httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS)
+        async with httpx.AsyncClient(base_url=node.url, timeout=60, limits=limits) as client:
             tasks = [asyncio.create_task(agent(client, key, doc_id, until, statuses[name], []))
                      for name, key in keys.items()]
             await asyncio.sleep(2)

@@ -22,6 +22,7 @@ from .auth import api_key
 from .config import ServerSettings
 from .errors import HttpError, RateLimitedError, http_error
 
+DRAIN_LIMIT_BYTES = 1 << 20  # a refused request's body is read up to this, to keep its connection usable
 MAX_TRACKED_KEYS = 100_000  # idle keys beyond this are forgotten (a full bucket and nothing in flight: no state)
 
 
@@ -108,8 +109,26 @@ class KeyLimits:
         except RateLimitedError as e:
             self.on_reject()
             response = self.respond(scope["path"], http_error(e))
+            if not await _drain(receive):
+                response.headers["connection"] = "close"
             return await response(scope, receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
             self.limiter.release(digest)
+
+
+async def _drain(receive, limit_bytes: int = DRAIN_LIMIT_BYTES) -> bool:
+    """Read (and drop) the refused request's body, so that its connection can carry the next request: a response
+    sent before the body is read closes the connection under the client, which may already be reusing it. False
+    if the body is longer than `limit_bytes` or the client left (the connection is then closed)."""
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+        if received > limit_bytes:
+            return False
