@@ -128,3 +128,25 @@ def test_documents_and_artifacts_beyond_the_limits_are_413(model_f32, tmp_path):
         upload = live.publish("A short note.", artifact="QUFB" * (per_token * 20))
         assert upload.status_code == 413 and "uploaded artifact is" in upload.json()["error"]["message"]
         assert live.services.store.entries() == []
+
+
+def test_idle_keys_are_forgotten_so_random_keys_cannot_fill_memory(monkeypatch):
+    import kvmart.server.limits as limits
+
+    monkeypatch.setattr(limits, "MAX_TRACKED_KEYS", 10)
+    limiter = KeyLimiter(per_minute=0, burst=0, max_concurrent=4)
+    for i in range(100):
+        limiter.acquire(f"key-{i}")
+        limiter.release(f"key-{i}")
+    assert len(limiter._keys) <= 11
+    limiter.acquire("busy")  # a key with requests in flight is kept
+    for i in range(100, 120):
+        limiter.acquire(f"key-{i}")
+        limiter.release(f"key-{i}")
+    assert "busy" in limiter._keys
+
+
+def test_unknown_keys_are_limited_too_no_free_guessing(model_f32, tmp_path):
+    with LiveServer(model_f32, tmp_path / "data", rate_limit_per_minute=1, rate_limit_burst=3) as live:
+        guessed = [live.http.get("/v1/documents", headers=auth("kvm_guess")).status_code for _ in range(5)]
+        assert guessed == [401, 401, 401, 429, 429]
