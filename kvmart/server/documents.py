@@ -74,6 +74,7 @@ async def publish(request: Request):
     text was already published (nothing computed, nothing charged)."""
     services: Services = request.app.state.services
     account = await caller(request)
+    require_role(account, "publisher")  # before the body: only publishers may send one as large as an artifact
     limit = services.server.max_body_bytes + 4 * -(-services.server.max_artifact_bytes // 3)  # room for an upload
     req = parse(PublishRequest, await read_json(request, limit))
     body, is_new = await publish_as(services, account, req)
