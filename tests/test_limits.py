@@ -150,3 +150,20 @@ def test_unknown_keys_are_limited_too_no_free_guessing(model_f32, tmp_path):
     with LiveServer(model_f32, tmp_path / "data", rate_limit_per_minute=1, rate_limit_burst=3) as live:
         guessed = [live.http.get("/v1/documents", headers=auth("kvm_guess")).status_code for _ in range(5)]
         assert guessed == [401, 401, 401, 429, 429]
+
+
+def test_the_web_pages_posts_are_limited_by_session(model_f32, tmp_path):
+    from web_support import WebClient
+
+    with LiveServer(model_f32, tmp_path / "data", rate_limit_per_minute=1, rate_limit_burst=3) as live:
+        doc = live.publish("Web notes.\n\n" + BSD).json()
+        browser = WebClient(live.url)
+        browser.sign_in(live.agent_key)  # before signing in, POSTs are not a key's
+        asked = [browser.post("/ask", document=doc["id"], question="Who?", max_tokens="2").status_code
+                 for _ in range(2)]
+        assert asked == [200, 200]
+        assert live.http.post("/v1/chat/completions", json=chat()).status_code == 200  # the same key's budget
+        assert browser.post("/ask", document=doc["id"], question="Who?", max_tokens="2").status_code == 429
+        assert live.http.post("/v1/chat/completions", json=chat()).status_code == 429
+        assert browser.get("/").status_code == 200  # pages are read freely
+        browser.close()

@@ -3,7 +3,8 @@ then `rate_limit_per_minute`) and how many it may have in flight at once (`max_c
 either: HTTP 429 with Retry-After, before the request is read, authenticated or queued, so a flood from one key
 costs the node almost nothing and cannot starve other keys of the model worker's queue.
 
-Applied as ASGI middleware to /v1 requests that carry a key (a request without one is refused as 401 anyway);
+Applied as ASGI middleware to /v1 requests that carry a key (a request without one is refused as 401 anyway),
+and to the web page's POSTs by their session;
 keys are told apart by their sha256, so an unknown key is limited like a known one (no free brute force). A
 request is in flight until its response is complete, streams included."""
 
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 
 from starlette.datastructures import Headers
 
@@ -94,13 +96,26 @@ class KeyLimits:
     """ASGI middleware applying a KeyLimiter to /v1 requests; `respond(path, error)` writes the 429."""
 
     def __init__(self, app, limiter: KeyLimiter, respond: Callable[[str, HttpError], object],
-                 on_reject: Callable[[], None] = lambda: None) -> None:
+                 on_reject: Callable[[], None] = lambda: None, session_cookie: str | None = None,
+                 session_key: Callable[[str], str | None] = lambda token: None) -> None:
+        """`session_cookie`, `session_key`: the web page's cookie, and the API key its session token signed in
+        with (None: none), so the page's POSTs share their key's budget with the API."""
         self.app, self.limiter, self.respond, self.on_reject = app, limiter, respond, on_reject
+        self.session_cookie, self.session_key = session_cookie, session_key
+
+    def key_of(self, scope) -> str | None:
+        """What a request is limited by: its API key on /v1 paths, and on the web page's POSTs the key its
+        session signed in with (a question asked on the page runs the same model); None: not limited."""
+        headers = Headers(scope=scope)
+        if scope["path"].startswith("/v1/"):
+            return api_key(headers)
+        if self.session_cookie and scope["method"] == "POST":
+            token = SimpleCookie(headers.get("cookie", "")).get(self.session_cookie)
+            return None if token is None else self.session_key(token.value)
+        return None
 
     async def __call__(self, scope, receive, send: Callable[[dict], Awaitable[None]]) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or not self.limiter.is_active:
-            return await self.app(scope, receive, send)
-        key = api_key(Headers(scope=scope))
+        key = self.key_of(scope) if scope["type"] == "http" and self.limiter.is_active else None
         if key is None:
             return await self.app(scope, receive, send)
         digest = hashlib.sha256(key.encode()).hexdigest()
