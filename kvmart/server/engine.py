@@ -147,6 +147,7 @@ class Engine:
         if existing is not None:  # already stored: the upload is not needed (nor trusted)
             yield Published(self.catalog.add(existing), False, time.perf_counter() - start)
             return
+        self.model.check_fits("the document", len(ids))
         verified = verify_upload(self.model, upload, ids, self.settings.upload_chunk_tokens,
                                  self.settings.upload_verify_percent)
         manifest = manifest_for(verified.kv, ids, self.model.fingerprint, salt)
