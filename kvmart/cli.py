@@ -377,17 +377,28 @@ def main() -> None:
                                              "postgresql://USER@HOST:PORT/DB]")
 @click.option("--engine", type=click.Choice(ENGINES), help="Inference engine: kvmart's own (transformers) or vLLM "
               "with kvmart's KV connector (needs kvmart[vllm]; docs/VLLM.md).  [default: transformers]")
+@click.option("--rate-limit-per-minute", type=int, help="Requests one API key may start per minute, 0 for no "
+              "limit (HTTP 429 beyond).  [default: 600]")
+@click.option("--max-concurrent-per-key", type=int, help="Requests of one API key in flight at once, 0 for no "
+              "limit (HTTP 429 beyond).  [default: 16]")
+@click.option("--max-document-tokens", type=int, help="Longest document one may publish (HTTP 413 beyond).  "
+              "[default: the model's context]")
+@click.option("--max-artifact-bytes", help="Largest artifact published or uploaded (HTTP 413 beyond).  "
+              "[default: 1GiB]")
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
           max_active: int | None, max_queue: int | None, max_body_bytes: str | None, ledger_url: str | None,
-          engine: str | None) -> None:
+          engine: str | None, rate_limit_per_minute: int | None, max_concurrent_per_key: int | None,
+          max_document_tokens: int | None, max_artifact_bytes: str | None) -> None:
     """Serve OpenAI- and Anthropic-compatible HTTP APIs that answer from hosted KV caches (docs/SERVER.md).
 
     Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
     request that reads one, by name or by pasting its text, continues from its stored KV. Options can also be set
     as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES,
-    KVMART_LEDGER, KVMART_ENGINE. Every request authenticates with an API key (`kvmart accounts create`); the
-    admin key is KVMART_ADMIN_KEY, or printed once at the first start."""
+    KVMART_LEDGER, KVMART_ENGINE, and the limits (docs/SECURITY.md) as KVMART_RATE_LIMIT_PER_MINUTE,
+    KVMART_RATE_LIMIT_BURST, KVMART_MAX_CONCURRENT_PER_KEY, KVMART_MAX_DOCUMENT_TOKENS, KVMART_MAX_ARTIFACT_BYTES,
+    KVMART_UPLOAD_CHUNK_TOKENS, KVMART_UPLOAD_VERIFY_PERCENT. Every request authenticates with an API key
+    (`kvmart accounts create`); the admin key is KVMART_ADMIN_KEY, or printed once at the first start."""
     from .ledger import open_ledger
     from .server import load_server_settings, serve as run_server
     from .server.config import parse_bytes
@@ -395,7 +406,10 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
     server = load_server_settings().with_overrides(
         host=host, port=port, max_active=max_active, max_queue=max_queue,
         ram_cache_bytes=parse_bytes(ram_cache_bytes) if ram_cache_bytes else None,
-        max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None, engine=engine)
+        max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None, engine=engine,
+        rate_limit_per_minute=rate_limit_per_minute, max_concurrent_per_key=max_concurrent_per_key,
+        max_document_tokens=max_document_tokens,
+        max_artifact_bytes=parse_bytes(max_artifact_bytes) if max_artifact_bytes else None)
     settings = settings.with_overrides(ledger=ledger_url)
     ledger = open_ledger(settings.ledger, settings.data_dir)
     if ledger.admin_key_issued:

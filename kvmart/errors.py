@@ -61,6 +61,13 @@ class CodecError(ArtifactError):
     """Encoded tensor data that cannot be decoded exactly (corrupt, truncated, unknown codec or dtype). Never used."""
 
 
+class ArtifactRejectedError(KvmartError):
+    """An artifact a publisher uploaded failed verification (corrupt, foreign, other tokens, or KV the model does
+    not compute for its tokens): refused, nothing stored, nothing charged (HTTP 422)."""
+
+    exit_code = 4
+
+
 class FingerprintMismatchError(ArtifactError):
     """An artifact was made by another model, tokenizer, dtype or attention implementation."""
 

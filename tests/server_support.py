@@ -29,7 +29,8 @@ class LiveServer:
 
     def __init__(self, model: Model, data_dir: Path, **server: object) -> None:
         settings = Settings(data_dir=data_dir, model=model.spec, dtype=model.dtype_name, attention=model.attention)
-        self.app = create_app(settings, ServerSettings(port=0, log_level="warning").with_overrides(**server), model)
+        base = ServerSettings(port=0, log_level="warning", rate_limit_per_minute=0, max_concurrent_per_key=0)
+        self.app = create_app(settings, base.with_overrides(**server), model)  # per-key limits: off unless asked
         self.publisher_key = self.account("publisher", "publisher")
         self.agent_key = self.account("agent", "agent")
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",

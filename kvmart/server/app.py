@@ -22,9 +22,11 @@ from ..ledger import Ledger
 from ..model import Model
 from ..store import Store
 from ..web import mount_web
+from ..web.sessions import COOKIE as SESSION_COOKIE
 from . import anthropic, documents, money, openai
 from .config import ServerSettings
 from .errors import HttpError, RequestError, http_error
+from .limits import KeyLimits, limiter_for
 from .services import Services, build_services
 
 log = logging.getLogger("kvmart.server")
@@ -63,6 +65,13 @@ def create_app(settings: Settings, server: ServerSettings | None = None, model: 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
     mount_web(app)  # the market's web page at /
+    def session_key(token: str) -> str | None:
+        session = app.state.web_sessions.get(token)
+        return None if session is None else session.api_key
+
+    app.add_middleware(KeyLimits, limiter=limiter_for(services.server), respond=error_response,
+                       on_reject=services.metrics.rate_limited.inc, session_cookie=SESSION_COOKIE,
+                       session_key=session_key)  # per-key rate and concurrency (429), API and web page alike
     app.add_middleware(RequestMetrics, services=services)
     return app
 

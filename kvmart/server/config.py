@@ -24,18 +24,33 @@ class ServerSettings:
     min_prefix_tokens: int = 64  # shortest automatic prefix match reused (a named document always is)
     log_level: str = "info"
     engine: str = "transformers"  # transformers (kvmart's own path) | vllm (vLLM with kvmart's KV connector)
+    # limits (docs/SECURITY.md); 0 turns a per-key limit off
+    rate_limit_per_minute: int = 600  # requests one API key may start per minute (beyond: HTTP 429, Retry-After)
+    rate_limit_burst: int = 60  # requests one key may send at once before the per-minute rate applies
+    max_concurrent_per_key: int = 16  # requests of one key in flight at once (beyond: HTTP 429)
+    max_document_tokens: int = 0  # longest document one may publish (beyond: HTTP 413); 0: the model's context
+    max_artifact_bytes: int = 2**30  # largest artifact published or uploaded (beyond: HTTP 413); 1 GiB holds
+    # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
+    upload_chunk_tokens: int = 256  # an uploaded artifact is a chunked prefill with chunks of this many tokens
+    upload_verify_percent: int = 100  # share of an upload's chunks the provider recomputes (chunk 0 always)
 
     def __post_init__(self) -> None:
         from ..engines import ENGINES
 
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
-        for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "min_prefix_tokens"):
+        for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "min_prefix_tokens", "rate_limit_per_minute",
+                     "rate_limit_burst", "max_concurrent_per_key", "max_document_tokens", "max_artifact_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
         for name in ("max_active", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.rate_limit_per_minute and self.rate_limit_burst < 1:
+            raise ConfigError("rate_limit_burst must be at least 1 when rate_limit_per_minute is set")
+        if self.upload_chunk_tokens < 1 or not 1 <= self.upload_verify_percent <= 100:
+            raise ConfigError(f"upload_chunk_tokens must be at least 1 and upload_verify_percent 1-100 (got "
+                              f"{self.upload_chunk_tokens}, {self.upload_verify_percent})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not a TCP port")
 

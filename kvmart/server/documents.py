@@ -6,6 +6,9 @@ tenant salt and is invisible (404) to accounts it does not list."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -13,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InsufficientFundsError
+from ..errors import ArtifactRejectedError, InsufficientFundsError
 from ..ledger import Account, Licence, Terms, parse_money, usd_text
 from .auth import caller, require_role
 from .body import parse, read_json
@@ -24,6 +27,7 @@ from .runs import first_event, submit
 from .services import Services
 
 router = APIRouter()
+log = logging.getLogger("kvmart.server")
 MAX_PAGE = 100
 
 
@@ -37,6 +41,7 @@ class PublishRequest(BaseModel):
     readers: list[str] = []  # account names that may read a private document
     cache_read_usd_per_mtok: str | float | int | None = None  # a priced document's price of 1M cached tokens
     royalty_share: str | float | int | None = None  # the publisher's share of each cache read (default: tariff's)
+    artifact: str | None = None  # base64 of an artifact the publisher computed (kvmart/upload.py), verified first
 
     def terms(self) -> Terms:
         """The licence terms; TariffError (400) for a bad price or share."""
@@ -69,7 +74,9 @@ async def publish(request: Request):
     text was already published (nothing computed, nothing charged)."""
     services: Services = request.app.state.services
     account = await caller(request)
-    req = parse(PublishRequest, await read_json(request, services.server.max_body_bytes))
+    require_role(account, "publisher")  # before the body: only publishers may send one as large as an artifact
+    limit = services.server.max_body_bytes + 4 * -(-services.server.max_artifact_bytes // 3)  # room for an upload
+    req = parse(PublishRequest, await read_json(request, limit))
     body, is_new = await publish_as(services, account, req)
     return JSONResponse(body, status_code=201 if is_new else 200)
 
@@ -81,10 +88,17 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     terms = req.terms()
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
-    ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt))
-    published = await first_event(ticket)
+    upload = decode_artifact(req.artifact)
+    ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload))
+    try:
+        published = await first_event(ticket)
+    except ArtifactRejectedError as e:
+        services.metrics.published.inc(outcome="refused")
+        log.warning("upload by %s refused: %s", account.name, e)
+        raise
     assert isinstance(published, Published), published
-    services.metrics.published.inc(outcome="computed" if published.is_new else "already_stored")
+    outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
+    services.metrics.published.inc(outcome=outcome)
     doc, fee = published.document, 0
     if published.is_new:  # None: another node published the same text first; its licence stands
         fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt) or 0
@@ -92,6 +106,16 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
             "seconds": published.seconds, "precompute_charge_usd": usd_text(fee)}
     return body, published.is_new
+
+
+def decode_artifact(encoded: str | None) -> bytes | None:
+    """The uploaded artifact's bytes; RequestError (400) if `artifact` is not base64."""
+    if encoded is None:
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"artifact must be the artifact file in base64 ({e})", "artifact") from e
 
 
 def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str) -> int | None:

@@ -20,11 +20,14 @@ from .. import cache
 from ..artifact import manifest_for, write_artifact
 from ..chat import document_ids, layout_for
 from ..errors import ArtifactError, ContextOverflowError, UnknownCacheError
+from ..fingerprint import cache_id as make_cache_id
 from ..kv import KV
 from ..model import Model
-from ..store import Store
+from ..store import Entry, Store
+from ..upload import verify_upload
 from .catalog import Catalog, Document, Match, Readable
 from .config import ServerSettings
+from .errors import TooLargeError
 from .hot import HotTier
 from .prompt import ChatPrompt, Prompt, chat_token_ids, text_token_ids
 from .text import Detokenizer, StopMatcher
@@ -127,14 +130,47 @@ class Engine:
         yield Started(len(ids), max_new, reuse)
         yield from self.decode(prefix, ids[reuse.prefix_tokens:], max_new, request.sampling)
 
-    def publish(self, text: str, title: str, source: str, system: str | None, salt: str = ""
-                ) -> Iterator[Published]:
+    def publish(self, text: str, title: str, source: str, system: str | None, salt: str = "",
+                upload: bytes | None = None) -> Iterator[Published]:
         """Prefill and store a document (the CLI's `cache.precompute` path), or find it already stored. A private
-        document is stored under its publisher's tenant `salt`."""
+        document is stored under its publisher's tenant `salt`. With `upload` (an artifact the publisher
+        computed), its KV is stored instead, once verified (kvmart/upload.py); ArtifactRejectedError if not.
+        TooLargeError for a document or artifact beyond the server's limits."""
+        start = time.perf_counter()
         layout = layout_for(self.model.tokenizer, system) if system else None
-        result = cache.precompute(self.model, self.store, text, title=title, source=source, layout=layout, salt=salt,
-                                  codec=self.codec)
-        yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
+        ids = document_ids(self.model.tokenize, layout or layout_for(self.model.tokenizer), cache.check_text(text))
+        self.check_limits(len(ids), len(upload) if upload is not None else None)
+        if upload is None:
+            result = cache.precompute_ids(self.model, self.store, ids, title, source, salt=salt, codec=self.codec)
+            yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
+            return
+        existing = self.store.entry(make_cache_id(self.model.fingerprint.digest, ids, salt))
+        if existing is not None:  # already stored: the upload is not needed (nor trusted)
+            yield Published(self.catalog.add(existing), False, time.perf_counter() - start)
+            return
+        self.model.check_fits("the document", len(ids))
+        verified = verify_upload(self.model, upload, ids, self.settings.upload_chunk_tokens,
+                                 self.settings.upload_verify_percent)
+        manifest = manifest_for(verified.kv, ids, self.model.fingerprint, salt)
+        entry = Entry(cache_id=manifest.cache_id, title=title, source=source, model=self.model.spec,
+                      fingerprint=self.model.fingerprint.digest, num_tokens=len(ids), artifact_bytes=len(upload),
+                      prefill_seconds=time.perf_counter() - start, created_at=time.time())
+        stored = self.store.put(entry, lambda f: write_artifact(f, manifest, verified.kv))
+        yield Published(self.catalog.add(stored), True, time.perf_counter() - start)
+
+    def check_limits(self, num_tokens: int, upload_bytes: int | None) -> None:
+        """TooLargeError for a document beyond max_document_tokens or an artifact beyond max_artifact_bytes (the
+        one to upload, or the one the provider would write)."""
+        max_tokens = self.settings.max_document_tokens
+        if max_tokens and num_tokens > max_tokens:
+            raise TooLargeError(f"the document is {num_tokens:,} tokens; this server publishes documents of at "
+                                f"most {max_tokens:,} tokens", "text")
+        size = upload_bytes if upload_bytes is not None else num_tokens * self.model.kv_bytes_per_token
+        limit = self.settings.max_artifact_bytes
+        if limit and size > limit:
+            what = "the uploaded artifact is" if upload_bytes is not None else "its KV cache would be"
+            raise TooLargeError(f"{what} {size:,} bytes; this server stores artifacts of at most {limit:,} bytes",
+                                "artifact" if upload_bytes is not None else "text")
 
     def prompt_ids(self, prompt: Prompt, documents: list[Document]) -> list[int]:
         stored = [d.token_list() for d in documents]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import (ArtifactError, AuthenticationError, ContextOverflowError, IdempotencyConflictError,
+from ..errors import (ArtifactError, ArtifactRejectedError, AuthenticationError, ContextOverflowError, IdempotencyConflictError,
                       InputError, InsufficientFundsError, KvmartError, LedgerError, StoreError, StoreUnavailableError,
                       UnknownCacheError)
 
@@ -62,6 +62,22 @@ class QueueFullError(KvmartError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class TooLargeError(KvmartError):
+    """A document or artifact beyond the server's limit (HTTP 413)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RateLimitedError(KvmartError):
+    """One API key sent more requests than its rate or concurrency limit allows (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class ShuttingDownError(KvmartError):
     """The server is shutting down and takes no new work (HTTP 503)."""
 
@@ -95,7 +111,10 @@ STATUS: tuple[tuple[type[KvmartError], int, str], ...] = (
     (UnknownCacheError, 404, "not_found"),
     (IdempotencyConflictError, 409, "conflict"),
     (BodyTooLargeError, 413, "too_large"),
+    (TooLargeError, 413, "too_large"),
+    (ArtifactRejectedError, 422, "invalid_request"),
     (QueueFullError, 429, "rate_limit"),
+    (RateLimitedError, 429, "rate_limit"),
     (ShuttingDownError, 503, "unavailable"),
     (ArtifactError, 500, "server"),
     (StoreUnavailableError, 503, "unavailable"),
@@ -120,7 +139,9 @@ def http_error(error: KvmartError) -> HttpError:
         code = "invalid_api_key"
     if isinstance(error, InsufficientFundsError):
         code = "insufficient_funds"
-    if isinstance(error, QueueFullError):
+    if isinstance(error, ArtifactRejectedError):
+        param, code = "artifact", "artifact_rejected"
+    if isinstance(error, QueueFullError | RateLimitedError):
         headers["Retry-After"] = str(error.retry_after_seconds)
         code = "rate_limit_exceeded"
     return HttpError(status, kind, str(error), param, code, headers)

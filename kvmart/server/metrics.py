@@ -141,6 +141,8 @@ class ServerMetrics:
                                            "Estimated prefill seconds not spent thanks to reused caches."))
         self.rejected = r.add(Counter("kvmart_rejected_requests_total",
                                       "Requests refused because the queue was full (HTTP 429)."))
+        self.rate_limited = r.add(Counter("kvmart_rate_limited_requests_total",
+                                          "Requests refused by a per-key rate or concurrency limit (HTTP 429)."))
         self.cancelled = r.add(Counter("kvmart_cancelled_requests_total",
                                        "Requests whose client went away before the answer ended."))
         self.charges = r.add(Counter("kvmart_charges_total", "Metered requests by outcome: charged, replayed (an "
@@ -149,7 +151,7 @@ class ServerMetrics:
                                          "Dollars charged to agents (monitoring only: the ledger is the record)."))
         self.royalty_usd = r.add(Counter("kvmart_royalty_usd_total", "Dollars of royalties credited to publishers."))
         self.published = r.add(Counter("kvmart_documents_published_total",
-                                       "POST /v1/documents by outcome: computed, or already stored."))
+                                       "POST /v1/documents by outcome: computed, uploaded (verified), already stored, or refused."))
         r.add(Gauge("kvmart_documents", "Documents in the catalogue for the loaded model.", read_documents))
         r.add(Gauge("kvmart_queue_active", "Requests the model worker is running.", read_active))
         r.add(Gauge("kvmart_queue_waiting", "Requests waiting for the model worker.", read_waiting))

@@ -49,8 +49,11 @@ class VllmServerEngine(Engine):
         saved = doc.entry.prefill_seconds * cached_tokens / doc.num_tokens
         return Reuse(tier, doc, cached_tokens, cached_tokens, 0.0, saved)
 
-    def publish(self, text: str, title: str, source: str, system: str | None, salt: str = ""
-                ) -> Iterator[Published]:
+    def publish(self, text: str, title: str, source: str, system: str | None, salt: str = "",
+                upload: bytes | None = None) -> Iterator[Published]:
+        if upload is not None:  # an upload is verified against the transformers engine's chunked prefill
+            raise UnsupportedParameterError("artifact", "uploaded artifacts are not accepted by the vllm engine "
+                                            "(its KV comes from vLLM's kernels); publish the text")
         if salt:  # the connector matches prompts against every stored document, whoever asks: no tenant salts yet
             raise UnsupportedParameterError("licence", "private documents are not served by the vllm engine yet "
                                             "(its KV connector matches prompts across tenants); publish them on a "

@@ -4,7 +4,9 @@
     ROOT/entries/<cache_id>.json     its metadata entry
     ROOT/tmp/                        writes in progress; renamed into place when complete
 
-Every write goes to tmp/ then os.replace: a crash leaves at worst a stale temp file, cleaned up at the next open."""
+Every write goes to tmp/ then os.replace: a crash leaves at worst a stale temp file, cleaned up at the next open
+(a temp file is named after its writer's process id: one whose writer is gone is removed at once, as after a
+kill -9 and restart; one without a live writer's id, after an hour)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ class DiskStore(Store):
     def put(self, entry: Entry, write: Writer) -> Entry:
         target = self.object_path(entry.cache_id)
         target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{entry.cache_id[:16]}.", suffix=".kvm.tmp", dir=self.root / "tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}.{entry.cache_id[:16]}.", suffix=".kvm.tmp",
+                                   dir=self.root / "tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 written = write(f)
@@ -59,7 +62,7 @@ class DiskStore(Store):
         return stored
 
     def _write_entry(self, entry: Entry) -> None:
-        fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=self.root / "tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}.", suffix=".json.tmp", dir=self.root / "tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(entry.as_dict(), f, sort_keys=True)
         os.replace(tmp, self._entry_path(entry.cache_id))
@@ -92,11 +95,29 @@ class DiskStore(Store):
         return removed
 
     def _clean_stale_temps(self) -> None:
-        """Remove temp files left by writers that died (older than an hour: younger ones may still be written)."""
+        """Remove temp files left by writers that died: at once if the process named in the file is gone, else
+        when older than an hour (younger ones of a live writer, e.g. `kvmart precompute` beside a server, may
+        still be written)."""
         now = time.time()
         for tmp in (self.root / "tmp").iterdir():
             try:
-                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                if not _writer_alive(tmp.name) or now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
                     tmp.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process whose id starts a temp file's name may still be writing it (True if unknown)."""
+    pid = name.split(".", 1)[0]
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True

@@ -1,0 +1,109 @@
+"""Crash safety: `kvmart serve` killed with SIGKILL while it publishes (during the prefill, and the instant an
+artifact's temp file appears, i.e. mid-write) leaves no half-written artifact visible, its temp files are removed
+at the restart, every stored artifact still verifies, and the books balance. (A kill mid-answer and mid-ledger
+transaction: tests/test_server_ledger.py and tests/test_ledger_stress.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+from node_support import Node
+from server_support import DEADLINE_SECONDS
+
+from kvmart import cache
+from kvmart.ledger import open_ledger
+from kvmart.samples import sample_text
+from kvmart.store.disk import DiskStore
+
+BSD = sample_text("bsd-3-clause")
+
+
+def long_text(model, round_no: int) -> str:
+    """A document of about 3,500 tokens (an artifact of about 1.8 MB): a long prefill and a long write."""
+    text = f"Round {round_no}.\n\n"
+    while len(model.tokenize(text + BSD)) < 3500:
+        text += BSD
+    return text
+
+
+def publish_in_background(url: str, key: str, text: str) -> threading.Thread:
+    def send() -> None:
+        try:
+            httpx.post(url + "/v1/documents", json={"text": text}, headers={"Authorization": f"Bearer {key}"},
+                       timeout=DEADLINE_SECONDS)
+        except httpx.TransportError:
+            pass  # the server died under it
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_when_a_temp_file_appears(node: Node, tmp_dir: Path) -> bool:
+    """SIGKILL the node the moment an artifact temp file exists (mid-write); False if the publish ended first."""
+    end = time.monotonic() + DEADLINE_SECONDS
+    while time.monotonic() < end and node.process.poll() is None:
+        if any(name.endswith(".kvm.tmp") for name in os.listdir(tmp_dir)):
+            node.kill()
+            return True
+    node.kill()
+    return False
+
+
+def test_a_node_killed_while_publishing_shows_no_partial_artifact_and_cleans_up(model_f32, kvmart_data_dir):
+    ledger = open_ledger("", kvmart_data_dir, environ={})
+    _, key = ledger.create_account("writer", "publisher")
+    ledger.deposit("writer", Decimal(10))
+    tmp_dir = kvmart_data_dir / "store" / "tmp"
+    caught_mid_write = 0
+    for round_no in range(3):
+        node = Node()
+        sender = publish_in_background(node.url, key, long_text(model_f32, round_no))
+        if round_no == 0:
+            time.sleep(0.05)  # in the prefill (a 3,500-token prefill takes far longer than this)
+            node.kill()
+        else:
+            caught_mid_write += kill_when_a_temp_file_appears(node, tmp_dir)
+        sender.join(DEADLINE_SECONDS)
+        store = DiskStore(kvmart_data_dir / "store")  # what a restarted node opens first
+        assert list(tmp_dir.iterdir()) == [], "temp files of the killed writer survived the restart"
+        for entry in store.entries():  # everything visible is whole and verifies
+            loaded = cache.load(model_f32, store, entry.cache_id)
+            assert loaded.kv.num_tokens == entry.num_tokens
+        objects = {p.stem for p in (kvmart_data_dir / "store" / "objects").rglob("*.kvm")}
+        assert {e.cache_id for e in store.entries()} <= objects
+    assert ledger.health().is_sound
+    fees = -ledger.usage(ledger.account("writer")).balance_nanousd + 10 * 10**9
+    assert fees >= 0
+    restarted = Node()  # and the node comes back, serving what was completed and publishing anew
+    try:
+        listed = httpx.get(restarted.url + "/v1/documents", headers={"Authorization": f"Bearer {key}"}).json()
+        assert len(listed["data"]) == len(DiskStore(kvmart_data_dir / "store").entries())
+        again = httpx.post(restarted.url + "/v1/documents", json={"text": long_text(model_f32, 0)},
+                           headers={"Authorization": f"Bearer {key}"}, timeout=DEADLINE_SECONDS)
+        assert again.status_code in (200, 201), again.text
+    finally:
+        restarted.kill()
+    assert ledger.health().is_sound
+    ledger.close()
+    print(f"kills mid-write: {caught_mid_write} of 2")
+
+
+def test_temp_files_of_dead_writers_are_removed_at_open_and_live_ones_kept(tmp_path: Path):
+    DiskStore(tmp_path / "s")
+    tmp = tmp_path / "s" / "tmp"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp / f"{dead.pid}.abcdef0123456789.x.kvm.tmp"
+    live = tmp / f"{os.getppid()}.abcdef0123456789.y.kvm.tmp"  # a live process (our parent) may be writing it
+    orphan.write_bytes(b"half an artifact")
+    live.write_bytes(b"being written")
+    DiskStore(tmp_path / "s")
+    assert not orphan.exists() and live.exists()

@@ -1,0 +1,129 @@
+"""Fuzzing, bounded: random mutations and truncations of an artifact never get past the reader (ArtifactError, or
+the very same KV; never another exception, never other numbers), and hypothesis-generated request bodies for
+every POST endpoint never make the server answer 500."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from server_support import LiveServer
+
+from kvmart.artifact import manifest_for, read_artifact, write_artifact
+from kvmart.errors import ArtifactError
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+HTTP_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+@pytest.fixture(scope="module")
+def artifact(model_f32) -> tuple[bytes, object]:
+    ids = model_f32.tokenize("A small document to fuzz the artifact reader with.")
+    kv = model_f32.prefill(ids)
+    buffer = io.BytesIO()
+    write_artifact(buffer, manifest_for(kv, ids, model_f32.fingerprint), kv)
+    return buffer.getvalue(), kv
+
+
+def read(model, data: bytes):
+    return read_artifact(io.BytesIO(data), len(data), model.fingerprint)
+
+
+def check_refused_or_identical(model, data: bytes, kv) -> None:
+    try:
+        _, got = read(model, data)
+    except ArtifactError:
+        return
+    assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values, kv.keys + kv.values)), \
+        "a mutated artifact was read as other numbers"
+
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**9), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**9), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 10**9), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, 10**9), st.integers(1, 64)),
+)
+
+
+def mutate(data: bytes, steps: list[tuple[str, int, int]]) -> bytes:
+    out = bytearray(data)
+    for kind, position, value in steps:
+        at = position % max(1, len(out))
+        if kind == "flip" and out:
+            out[at] ^= value
+        elif kind == "truncate":
+            del out[at:]
+        elif kind == "insert":
+            out.insert(at, value)
+        elif kind == "delete":
+            del out[at:at + value]
+    return bytes(out)
+
+
+@FUZZ
+@given(steps=st.lists(mutation, min_size=1, max_size=4))
+def test_mutated_artifacts_are_refused_never_misread(model_f32, artifact, steps):
+    data, kv = artifact
+    check_refused_or_identical(model_f32, mutate(data, steps), kv)
+
+
+@FUZZ
+@given(edit=st.dictionaries(st.sampled_from(["token_ids", "num_layers", "kv_heads", "head_dim", "dtype", "codec",
+                                             "format_version", "tensors", "cache_id", "salt_hash", "fingerprint"]),
+                            st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=8),
+                                         lambda inner: st.lists(inner, max_size=4)
+                                         | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8),
+                            min_size=1, max_size=3),
+       rehash=st.booleans())
+def test_hostile_manifests_are_refused(model_f32, artifact, edit, rehash):
+    """A manifest rewritten field by field (and, with `rehash`, its hash recomputed as a forger would)."""
+    import hashlib
+    import struct
+
+    data, kv = artifact
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    body = json.loads(header["__metadata__"]["kvmart"])
+    recorded = body.pop("manifest_sha256")
+    body.update(edit)
+    body["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() if rehash \
+        else recorded
+    header["__metadata__"]["kvmart"] = json.dumps(body, sort_keys=True)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    forged = struct.pack("<Q", len(raw)) + raw + data[8 + length:]
+    check_refused_or_identical(model_f32, forged, kv)
+
+
+@pytest.fixture(scope="module")
+def live(model_f32, tmp_path_factory):
+    with LiveServer(model_f32, tmp_path_factory.mktemp("fuzz"), default_max_tokens=2) as server:
+        yield server
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True)
+                    | st.text(max_size=20), lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10)
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
+          "stop", "seed", "documents", "n", "logprobs", "top_logprobs", "system", "text", "title", "licence",
+          "readers", "artifact", "royalty_share", "cache_read_usd_per_mtok", "stream_options", "kvmart"]
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "x"]),
+                                 "content": st.text(max_size=30) | JSON})
+BODY = st.dictionaries(st.sampled_from(FIELDS), JSON | st.lists(MESSAGE, max_size=3)
+                       | st.integers(-5, 50) | st.just("builtin:tiny"), max_size=6)
+PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents"]
+
+
+@HTTP_FUZZ
+@given(path=st.sampled_from(PATHS), body=BODY | JSON, raw=st.booleans(), junk=st.binary(max_size=40))
+def test_generated_bodies_never_get_a_500(live, path, body, raw, junk):
+    key = live.publisher_key if path == "/v1/documents" else live.agent_key
+    content = junk if raw else json.dumps(body, allow_nan=True).encode()
+    response = live.http.post(path, content=content, headers={"Authorization": f"Bearer {key}",
+                                                              "content-type": "application/json"})
+    assert response.status_code < 500, (path, body, response.text)
+    if response.status_code >= 400:
+        assert "error" in response.json()
