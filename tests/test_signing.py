@@ -161,3 +161,31 @@ def test_local_disk_artifacts_are_not_checked(model_f32, tmp_path, monkeypatch):
     monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
     loaded = cache.load(model_f32, store, made.entry.cache_id)
     assert loaded.kv.num_tokens == len(ids)
+
+
+def test_the_engine_recomputes_a_document_whose_shared_artifact_is_forged(model_f32, kvmart_data_dir, redis_server,
+                                                                           tmp_path, monkeypatch):
+    """A node that lost its own copy finds a forgery in the shared tier: it is refused, the document recomputed from
+    its token ids (the same KV a fresh prefill gives, bit for bit) and the node's disk gets the genuine artifact."""
+    from kvmart.config import Settings
+    from kvmart.server.catalog import Match
+    from kvmart.server.config import ServerSettings
+    from kvmart.server.services import build_services
+
+    url = f"{redis_server.url}?prefix=sign{next(_counter)}"
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    store = node(url, tmp_path / "node")
+    services = build_services(Settings(data_dir=kvmart_data_dir, model=model_f32.spec),
+                              ServerSettings(ram_cache_bytes=0), model_f32, store=store)
+    (published,) = services.engine.publish(TEXT, "doc", "", None)
+    doc, ids = published.document, published.document.token_list()
+    for tier in store.tiers:
+        tier.store.delete(doc.cache_id)
+    monkeypatch.delenv("KVMART_SIGNING_KEY")
+    assert plant(open_shared(url), model_f32, ids, forged(model_f32, ids)) == doc.cache_id
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    kv, reuse = services.engine.acquire(Match(doc, len(ids)), False)
+    assert reuse.tier == "recomputed"
+    expected = model_f32.prefill(ids)
+    assert all(torch.equal(a, b) for a, b in zip(kv.tensors().values(), expected.tensors().values()))
+    assert cache.load(model_f32, DiskStore(tmp_path / "node"), doc.cache_id).entry.cache_id == doc.cache_id
