@@ -17,7 +17,7 @@ import os
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 import torch
@@ -28,6 +28,7 @@ from .codec.raw import byte_view
 from .errors import ArtifactError, FingerprintMismatchError
 from .fingerprint import ModelFingerprint, cache_id as make_cache_id
 from .kv import KV, large_buffer, mapped_file
+from .signing import SIGNATURE_FIELD, cluster_key, sign
 
 FORMAT = "kvmart-kv"
 FORMAT_VERSION = 2
@@ -71,6 +72,9 @@ class Manifest:
     tensors: dict[str, TensorRecord]
     created_by: dict[str, str]
     salt_hash: str = ""
+    # set when read: the recorded hash of the body, and the cluster's signature of it (kvmart/signing.py)
+    manifest_sha256: str = field(default="", compare=False)
+    signature: str = field(default="", compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -166,8 +170,14 @@ def _manifest_json(manifest: Manifest) -> dict:
 
 
 def _header(manifest: Manifest, entries: list[tuple[str, str, list[int], int]]) -> bytes:
-    """The safetensors header: the manifest, then (name, dtype, shape, stored bytes) of each tensor in order."""
-    header: dict = {"__metadata__": {"kvmart": json.dumps(_manifest_json(manifest), sort_keys=True)}}
+    """The safetensors header: the manifest (signed beside it when a cluster key is set, kvmart/signing.py), then
+    (name, dtype, shape, stored bytes) of each tensor in order."""
+    body = _manifest_json(manifest)
+    metadata = {"kvmart": json.dumps(body, sort_keys=True)}
+    key = cluster_key()
+    if key is not None:
+        metadata[SIGNATURE_FIELD] = sign(key, body["manifest_sha256"])
+    header: dict = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape, nbytes in entries:
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
@@ -209,9 +219,12 @@ def read_manifest(f: BinaryIO, size_bytes: int) -> tuple[Manifest, dict]:
     try:
         header = json.loads(f.read(header_len))
         body = json.loads(header["__metadata__"]["kvmart"])
-    except (ValueError, KeyError, TypeError) as e:
+        signature = header["__metadata__"].get(SIGNATURE_FIELD, "")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"not a kvmart artifact: its header has no readable kvmart manifest ({e})") from e
-    manifest = _parse_manifest(body)
+    if not isinstance(signature, str):
+        raise ArtifactError(f"corrupt artifact: its {SIGNATURE_FIELD} is not a string")
+    manifest = replace(_parse_manifest(body), signature=signature)
     table = {name: header.get(name) for name in tensor_names(manifest.num_layers)}
     if set(table) != set(manifest.tensors):
         raise ArtifactError("corrupt artifact: the manifest's tensor list does not match its layer count")
@@ -251,7 +264,8 @@ def _parse_manifest(body: object) -> Manifest:
     if body["dtype"] not in SAFETENSORS_BY_NAME:
         raise ArtifactError(f"corrupt artifact: dtype {body['dtype']!r} is not one kvmart writes")
     fields = {k: body[k] for k in _FIELD_TYPES if k in body}
-    return Manifest(**{**fields, "tensors": {n: _parse_record(n, r, version) for n, r in body["tensors"].items()}})
+    return Manifest(**{**fields, "tensors": {n: _parse_record(n, r, version) for n, r in body["tensors"].items()},
+                       "manifest_sha256": recorded})
 
 
 _RECORD_FIELDS = {"checksum": str, "codec": str, "params": dict, "stored_checksum": str}

@@ -11,6 +11,7 @@ from pathlib import Path
 from .codec import DEFAULT_CODEC, parse_spec
 
 SHARED_STORE_SCHEMES = ("redis", "rediss", "s3")  # stores other nodes share (kvmart.store.SHARED_SCHEMES)
+SIGNING_KEY_ENV = "KVMART_SIGNING_KEY"  # a secret, so not a Settings field: read by kvmart/signing.py at each use
 from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")

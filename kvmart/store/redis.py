@@ -11,7 +11,8 @@ checksums; a chunk missing (evicted, expired, lost in a restart without persiste
 artifact absent (and its index is dropped so it can be republished): it is recomputed, never served partially.
 
 TTLs (`ttl_seconds`, 0 = none: pinned) apply to the index and chunks alike and are refreshed on every read, as
-the commercial prompt caches refresh theirs. Every connection failure is a StoreUnavailableError."""
+the commercial prompt caches refresh theirs. Every connection failure is a StoreUnavailableError. When a cluster
+signing key is set, an artifact (or head) without this cluster's signature raises ArtifactError (kvmart/signing.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import BinaryIO
 import xxhash
 
 from ..errors import StoreError, StoreUnavailableError
+from ..signing import check_fetched
 from .base import Entry, Store, Writer
 
 log = logging.getLogger("kvmart.store")
@@ -128,6 +130,7 @@ class RedisStore(Store):
         if len(data) != index["size"]:
             self._drop_broken(cache_id, -1, f"{len(data)} bytes instead of {index['size']}")
             return None
+        check_fetched(data, len(data), cache_id)
         return io.BytesIO(data), len(data)
 
     def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
@@ -141,6 +144,7 @@ class RedisStore(Store):
             return self._open(cache_id)  # let the full read find and report the damage
         if len(blob) < 8 or 8 + struct.unpack("<Q", blob[:8])[0] > len(blob):
             return self._open(cache_id)  # a header longer than a chunk
+        check_fetched(blob, index["size"], cache_id)
         return io.BytesIO(blob), index["size"]
 
     def _drop_broken(self, cache_id: str, chunk: int, why: str) -> None:

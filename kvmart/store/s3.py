@@ -6,7 +6,8 @@
 The index is written last with `If-None-Match: *`: readers see no index or a complete artifact; when two nodes
 publish the same cache id at once, the first index wins and the loser deletes its object (stored once). A read
 checks size and checksum; a missing or corrupt object makes the artifact absent (recomputed, never used).
-Connection failures are StoreUnavailableError."""
+Connection failures are StoreUnavailableError. When a cluster signing key is set, an artifact without this
+cluster's signature raises ArtifactError (kvmart/signing.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import BinaryIO
 import xxhash
 
 from ..errors import ConfigError, StoreError, StoreUnavailableError
+from ..signing import check_fetched
 from .base import Entry, Store, Writer
 
 log = logging.getLogger("kvmart.store")
@@ -137,6 +139,7 @@ class S3Store(Store):
             with self._reach():
                 self._client.delete_object(Bucket=self.config.bucket, Key=self._index_key(cache_id))
             return None
+        check_fetched(data, len(data), cache_id)  # ArtifactError if a cluster key is set and it is not signed with it
         return io.BytesIO(data), len(data)
 
     def entry(self, cache_id: str) -> Entry | None:

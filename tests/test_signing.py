@@ -1,0 +1,191 @@
+"""Signed artifacts (kvmart/signing.py): with KVMART_SIGNING_KEY set, every artifact a node writes carries the
+cluster's HMAC of its manifest hash beside the manifest; an artifact fetched from a shared tier (a real Redis
+server, and moto's standalone S3-compatible server) without that signature, or with another key's, is refused
+with ArtifactError and never used. With no key, unsigned artifacts are read as before."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmart import cache
+from kvmart.artifact import encode_artifact, read_artifact, read_manifest
+from kvmart.errors import ArtifactError
+from kvmart.fingerprint import cache_id as make_cache_id
+from kvmart.model import Model
+from kvmart.signing import SIGNATURE_FIELD, sign
+from kvmart.store import Entry, Store, open_shared
+from kvmart.store.disk import DiskStore
+from kvmart.store.tiered import Tier, TieredStore
+
+from infra_support import MotoS3Server, RedisServer
+
+KEY = "the-cluster-signing-key"
+TEXT = "Redistribution and use in source and binary forms, with or without modification, are permitted."
+_counter = iter(range(10**6))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    server = MotoS3Server().start()
+    import boto3
+
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket="kvmart-sign")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fake_aws_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.fixture(params=["redis", "s3 (moto server)"])
+def shared_url(request) -> str:
+    """A fresh, empty namespace on a shared tier; open it with open_shared (each node opens its own client)."""
+    prefix = f"sign{next(_counter)}"
+    if request.param == "redis":
+        return f"{request.getfixturevalue('redis_server').url}?prefix={prefix}&chunk_bytes=4096"
+    return f"s3://kvmart-sign/{prefix}?endpoint={request.getfixturevalue('moto_s3').endpoint}"
+
+
+def node(shared_url: str, disk: Path) -> TieredStore:
+    """One node: its own disk in front of the cluster's shared tier."""
+    return TieredStore([Tier("disk", DiskStore(disk)), Tier("shared", open_shared(shared_url), is_shared=True)])
+
+
+def artifact_bytes(model: Model, kv, ids: list[int]) -> bytes:
+    buffer = io.BytesIO()
+    encode_artifact(kv, ids, model.fingerprint, codec="raw").write(buffer)
+    return buffer.getvalue()
+
+
+def metadata(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])["__metadata__"]
+
+
+def plant(store: Store, model: Model, ids: list[int], data: bytes) -> str:
+    """Write `data` as the artifact of `ids` straight into a store, as someone with access to it could."""
+    cid = make_cache_id(model.fingerprint.digest, ids)
+    store.put(Entry(cache_id=cid, title="planted", source="", model=model.spec, fingerprint=model.fingerprint.digest,
+                    num_tokens=len(ids), artifact_bytes=len(data), prefill_seconds=1.0, created_at=time.time()),
+              lambda f: f.write(data))
+    return cid
+
+
+def forged(model: Model, ids: list[int]) -> bytes:
+    """A valid artifact claiming `ids`, consistent checksums and all, holding the KV of other tokens."""
+    other = [(t + 1) % model.vocab_size for t in ids]
+    return artifact_bytes(model, model.prefill(other), ids)
+
+
+def test_signature_sits_beside_the_manifest_and_keeps_its_hash(model_f32, monkeypatch):
+    ids = model_f32.tokenize(TEXT)
+    kv = model_f32.prefill(ids)
+    unsigned = artifact_bytes(model_f32, kv, ids)
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    signed = artifact_bytes(model_f32, kv, ids)
+    assert SIGNATURE_FIELD not in metadata(unsigned)
+    assert metadata(signed)["kvmart"] == metadata(unsigned)["kvmart"]  # the manifest, its hash included, unchanged
+    manifest, _ = read_manifest(io.BytesIO(signed), len(signed))
+    assert manifest.signature == metadata(signed)[SIGNATURE_FIELD] == sign(KEY.encode(), manifest.manifest_sha256)
+    assert manifest.manifest_sha256 == json.loads(metadata(unsigned)["kvmart"])["manifest_sha256"]
+    _, back = read_artifact(io.BytesIO(signed), len(signed), model_f32.fingerprint)
+    assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), kv.tensors().values()))
+
+
+def test_signed_artifact_round_trips_between_nodes(model_f32, shared_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    ids = model_f32.tokenize(TEXT)
+    made = cache.precompute_ids(model_f32, node(shared_url, tmp_path / "a"), ids, codec="kvmart")
+    other = node(shared_url, tmp_path / "b")  # an empty disk: the artifact comes from the shared tier
+    loaded = cache.load(model_f32, other, made.entry.cache_id)
+    assert other.tiers[1].hits == 1
+    expected = model_f32.prefill(ids)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), expected.tensors().values()))
+
+
+@pytest.mark.parametrize("writer_key, message", [(None, "not signed by this cluster's key"),
+                                                 ("another-key", "signature does not match")])
+def test_forged_artifact_in_the_shared_tier_is_refused(model_f32, shared_url, tmp_path, monkeypatch, writer_key,
+                                                       message):
+    ids = model_f32.tokenize(TEXT)
+    if writer_key:
+        monkeypatch.setenv("KVMART_SIGNING_KEY", writer_key)
+    cid = plant(open_shared(shared_url), model_f32, ids, forged(model_f32, ids))
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    for store in (node(shared_url, tmp_path / "node"), open_shared(shared_url)):
+        with pytest.raises(ArtifactError, match=message):
+            cache.load(model_f32, store, cid)
+        with pytest.raises(ArtifactError, match=message):  # nor is its header trusted (the catalogue reads it)
+            with store.open_head(cid):
+                pass
+    assert DiskStore(tmp_path / "node").entry(cid) is None  # nor copied to the node's disk
+
+
+def test_without_a_key_unsigned_artifacts_are_read_and_the_key_is_what_refuses_them(model_f32, shared_url, tmp_path,
+                                                                                     monkeypatch):
+    """The forged artifact is a valid one: without a key a node reads it (and would serve the wrong KV), so only
+    the signature check stands between it and an answer."""
+    ids = model_f32.tokenize(TEXT)
+    data = forged(model_f32, ids)
+    cid = plant(open_shared(shared_url), model_f32, ids, data)
+    loaded = cache.load(model_f32, node(shared_url, tmp_path / "a"), cid)
+    _, planted = read_artifact(io.BytesIO(data), len(data), model_f32.fingerprint)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), planted.tensors().values()))
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    with pytest.raises(ArtifactError, match="not signed by this cluster's key"):
+        cache.load(model_f32, node(shared_url, tmp_path / "b"), cid)
+
+
+def test_local_disk_artifacts_are_not_checked(model_f32, tmp_path, monkeypatch):
+    """The node's own disk is written only by the node: an artifact it stored before the key was set still loads."""
+    ids = model_f32.tokenize(TEXT)
+    store = DiskStore(tmp_path / "disk")
+    made = cache.precompute_ids(model_f32, store, ids)
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    loaded = cache.load(model_f32, store, made.entry.cache_id)
+    assert loaded.kv.num_tokens == len(ids)
+
+
+def test_the_engine_recomputes_a_document_whose_shared_artifact_is_forged(model_f32, kvmart_data_dir, redis_server,
+                                                                           tmp_path, monkeypatch):
+    """A node that lost its own copy finds a forgery in the shared tier: it is refused, the document recomputed from
+    its token ids (the same KV a fresh prefill gives, bit for bit) and the node's disk gets the genuine artifact."""
+    from kvmart.config import Settings
+    from kvmart.server.catalog import Match
+    from kvmart.server.config import ServerSettings
+    from kvmart.server.services import build_services
+
+    url = f"{redis_server.url}?prefix=sign{next(_counter)}"
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    store = node(url, tmp_path / "node")
+    services = build_services(Settings(data_dir=kvmart_data_dir, model=model_f32.spec),
+                              ServerSettings(ram_cache_bytes=0), model_f32, store=store)
+    (published,) = services.engine.publish(TEXT, "doc", "", None)
+    doc, ids = published.document, published.document.token_list()
+    for tier in store.tiers:
+        tier.store.delete(doc.cache_id)
+    monkeypatch.delenv("KVMART_SIGNING_KEY")
+    assert plant(open_shared(url), model_f32, ids, forged(model_f32, ids)) == doc.cache_id
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    kv, reuse = services.engine.acquire(Match(doc, len(ids)), False)
+    assert reuse.tier == "recomputed"
+    expected = model_f32.prefill(ids)
+    assert all(torch.equal(a, b) for a, b in zip(kv.tensors().values(), expected.tensors().values()))
+    assert cache.load(model_f32, DiskStore(tmp_path / "node"), doc.cache_id).entry.cache_id == doc.cache_id
