@@ -14,7 +14,10 @@ import pytest
 from kvmart.cluster import DEADLINE_SECONDS, KvmartNode, MissingBinaryError, free_port, wait_for
 from kvmart.cluster import RedisServer as _RedisServer
 
-__all__ = ["KvmartNode", "MotoS3Server", "RedisServer", "wait_for"]
+__all__ = ["BUCKET", "KvmartNode", "MotoS3Server", "RedisServer", "fake_aws_credentials", "moto_s3", "redis_server",
+           "wait_for"]
+
+BUCKET = "kvmart-test"  # the bucket `moto_s3` creates
 
 
 def RedisServer(directory: Path) -> _RedisServer:  # noqa: N802 (a factory standing in for the class)
@@ -46,3 +49,28 @@ class MotoS3Server:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(DEADLINE_SECONDS)
+
+
+# Fixtures shared by the shared-tier test modules (import them by name into a test module to use them there).
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    server = MotoS3Server().start()
+    import boto3
+
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fake_aws_credentials(monkeypatch):
+    """moto accepts any credentials; boto3 needs some to sign requests."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -24,34 +24,11 @@ from kvmart.store import Entry, Store, open_shared
 from kvmart.store.disk import DiskStore
 from kvmart.store.tiered import Tier, TieredStore
 
-from infra_support import MotoS3Server, RedisServer
+from infra_support import BUCKET, fake_aws_credentials, moto_s3, redis_server  # noqa: F401 (fixtures)
 
 KEY = "the-cluster-signing-key"
 TEXT = "Redistribution and use in source and binary forms, with or without modification, are permitted."
 _counter = iter(range(10**6))
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def moto_s3():
-    server = MotoS3Server().start()
-    import boto3
-
-    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket="kvmart-sign")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def fake_aws_credentials(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
 
 
 @pytest.fixture(params=["redis", "s3 (moto server)"])
@@ -60,7 +37,7 @@ def shared_url(request) -> str:
     prefix = f"sign{next(_counter)}"
     if request.param == "redis":
         return f"{request.getfixturevalue('redis_server').url}?prefix={prefix}&chunk_bytes=4096"
-    return f"s3://kvmart-sign/{prefix}?endpoint={request.getfixturevalue('moto_s3').endpoint}"
+    return f"s3://{BUCKET}/{prefix}?endpoint={request.getfixturevalue('moto_s3').endpoint}"
 
 
 def node(shared_url: str, disk: Path) -> TieredStore:

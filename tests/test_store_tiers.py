@@ -17,7 +17,7 @@ from kvmart.store.memory import MemoryStore
 from kvmart.store.policy import Placement
 from kvmart.store.tiered import Tier, TieredStore
 
-from infra_support import MotoS3Server, RedisServer
+from infra_support import BUCKET, RedisServer, fake_aws_credentials, moto_s3, redis_server  # noqa: F401 (fixtures)
 
 
 def cid(prefix: str) -> str:
@@ -40,29 +40,6 @@ def read_back(store: Store, cache_id: str) -> bytes:
     return data
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def moto_s3():
-    server = MotoS3Server().start()
-    import boto3
-
-    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket="kvmart-test")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def fake_aws_credentials(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-
-
 _counter = iter(range(10**6))
 
 
@@ -81,7 +58,7 @@ def shared(request):
     if request.param == "redis":
         return redis_store(request.getfixturevalue("redis_server"), chunk_bytes="7")
     server = request.getfixturevalue("moto_s3")
-    return open_shared(f"s3://kvmart-test/{fresh_prefix()}?endpoint={server.endpoint}")
+    return open_shared(f"s3://{BUCKET}/{fresh_prefix()}?endpoint={server.endpoint}")
 
 
 # -- the contract, on each shared tier -----------------------------------------------------------------------------
@@ -161,12 +138,12 @@ def test_redis_corrupt_chunk_is_absent(redis_server):
 def test_s3_corrupt_object_is_absent(moto_s3):
     import boto3
 
-    store = open_shared(f"s3://kvmart-test/{fresh_prefix()}?endpoint={moto_s3.endpoint}")
+    store = open_shared(f"s3://{BUCKET}/{fresh_prefix()}?endpoint={moto_s3.endpoint}")
     store.put(entry(cid("ab12")), writer(b"0123456789ab"))
     client = boto3.client("s3", endpoint_url=moto_s3.endpoint, region_name="us-east-1")
-    obj = next(o["Key"] for o in client.list_objects_v2(Bucket="kvmart-test", Prefix=store.config.prefix)["Contents"]
+    obj = next(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=store.config.prefix)["Contents"]
                if o["Key"].endswith(".kvm"))
-    client.put_object(Bucket="kvmart-test", Key=obj, Body=b"0123456789aX")
+    client.put_object(Bucket=BUCKET, Key=obj, Body=b"0123456789aX")
     assert store._open(cid("ab12")) is None and store.entry(cid("ab12")) is None
 
 
@@ -184,7 +161,7 @@ def test_redis_ttl_and_pinning(redis_server):
 def test_unreachable_shared_tiers_are_store_unavailable():
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         open_shared("redis://127.0.0.1:1/0").entries()
-    s3 = open_shared("s3://kvmart-test/x?endpoint=http://127.0.0.1:1")
+    s3 = open_shared(f"s3://{BUCKET}/x?endpoint=http://127.0.0.1:1")
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         s3.entries()
     with pytest.raises(StoreUnavailableError, match="unreachable"):
