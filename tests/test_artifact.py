@@ -24,6 +24,7 @@ from kvmart.fingerprint import ModelFingerprint
 from kvmart.kv import KV
 from kvmart.model import Model
 from kvmart.store.disk import DiskStore
+from artifact_support import rewrite, split
 
 TEXT = "Redistribution and use in source and binary forms, with or without modification, are permitted."
 
@@ -58,26 +59,6 @@ def refused(data: bytes, fingerprint: ModelFingerprint, salt: str = "") -> str:
     with pytest.raises(ArtifactError) as e:
         read(data, fingerprint, salt)
     return str(e.value)
-
-
-def split(data: bytes) -> tuple[dict, dict, bytes]:
-    """(safetensors header, kvmart manifest, tensor bytes) of an artifact."""
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    return header, json.loads(header["__metadata__"]["kvmart"]), data[8 + n:]
-
-
-def rewrite(data: bytes, change) -> bytes:
-    """The artifact with its manifest edited by `change(manifest)` and its manifest hash recomputed, so that only
-    the edit itself can be what a reader objects to."""
-    header, manifest, tensors = split(data)
-    manifest.pop("manifest_sha256")
-    change(manifest)
-    manifest["manifest_sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    header["__metadata__"]["kvmart"] = json.dumps(manifest, sort_keys=True)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 64)
-    return struct.pack("<Q", len(raw)) + raw + tensors
 
 
 def flip(data: bytes, position: int, bit: int = 0) -> bytes:

@@ -3,10 +3,7 @@ artifact does, stay valid safetensors, version 1 artifacts are still read, and d
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import struct
 import sys
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from kvmart.samples import sample_text
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
 from cli_support import EntryPoint
+from artifact_support import join, rewrite, split
 
 TEXT = sample_text("bsd-3-clause")
 QUESTION = " Who may redistribute it?"
@@ -46,24 +44,6 @@ def refused(model, data: bytes) -> str:
     with pytest.raises(ArtifactError) as e:
         read(model, data)
     return str(e.value)
-
-
-def split(data: bytes) -> tuple[dict, dict, bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    return header, json.loads(header["__metadata__"]["kvmart"]), data[8 + n:]
-
-
-def rewrite(data: bytes, change) -> bytes:
-    """The artifact with its manifest edited by `change` and its manifest hash recomputed."""
-    header, manifest, tensors = split(data)
-    manifest.pop("manifest_sha256")
-    change(manifest)
-    manifest["manifest_sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    header["__metadata__"]["kvmart"] = json.dumps(manifest, sort_keys=True)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 64)
-    return struct.pack("<Q", len(raw)) + raw + tensors
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +171,7 @@ def test_encoded_tensor_claiming_a_float_dtype_is_refused(model_bf16, bf16_kvmar
     header, _, tensors = split(bf16_kvmart[2])
     name = next(n for n in header if n != "__metadata__")
     header[name]["dtype"] = "BF16"
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 64)
-    assert "U8" in refused(model_bf16, struct.pack("<Q", len(raw)) + raw + tensors)
+    assert "U8" in refused(model_bf16, join(header, tensors))
 
 
 # -- the command line --------------------------------------------------------------------------------------------
