@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
 
-from ..errors import UnknownCacheError
+from ..errors import StoreError, UnknownCacheError
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,13 @@ def _opened(opened: tuple[BinaryIO, int] | None, cache_id: str) -> Iterator[tupl
         yield f, size
     finally:
         f.close()
+
+
+def parse_index(raw: bytes | str, tier: str, cache_id: str) -> dict:
+    """A shared tier's JSON index of one artifact (its `entry` checked to be an Entry); StoreError if unreadable."""
+    try:
+        index = json.loads(raw)
+        Entry(**index["entry"])
+        return index
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{tier} index of {cache_id[:16]} is unreadable: {e}") from e

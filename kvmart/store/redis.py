@@ -30,7 +30,7 @@ import xxhash
 
 from ..errors import StoreError, StoreUnavailableError
 from ..signing import check_fetched
-from .base import Entry, Store, Writer
+from .base import Entry, Store, Writer, parse_index
 
 log = logging.getLogger("kvmart.store")
 DEFAULT_CHUNK_BYTES = 8 << 20  # well under Redis' 512 MB value limit; small enough to stream in pieces
@@ -106,12 +106,7 @@ class RedisStore(Store):
             raw = self._client.get(self._key("index", cache_id))
         if raw is None:
             return None
-        try:
-            index = json.loads(raw)
-            Entry(**index["entry"])
-            return index
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"redis index of {cache_id[:16]} is unreadable: {e}") from e
+        return parse_index(raw, "redis", cache_id)
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         index = self._index(cache_id)

@@ -24,7 +24,7 @@ import xxhash
 
 from ..errors import ConfigError, StoreError, StoreUnavailableError
 from ..signing import check_fetched
-from .base import Entry, Store, Writer
+from .base import Entry, Store, Writer, parse_index
 
 log = logging.getLogger("kvmart.store")
 
@@ -115,12 +115,7 @@ class S3Store(Store):
                 if self._is(e, "NoSuchKey", "404"):
                     return None
                 raise StoreError(f"s3 read of {cache_id[:16]} failed: {e}") from e
-        try:
-            index = json.loads(raw)
-            Entry(**index["entry"])
-            return index
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"s3 index of {cache_id[:16]} is unreadable: {e}") from e
+        return parse_index(raw, "s3", cache_id)
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         index = self._index(cache_id)
