@@ -74,6 +74,7 @@ class Model:
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.context_tokens: int = config.max_position_embeddings
         self.eos_ids: frozenset[int] = _eos_ids(hf_model, tokenizer)
+        self._cache_kwarg = _cache_kwarg(hf_model)  # once: inspecting the signature costs more than a dict lookup
 
     @classmethod
     def load(cls, settings: Settings, progress: Progress | None = None) -> "Model":
@@ -184,7 +185,7 @@ class Model:
         try:
             out = self.hf_model(
                 input_ids=torch.tensor([token_ids]), position_ids=positions, use_cache=True,
-                logits_to_keep=logits_to_keep, **{_cache_kwarg(self.hf_model): cache}, **extra,
+                logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache}, **extra,
             )
         finally:
             for h in hooks:
