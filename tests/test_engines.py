@@ -129,3 +129,13 @@ def test_the_vllm_server_engine_refuses_private_documents():
     engine = object.__new__(VllmServerEngine)  # publish refuses before it touches the model or the store
     with pytest.raises(UnsupportedParameterError, match="private documents are not served by the vllm engine"):
         next(engine.publish("text", "title", "source", None, salt="tenant-salt"))
+
+
+def test_the_vllm_server_engine_refuses_uploaded_artifacts():
+    """An upload is verified against the transformers engine's chunked prefill, not vLLM's kernels: refused (400)."""
+    from kvmart.server.errors import UnsupportedParameterError
+    from kvmart.server.vllm import VllmServerEngine
+
+    engine = object.__new__(VllmServerEngine)
+    with pytest.raises(UnsupportedParameterError, match="uploaded artifacts are not accepted by the vllm engine"):
+        next(engine.publish("text", "title", "source", None, upload=b"artifact bytes"))
