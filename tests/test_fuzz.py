@@ -14,6 +14,7 @@ from server_support import LiveServer
 
 from kvmart.artifact import manifest_for, read_artifact, write_artifact
 from kvmart.errors import ArtifactError
+from artifact_support import join, split
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 HTTP_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -82,19 +83,15 @@ def test_mutated_artifacts_are_refused_never_misread(model_f32, artifact, steps)
 def test_hostile_manifests_are_refused(model_f32, artifact, edit, rehash):
     """A manifest rewritten field by field (and, with `rehash`, its hash recomputed as a forger would)."""
     import hashlib
-    import struct
 
     data, kv = artifact
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    body = json.loads(header["__metadata__"]["kvmart"])
+    header, body, tensors = split(data)
     recorded = body.pop("manifest_sha256")
     body.update(edit)
     body["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() if rehash \
         else recorded
     header["__metadata__"]["kvmart"] = json.dumps(body, sort_keys=True)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    forged = struct.pack("<Q", len(raw)) + raw + data[8 + length:]
+    forged = join(header, tensors)
     check_refused_or_identical(model_f32, forged, kv)
 
 
