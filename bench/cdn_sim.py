@@ -3,7 +3,7 @@ millions of agents with almost every read a cache hit, and the analytic model th
 of the same reads and with a real two-node run.
 
 Three parts, printed as markdown tables for docs/SCALE.md:
-  scale     : the analytic model (kvmart/simulation.py) at 80M agents, Zipf catalogue, for several clusters;
+  scale     : the analytic model (kvmart/economics/simulation.py) at 80M agents, Zipf catalogue, for several clusters;
   check     : analytic vs discrete-event replay of the same workload at 10^5-10^6 reads;
   validate  : a real run (redis-server + two `kvmart serve` nodes, builtin:tiny) against the replay of exactly its
               reads and against the analytic model: hit ratio per tier side by side. --validate to run it.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from kvmart.simulation import TIERS, Cluster, Outcome, Workload, analytic, sample_reads, simulate
+from kvmart.economics.simulation import TIERS, Cluster, Outcome, Workload, analytic, sample_reads, simulate
 
 GIB, TB = 2**30, 10**12
 
@@ -59,7 +59,7 @@ def scale() -> None:
     ]
     for label, cluster in clusters:
         print(row(label, analytic(w, cluster)))
-    print(f"\n### agents sweep: 16 nodes, 32 GiB RAM, no disk, shared TTL\n")
+    print("\n### agents sweep: 16 nodes, 32 GiB RAM, no disk, shared TTL\n")
     print("| agents | TTL | RAM | shared | prefill | TTFT p99 s | margin $ |\n|---|---|---|---|---|---|---|")
     for agents in (1_000_000, 10_000_000, 80_000_000):
         for ttl in (300, 3600):
@@ -69,7 +69,7 @@ def scale() -> None:
                   f"{o.ttft_p99_seconds:.3f} | {o.margin_usd:,.0f} |")
     e = analytic(w, Cluster())
     print(f"\nartifact {e.extra['artifact_bytes'] / 1e6:.0f} MB; prefill {e.extra['prefill_seconds']:.2f} s, reuse "
-          f"{e.extra['reuse_seconds']:.3f} s (kvmart.economics roofline, the paper's prices); all-prefill cost "
+          f"{e.extra['reuse_seconds']:.3f} s (kvmart.economics.model roofline, the paper's prices); all-prefill cost "
           f"${w.reads * float(e.extra['prefill_seconds']) * 4.6 / 3600:,.0f}\n")
 
 
@@ -121,9 +121,9 @@ def check(num_reads: int) -> None:
 
 def validate(num_documents: int, num_reads: int) -> None:
     """Two real nodes over a real Redis; every read routed by the router's own affinity order."""
-    from kvmart.cluster import KvmartNode, RedisServer
-    from kvmart.router import node_order
-    from kvmart.samples import sample_text
+    from kvmart.cluster.local import KvmartNode, RedisServer
+    from kvmart.cluster.router import node_order
+    from kvmart.reuse.samples import sample_text
 
     root = Path(tempfile.mkdtemp(prefix="kvmart-cdn-"))
     redis = RedisServer(root / "redis").start()
@@ -150,7 +150,7 @@ def validate(num_documents: int, num_reads: int) -> None:
         route = [urls.index(node_order(ids[d], urls)[0]) for d in docs.tolist()]
         with Progress(transient=True) as bar:
             task = bar.add_task("real reads", total=num_reads)
-            for d, k in zip(docs.tolist(), route):
+            for d, k in zip(docs.tolist(), route, strict=True):
                 nodes[k].ask(ids[d], "What is this?", max_tokens=1)
                 bar.advance(task)
         measured = measure(nodes, num_reads)

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvmart import cache
-from kvmart.artifact import encode_artifact
 from kvmart.codec.planes import PlanesCodec, as_uint, grid, rotate_left
 from kvmart.config import load_settings
-from kvmart.kv import KV
-from kvmart.model import Model
-from kvmart.samples import SAMPLES, sample_text
+from kvmart.format.artifact import encode_artifact
+from kvmart.reuse import core
+from kvmart.reuse.samples import SAMPLES, sample_text
+from kvmart.runtime.kv import KV
+from kvmart.runtime.model import Model
 from kvmart.store import Entry, open_store
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notices, once per forward pass
@@ -261,7 +261,7 @@ def load_table(model: Model, ids: list[int], kv: KV, repeats: int, codecs: list[
             times, walls = [], []
             for _ in range(repeats + 1):  # the first load compiles the decoder: not counted
                 start, wall = time.process_time(), time.perf_counter()
-                loaded = cache.load(model, store, entry.cache_id)
+                loaded = core.load(model, store, entry.cache_id)
                 times.append(time.process_time() - start)
                 walls.append(time.perf_counter() - wall)
                 del loaded
@@ -292,7 +292,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     found = codecs_to_measure()
-    for label, model, ids, kv in kv_sets(args):
+    for _label, model, ids, kv in kv_sets(args):
         codec_table(kv, int(args.sample_mb * 1e6), found)
         load_table(model, ids, kv, args.repeats, args.load_codecs.split(","), args.bandwidth)
 

@@ -1,5 +1,5 @@
 """Claim: reuse is 9-50x cheaper than prefill and the gap widens with length; the artifact is 2 x layers x kv_heads x
-head_dim x dtype bytes per token. Measured here, beside the analytic model of kvmart/economics.py.
+head_dim x dtype bytes per token. Measured here, beside the analytic model of kvmart/economics/model.py.
 
 For each length, interleaved and timed the way bench/reuse_vs_prefill.py times them (its `measure`, reused):
   prefill : one pass over document + question from nothing;
@@ -24,14 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from kvmart import cache
-from kvmart.config import load_settings
-from kvmart.economics import (Prices, artifact_bytes, lookup_shape, pass_seconds, prefill_flops, reuse_flops,
-                              shape_from_config)
-from kvmart.model import Model
-from kvmart.store import open_store
 from reuse_vs_prefill import PAPER, corpus_ids, measure, timed
+
+from kvmart.config import load_settings
+from kvmart.economics.model import (
+    Prices,
+    artifact_bytes,
+    lookup_shape,
+    pass_seconds,
+    prefill_flops,
+    reuse_flops,
+    shape_from_config,
+)
+from kvmart.reuse import core
+from kvmart.runtime.model import Model
+from kvmart.store import open_store
 
 
 def machine() -> str:
@@ -61,7 +68,7 @@ def least_squares(xs: list[float], ys: list[float], columns) -> list[float]:
 
 def run_length(model: Model, store, shape, ids: list[int], n: int, q: int, repeats: int) -> dict:
     doc, question = ids[:n], ids[n:n + q]
-    pre = cache.precompute_ids(model, store, doc, title="bench-economics")
+    pre = core.precompute_ids(model, store, doc, title="bench-economics")
     on_disk = store.object_path(pre.entry.cache_id).stat().st_size
     m = measure(model, store, doc, question, repeats)  # finds the artifact stored above; deletes it at the end
     p_flops, r_flops = prefill_flops(shape, n + q), reuse_flops(shape, n, q)
@@ -83,7 +90,7 @@ def report(rows: list[dict], name: str) -> dict:
           "+ warm load s | ratio incl. warm load | + cold load s | achieved GFLOP/s | L² share fitted / analytic | "
           "artifact bytes (formula + header) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r, total in zip(rows, lengths):
+    for r, total in zip(rows, lengths, strict=False):
         fitted = b * total * total / (a * total + b * total * total)
         analytic = r["prefill_attention_flops"] / r["prefill_flops"]
         warm = r["reuse_seconds"] + r["warm_load_seconds"]

@@ -26,12 +26,13 @@ from fastapi.testclient import TestClient
 from rich.console import Console
 from rich.progress import track
 
-from kvmart.chat import document_ids, layout_for
+from kvmart.app import create_app
 from kvmart.config import load_settings
 from kvmart.ledger import usd_text
-from kvmart.model import Model
-from kvmart.samples import sample_text
-from kvmart.server import ServerSettings, create_app
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.chat import document_ids, layout_for
+from kvmart.runtime.model import Model
+from kvmart.server import ServerSettings
 
 console = Console(width=120)
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notices about its own future

@@ -2,7 +2,7 @@
 after one long system prompt, and successive versions of a document that change at the end.
 
 Both scenarios are stored twice side by side in one run: as whole-document artifacts (one per document) and as
-256-token chunks under chained keys (kvmart/chunks.py); prints bytes stored each way and the saving.
+256-token chunks under chained keys (kvmart/reuse/chunks.py); prints bytes stored each way and the saving.
 
     python bench/prefix_sharing.py [--model builtin:tiny] [--chunk-tokens 256]
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 
 from rich.progress import track
 
-from kvmart import cache
-from kvmart.chunks import ChunkStore
 from kvmart.config import load_settings
-from kvmart.model import Model
-from kvmart.samples import SAMPLES, sample_text
+from kvmart.reuse import core
+from kvmart.reuse.chunks import ChunkStore
+from kvmart.reuse.samples import SAMPLES, sample_text
+from kvmart.runtime.model import Model
 from kvmart.store.disk import DiskStore
 
 
@@ -47,7 +47,7 @@ def main() -> None:
                                                                        args.chunk_tokens)
             whole_bytes = chunk_bytes = shared_bytes = 0
             for ids in track(docs, description=name[:30], transient=True):
-                whole_bytes += cache.precompute_ids(model, whole, ids).entry.artifact_bytes
+                whole_bytes += core.precompute_ids(model, whole, ids).entry.artifact_bytes
                 report = chunks.precompute(ids)
                 chunk_bytes += report.stored_bytes
                 shared_bytes += report.shared_bytes

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-from kvmart import cache
 from kvmart.config import load_settings
-from kvmart.economics import PAPER_SECONDS as PAPER  # prefill, reuse s (Qwen3-4B fp16, M1 Pro, KV in memory)
-from kvmart.model import Model
-from kvmart.samples import SAMPLES, sample_text
+from kvmart.economics.model import PAPER_SECONDS as PAPER  # prefill, reuse s (Qwen3-4B fp16, M1 Pro, KV in memory)
+from kvmart.reuse import core
+from kvmart.reuse.samples import SAMPLES, sample_text
+from kvmart.runtime.model import Model
 from kvmart.store import open_store
-
 
 
 def corpus_ids(model: Model, needed: int) -> list[int]:
@@ -83,7 +82,7 @@ def timed(fn) -> tuple[float, object]:
 
 
 def measure(model: Model, store, doc: list[int], question: list[int], repeats: int) -> dict[str, float]:
-    cid = cache.precompute_ids(model, store, doc, title="bench").entry.cache_id
+    cid = core.precompute_ids(model, store, doc, title="bench").entry.cache_id
     path = store.object_path(cid)
     rows: dict[str, list[float]] = {"prefill": [], "hot": [], "warm_load": [], "warm_compute": [], "cold_load": [],
                                     "cold_compute": [], "cold_resident": []}
@@ -94,12 +93,12 @@ def measure(model: Model, store, doc: list[int], question: list[int], repeats: i
                 rows["cold_resident"].append(evict(path))
             else:
                 path.read_bytes()  # make sure it is in the page cache
-            load_s, loaded = timed(lambda: cache.load(model, store, cid))
-            compute_s, step = timed(lambda: model.continue_from(loaded.kv, question))
+            load_s, loaded = timed(lambda: core.load(model, store, cid))
+            compute_s, step = timed(lambda kv=loaded.kv: model.continue_from(kv, question))
             rows[f"{mode}_load"].append(load_s)
             rows[f"{mode}_compute"].append(compute_s)
             if mode == "warm":
-                rows["hot"].append(timed(lambda: model.continue_from(loaded.kv, question))[0])
+                rows["hot"].append(timed(lambda kv=loaded.kv: model.continue_from(kv, question))[0])
             del loaded, step  # the step's cache maps the artifact: while it lives, its pages cannot be evicted
     store.delete(cid)
     return {k: statistics.median(v) for k, v in rows.items()}

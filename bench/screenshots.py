@@ -23,9 +23,10 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from kvmart.app import create_app
 from kvmart.config import Settings
-from kvmart.samples import sample_text
-from kvmart.server import ServerSettings, create_app
+from kvmart.reuse.samples import sample_text
+from kvmart.server import ServerSettings
 
 MODEL = "builtin:tiny"
 NOTES = ("Release notes v{v}.0\n\nThis release changes the store format to version {v}, adds a tiered cache "
@@ -72,7 +73,7 @@ def populate(app, url: str) -> dict[str, str]:
                 raise SystemExit(f"publishing {title!r} failed: {response.text}")
             ids[title] = response.json()["id"]
         agents = ["agent-alpha", "agent-beta", "agent-gamma"]
-        for i, (title, count) in enumerate((t, n) for t, n in READS.items() for _ in range(n)):
+        for i, (title, _count) in enumerate((t, n) for t, n in READS.items() for _ in range(n)):
             http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {keys[agents[i % 3]]}"}, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "Summarise the obligations."}],
                 "max_tokens": 12, "temperature": 0, "documents": [ids[title]]}).raise_for_status()

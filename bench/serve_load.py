@@ -26,10 +26,11 @@ import httpx
 import torch
 import uvicorn
 
+from kvmart.app import create_app
 from kvmart.config import load_settings
-from kvmart.model import Model
-from kvmart.samples import SAMPLES, sample_text
-from kvmart.server import ServerSettings, create_app
+from kvmart.reuse.samples import SAMPLES, sample_text
+from kvmart.runtime.model import Model
+from kvmart.server import ServerSettings
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def wave(url: str, doc_id: str, model: str, clients: int, max_tokens: int, cache
     bodies = [{"model": model, "documents": [doc_id], "cache": cache, "stream": True, "max_tokens": max_tokens,
                "temperature": 0, "stream_options": {"include_usage": True},
                "messages": [{"role": "user", "content": f"Question {i}: what does this document say about {topic}?"}]}
-              for i, topic in zip(range(clients), ["liability", "warranty", "patents", "trademarks"] * clients)]
+              for i, topic in zip(range(clients), ["liability", "warranty", "patents", "trademarks"] * clients, strict=False)]
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         samples = list(pool.map(lambda body: ask(url, body, barrier, key), bodies))

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from rich.progress import track
 
 from kvmart.config import load_settings
-from kvmart.model import Model
-from kvmart.samples import SAMPLES, sample_text
-from kvmart.upload import compute_upload, verify_upload
+from kvmart.reuse.samples import SAMPLES, sample_text
+from kvmart.reuse.upload import compute_upload, verify_upload
+from kvmart.runtime.model import Model
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvmart.chat import document_ids, layout_for, question_ids
 from kvmart.config import load_settings
 from kvmart.engines.vllm import VllmEngine, VllmOptions
-from kvmart.samples import SAMPLES, sample_text
+from kvmart.reuse.samples import SAMPLES, sample_text
+from kvmart.runtime.chat import document_ids, layout_for, question_ids
 
 
 def document(engine: VllmEngine, tokens: int) -> list[int]:

@@ -23,9 +23,10 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from rich.progress import track  # noqa: E402
 
+from kvmart.app import create_app
 from kvmart.config import Settings  # noqa: E402
-from kvmart.samples import sample_text  # noqa: E402
-from kvmart.server import ServerSettings, create_app  # noqa: E402
+from kvmart.reuse.samples import sample_text  # noqa: E402
+from kvmart.server import ServerSettings  # noqa: E402
 
 MODEL = "builtin:tiny"
 

@@ -8,14 +8,15 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .codec import DEFAULT_CODEC, parse_spec
+from kvmart.codec import DEFAULT_CODEC, parse_spec
 
 SHARED_STORE_SCHEMES = ("redis", "rediss", "s3")  # stores other nodes share (kvmart.store.SHARED_SCHEMES)
-SIGNING_KEY_ENV = "KVMART_SIGNING_KEY"  # a secret, so not a Settings field: read by kvmart/signing.py at each use
-from .errors import ConfigError
+SIGNING_KEY_ENV = "KVMART_SIGNING_KEY"  # a secret, so not a Settings field: read by kvmart/format/signing.py at each use
+from kvmart.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLEMENTATIONS = ("kvmart", "sdpa", "eager")  # kvmart: see kvmart/attention.py
+ENGINES = ("transformers", "vllm")  # kvmart serve --engine: kvmart/engines
+ATTENTION_IMPLEMENTATIONS = ("kvmart", "sdpa", "eager")  # kvmart: see kvmart/runtime/attention.py
 DEFAULT_MODEL = "builtin:smollm2-135m"
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -81,7 +82,7 @@ class Settings:
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:
             given["data_dir"] = Path(str(given["data_dir"])).expanduser()
-        return replace(self, **given)
+        return replace(self, **given)  # type: ignore[arg-type]  # values are validated in __post_init__
 
 
 # field name -> environment variable

@@ -111,3 +111,80 @@ class InsufficientFundsError(KvmartError):
 
 class IdempotencyConflictError(KvmartError):
     """An Idempotency-Key reused with a different request, or while its first request is still running (HTTP 409)."""
+
+
+# -- serving: what a request can meet (translated to HTTP statuses in kvmart/server/errors.py) ---------------
+class RequestError(InputError):
+    """A request that cannot be served as sent (HTTP 400). `param` names the offending field, if one does."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class UnsupportedParameterError(RequestError):
+    """A known parameter with a value kvmart does not implement (n > 1, tools...): refused, never silently wrong."""
+
+    def __init__(self, param: str, why: str) -> None:
+        super().__init__(f"{param} is not supported by this server: {why}", param, "unsupported_parameter")
+
+
+class UnknownDocumentError(KvmartError):
+    """A request names a document id that is not in the catalogue (HTTP 404)."""
+
+    def __init__(self, document_id: str) -> None:
+        super().__init__(f"document {document_id!r} not found: publish it with POST /v1/documents, or list the "
+                         "catalogue with GET /v1/documents")
+        self.document_id = document_id
+
+
+class UnknownModelError(KvmartError):
+    """A request names a model this server does not serve (HTTP 404, as OpenAI answers)."""
+
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__(f"the model {requested!r} does not exist on this server; it serves {served!r} "
+                         "(see GET /v1/models)")
+
+
+class ForbiddenError(KvmartError):
+    """The caller may not do this to this resource (HTTP 403)."""
+
+
+class BodyTooLargeError(KvmartError):
+    """The request body exceeds the server's limit (HTTP 413)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(f"request body too large: this server accepts at most {limit_bytes:,} bytes")
+
+
+class QueueFullError(KvmartError):
+    """Every slot of the model worker's queue is taken (HTTP 429 with Retry-After)."""
+
+    def __init__(self, capacity: int, retry_after_seconds: int) -> None:
+        super().__init__(f"the server is busy: {capacity} requests are already running or queued; retry in "
+                         f"{retry_after_seconds} s")
+        self.retry_after_seconds = retry_after_seconds
+
+
+class TooLargeError(KvmartError):
+    """A document or artifact beyond the server's limit (HTTP 413)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RateLimitedError(KvmartError):
+    """One API key sent more requests than its rate or concurrency limit allows (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ShuttingDownError(KvmartError):
+    """The server is shutting down and takes no new work (HTTP 503)."""
+
+
+class InternalError(KvmartError):
+    """A bug: an unexpected exception while serving a request. Logged with its traceback; HTTP 500."""

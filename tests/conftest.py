@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmart.builtin import builtin_folder
 from kvmart.config import ENV, Settings
-from kvmart.model import Model
+from kvmart.runtime.builtin import builtin_folder
+from kvmart.runtime.model import Model
 
 TINY = "builtin:tiny"
 AGREEMENT = pytest.StashKey[list]()

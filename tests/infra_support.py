@@ -1,4 +1,4 @@
-"""Real servers for the tier tests: Redis and kvmart nodes come from kvmart/cluster.py; moto's standalone
+"""Real servers for the tier tests: Redis and kvmart nodes come from kvmart/cluster/local.py; moto's standalone
 S3-compatible server (`python -m moto.server`: no real S3 server installs from the registries here, so the S3
 tier is tested against moto, labelled as such) is started here. Not a test module."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvmart.cluster import DEADLINE_SECONDS, KvmartNode, MissingBinaryError, free_port, wait_for
-from kvmart.cluster import RedisServer as _RedisServer
+from kvmart.cluster.local import DEADLINE_SECONDS, KvmartNode, MissingBinaryError, free_port, wait_for
+from kvmart.cluster.local import RedisServer as _RedisServer
 
 __all__ = ["BUCKET", "KvmartNode", "MotoS3Server", "RedisServer", "fake_aws_credentials", "moto_s3", "redis_server",
            "wait_for"]

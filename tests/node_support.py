@@ -22,7 +22,7 @@ class Node:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--port", str(self.port)],
+            [sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--port", str(self.port)],
             env={**os.environ, "KVMART_MODEL": MODEL, "KVMART_ADMIN_KEY": "a" * 32, **env},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_until(self.is_up, "kvmart serve to listen")

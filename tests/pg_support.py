@@ -77,9 +77,9 @@ class PostgresServer:
             try:
                 psycopg.connect(self.url("postgres"), connect_timeout=2).close()
                 return
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as e:
                 if self.process.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"postgres did not start: {(self.root / 'postgres.log').read_text()}")
+                    raise RuntimeError(f"postgres did not start: {(self.root / 'postgres.log').read_text()}") from e
                 time.sleep(0.1)
 
     def url(self, database: str) -> str:

@@ -7,17 +7,17 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import uvicorn
 
+from kvmart.app import create_app
 from kvmart.config import Settings
-from kvmart.model import Model
-from kvmart.server import ServerSettings, create_app
-from kvmart.server.services import Services
+from kvmart.runtime.model import Model
+from kvmart.server import ServerSettings
+from kvmart.server.pipeline.services import Services
 
 DEADLINE_SECONDS = 30.0  # how long to wait for something that must happen (a deadline against hangs, not a timing)
 

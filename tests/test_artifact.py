@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+from artifact_support import rewrite, split
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from kvmart import cache
-from kvmart.artifact import manifest_for, read_artifact, write_artifact
 from kvmart.errors import ArtifactError, FingerprintMismatchError
-from kvmart.fingerprint import ModelFingerprint
-from kvmart.kv import KV
-from kvmart.model import Model
+from kvmart.format.artifact import manifest_for, read_artifact, write_artifact
+from kvmart.reuse import core
+from kvmart.runtime.fingerprint import ModelFingerprint
+from kvmart.runtime.kv import KV
+from kvmart.runtime.model import Model
 from kvmart.store.disk import DiskStore
-from artifact_support import rewrite, split
 
 TEXT = "Redistribution and use in source and binary forms, with or without modification, are permitted."
 
@@ -82,7 +82,7 @@ def test_round_trip(load_tiny, dtype):
     assert manifest.dtype == dtype and manifest.codec == "raw"
     assert manifest.fingerprint_digest == model.fingerprint.digest
     assert kv.num_layers == model.num_layers and kv.dtype == model.dtype
-    for a, b in zip((*kv.keys, *kv.values), (*m.kv.keys, *m.kv.values)):
+    for a, b in zip((*kv.keys, *kv.values), (*m.kv.keys, *m.kv.values), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
@@ -160,19 +160,19 @@ def test_no_single_bit_flip_in_the_header_is_read_silently(made):
 
 
 def test_every_single_bit_flip_in_the_header_raises_artifact_error(made):
-    for pos, bit, data in header_flips(made):
+    for _pos, _bit, data in header_flips(made):
         with pytest.raises(ArtifactError):
             read(data, made.fingerprint)
 
 
 def test_corrupt_file_in_a_store_is_refused_by_load(model_f32, kvmart_data_dir: Path):
     store = DiskStore(kvmart_data_dir / "store")
-    entry = cache.precompute(model_f32, store, TEXT).entry
+    entry = core.precompute(model_f32, store, TEXT).entry
     path = store.object_path(entry.cache_id)
     data = path.read_bytes()
     path.write_bytes(flip(data, len(data) - 10))
     with pytest.raises(ArtifactError, match="checksum"):
-        cache.load(model_f32, store, entry.cache_id)
+        core.load(model_f32, store, entry.cache_id)
 
 
 # -- foreign files -----------------------------------------------------------------------------------------------
@@ -277,6 +277,6 @@ def test_artifact_from_another_model_names_the_component(made, component):
 
 def test_fingerprint_mismatch_through_the_store(model_f32, model_bf16, kvmart_data_dir: Path):
     store = DiskStore(kvmart_data_dir / "store")
-    entry = cache.precompute(model_f32, store, TEXT).entry
+    entry = core.precompute(model_f32, store, TEXT).entry
     with pytest.raises(FingerprintMismatchError, match="dtype"):
-        cache.load(model_bf16, store, entry.cache_id)
+        core.load(model_bf16, store, entry.cache_id)

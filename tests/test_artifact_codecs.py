@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from artifact_support import join, rewrite, split
+from cli_support import EntryPoint
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from kvmart import cache
-from kvmart.artifact import encode_artifact, read_artifact
 from kvmart.errors import ArtifactError
-from kvmart.kv import KV
-from kvmart.samples import sample_text
+from kvmart.format.artifact import encode_artifact, read_artifact
+from kvmart.reuse import core
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.kv import KV
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
-from cli_support import EntryPoint
-from artifact_support import join, rewrite, split
 
 TEXT = sample_text("bsd-3-clause")
 QUESTION = " Who may redistribute it?"
@@ -72,8 +72,8 @@ def test_compressed_artifact_continues_bit_exactly_like_the_raw_one(load_tiny, t
     for name, store, codec in (("raw", DiskStore(tmp_path / "raw"), "raw"),
                                ("kvmart, mapped", DiskStore(tmp_path / "kvmart"), "kvmart"),
                                ("kvmart, streamed", MemoryStore(), "kvmart")):
-        entry = cache.precompute(model, store, TEXT, codec=codec).entry
-        loaded = cache.load(model, store, entry.cache_id)
+        entry = core.precompute(model, store, TEXT, codec=codec).entry
+        loaded = core.load(model, store, entry.cache_id)
         runs[name] = (entry, loaded, model.continue_from(loaded.kv, question, all_logits=True),
                       model.generate(loaded.kv, question, 8, stop_at_eos=False))
     raw_entry, raw_loaded, raw_step, raw_gen = runs.pop("raw")
@@ -84,7 +84,7 @@ def test_compressed_artifact_continues_bit_exactly_like_the_raw_one(load_tiny, t
         assert loaded.kv.equal(fresh), name
         assert torch.equal(step.logits, raw_step.logits) and step.kv.equal(raw_step.kv), name
         assert gen.token_ids == raw_gen.token_ids, name
-        assert all(torch.equal(a, b) for a, b in zip(gen.logits, raw_gen.logits)), name
+        assert all(torch.equal(a, b) for a, b in zip(gen.logits, raw_gen.logits, strict=True)), name
 
 
 def test_compressed_artifact_is_valid_safetensors(bf16_kvmart, tmp_path: Path):
@@ -220,4 +220,4 @@ def test_a_tensor_the_codec_cannot_shrink_is_stored_raw(model_bf16):
     artifact.write(buffer)
     _, back = read(model_bf16, buffer.getvalue())
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16))
-               for a, b in zip((*back.keys, *back.values), (*kv.keys, *kv.values)))
+               for a, b in zip((*back.keys, *back.values), (*kv.keys, *kv.values), strict=True))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmart.chat import BETWEEN, PLAIN, document_ids, layout_for, question_ids
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.chat import BETWEEN, PLAIN, document_ids, layout_for, question_ids
 
 DOCS = [
     "A short document.",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmart.chunks import ChunkStore, chunked_prefill, kv_slice
-from kvmart.keys import check_chunk_tokens, chunk_keys
-from kvmart.kv import KV
+from kvmart.format.keys import check_chunk_tokens, chunk_keys
+from kvmart.reuse.chunks import ChunkStore, chunked_prefill
+from kvmart.runtime.kv import KV
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
 
@@ -25,7 +25,7 @@ def ids(seed: int, n: int, vocab: int = 2000) -> list[int]:
 
 def assert_kv_equal(a: KV, b: KV) -> None:
     assert a.num_layers == b.num_layers
-    for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values)):
+    for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values), strict=True):
         assert x.shape == y.shape and torch.equal(x, y)
 
 
@@ -37,9 +37,9 @@ def test_a_chunk_depends_only_on_its_prefix(load_tiny, dtype, record_agreement):
     tokens = ids(3, 5 * CHUNK)
     whole = chunked_prefill(model, tokens, CHUNK)
     for k in range(1, 5):
-        assert_kv_equal(kv_slice(whole, 0, k * CHUNK), chunked_prefill(model, tokens[:k * CHUNK], CHUNK))
+        assert_kv_equal(whole.slice(0, k * CHUNK), chunked_prefill(model, tokens[:k * CHUNK], CHUNK))
     single = model.prefill(tokens)
-    same = [k for k in (8, 64, 256) if kv_slice(single, 0, k).equal(model.prefill(tokens[:k]))]
+    same = [k for k in (8, 64, 256) if single.slice(0, k).equal(model.prefill(tokens[:k]))]
     record_agreement(f"chunks {dtype}: a slice of one whole prefill equals the prefix's prefill at k in {same} "
                      "of (8, 64, 256); chunked prefill is equal at every chunk boundary")
 
@@ -119,6 +119,7 @@ def test_chunks_are_shared_across_nodes_through_redis(model_f32, tmp_path: Path,
     """Two nodes' tiered stores (own disks) over one real redis-server: node B stores a document that shares two
     chunks with node A's, writes only its new chunk, and reuses A's chunks fetched from Redis, bit-exactly."""
     from infra_support import RedisServer
+
     from kvmart.store import open_store
 
     redis = RedisServer(tmp_path_factory.mktemp("redis-chunks")).start()

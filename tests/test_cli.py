@@ -1,4 +1,4 @@
-"""The command line, driven through click's CliRunner with the tiny model. Commands go through `kvmart.cli.main`, the
+"""The command line, driven through click's CliRunner with the tiny model. Commands go through `kvmart.cli.main.main`, the
 real entry point, so that typed errors are translated to a message and an exit code exactly as users see them."""
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from rich.errors import MarkupError
-
-import kvmart.cli
-from kvmart import cache
-from kvmart.chat import document_ids, layout_for
-from kvmart.samples import sample_text
-from kvmart.store.disk import DiskStore
 from cli_support import EntryPoint
+from click.testing import CliRunner, Result
+
+from kvmart.reuse import core
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.chat import document_ids, layout_for
+from kvmart.store.disk import DiskStore
 
 TINY = "builtin:tiny"
 QUESTION = "Who holds the copyright?"
@@ -84,8 +82,8 @@ def test_ask_by_cache_id_prefix(kvmart_cli, doc: Path, model_f32, kvmart_data_di
     assert result.exit_code == 0, result.output
 
     store = DiskStore(kvmart_data_dir / "store")
-    loaded = cache.load(model_f32, store, cid)
-    expected = cache.ask(model_f32, loaded, QUESTION, 8)
+    loaded = core.load(model_f32, store, cid)
+    expected = core.ask(model_f32, loaded, QUESTION, 8)
     assert expected.text.strip() and result.stdout.strip() == expected.text.strip()
     assert f"tokens from cache {loaded.kv.num_tokens:,}" in result.stderr
     assert f"generated {len(expected.token_ids)}" in result.stderr

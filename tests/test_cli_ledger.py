@@ -1,4 +1,4 @@
-"""`kvmart accounts ...` and `kvmart ledger ...` (kvmart/cli_ledger.py) through the real entry point, on the
+"""`kvmart accounts ...` and `kvmart ledger ...` (kvmart/cli/ledger.py) through the real entry point, on the
 embedded SQLite ledger of the test's data dir."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from cli_support import EntryPoint
 from click.testing import CliRunner
 
 from kvmart.ledger import Tariff, open_ledger, quote
-from cli_support import EntryPoint
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ transaction: tests/test_server_ledger.py and tests/test_ledger_stress.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,9 +18,9 @@ import httpx
 from node_support import Node
 from server_support import DEADLINE_SECONDS
 
-from kvmart import cache
 from kvmart.ledger import open_ledger
-from kvmart.samples import sample_text
+from kvmart.reuse import core
+from kvmart.reuse.samples import sample_text
 from kvmart.store.disk import DiskStore
 
 BSD = sample_text("bsd-3-clause")
@@ -35,11 +36,9 @@ def long_text(model, round_no: int) -> str:
 
 def publish_in_background(url: str, key: str, text: str) -> threading.Thread:
     def send() -> None:
-        try:
+        with contextlib.suppress(httpx.TransportError):  # the server died under it
             httpx.post(url + "/v1/documents", json={"text": text}, headers={"Authorization": f"Bearer {key}"},
                        timeout=DEADLINE_SECONDS)
-        except httpx.TransportError:
-            pass  # the server died under it
 
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
@@ -75,7 +74,7 @@ def test_a_node_killed_while_publishing_shows_no_partial_artifact_and_cleans_up(
         store = DiskStore(kvmart_data_dir / "store")  # what a restarted node opens first
         assert list(tmp_dir.iterdir()) == [], "temp files of the killed writer survived the restart"
         for entry in store.entries():  # everything visible is whole and verifies
-            loaded = cache.load(model_f32, store, entry.cache_id)
+            loaded = core.load(model_f32, store, entry.cache_id)
             assert loaded.kv.num_tokens == entry.num_tokens
         objects = {p.stem for p in (kvmart_data_dir / "store" / "objects").rglob("*.kvm")}
         assert {e.cache_id for e in store.entries()} <= objects

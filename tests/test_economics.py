@@ -1,4 +1,4 @@
-"""kvmart.economics against hand-computed values and the paper's figures; `kvmart cost` through click's runner."""
+"""kvmart.economics.model against hand-computed values and the paper's figures; `kvmart cost` through click's runner."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from decimal import Decimal
 import pytest
 from click.testing import CliRunner
 
-from kvmart import economics as ec
-from kvmart.cli import cli
-from kvmart.cost_report import as_json, paper_points, usd
+from kvmart.cli.main import cli
+from kvmart.economics import model as ec
+from kvmart.economics.report import as_json, paper_points, usd
 from kvmart.errors import ModelNotFoundError
 
 QWEN3_4B = ec.SHAPES["qwen3-4b"]
@@ -222,12 +222,12 @@ def test_cost_plot(tmp_path):
 
 
 def test_formula_agrees_with_the_loaded_model_and_its_artifact(model_f32, model_bf16):
-    from kvmart import cache
+    from kvmart.reuse import core
     from kvmart.store.memory import MemoryStore
 
     tiny = ec.lookup_shape("builtin:tiny")
     assert ec.kv_bytes_per_token(tiny, "float32") == model_f32.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert ec.kv_bytes_per_token(tiny, "bfloat16") == model_bf16.kv_bytes_per_token
-    entry = cache.precompute_ids(model_f32, MemoryStore(), list(range(40))).entry
+    entry = core.precompute_ids(model_f32, MemoryStore(), list(range(40))).entry
     header = entry.artifact_bytes - ec.artifact_bytes(tiny, 40, "float32")
     assert 0 < header < 4096  # the manifest: token ids, checksums, shapes

@@ -11,14 +11,14 @@ import json
 
 import pytest
 
-from kvmart.artifact import manifest_for, read_artifact, write_artifact
-from kvmart.chat import document_ids, layout_for, question_ids
 from kvmart.config import Settings
 from kvmart.engines import ENGINES, open_engine
 from kvmart.engines.transformers import TransformersEngine
 from kvmart.errors import ConfigError, FingerprintMismatchError
-from kvmart.fingerprint import sha256_text
-from kvmart.samples import sample_text
+from kvmart.format.artifact import manifest_for, read_artifact, write_artifact
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.chat import document_ids, layout_for, question_ids
+from kvmart.runtime.fingerprint import sha256_text
 from kvmart.store.memory import MemoryStore
 
 VLLM_ENGINE = "vllm 0.32.0; block_size 16"
@@ -123,8 +123,8 @@ def test_vllm_options_are_validated():
 def test_the_vllm_server_engine_refuses_private_documents():
     """Its KV connector matches prompts against every stored document, whoever asks, so a private (tenant-salted)
     document is refused there with a clear 400 before anything is computed or stored (docs/VLLM.md)."""
-    from kvmart.server.errors import UnsupportedParameterError
-    from kvmart.server.vllm import VllmServerEngine
+    from kvmart.errors import UnsupportedParameterError
+    from kvmart.server.pipeline.vllm import VllmServerEngine
 
     engine = object.__new__(VllmServerEngine)  # publish refuses before it touches the model or the store
     with pytest.raises(UnsupportedParameterError, match="private documents are not served by the vllm engine"):
@@ -133,8 +133,8 @@ def test_the_vllm_server_engine_refuses_private_documents():
 
 def test_the_vllm_server_engine_refuses_uploaded_artifacts():
     """An upload is verified against the transformers engine's chunked prefill, not vLLM's kernels: refused (400)."""
-    from kvmart.server.errors import UnsupportedParameterError
-    from kvmart.server.vllm import VllmServerEngine
+    from kvmart.errors import UnsupportedParameterError
+    from kvmart.server.pipeline.vllm import VllmServerEngine
 
     engine = object.__new__(VllmServerEngine)
     with pytest.raises(UnsupportedParameterError, match="uploaded artifacts are not accepted by the vllm engine"):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmart.fingerprint import cache_id, file_sha256, model_fingerprint
+from kvmart.format.keys import cache_id
+from kvmart.runtime.fingerprint import file_sha256, model_fingerprint
 
 HASHES = "hashes.json"
 

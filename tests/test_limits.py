@@ -6,14 +6,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 from server_support import DEADLINE_SECONDS, LiveServer
 
-from kvmart.errors import ConfigError
-from kvmart.samples import sample_text
+from kvmart.errors import ConfigError, RateLimitedError
+from kvmart.reuse.samples import sample_text
 from kvmart.server.config import ServerSettings, load_server_settings
-from kvmart.server.errors import RateLimitedError
 from kvmart.server.limits import KeyLimiter
 
 BSD = sample_text("bsd-3-clause")

@@ -18,7 +18,7 @@ import pytest
 from node_support import Node
 
 from kvmart.ledger import open_ledger
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 pytestmark = pytest.mark.load
 AGENTS = int(os.environ.get("KVMART_LOAD_AGENTS", "64"))

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmart import cache
-from kvmart.chat import document_ids, layout_for, question_ids
 from kvmart.errors import ContextOverflowError, InputError
-from kvmart.kv import KV
-from kvmart.model import Model
-from kvmart.samples import sample_text
+from kvmart.reuse import core
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.chat import document_ids, layout_for, question_ids
+from kvmart.runtime.kv import KV
+from kvmart.runtime.model import Model
 from kvmart.store.disk import DiskStore
 
 DTYPES = ("float32", "bfloat16")
@@ -38,7 +38,7 @@ def clone(kv: KV) -> KV:
 def assert_kv_equal(a: KV, b: KV) -> None:
     """Bit-for-bit, with torch.equal directly (not KV.equal, which is code under test)."""
     assert a.num_layers == b.num_layers
-    for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values)):
+    for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values), strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert torch.equal(x, y)
 
@@ -59,9 +59,9 @@ class Prepared:
         text = fitting_text(model, name)
         self.model = model
         self.doc_ids = document_ids(model.tokenize, layout_for(model.tokenizer), text)
-        stored = cache.precompute(model, store, text, title=name)
+        stored = core.precompute(model, store, text, title=name)
         assert stored.is_new and stored.entry.num_tokens == len(self.doc_ids)
-        self.loaded = cache.load(model, store, stored.entry.cache_id)
+        self.loaded = core.load(model, store, stored.entry.cache_id)
         self.fresh = model.prefill(self.doc_ids)
 
     def question(self, q: str) -> list[int]:
@@ -124,10 +124,10 @@ def test_greedy_generation(prepare, record_agreement, dtype, doc, question):
     assert len(reused.token_ids) == GREEDY_TOKENS  # the seeded model emits no end-of-turn this early
     assert reused.token_ids == two_step.token_ids
     assert len(reused.logits) == len(two_step.logits) == GREEDY_TOKENS
-    assert all(torch.equal(a, b) for a, b in zip(reused.logits, two_step.logits))
+    assert all(torch.equal(a, b) for a, b in zip(reused.logits, two_step.logits, strict=True))
     assert_kv_equal(p.loaded.kv, before)
 
-    matching = next((i for i, (a, b) in enumerate(zip(reused.token_ids, single.token_ids)) if a != b), GREEDY_TOKENS)
+    matching = next((i for i, (a, b) in enumerate(zip(reused.token_ids, single.token_ids, strict=True)) if a != b), GREEDY_TOKENS)
     if dtype == "float32":
         assert reused.token_ids == single.token_ids, f"only {matching}/{GREEDY_TOKENS} agree with single-pass"
     else:
@@ -200,7 +200,7 @@ def test_document_longer_than_context(model_f32, kvmart_data_dir: Path):
     text = sample_text("gpl-3.0")  # about twice tiny's context
     ids = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), text)
     with pytest.raises(ContextOverflowError) as e:
-        cache.precompute(model_f32, DiskStore(kvmart_data_dir / "store"), text)
+        core.precompute(model_f32, DiskStore(kvmart_data_dir / "store"), text)
     assert e.value.num_tokens == len(ids) and e.value.over_tokens == len(ids) - n > 0
     assert "the document" in str(e.value)
 

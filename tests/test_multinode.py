@@ -11,13 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-
-from kvmart.router import create_router
-from kvmart.store import open_shared
-from kvmart.samples import sample_text
-
 from infra_support import KvmartNode, RedisServer, wait_for
+
+from kvmart.cluster.router import create_router
 from kvmart.ledger import open_ledger
+from kvmart.reuse.samples import sample_text
+from kvmart.store import open_shared
 
 QUESTION = "Who may change the terms?"
 PREFIX = "nodes"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from kvmart.router import affinity_key, node_order
+from kvmart.cluster.router import affinity_key, node_order
 
 NODES = [f"http://10.0.0.{i}:8000" for i in range(1, 5)]
 

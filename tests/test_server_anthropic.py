@@ -1,4 +1,4 @@
-"""The Anthropic-compatible endpoint (kvmart/server/anthropic.py), through the official `anthropic` client."""
+"""The Anthropic-compatible endpoint (kvmart/server/api/anthropic.py), through the official `anthropic` client."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import openai
 import pytest
 from server_support import LiveServer
 
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 MODEL = "builtin:tiny"
 DOC = sample_text("bsd-3-clause")

@@ -1,17 +1,17 @@
-"""The document catalogue and prefix matching (kvmart/server/catalog.py), and the hot tier (kvmart/server/hot.py)."""
+"""The document catalogue and prefix matching (kvmart/reuse/catalog.py), and the hot tier (kvmart/server/pipeline/hot.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvmart import cache
-from kvmart.cache import Loaded
-from kvmart.kv import KV
-from kvmart.samples import sample_text
-from kvmart.server.catalog import Catalog, common_prefix_tokens, document_id
-from kvmart.server.errors import UnknownDocumentError
-from kvmart.server.hot import HotTier
+from kvmart.errors import UnknownDocumentError
+from kvmart.reuse import core
+from kvmart.reuse.catalog import Catalog, common_prefix_tokens, document_id
+from kvmart.reuse.core import Loaded
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.kv import KV
+from kvmart.server.pipeline.hot import HotTier
 from kvmart.store import Entry, open_store
 
 
@@ -28,11 +28,11 @@ def store(kvmart_data_dir):
 
 def test_catalogue_sees_what_the_cli_stored_and_forgets_what_it_removed(model_f32, store):
     catalog = Catalog(store, model_f32.fingerprint.digest)
-    stored = cache.precompute(model_f32, store, sample_text("bsd-3-clause")).entry
+    stored = core.precompute(model_f32, store, sample_text("bsd-3-clause")).entry
     doc_id = document_id(stored.cache_id)
     assert doc_id == "doc_" + stored.cache_id[:24]
     found = catalog.get(doc_id)  # not known yet: get refreshes
-    assert found.token_list() == cache.load(model_f32, store, stored.cache_id).token_ids
+    assert found.token_list() == core.load(model_f32, store, stored.cache_id).token_ids
     store.delete(stored.cache_id)
     catalog.refresh()
     with pytest.raises(UnknownDocumentError, match=doc_id):
@@ -40,16 +40,16 @@ def test_catalogue_sees_what_the_cli_stored_and_forgets_what_it_removed(model_f3
 
 
 def test_other_models_artifacts_are_not_listed(model_f32, store):
-    cache.precompute(model_f32, store, sample_text("bsd-3-clause"))
+    core.precompute(model_f32, store, sample_text("bsd-3-clause"))
     catalog = Catalog(store, "another-fingerprint")
     catalog.refresh()
     assert catalog.documents() == []
 
 
 def test_longest_prefix_prefers_the_longest_match_then_the_shorter_document(model_f32, store):
-    short = cache.precompute_ids(model_f32, store, [1, 2, 3, 4]).entry
-    long = cache.precompute_ids(model_f32, store, [1, 2, 3, 4, 5, 6]).entry
-    other = cache.precompute_ids(model_f32, store, [1, 2, 7, 8]).entry
+    short = core.precompute_ids(model_f32, store, [1, 2, 3, 4]).entry
+    long = core.precompute_ids(model_f32, store, [1, 2, 3, 4, 5, 6]).entry
+    other = core.precompute_ids(model_f32, store, [1, 2, 7, 8]).entry
     catalog = Catalog(store, model_f32.fingerprint.digest)
     catalog.refresh()
     assert catalog.longest_prefix([1, 2, 3, 4, 5, 9], 1).document.cache_id == long.cache_id

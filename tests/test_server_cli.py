@@ -1,4 +1,4 @@
-"""`kvmart serve` (kvmart/cli.py): the real command in a subprocess, stopped by SIGTERM mid-answer."""
+"""`kvmart serve` (kvmart/cli/main.py): the real command in a subprocess, stopped by SIGTERM mid-answer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import httpx
 from server_support import DEADLINE_SECONDS, wait_until
 
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 ADMIN_KEY = "admin-key-for-this-test-only"
 
@@ -32,7 +32,7 @@ def is_up(url: str) -> bool:
 def test_serve_answers_then_sigterm_lets_the_answer_finish(tiny_folder, kvmart_data_dir):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--port", str(port),
+        [sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--port", str(port),
          "--ram-cache-bytes", "64MiB", "--max-queue", "8"],
         env={**os.environ, "KVMART_MODEL": "builtin:tiny", "KVMART_ADMIN_KEY": ADMIN_KEY}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)

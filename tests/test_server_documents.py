@@ -1,4 +1,4 @@
-"""The documents API (kvmart/server/documents.py): publish once, catalogue, owner-only delete, one store with the
+"""The documents API (kvmart/server/api/documents.py): publish once, catalogue, owner-only delete, one store with the
 CLI."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import httpx
 import pytest
 from server_support import LiveServer
 
-from kvmart import cache
-from kvmart.samples import sample_text
-from kvmart.server.catalog import document_id
+from kvmart.reuse import core
+from kvmart.reuse.catalog import document_id
+from kvmart.reuse.samples import sample_text
 from kvmart.store import open_store
 
 BSD = sample_text("bsd-3-clause")
@@ -64,7 +64,7 @@ def test_only_the_publisher_may_delete(live):
 
 def test_the_cli_and_the_server_share_one_store(live, model_f32):
     store = open_store(live.services.settings.store_url)
-    cid = cache.precompute(model_f32, store, BSD, title="from the cli").entry.cache_id
+    cid = core.precompute(model_f32, store, BSD, title="from the cli").entry.cache_id
     listed = live.http.get("/v1/documents").json()["data"]
     assert [d["id"] for d in listed] == [document_id(cid)]
     published = live.publish(BSD)

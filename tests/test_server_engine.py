@@ -1,4 +1,4 @@
-"""The engine (kvmart/server/engine.py), driven directly: the cached and the bypass paths compute bit-identical
+"""The engine (kvmart/server/pipeline/engine.py), driven directly: the cached and the bypass paths compute bit-identical
 logits, for a named document and for an automatic (partial) prefix match."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import torch
 
 from kvmart.config import Settings
 from kvmart.errors import ContextOverflowError
-from kvmart.samples import sample_text
+from kvmart.reuse.prompt import ChatMessage, ChatPrompt, TextPrompt
+from kvmart.reuse.samples import sample_text
 from kvmart.server.config import ServerSettings
-from kvmart.server.engine import Delta, Finished, GenerationRequest, Sampling, Started, kv_prefix
-from kvmart.server.prompt import ChatMessage, ChatPrompt, TextPrompt
-from kvmart.server.services import build_services
+from kvmart.server.pipeline.engine import Delta, Finished, GenerationRequest, Sampling, Started
+from kvmart.server.pipeline.services import build_services
 
 DOC = sample_text("bsd-3-clause")
 QUESTION = "Who holds the copyright?"
@@ -80,7 +80,7 @@ def test_cached_and_bypass_answers_are_identical_token_for_token(services, doc, 
 
 def test_a_slice_of_a_longer_prefill_is_what_bypass_computes(services, doc, model_f32, record_agreement):
     k = PARTIAL_TOKENS
-    sliced = kv_prefix(model_f32.prefill(doc.token_list()), k)
+    sliced = model_f32.prefill(doc.token_list()).slice(0, k)
     assert sliced.num_tokens == k and all(t.is_contiguous() for t in sliced.keys)
     alone = model_f32.prefill(doc.token_list()[:k])
     record_agreement(f"server: KV[:{k}] of a {doc.num_tokens}-token prefill == a {k}-token prefill, bit for bit: "

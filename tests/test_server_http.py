@@ -4,14 +4,14 @@ graceful shutdown, the hot tier's hits and misses, /metrics and /healthz."""
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 
 import httpx
 import pytest
 from server_support import DEADLINE_SECONDS, LiveServer, wait_until
 
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 MODEL = "builtin:tiny"
 DOC = sample_text("bsd-3-clause")
@@ -160,10 +160,10 @@ def test_shutdown_finishes_requests_in_flight(model_f32, tmp_path):
 
 
 def _stream_all(url: str, body: dict, key: str) -> list[str]:
-    with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS, headers={"Authorization": f"Bearer {key}"}) as client:
-        with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            assert response.status_code == 200
-            return [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    with (httpx.Client(base_url=url, timeout=DEADLINE_SECONDS, headers={"Authorization": f"Bearer {key}"}) as client,
+          client.stream("POST", "/v1/chat/completions", json=body) as response):
+        assert response.status_code == 200
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line]
 
 
 def _refused(url: str) -> bool:

@@ -13,7 +13,7 @@ import pytest
 from server_support import LiveServer
 
 from kvmart.ledger import Tariff, quote, usd_text
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 MODEL = "builtin:tiny"
 BSD = sample_text("bsd-3-clause")
@@ -239,7 +239,7 @@ def test_a_server_killed_mid_request_leaves_balanced_books(tiny_folder, kvmart_d
     _, key = ledger.create_account("victim", "agent")
     ledger.deposit("victim", Decimal(1))
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", "from kvmart.cli import main; main()", "serve", "--port",
+    process = subprocess.Popen([sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--port",
                                 str(port)], env={**os.environ, "KVMART_MODEL": MODEL, "KVMART_ADMIN_KEY": "a" * 32},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

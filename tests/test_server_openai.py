@@ -1,4 +1,4 @@
-"""The OpenAI-compatible endpoints (kvmart/server/openai.py), through the official `openai` client against a real
+"""The OpenAI-compatible endpoints (kvmart/server/api/openai.py), through the official `openai` client against a real
 server on a loopback port."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import openai
 import pytest
 from server_support import LiveServer
 
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 MODEL = "builtin:tiny"
 DOC = sample_text("bsd-3-clause")

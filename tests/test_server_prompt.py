@@ -1,14 +1,21 @@
-"""Requests -> prompt token ids (kvmart/server/prompt.py): a document's stored ids must be an exact prefix."""
+"""Requests -> prompt token ids (kvmart/reuse/prompt.py): a document's stored ids must be an exact prefix."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvmart.chat import BETWEEN, document_ids, layout_for, question_ids
-from kvmart.samples import sample_text
-from kvmart.server.errors import RequestError, UnsupportedParameterError
-from kvmart.server.prompt import (ChatMessage, ChatPrompt, TextPrompt, chat_message, chat_token_ids, render_parts,
-                                  text_token_ids)
+from kvmart.errors import RequestError, UnsupportedParameterError
+from kvmart.reuse.prompt import (
+    ChatMessage,
+    ChatPrompt,
+    TextPrompt,
+    chat_message,
+    chat_token_ids,
+    render_parts,
+    text_token_ids,
+)
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.chat import BETWEEN, document_ids, layout_for, question_ids
 
 DOC = sample_text("bsd-3-clause")
 QUESTION = "Who holds the copyright?"

@@ -1,10 +1,10 @@
-"""Streaming text: incremental detokenization and stop sequences (kvmart/server/text.py)."""
+"""Streaming text: incremental detokenization and stop sequences (kvmart/server/pipeline/text.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvmart.server.text import REPLACEMENT, Detokenizer, StopMatcher
+from kvmart.server.pipeline.text import REPLACEMENT, Detokenizer, StopMatcher
 
 TEXT = "Licensed under the Apache License — «Version 2.0», see 世界 🎉 for détails.\n\nEnd."
 

@@ -1,4 +1,4 @@
-"""The model worker (kvmart/server/worker.py): bounded queue, turn-taking, cancellation, draining, failures."""
+"""The model worker (kvmart/server/pipeline/worker.py): bounded queue, turn-taking, cancellation, draining, failures."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import asyncio
 
 import pytest
 
-from kvmart.errors import InputError
-from kvmart.server.errors import InternalError, QueueFullError, ShuttingDownError
-from kvmart.server.worker import Worker
+from kvmart.errors import InputError, InternalError, QueueFullError, ShuttingDownError
+from kvmart.server.pipeline.worker import Worker
 
 
 def job(name: str, steps: int, log: list[str], closed: list[str] | None = None):

@@ -1,4 +1,4 @@
-"""Signed artifacts (kvmart/signing.py): with KVMART_SIGNING_KEY set, every artifact a node writes carries the
+"""Signed artifacts (kvmart/format/signing.py): with KVMART_SIGNING_KEY set, every artifact a node writes carries the
 cluster's HMAC of its manifest hash beside the manifest; an artifact fetched from a shared tier (a real Redis
 server, and moto's standalone S3-compatible server) without that signature, or with another key's, is refused
 with ArtifactError and never used. With no key, unsigned artifacts are read as before."""
@@ -13,18 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from infra_support import BUCKET, fake_aws_credentials, moto_s3, redis_server  # noqa: F401 (fixtures)
 
-from kvmart import cache
-from kvmart.artifact import encode_artifact, read_artifact, read_manifest
 from kvmart.errors import ArtifactError
-from kvmart.fingerprint import cache_id as make_cache_id
-from kvmart.model import Model
-from kvmart.signing import SIGNATURE_FIELD, sign
+from kvmart.format.artifact import encode_artifact, read_artifact, read_manifest
+from kvmart.format.keys import cache_id as make_cache_id
+from kvmart.format.signing import SIGNATURE_FIELD, sign
+from kvmart.reuse import core
+from kvmart.runtime.model import Model
 from kvmart.store import Entry, Store, open_shared
 from kvmart.store.disk import DiskStore
 from kvmart.store.tiered import Tier, TieredStore
-
-from infra_support import BUCKET, fake_aws_credentials, moto_s3, redis_server  # noqa: F401 (fixtures)
 
 KEY = "the-cluster-signing-key"
 TEXT = "Redistribution and use in source and binary forms, with or without modification, are permitted."
@@ -83,18 +82,18 @@ def test_signature_sits_beside_the_manifest_and_keeps_its_hash(model_f32, monkey
     assert manifest.signature == metadata(signed)[SIGNATURE_FIELD] == sign(KEY.encode(), manifest.manifest_sha256)
     assert manifest.manifest_sha256 == json.loads(metadata(unsigned)["kvmart"])["manifest_sha256"]
     _, back = read_artifact(io.BytesIO(signed), len(signed), model_f32.fingerprint)
-    assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), kv.tensors().values()))
+    assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), kv.tensors().values(), strict=True))
 
 
 def test_signed_artifact_round_trips_between_nodes(model_f32, shared_url, tmp_path, monkeypatch):
     monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
     ids = model_f32.tokenize(TEXT)
-    made = cache.precompute_ids(model_f32, node(shared_url, tmp_path / "a"), ids, codec="kvmart")
+    made = core.precompute_ids(model_f32, node(shared_url, tmp_path / "a"), ids, codec="kvmart")
     other = node(shared_url, tmp_path / "b")  # an empty disk: the artifact comes from the shared tier
-    loaded = cache.load(model_f32, other, made.entry.cache_id)
+    loaded = core.load(model_f32, other, made.entry.cache_id)
     assert other.tiers[1].hits == 1
     expected = model_f32.prefill(ids)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), expected.tensors().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), expected.tensors().values(), strict=True))
 
 
 @pytest.mark.parametrize("writer_key, message", [(None, "not signed by this cluster's key"),
@@ -108,10 +107,9 @@ def test_forged_artifact_in_the_shared_tier_is_refused(model_f32, shared_url, tm
     monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
     for store in (node(shared_url, tmp_path / "node"), open_shared(shared_url)):
         with pytest.raises(ArtifactError, match=message):
-            cache.load(model_f32, store, cid)
-        with pytest.raises(ArtifactError, match=message):  # nor is its header trusted (the catalogue reads it)
-            with store.open_head(cid):
-                pass
+            core.load(model_f32, store, cid)
+        with pytest.raises(ArtifactError, match=message), store.open_head(cid):  # nor is its header trusted
+            pass
     assert DiskStore(tmp_path / "node").entry(cid) is None  # nor copied to the node's disk
 
 
@@ -122,21 +120,21 @@ def test_without_a_key_unsigned_artifacts_are_read_and_the_key_is_what_refuses_t
     ids = model_f32.tokenize(TEXT)
     data = forged(model_f32, ids)
     cid = plant(open_shared(shared_url), model_f32, ids, data)
-    loaded = cache.load(model_f32, node(shared_url, tmp_path / "a"), cid)
+    loaded = core.load(model_f32, node(shared_url, tmp_path / "a"), cid)
     _, planted = read_artifact(io.BytesIO(data), len(data), model_f32.fingerprint)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), planted.tensors().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), planted.tensors().values(), strict=True))
     monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
     with pytest.raises(ArtifactError, match="not signed by this cluster's key"):
-        cache.load(model_f32, node(shared_url, tmp_path / "b"), cid)
+        core.load(model_f32, node(shared_url, tmp_path / "b"), cid)
 
 
 def test_local_disk_artifacts_are_not_checked(model_f32, tmp_path, monkeypatch):
     """The node's own disk is written only by the node: an artifact it stored before the key was set still loads."""
     ids = model_f32.tokenize(TEXT)
     store = DiskStore(tmp_path / "disk")
-    made = cache.precompute_ids(model_f32, store, ids)
+    made = core.precompute_ids(model_f32, store, ids)
     monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
-    loaded = cache.load(model_f32, store, made.entry.cache_id)
+    loaded = core.load(model_f32, store, made.entry.cache_id)
     assert loaded.kv.num_tokens == len(ids)
 
 
@@ -145,9 +143,9 @@ def test_the_engine_recomputes_a_document_whose_shared_artifact_is_forged(model_
     """A node that lost its own copy finds a forgery in the shared tier: it is refused, the document recomputed from
     its token ids (the same KV a fresh prefill gives, bit for bit) and the node's disk gets the genuine artifact."""
     from kvmart.config import Settings
-    from kvmart.server.catalog import Match
+    from kvmart.reuse.catalog import Match
     from kvmart.server.config import ServerSettings
-    from kvmart.server.services import build_services
+    from kvmart.server.pipeline.services import build_services
 
     url = f"{redis_server.url}?prefix=sign{next(_counter)}"
     monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
@@ -164,5 +162,5 @@ def test_the_engine_recomputes_a_document_whose_shared_artifact_is_forged(model_
     kv, reuse = services.engine.acquire(Match(doc, len(ids)), False)
     assert reuse.tier == "recomputed"
     expected = model_f32.prefill(ids)
-    assert all(torch.equal(a, b) for a, b in zip(kv.tensors().values(), expected.tensors().values()))
-    assert cache.load(model_f32, DiskStore(tmp_path / "node"), doc.cache_id).entry.cache_id == doc.cache_id
+    assert all(torch.equal(a, b) for a, b in zip(kv.tensors().values(), expected.tensors().values(), strict=True))
+    assert core.load(model_f32, DiskStore(tmp_path / "node"), doc.cache_id).entry.cache_id == doc.cache_id

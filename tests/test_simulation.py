@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kvmart.simulation import TIERS, Cluster, Workload, analytic, che_time, sample_reads, simulate, zipf_pmf
+from kvmart.economics.simulation import TIERS, Cluster, Workload, analytic, che_time, sample_reads, simulate, zipf_pmf
 
 SMALL = Workload(documents=2000, agents=40_000, window_seconds=3600)
 SIZE = analytic(SMALL, Cluster()).extra["artifact_bytes"]

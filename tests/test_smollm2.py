@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmart import cache
-from kvmart.chat import layout_for, question_ids
 from kvmart.config import Settings
-from kvmart.model import Model
-from kvmart.samples import SAMPLES, sample_text
+from kvmart.reuse import core
+from kvmart.reuse.samples import SAMPLES, sample_text
+from kvmart.reuse.verify import verify
+from kvmart.runtime.chat import layout_for, question_ids
+from kvmart.runtime.model import Model
 from kvmart.store import open_store
-from kvmart.verify import verify
 
 pytestmark = pytest.mark.slow
 DOC = "mpl-2.0"
@@ -47,9 +47,9 @@ def test_real_model_is_the_published_architecture(model):
 
 def test_reuse_is_bit_exact_and_matches_single_pass(model, data_dir):
     store = open_store(str(data_dir / f"store-{model.dtype_name}"))
-    stored = cache.precompute(model, store, sample_text(DOC), title=DOC)
+    stored = core.precompute(model, store, sample_text(DOC), title=DOC)
     assert stored.entry.num_tokens > 3000
-    loaded = cache.load(model, store, stored.entry.cache_id)
+    loaded = core.load(model, store, stored.entry.cache_id)
     q = question_ids(model.tokenize, layout_for(model.tokenizer), SAMPLES[DOC][1])
     report = verify(model, loaded, q, num_tokens=24)
     print(f"\n{model.dtype_name}: {report.greedy_matching}/{report.greedy_tokens} greedy tokens vs single-pass "
@@ -64,8 +64,8 @@ def test_answers_a_factual_question_from_the_cache(model, data_dir):
     if model.dtype_name != "float32":
         pytest.skip("the factual answer is checked once, in float32")
     store = open_store(str(data_dir / "store-float32"))
-    stored = cache.precompute(model, store, sample_text(DOC), title=DOC)
+    stored = core.precompute(model, store, sample_text(DOC), title=DOC)
     assert not stored.is_new  # computed by the previous test: publishing twice computes nothing
-    answer = cache.ask(model, cache.load(model, store, stored.entry.cache_id), SAMPLES[DOC][1], max_new_tokens=24)
+    answer = core.ask(model, core.load(model, store, stored.entry.cache_id), SAMPLES[DOC][1], max_new_tokens=24)
     assert SAMPLES[DOC][2] in answer.text
     assert answer.cached_tokens == stored.entry.num_tokens

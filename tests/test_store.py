@@ -56,9 +56,8 @@ def test_absent_ids(store):
     assert store.entry(cid("beef")) is None
     assert store.entries() == []
     assert store.delete(cid("beef")) is False
-    with pytest.raises(UnknownCacheError, match="no artifact with cache id"):
-        with store.open(cid("beef")):
-            pass
+    with pytest.raises(UnknownCacheError, match="no artifact with cache id"), store.open(cid("beef")):
+        pass
 
 
 def test_entries_newest_first(store):
@@ -83,9 +82,8 @@ def test_delete(store):
     assert store.delete(a) is True
     assert store.delete(a) is False
     assert store.entry(a) is None and [e.cache_id for e in store.entries()] == [b]
-    with pytest.raises(UnknownCacheError):
-        with store.open(a):
-            pass
+    with pytest.raises(UnknownCacheError), store.open(a):
+        pass
     assert read_back(store, b) == b"b"
 
 
@@ -116,9 +114,8 @@ def test_writer_that_raises_leaves_nothing_visible(store):
     with pytest.raises(RuntimeError, match="writer died"):
         store.put(entry(a), failing)
     assert store.entry(a) is None and store.entries() == []
-    with pytest.raises(UnknownCacheError):
-        with store.open(a):
-            pass
+    with pytest.raises(UnknownCacheError), store.open(a):
+        pass
     if isinstance(store, DiskStore):
         assert list((store.root / "tmp").iterdir()) == []
         assert not any(p.is_file() for p in (store.root / "objects").rglob("*"))

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from infra_support import BUCKET, RedisServer, fake_aws_credentials, moto_s3, redis_server  # noqa: F401 (fixtures)
 
 from kvmart.errors import ConfigError, StoreUnavailableError, UnknownCacheError
 from kvmart.store import Entry, Store, open_shared, open_store
@@ -16,8 +17,6 @@ from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
 from kvmart.store.policy import Placement
 from kvmart.store.tiered import Tier, TieredStore
-
-from infra_support import BUCKET, RedisServer, fake_aws_credentials, moto_s3, redis_server  # noqa: F401 (fixtures)
 
 
 def cid(prefix: str) -> str:
@@ -73,9 +72,8 @@ def test_put_open_entries_delete(shared):
     assert shared.resolve(a[:8]) == a
     assert shared.delete(a) is True and shared.delete(a) is False
     assert shared.entry(a) is None and [e.cache_id for e in shared.entries()] == [b]
-    with pytest.raises(UnknownCacheError):
-        with shared.open(a):
-            pass
+    with pytest.raises(UnknownCacheError), shared.open(a):
+        pass
 
 
 def test_a_failed_write_publishes_nothing(shared):
@@ -328,7 +326,7 @@ def test_the_cli_over_a_redis_store(redis_server, tiny_folder, monkeypatch, tmp_
 
     from click.testing import CliRunner
 
-    from kvmart.cli import cli
+    from kvmart.cli.main import cli
 
     monkeypatch.setattr(sys, "argv", ["kvmart"])
     url = f"{redis_server.url}?prefix={fresh_prefix()}&ttl=1h"

@@ -1,4 +1,4 @@
-"""Uploaded artifacts (kvmart/upload.py, POST /v1/documents with `artifact`): accepted only when the provider's
+"""Uploaded artifacts (kvmart/reuse/upload.py, POST /v1/documents with `artifact`): accepted only when the provider's
 recomputation of their chunks is bit-identical (torch.equal); a poisoned artifact (the KV of another text under
 this text's token ids, valid checksums and cache id) is refused with 422, nothing stored, nothing charged."""
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from server_support import LiveServer
 
-from kvmart import cache
-from kvmart.artifact import manifest_for, write_artifact
-from kvmart.chat import document_ids, layout_for
 from kvmart.errors import ArtifactRejectedError
-from kvmart.kv import KV
-from kvmart.samples import sample_text
-from kvmart.upload import compute_upload, sample_chunks, upload_prefill, verify_upload
+from kvmart.format.artifact import manifest_for, write_artifact
+from kvmart.reuse import core
+from kvmart.reuse.samples import sample_text
+from kvmart.reuse.upload import compute_upload, sample_chunks, upload_prefill, verify_upload
+from kvmart.runtime.chat import document_ids, layout_for
+from kvmart.runtime.kv import KV
 
 BSD = sample_text("bsd-3-clause")
 MIT_LIKE = sample_text("apache-2.0")
@@ -56,7 +56,7 @@ def test_an_honest_upload_verifies_every_chunk(model_f32):
     ids = ids_of(model_f32, BSD)
     verified = verify_upload(model_f32, compute_upload(model_f32, ids, CHUNK), ids, CHUNK)
     assert verified.chunks == -(-len(ids) // CHUNK) > 2 and verified.checked == tuple(range(verified.chunks))
-    assert all(torch.equal(a, b) for a, b in zip(verified.kv.keys, upload_prefill(model_f32, ids, CHUNK).keys))
+    assert all(torch.equal(a, b) for a, b in zip(verified.kv.keys, upload_prefill(model_f32, ids, CHUNK).keys, strict=True))
 
 
 @pytest.mark.parametrize("model_name", ["model_f32", "model_bf16"])
@@ -127,10 +127,10 @@ def test_an_honest_upload_is_stored_charged_and_answers_from_its_kv(live, model_
     assert accepted.status_code == 201, accepted.text
     doc = accepted.json()
     assert doc["computed"] is True and doc["num_tokens"] == len(ids) and float(doc["precompute_charge_usd"]) > 0
-    loaded = cache.load(model_f32, live.services.store, doc["cache_id"])
+    loaded = core.load(model_f32, live.services.store, doc["cache_id"])
     reference = upload_prefill(model_f32, ids, CHUNK)
     assert all(torch.equal(a, b) for a, b in zip(loaded.kv.keys + loaded.kv.values,
-                                                 reference.keys + reference.values))
+                                                 reference.keys + reference.values, strict=True))
     assert live.metrics()['kvmart_documents_published_total{outcome="uploaded"}'] == 1
     private = upload(live, BSD, compute_upload(model_f32, ids, CHUNK), licence="private")
     assert private.status_code == 201 and private.json()["cache_id"] != doc["cache_id"]  # the tenant's salt

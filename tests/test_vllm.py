@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmart.artifact import read_artifact, read_manifest
-from kvmart.builtin import RandomQwen3Spec, TOKENIZER_VOCAB_SIZE, _write_atomically, write_random_qwen3
-from kvmart.chat import document_ids, layout_for, question_ids
 from kvmart.errors import FingerprintMismatchError
-from kvmart.samples import sample_text
+from kvmart.format.artifact import read_artifact, read_manifest
+from kvmart.reuse.samples import sample_text
+from kvmart.runtime.builtin import TOKENIZER_VOCAB_SIZE, RandomQwen3Spec, _write_atomically, write_random_qwen3
+from kvmart.runtime.chat import document_ids, layout_for, question_ids
 from kvmart.store.disk import DiskStore
 
 pytestmark = [
@@ -113,7 +113,7 @@ def test_publishing_stores_vllm_made_artifacts(runs):
 
 def test_a_restarted_engine_loads_documents_from_the_store(runs):
     block = runs["first"]["block_size"]
-    for prompt, answer, doc in zip(runs["prompts"], runs["second"]["answers"], _doc_of_each_prompt(runs)):
+    for _prompt, answer, doc in zip(runs["prompts"], runs["second"]["answers"], _doc_of_each_prompt(runs), strict=True):
         aligned = len(runs["docs"][doc]) // block * block
         assert answer["document"] == runs["first"]["published"][doc]["cache_id"]
         if doc == CORRUPTED:  # refused on load (checksum), recomputed by vLLM, and not metered as cached
@@ -126,10 +126,10 @@ def test_a_restarted_engine_loads_documents_from_the_store(runs):
 
 def test_tokens_from_the_store_equal_a_from_scratch_run(runs, record_agreement):
     worst = 0.0
-    for scratch, reused in zip(runs["first"]["answers"], runs["second"]["answers"]):
+    for scratch, reused in zip(runs["first"]["answers"], runs["second"]["answers"], strict=True):
         assert reused["tokens"] == scratch["tokens"]
         assert len(set(scratch["tokens"])) > 1  # a run that repeats one token would make this vacuous
-        for a, b in zip(scratch["logprobs"], reused["logprobs"]):
+        for a, b in zip(scratch["logprobs"], reused["logprobs"], strict=True):
             shared = a.keys() & b.keys()
             worst = max([worst, *(abs(a[t] - b[t]) for t in shared)])
     record_agreement(f"vllm: {len(runs['prompts'])} prompts, greedy tokens equal from store and from scratch; "
@@ -137,7 +137,7 @@ def test_tokens_from_the_store_equal_a_from_scratch_run(runs, record_agreement):
 
 
 def test_vllm_artifacts_are_refused_by_the_transformers_engine(runs, folder: Path):
-    from kvmart.fingerprint import model_fingerprint
+    from kvmart.runtime.fingerprint import model_fingerprint
 
     store = DiskStore(runs["data_dir"] / "store")
     cache_id = runs["first"]["published"][0]["cache_id"]
@@ -168,9 +168,10 @@ def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, folder: Path, 
     import httpx
     import uvicorn
 
+    from kvmart.app import create_app
     from kvmart.config import Settings
-    from kvmart.server import ServerSettings, create_app
-    from kvmart.server.catalog import document_id
+    from kvmart.reuse.catalog import document_id
+    from kvmart.server import ServerSettings
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")

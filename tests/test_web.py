@@ -14,7 +14,7 @@ import pytest
 from server_support import LiveServer
 from web_support import WebClient
 
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 MODEL = "builtin:tiny"
 BSD = sample_text("bsd-3-clause")

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 from server_support import LiveServer
 
-from kvmart.samples import sample_text
+from kvmart.reuse.samples import sample_text
 
 pytestmark = pytest.mark.browser
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 import xxhash
 
-from ..errors import CodecError, ConfigError
+from kvmart.errors import CodecError, ConfigError
 
 DEFAULT_CODEC = "kvmart"
 # name -> (module, class), imported on first use
@@ -142,7 +142,7 @@ def checksum(data: memoryview | bytes) -> str:
 
 
 def tensor_checksum(tensor: torch.Tensor) -> str:
-    from .raw import byte_view
+    from kvmart.codec.raw import byte_view
 
     return checksum(byte_view(tensor.contiguous()))
 

@@ -27,12 +27,11 @@ import struct
 
 import numpy as np
 import torch
-
 from numba import njit
 
-from ..errors import CodecError
-from . import rans
-from .zstd import compress, decompress_into
+from kvmart.codec import rans
+from kvmart.codec.zstd import compress, decompress_into
+from kvmart.errors import CodecError
 
 DEFAULT_LEVEL = 3
 MAX_GROUPS = 16

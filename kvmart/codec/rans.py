@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..errors import CodecError
+from kvmart.errors import CodecError
 
 PROB_BITS = 12
 PROB_SCALE = 1 << PROB_BITS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CodecError
+from kvmart.errors import CodecError
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import zstandard
 
-from ..errors import CodecError
-from .raw import byte_view
+from kvmart.codec.raw import byte_view
+from kvmart.errors import CodecError
 
 DEFAULT_LEVEL = 3
 

@@ -6,22 +6,20 @@ is an optional extra, `pip install 'kvmart[vllm]'`; on CPU machines `scripts/ins
 
 from __future__ import annotations
 
-from ..config import Settings
-from ..errors import ConfigError
-from .base import Completion, Engine
-
-ENGINES = ("transformers", "vllm")
+from kvmart.config import ENGINES, Settings
+from kvmart.engines.base import Completion, Engine
+from kvmart.errors import ConfigError
 
 
 def open_engine(name: str, settings: Settings, **options: object) -> Engine:
     """The engine `name` with the model and store of `settings`; `options` go to the engine (vllm: see
     `VllmOptions`). ConfigError for an unknown name, or for vllm when it is not installed."""
     if name == "transformers":
-        from .transformers import TransformersEngine
+        from kvmart.engines.transformers import TransformersEngine
 
         return TransformersEngine.open(settings)
     if name == "vllm":
-        from .vllm import VllmEngine, VllmOptions
+        from kvmart.engines.vllm import VllmEngine, VllmOptions
 
         return VllmEngine.open(settings, VllmOptions(**options))  # type: ignore[arg-type]
     raise ConfigError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from ..cache import Precomputed
-from ..fingerprint import ModelFingerprint
-from ..store import Entry
+from kvmart.reuse.core import Precomputed
+from kvmart.runtime.fingerprint import ModelFingerprint
+from kvmart.store import Entry
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Engine(ABC):
     """A loaded model behind one engine. Not thread-safe: one thread drives it (the server's model worker).
 
     Text attributes (`tokenizer`, `tokenize`, `decode`, `eos_ids`, `vocab_size`, `context_tokens`) are the ones
-    `kvmart.model.Model` has, so prompt layout (kvmart/chat.py, kvmart/server/prompt.py) is the same for every
+    `kvmart.runtime.model.Model` has, so prompt layout (kvmart/runtime/chat.py, kvmart/reuse/prompt.py) is the same for every
     engine: the ids an engine publishes are the ids any engine would send."""
 
     name: str
@@ -79,5 +79,5 @@ class Engine(ABC):
         """Generate after `prompt_ids` (greedy at temperature 0), reusing the stored KV of the longest published
         document the prompt starts with, unless `bypass` (then everything is computed from scratch)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: most engines hold nothing to release)
         """Release the engine (processes, memory). Idempotent."""

@@ -1,4 +1,4 @@
-"""The `transformers` engine: kvmart's own path (kvmart/model.py), the embedded default and the exactness
+"""The `transformers` engine: kvmart's own path (kvmart/runtime/model.py), the embedded default and the exactness
 reference. Reusing a stored document is bit-identical to prefilling it and then the rest of the prompt in two
 steps (README, "Exactness")."""
 
@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import time
 
-from .. import cache
-from ..cache import Precomputed
-from ..config import Settings
-from ..model import Model
-from ..server.catalog import Catalog
-from ..server.engine import kv_prefix
-from ..store import Store, open_store
-from .base import Completion, Engine
+from kvmart.config import Settings
+from kvmart.engines.base import Completion, Engine
+from kvmart.reuse import core
+from kvmart.reuse.catalog import Catalog
+from kvmart.reuse.core import Precomputed
+from kvmart.runtime.model import Model
+from kvmart.store import Store, open_store
 
 
 class TransformersEngine(Engine):
@@ -45,7 +44,7 @@ class TransformersEngine(Engine):
         return self.model.vocab_size
 
     def publish(self, token_ids: list[int], title: str = "", source: str = "") -> Precomputed:
-        result = cache.precompute_ids(self.model, self.store, token_ids, title, source)
+        result = core.precompute_ids(self.model, self.store, token_ids, title, source)
         self.catalog.add(result.entry)
         return result
 
@@ -58,8 +57,8 @@ class TransformersEngine(Engine):
         if match is not None:
             document = match.document.entry
             full = (self.model.prefill(match.document.token_list()) if bypass
-                    else cache.load(self.model, self.store, document.cache_id).kv)
-            kv, cached = kv_prefix(full, match.num_tokens), 0 if bypass else match.num_tokens
+                    else core.load(self.model, self.store, document.cache_id).kv)
+            kv, cached = full.slice(0, match.num_tokens), 0 if bypass else match.num_tokens
         generation = self.model.generate(kv, prompt_ids[kv.num_tokens if kv else 0:], max_new_tokens, temperature,
                                          seed=seed)
         return Completion(generation.token_ids, len(prompt_ids), cached, document, time.perf_counter() - start,

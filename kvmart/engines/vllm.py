@@ -13,14 +13,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import Precomputed
-from ..config import Settings
-from ..errors import ConfigError, InputError, StoreError
-from ..fingerprint import ModelFingerprint, cache_id as make_cache_id, model_fingerprint
-from ..model import resolve_model_folder
-from ..server.catalog import Catalog, Document
-from ..store import Entry, Store, open_store
-from .base import Completion, Engine
+from kvmart.config import Settings
+from kvmart.engines.base import Completion, Engine
+from kvmart.errors import ConfigError, InputError, StoreError
+from kvmart.format.keys import cache_id as make_cache_id
+from kvmart.reuse.catalog import Catalog, Document
+from kvmart.reuse.core import Precomputed
+from kvmart.runtime.fingerprint import ModelFingerprint, model_fingerprint
+from kvmart.runtime.model import resolve_model_folder
+from kvmart.store import Entry, Store, open_store
 
 CONNECTOR_NAME = "KvmartConnector"
 CONNECTOR_MODULE = "kvmart.engines.vllm_connector"
@@ -125,7 +126,7 @@ class VllmEngine(Engine):
                   max_num_batched_tokens=options.max_num_batched_tokens, enforce_eager=options.enforce_eager,
                   kv_transfer_config=transfer)
         config = llm.llm_engine.vllm_config
-        from .vllm_connector import attention_backend_name  # needs vllm: imported only here
+        from kvmart.engines.vllm_connector import attention_backend_name  # needs vllm: imported only here
 
         fingerprint = vllm_fingerprint(folder, settings.dtype, attention_backend_name(config),
                                        config.cache_config.block_size, vllm.__version__,

@@ -24,13 +24,13 @@ import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from ..artifact import artifact_size, manifest_for, read_artifact, write_artifact
-from ..errors import ConfigError, KvmartError
-from ..kv import KV
-from ..server.catalog import Catalog
-from ..store import Entry, open_store
-from .vllm import PARAMS_KEY, reusable_prefix, vllm_fingerprint
-from .vllm_paged import gather, paged_views, scatter
+from kvmart.engines.vllm import PARAMS_KEY, reusable_prefix, vllm_fingerprint
+from kvmart.engines.vllm_paged import gather, paged_views, scatter
+from kvmart.errors import ConfigError, KvmartError
+from kvmart.format.artifact import artifact_size, manifest_for, read_artifact, write_artifact
+from kvmart.reuse.catalog import Catalog
+from kvmart.runtime.kv import KV
+from kvmart.store import Entry, open_store
 
 log = logging.getLogger("kvmart.vllm")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import KvmartError
+from kvmart.errors import KvmartError
 
 
 def paged_views(kv_cache: torch.Tensor, block_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:

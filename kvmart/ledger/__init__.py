@@ -7,11 +7,11 @@ point; `Ledger` the one object the server and the CLI use.
     charges.py    hold -> settle / release, idempotency         receipts.py   HMAC-signed receipts
     reports.py    balances, documents, usage                    schema.py, migrations.py, db.py   the database"""
 
-from .accounts import Account
-from .api import Health, Ledger, open_ledger
-from .charges import Charge, Hold
-from .licences import KINDS, Licence, Terms
-from .tariffs import Quote, Tariff, load_tariff, parse_money, quote, usd_text
+from kvmart.ledger.accounts import Account
+from kvmart.ledger.api import Health, Ledger, open_ledger
+from kvmart.ledger.charges import Charge, Hold
+from kvmart.ledger.licences import KINDS, Licence, Terms
+from kvmart.ledger.tariffs import Quote, Tariff, load_tariff, parse_money, quote, usd_text
 
 __all__ = ["Account", "Charge", "Health", "Hold", "KINDS", "Ledger", "Licence", "Quote", "Tariff", "Terms",
            "load_tariff", "open_ledger", "parse_money", "quote", "usd_text"]

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Row
 
-from ..errors import AccountError, AuthenticationError
-from .schema import accounts, api_keys
+from kvmart.errors import AccountError, AuthenticationError
+from kvmart.ledger.schema import accounts, api_keys
 
 USER_ROLES = ("publisher", "agent", "admin")
 HOUSE_ROLES = ("provider", "external")

@@ -12,15 +12,15 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from ..errors import AccountError, AuthenticationError, LedgerError
-from . import accounts as acc
-from . import charges, entries, licences, receipts, reports
-from .accounts import Account
-from .charges import Charge, Hold
-from .db import in_transaction, ledger_url, open_engine, redact
-from .licences import Licence, Terms
-from .migrations import migrate
-from .tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nanousd
+from kvmart.errors import AccountError, AuthenticationError, LedgerError
+from kvmart.ledger import accounts as acc
+from kvmart.ledger import charges, entries, licences, receipts, reports
+from kvmart.ledger.accounts import Account
+from kvmart.ledger.charges import Charge, Hold
+from kvmart.ledger.db import in_transaction, ledger_url, open_engine, redact
+from kvmart.ledger.licences import Licence, Terms
+from kvmart.ledger.migrations import migrate
+from kvmart.ledger.tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nanousd
 
 ADMIN_KEY_ENV = "KVMART_ADMIN_KEY"
 SECRET_ENV = "KVMART_LEDGER_SECRET"
@@ -221,7 +221,7 @@ def open_ledger(url: str, data_dir: Path, tariff: Tariff | None = None, environ:
                 ) -> Ledger:
     """The ledger at `url` (empty: SQLite in `data_dir`), migrated and bootstrapped. The admin key is
     KVMART_ADMIN_KEY if set; else one is made at first start (`ledger.admin_key_issued`)."""
-    env = os.environ if environ is None else environ
+    env = dict(os.environ) if environ is None else environ
     ledger = Ledger(ledger_url(url, data_dir), tariff or load_tariff(env),
                     env.get(SECRET_ENV) or None)
     ledger.bootstrap(env.get(ADMIN_KEY_ENV) or None)

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection, Row
 
-from ..errors import IdempotencyConflictError
-from .accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
-from .entries import HOLD_TTL_SECONDS, check_covers, post
-from .receipts import signed
-from .schema import charges, holds, responses
-from .tariffs import Quote
-
+from kvmart.errors import IdempotencyConflictError
+from kvmart.ledger.accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
+from kvmart.ledger.entries import HOLD_TTL_SECONDS, check_covers, post
+from kvmart.ledger.receipts import signed
+from kvmart.ledger.schema import charges, holds, responses
+from kvmart.ledger.tariffs import Quote
 
 
 @dataclass(frozen=True)

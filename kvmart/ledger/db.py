@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from ..errors import ConfigError, LedgerError
+from kvmart.errors import ConfigError, LedgerError
 
 log = logging.getLogger("kvmart.ledger")
 T = TypeVar("T")

@@ -11,10 +11,10 @@ from collections import defaultdict
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from ..errors import AccountError, InsufficientFundsError
-from .accounts import EXTERNAL, Account, get_account, lock_accounts
-from .schema import accounts, entries, holds, transactions
-from .tariffs import usd_text
+from kvmart.errors import AccountError, InsufficientFundsError
+from kvmart.ledger.accounts import EXTERNAL, Account, get_account, lock_accounts
+from kvmart.ledger.schema import accounts, entries, holds, transactions
+from kvmart.ledger.tariffs import usd_text
 
 Leg = tuple[int, int]  # (account id, amount in nano-dollars: credit > 0, debit < 0)
 HOLD_TTL_SECONDS = 3600  # a hold older than this was left by a server that died mid-request: it reserves nothing

@@ -18,10 +18,10 @@ from decimal import Decimal
 from sqlalchemy import and_, delete, insert, or_, select
 from sqlalchemy.engine import Connection
 
-from ..errors import TariffError
-from .accounts import Account, get_account
-from .schema import licence_readers, licences
-from .tariffs import Tariff
+from kvmart.errors import TariffError
+from kvmart.ledger.accounts import Account, get_account
+from kvmart.ledger.schema import licence_readers, licences
+from kvmart.ledger.tariffs import Tariff
 
 KINDS = ("public", "private", "priced")
 

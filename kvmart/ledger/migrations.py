@@ -1,7 +1,13 @@
 """Named, ordered schema migrations. `migrate` applies those not yet recorded in `schema_migrations`, each in the
 same transaction as its record, under a lock (PostgreSQL: an advisory lock; SQLite: BEGIN IMMEDIATE), so several
 servers starting at once on one database migrate it exactly once. A migration is never edited once released:
-changes come as a new one appended to `MIGRATIONS`."""
+changes come as a new one appended to `MIGRATIONS`.
+
+Each migration holds its own frozen copy of the DDL it runs (table definitions as they were when it was released),
+never today's `schema` module: `schema` describes the tables as they are now, for queries, and changes with every
+migration, so a migration that read it would build tomorrow's tables on an old database and then skip the step that
+should have altered them. tests/test_ledger.py checks that the migrations, run in order on an empty database, build
+exactly the tables `schema` describes."""
 
 from __future__ import annotations
 
@@ -9,26 +15,147 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.engine import Connection, Engine
 
-from . import schema
-from .db import in_transaction
+from kvmart.ledger import schema
+from kvmart.ledger.db import in_transaction
 
 ADVISORY_LOCK_ID = 0x6B766D6172  # 'kvmar'
 T = TypeVar("T")
 
 
 def initial(conn: Connection) -> None:
-    """Accounts, API keys, licences, double-entry transactions and entries, charges, holds, meta."""
-    tables = [schema.accounts, schema.api_keys, schema.licences, schema.licence_readers, schema.transactions,
-              schema.entries, schema.charges, schema.holds, schema.meta]
-    schema.metadata.create_all(conn, tables=tables)
+    """Accounts, API keys, licences, double-entry transactions and entries, charges, holds, meta (as released)."""
+    md = MetaData()
+    # one row per party: publishers, agents, the admin, and the house accounts `provider` and `external`
+    Table(
+        "accounts", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("name", String(64), nullable=False, unique=True),
+        Column("role", String(16), nullable=False),  # admin | publisher | agent | provider | external
+        Column("tenant_salt", String(64), nullable=False),  # salts this tenant's private caches; never sent out
+        Column("balance_nanousd", BigInteger, nullable=False, default=0),  # always the sum of its entries
+        Column("created_at", BigInteger, nullable=False),
+    )
+
+    Table(
+        "api_keys", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+        Column("key_hash", String(64), nullable=False, unique=True),  # sha256 of the key; the key is never stored
+        Column("prefix", String(16), nullable=False),  # the key's first characters, to name it in listings
+        Column("created_at", BigInteger, nullable=False),
+        Column("revoked_at", BigInteger, nullable=True),
+    )
+
+    # a published document's terms; a cache id without a row is public, with no publisher (precomputed by the CLI)
+    Table(
+        "licences", md,
+        Column("cache_id", String(64), primary_key=True),
+        Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+        Column("kind", String(16), nullable=False),  # public | private | priced
+        Column("salt", String(64), nullable=False),  # the publisher's tenant salt for private caches, else ''
+        Column("cache_read_usd_per_mtok", String(40), nullable=True),  # Decimal text; priced documents
+        Column("royalty_share", String(40), nullable=True),  # Decimal text; None: the tariff's
+        Column("num_tokens", Integer, nullable=False),
+        Column("created_at", BigInteger, nullable=False),
+    )
+
+    Table(
+        "licence_readers", md,
+        Column("cache_id", String(64), ForeignKey("licences.cache_id", ondelete="CASCADE"), primary_key=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    )
+
+    # double entry: every transaction's entries sum to zero
+    Table(
+        "transactions", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("kind", String(16), nullable=False),  # deposit | charge | precompute
+        Column("memo", Text, nullable=False, default=""),
+        Column("created_at", BigInteger, nullable=False),
+    )
+
+    Table(
+        "entries", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("transaction_id", Integer, ForeignKey("transactions.id"), nullable=False, index=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+        Column("amount_nanousd", BigInteger, nullable=False),  # credit > 0, debit < 0
+    )
+
+    # the detail of each request charge (one transaction), with its signed receipt
+    Table(
+        "charges", md,
+        Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+        Column("idempotency_key", String(255), nullable=True),
+        Column("request_hash", String(64), nullable=False),
+        Column("cache_id", String(64), nullable=True),
+        Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=True),
+        Column("cached_tokens", Integer, nullable=False),
+        Column("computed_tokens", Integer, nullable=False),
+        Column("output_tokens", Integer, nullable=False),
+        Column("total_nanousd", BigInteger, nullable=False),
+        Column("computed_nanousd", BigInteger, nullable=False),
+        Column("cache_read_nanousd", BigInteger, nullable=False),
+        Column("output_nanousd", BigInteger, nullable=False),
+        Column("royalty_nanousd", BigInteger, nullable=False),
+        Column("saved_nanousd", BigInteger, nullable=False),
+        Column("signature", String(64), nullable=False),
+        Column("created_at", BigInteger, nullable=False),
+        UniqueConstraint("account_id", "idempotency_key", name="uq_charges_idempotency"),
+        Index("ix_charges_account", "account_id"),
+        Index("ix_charges_cache", "cache_id"),
+    )
+
+    # money reserved for a request in flight (its largest possible charge); settled or released when it ends
+    Table(
+        "holds", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+        Column("amount_nanousd", BigInteger, nullable=False),
+        Column("idempotency_key", String(255), nullable=True),
+        Column("created_at", BigInteger, nullable=False),
+        UniqueConstraint("account_id", "idempotency_key", name="uq_holds_idempotency"),
+    )
+
+    Table(
+        "meta", md,
+        Column("key", String(64), primary_key=True),
+        Column("value", Text, nullable=False),
+    )
+    md.create_all(conn)
 
 
 def stored_responses(conn: Connection) -> None:
-    """The answers of idempotent requests, replayed to their retries."""
-    schema.responses.create(conn, checkfirst=True)
+    """The answers of idempotent requests, replayed to their retries (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    # the answer to a charged request sent with an Idempotency-Key, so that a retry gets the same answer (0002)
+    Table(
+        "responses", md,
+        Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+        Column("idempotency_key", String(255), primary_key=True),
+        Column("body", Text, nullable=False),  # the response's JSON
+        Column("created_at", BigInteger, nullable=False),
+    )
+    md.tables["responses"].create(conn, checkfirst=True)
 
 
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (

@@ -13,7 +13,7 @@ import secrets
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
-from .schema import meta
+from kvmart.ledger.schema import meta
 
 SECRET_KEY = "receipt_secret"
 FIELDS = ("receipt", "account", "document_cache_id", "tokens", "nanousd", "created_at")

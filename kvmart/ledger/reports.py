@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from .accounts import Account, list_accounts
-from .entries import entries_sum, held_nanousd
-from .schema import accounts, charges, entries, licences, transactions
+from kvmart.ledger.accounts import Account, list_accounts
+from kvmart.ledger.entries import entries_sum, held_nanousd
+from kvmart.ledger.schema import accounts, charges, entries, licences, transactions
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
-from ..errors import TariffError
+from kvmart.errors import TariffError
 
 NANO_PER_USD = 10**9
 TOKENS_PER_MTOK = 10**6

@@ -1,4 +1,4 @@
-"""The HTTP app: `create_app(settings, server)` -> FastAPI, and `serve` to run it with uvicorn.
+"""The HTTP API: `build_api(services)` -> FastAPI (kvmart/app.py composes it with the web page and runs it).
 
 A request flows one way: parse (openai.py, anthropic.py, documents.py) -> resolve documents and the longest stored
 prefix -> hot tier / store -> engine on the model worker -> response. Typed errors are translated to HTTP here,
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -16,29 +17,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import Settings
-from ..errors import KvmartError
-from ..ledger import Ledger
-from ..model import Model
-from ..store import Store
-from ..web import mount_web
-from ..web.sessions import COOKIE as SESSION_COOKIE
-from . import anthropic, documents, money, openai
-from .config import ServerSettings
-from .errors import HttpError, RequestError, http_error
-from .limits import KeyLimits, limiter_for
-from .services import Services, build_services
+from kvmart.errors import KvmartError, RequestError
+from kvmart.server.api import accounts, anthropic, documents, openai
+from kvmart.server.errors import HttpError, http_error
+from kvmart.server.limits import KeyLimits, limiter_for
+from kvmart.server.pipeline.services import Services
 
 log = logging.getLogger("kvmart.server")
-KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents", "/v1/models",
-               "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
+KNOWN_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents",
+                                "/v1/models", "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
 KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static")  # web page
 
 
-def create_app(settings: Settings, server: ServerSettings | None = None, model: Model | None = None,
-               store: Store | None = None, ledger: Ledger | None = None) -> FastAPI:
-    """The app, with its own model worker (started and drained by the app's lifespan)."""
-    services = build_services(settings, server or ServerSettings(), model, store, ledger)
+def build_api(services: Services) -> FastAPI:
+    """The HTTP API over `services`, with its own model worker (started and drained by the app's lifespan). The
+    web page and the per-key limits are added by the composing app (kvmart/app.py)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,23 +50,24 @@ def create_app(settings: Settings, server: ServerSettings | None = None, model: 
 
     app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
-    for module in (openai, anthropic, documents, money):
+    for module in (openai, anthropic, documents, accounts):
         app.include_router(module.router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_exception_handler(KvmartError, kvmart_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
-    mount_web(app)  # the market's web page at /
-    def session_key(token: str) -> str | None:
-        session = app.state.web_sessions.get(token)
-        return None if session is None else session.api_key
-
-    app.add_middleware(KeyLimits, limiter=limiter_for(services.server), respond=error_response,
-                       on_reject=services.metrics.rate_limited.inc, session_cookie=SESSION_COOKIE,
-                       session_key=session_key)  # per-key rate and concurrency (429), API and web page alike
-    app.add_middleware(RequestMetrics, services=services)
     return app
+
+
+def add_middleware(app: FastAPI, services: Services, session_cookie: str,
+                   session_key: Callable[[str], str | None]) -> None:
+    """Per-key rate and concurrency limits (429), for the API and the web page alike (a web session counts against
+    the API key it signed in with: `session_key` maps a session cookie to it), and request metrics outermost."""
+    app.add_middleware(KeyLimits, limiter=limiter_for(services.server), respond=error_response,
+                       on_reject=services.metrics.rate_limited.inc, session_cookie=session_cookie,
+                       session_key=session_key)
+    app.add_middleware(RequestMetrics, services=services)
 
 
 def error_response(path: str, error: HttpError) -> JSONResponse:
@@ -148,11 +142,3 @@ def endpoint_label(path: str) -> str:
     """A bounded label: the known endpoint the path belongs to, or `other`."""
     return next((p for p in KNOWN_PATHS if path == p or path.startswith(p + "/")), "other")
 
-
-def serve(settings: Settings, server: ServerSettings, model: Model | None = None, ledger: Ledger | None = None
-          ) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it exits."""
-    import uvicorn
-
-    app = create_app(settings, server, model, ledger=ledger)
-    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=None)

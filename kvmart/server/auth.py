@@ -10,10 +10,9 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
-from ..errors import AuthenticationError
-from ..ledger import Account
-from .errors import ForbiddenError, RequestError
-from .services import Services
+from kvmart.errors import AuthenticationError, ForbiddenError, RequestError
+from kvmart.ledger import Account
+from kvmart.server.pipeline.services import Services
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 MAX_IDEMPOTENCY_KEY_CHARS = 255

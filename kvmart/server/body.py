@@ -9,7 +9,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from .errors import BodyTooLargeError, RequestError
+from kvmart.errors import BodyTooLargeError, RequestError
 
 T = TypeVar("T", bound=BaseModel)
 DRAIN_FACTOR = 8  # an oversized body is read (and dropped) up to this many limits, so the client sees the 413

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-from ..config import UNITS, parse_bytes  # noqa: F401  (re-exported: the server's options use them)
-from ..errors import ConfigError
+from kvmart.config import ENGINES, UNITS, parse_bytes  # noqa: F401  (re-exported: the server's options use them)
+from kvmart.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -35,8 +36,6 @@ class ServerSettings:
     upload_verify_percent: int = 100  # share of an upload's chunks the provider recomputes (chunk 0 always)
 
     def __post_init__(self) -> None:
-        from ..engines import ENGINES
-
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
         for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "min_prefix_tokens", "rate_limit_per_minute",
@@ -56,7 +55,7 @@ class ServerSettings:
 
     def with_overrides(self, **overrides: object) -> "ServerSettings":
         """A copy with every non-None override applied (options that were not given are None)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]  # fields checked in __post_init__
 
 
 # field name -> environment variable

@@ -20,9 +20,10 @@ from http.cookies import SimpleCookie
 
 from starlette.datastructures import Headers
 
-from .auth import api_key
-from .config import ServerSettings
-from .errors import HttpError, RateLimitedError, http_error
+from kvmart.errors import RateLimitedError
+from kvmart.server.auth import api_key
+from kvmart.server.config import ServerSettings
+from kvmart.server.errors import HttpError, http_error
 
 DRAIN_LIMIT_BYTES = 1 << 20  # a refused request's body is read up to this, to keep its connection usable
 MAX_TRACKED_KEYS = 100_000  # idle keys beyond this are forgotten (a full bucket and nothing in flight: no state)

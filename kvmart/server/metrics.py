@@ -18,7 +18,7 @@ def _labels(labels: Labels, extra: Labels = ()) -> str:
     if not pairs:
         return ""
     escaped = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in pairs)
-    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(pairs, escaped)) + "}"
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(pairs, escaped, strict=True)) + "}"
 
 
 def _number(value: float) -> str:
@@ -95,7 +95,7 @@ class Histogram(Metric):
         out = []
         with self._lock:
             for key, series in sorted(self._series.items()):
-                for bound, count in zip(self.buckets, series):
+                for bound, count in zip(self.buckets, series, strict=False):
                     out.append(f"{self.name}_bucket{_labels(key, (('le', _number(bound)),))} {_number(count)}")
                 out.append(f"{self.name}_sum{_labels(key)} {_number(series[-2])}")
                 out.append(f"{self.name}_count{_labels(key)} {_number(series[-1])}")

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from ..config import SHARED_STORE_SCHEMES
-from ..errors import ConfigError
-from .base import Entry, Store
+from kvmart.config import SHARED_STORE_SCHEMES
+from kvmart.errors import ConfigError
+from kvmart.store.base import Entry, Store
 
 SCHEMES = ("file", "memory", "redis", "rediss", "s3")
 SHARED_SCHEMES = SHARED_STORE_SCHEMES
@@ -29,11 +29,11 @@ def open_store(url: str, local_dir: Path | None = None) -> Store:
     if not sep:
         scheme, rest = "file", url
     if scheme == "file":
-        from .disk import DiskStore
+        from kvmart.store.disk import DiskStore
 
         return DiskStore(Path(rest).expanduser())
     if scheme == "memory":
-        from .memory import MemoryStore
+        from kvmart.store.memory import MemoryStore
 
         return MemoryStore()
     if scheme in SHARED_SCHEMES:
@@ -51,13 +51,13 @@ def _options(url: str, known: tuple[str, ...]) -> dict[str, str]:
 
 
 def _bytes(options: dict[str, str], name: str, default: int) -> int:
-    from ..config import parse_bytes
+    from kvmart.config import parse_bytes
 
     return parse_bytes(options[name]) if name in options else default
 
 
 def _ttl(text: str) -> int:
-    from .policy import TTL_CLASSES
+    from kvmart.store.policy import TTL_CLASSES
 
     if text in TTL_CLASSES:
         return TTL_CLASSES[text]
@@ -81,13 +81,13 @@ def _open_shared_tier(url: str) -> Store:
     kind = "redis" if parts.scheme in ("redis", "rediss") else "s3"
     options = _options(url, OPTIONS[kind])
     if kind == "redis":
-        from .redis import DEFAULT_CHUNK_BYTES, RedisConfig, RedisStore
+        from kvmart.store.redis import DEFAULT_CHUNK_BYTES, RedisConfig, RedisStore
 
         base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
         return RedisStore(RedisConfig(base, options.get("prefix", "kvmart"),
                                       _bytes(options, "chunk_bytes", DEFAULT_CHUNK_BYTES),
                                       _ttl(options.get("ttl", "pinned"))))
-    from .s3 import S3Config, S3Store
+    from kvmart.store.s3 import S3Config, S3Store
 
     return S3Store(S3Config(parts.netloc, parts.path.strip("/") or "kvmart", options.get("endpoint") or None,
                             options.get("region", "us-east-1")))
@@ -97,9 +97,9 @@ def _open_shared(url: str, local_dir: Path | None) -> Store:
     shared = open_shared(url)
     if local_dir is None:
         return shared
-    from .disk import DiskStore
-    from .memory import MemoryStore
-    from .tiered import Tier, TieredStore
+    from kvmart.store.disk import DiskStore
+    from kvmart.store.memory import MemoryStore
+    from kvmart.store.tiered import Tier, TieredStore
 
     options = dict(parse_qsl(urlsplit(url).query))
     tiers = []

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
 
-from ..errors import StoreError, UnknownCacheError
+from kvmart.errors import StoreError, UnknownCacheError
 
 
 @dataclass(frozen=True)

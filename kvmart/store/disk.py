@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import StoreError
-from .base import Entry, Store, Writer
+from kvmart.errors import StoreError
+from kvmart.store.base import Entry, Store, Writer
 
 STALE_TEMP_SECONDS = 3600.0
 
@@ -69,7 +69,7 @@ class DiskStore(Store):
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         try:
-            f = open(self.object_path(cache_id), "rb")
+            f = open(self.object_path(cache_id), "rb")  # noqa: SIM115  (returned open: the caller closes it)
         except (FileNotFoundError, ValueError):
             return None
         return f, os.fstat(f.fileno()).st_size

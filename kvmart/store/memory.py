@@ -6,7 +6,7 @@ import io
 import threading
 from typing import BinaryIO
 
-from .base import Entry, Store, Writer
+from kvmart.store.base import Entry, Store, Writer
 
 
 class MemoryStore(Store):

@@ -4,7 +4,7 @@ An artifact's value per byte of tier is the prefill it spares each time it is re
 
     score = recompute FLOPs saved per byte  x  recent popularity
 
-FLOPs come from `kvmart.economics` (the model's shape, linear and quadratic attention terms), so a long document,
+FLOPs come from `kvmart.runtime.shapes` (the model's shape, linear and quadratic attention terms), so a long document,
 whose prefill grows faster than its KV, is worth more per byte than a short one read as often. Popularity is an
 exponentially decayed read count (half-life `half_life_seconds`) plus one, so a new artifact is not evicted
 before it had a chance to be read. The lowest scores go first; pinned artifacts never go.
@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..economics import lookup_shape, prefill_flops
-from ..errors import ConfigError
-from .base import Entry
+from kvmart.errors import ConfigError
+from kvmart.runtime.shapes import lookup_shape, prefill_flops
+from kvmart.store.base import Entry
 
 TTL_CLASSES: dict[str, int] = {"5m": 300, "1h": 3600, "pinned": 0}  # seconds; 0: never expires
 DEFAULT_TTL_CLASS = "1h"

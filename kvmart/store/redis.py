@@ -12,7 +12,7 @@ artifact absent (and its index is dropped so it can be republished): it is recom
 
 TTLs (`ttl_seconds`, 0 = none: pinned) apply to the index and chunks alike and are refreshed on every read, as
 the commercial prompt caches refresh theirs. Every connection failure is a StoreUnavailableError. When a cluster
-signing key is set, an artifact (or head) without this cluster's signature raises ArtifactError (kvmart/signing.py)."""
+signing key is set, an artifact (or head) without this cluster's signature raises ArtifactError (kvmart/format/signing.py)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from typing import BinaryIO
 
 import xxhash
 
-from ..errors import StoreError, StoreUnavailableError
-from ..signing import check_fetched
-from .base import Entry, Store, Writer, parse_index
+from kvmart.errors import StoreError, StoreUnavailableError
+from kvmart.format.artifact import check_fetched
+from kvmart.store.base import Entry, Store, Writer, parse_index
 
 log = logging.getLogger("kvmart.store")
 DEFAULT_CHUNK_BYTES = 8 << 20  # well under Redis' 512 MB value limit; small enough to stream in pieces
@@ -162,11 +162,11 @@ class RedisStore(Store):
         with self._reach():
             ids = sorted(m.decode() for m in self._client.smembers(self._key("catalog")))
             raws = self._client.mget([self._key("index", c) for c in ids]) if ids else []
-            gone = [c for c, raw in zip(ids, raws) if raw is None]
+            gone = [c for c, raw in zip(ids, raws, strict=True) if raw is None]
             if gone:  # expired or evicted: prune the set
                 self._client.srem(self._key("catalog"), *gone)
         found = []
-        for cache_id, raw in zip(ids, raws):
+        for cache_id, raw in zip(ids, raws, strict=True):
             if raw is not None:
                 try:
                     found.append(Entry(**json.loads(raw)["entry"]))

@@ -7,7 +7,7 @@ The index is written last with `If-None-Match: *`: readers see no index or a com
 publish the same cache id at once, the first index wins and the loser deletes its object (stored once). A read
 checks size and checksum; a missing or corrupt object makes the artifact absent (recomputed, never used).
 Connection failures are StoreUnavailableError. When a cluster signing key is set, an artifact without this
-cluster's signature raises ArtifactError (kvmart/signing.py)."""
+cluster's signature raises ArtifactError (kvmart/format/signing.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import BinaryIO
 
 import xxhash
 
-from ..errors import ConfigError, StoreError, StoreUnavailableError
-from ..signing import check_fetched
-from .base import Entry, Store, Writer, parse_index
+from kvmart.errors import ConfigError, StoreError, StoreUnavailableError
+from kvmart.format.artifact import check_fetched
+from kvmart.store.base import Entry, Store, Writer, parse_index
 
 log = logging.getLogger("kvmart.store")
 

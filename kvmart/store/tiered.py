@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO, TypeVar
 
-from ..errors import StoreUnavailableError
-from .base import Entry, Store, Writer
-from .policy import Placement
+from kvmart.errors import StoreUnavailableError
+from kvmart.store.base import Entry, Store, Writer
+from kvmart.store.policy import Placement
 
 log = logging.getLogger("kvmart.store")
 T = TypeVar("T")
@@ -126,7 +127,7 @@ class TieredStore(Store):
         for tier in self.tiers:
             if tier.is_shared:
                 try:
-                    stored = self._call(tier, lambda t=tier: t.store.put(stored, _writer(data)))
+                    stored = self._call(tier, partial(tier.store.put, stored, _writer(data)))
                 except StoreUnavailableError:
                     with self._lock:
                         self._pending.add(entry.cache_id)
@@ -154,7 +155,7 @@ class TieredStore(Store):
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         for i, tier in enumerate(self.tiers):
-            opened = self._try(tier, lambda t=tier: t.store._open(cache_id), None)
+            opened = self._try(tier, partial(tier.store._open, cache_id), None)
             if opened is None:
                 continue
             self.placement.touch(cache_id)
@@ -162,7 +163,7 @@ class TieredStore(Store):
                 tier.hits += 1
             if i == 0:
                 return opened
-            entry = self._try(tier, lambda t=tier: t.store.entry(cache_id), None)
+            entry = self._try(tier, partial(tier.store.entry, cache_id), None)
             if entry is None:
                 return opened
             f, size = opened
@@ -181,7 +182,7 @@ class TieredStore(Store):
         """The artifact's start from the fastest tier that has it; nothing is filled (a node that learns of a
         document reads its header, not its tensors)."""
         for tier in self.tiers:
-            opened = self._try(tier, lambda t=tier: t.store._open_head(cache_id), None)
+            opened = self._try(tier, partial(tier.store._open_head, cache_id), None)
             if opened is not None:
                 return opened
         return None
@@ -198,7 +199,7 @@ class TieredStore(Store):
 
     def entry(self, cache_id: str) -> Entry | None:
         for tier in self.tiers:
-            found = self._try(tier, lambda t=tier: t.store.entry(cache_id), None)
+            found = self._try(tier, partial(tier.store.entry, cache_id), None)
             if found is not None:
                 return found
         return None
@@ -206,7 +207,8 @@ class TieredStore(Store):
     def entries(self) -> list[Entry]:
         merged: dict[str, Entry] = {}
         for tier in reversed(self.tiers):  # the faster tier's entry wins
-            for e in self._try(tier, tier.store.entries, []):
+            empty: list[Entry] = []
+            for e in self._try(tier, tier.store.entries, empty):
                 merged[e.cache_id] = e
         return sorted(merged.values(), key=lambda e: e.created_at, reverse=True)
 
@@ -214,7 +216,7 @@ class TieredStore(Store):
         """From every tier; StoreUnavailableError if the shared tier cannot be reached (nothing pretends)."""
         removed = False
         for tier in sorted(self.tiers, key=lambda t: not t.is_shared):  # shared first: a failure removes nothing
-            removed = (self._call(tier, lambda t=tier: t.store.delete(cache_id)) if tier.is_shared
+            removed = (self._call(tier, partial(tier.store.delete, cache_id)) if tier.is_shared
                        else tier.store.delete(cache_id)) or removed
         with self._lock:
             self._pending.discard(cache_id)
@@ -223,13 +225,13 @@ class TieredStore(Store):
     # -- placement ------------------------------------------------------------------------------------------------
     def set_ttl_class(self, cache_id: str, ttl_class: str) -> None:
         """`5m`, `1h` or `pinned`, here and on shared tiers that keep TTLs (Redis)."""
-        from .policy import ttl_seconds
+        from kvmart.store.policy import ttl_seconds
 
         self.placement.set_ttl_class(cache_id, ttl_class)
         for tier in self.tiers:
             set_ttl = getattr(tier.store, "set_ttl", None)
             if tier.is_shared and set_ttl is not None:
-                self._call(tier, lambda f=set_ttl: f(cache_id, ttl_seconds(ttl_class)))
+                self._call(tier, partial(set_ttl, cache_id, ttl_seconds(ttl_class)))
 
     def sweep(self) -> int:
         """Drop expired artifacts from the local tiers (a shared tier expires its own); returns how many."""

@@ -15,16 +15,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from kvmart.web.sessions import Sessions
 
-def mount_web(app: "FastAPI") -> None:
-    """Add the web page's routes and static files to the server's app. (Imported here, not at the top: the web
-    modules import the server's, and the server's app imports this function.)"""
+
+def mount_web(app: "FastAPI") -> "Sessions":
+    """Add the web page's routes and static files to the server's app (kvmart/app.py composes them); returns the
+    page's sessions."""
     from starlette.staticfiles import StaticFiles
 
-    from .pages import HERE
-    from .routes import router
-    from .sessions import Sessions
+    from kvmart.web.pages import HERE
+    from kvmart.web.routes import router
+    from kvmart.web.sessions import Sessions
 
-    app.state.web_sessions = Sessions()
+    sessions = app.state.web_sessions = Sessions()
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    return sessions

@@ -1,14 +1,14 @@
 """Who may see what on the web page: the one place the web views ask the ledger which documents a viewer may see
-(the /v1 API asks the same ledger in kvmart/server/documents.py). A visitor who has not signed in sees no private
+(the /v1 API asks the same ledger in kvmart/server/api/documents.py). A visitor who has not signed in sees no private
 document; a signed-in account sees what its licences allow; the admin sees everything. Every view (catalogue,
 search, document pages, charts, the publisher's tables) lists documents through `visible_documents` or
 `visible_document`, so a private document never reaches a page it may not be shown on."""
 
 from __future__ import annotations
 
-from ..ledger import Account
-from ..server.catalog import Document, Readable
-from ..server.services import Services
+from kvmart.ledger import Account
+from kvmart.reuse.catalog import Document, Readable
+from kvmart.server.pipeline.services import Services
 
 
 def readable_by(account: Account | None, services: Services) -> Readable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 
-from ..ledger.tariffs import NANO_PER_USD
+from kvmart.ledger.tariffs import NANO_PER_USD
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

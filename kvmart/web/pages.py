@@ -13,13 +13,13 @@ from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import AuthenticationError, KvmartError
-from ..ledger import Account
-from ..server.body import read_body
-from ..server.errors import ForbiddenError, RequestError, http_error
-from ..server.services import Services
-from .formatting import FILTERS
-from .sessions import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, Sessions
+from kvmart.errors import AuthenticationError, ForbiddenError, KvmartError, RequestError
+from kvmart.ledger import Account
+from kvmart.server.body import read_body
+from kvmart.server.errors import http_error
+from kvmart.server.pipeline.services import Services
+from kvmart.web.formatting import FILTERS
+from kvmart.web.sessions import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, Sessions
 
 HERE = Path(__file__).parent
 FORM_TYPE = "application/x-www-form-urlencoded"

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from markupsafe import Markup
 
-from ..ledger import Account
-from ..server.services import Services
-from . import charts, stats
-from .access import visible_documents
-from .formatting import usd
-from .views import Row, rows
+from kvmart.ledger import Account
+from kvmart.server.pipeline.services import Services
+from kvmart.web import charts, stats
+from kvmart.web.access import visible_documents
+from kvmart.web.formatting import usd
+from kvmart.web.views import Row, rows
 
 SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')

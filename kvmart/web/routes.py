@@ -12,21 +12,30 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import AuthenticationError, KvmartError
-from ..server.auth import request_hash, require_role
-from ..server.billing import Payer
-from ..server.body import parse
-from ..server.documents import PublishRequest, delete_as, publish_as
-from ..server.engine import GenerationRequest, Sampling
-from ..server.errors import ForbiddenError, RequestError
-from ..server.prompt import ChatPrompt, chat_message
-from ..server.runs import Run, start_generation
-from ..server.usage import kvmart_usage
-from .access import visible_document
-from .pages import (Viewer, error_page, form_fields, render, require_account, require_csrf, services_of, sessions_of,
-                    viewer_of, with_session)
-from .provider import provider_page
-from .views import catalogue, document_page, publisher_page
+from kvmart.errors import AuthenticationError, ForbiddenError, KvmartError, RequestError
+from kvmart.reuse.prompt import ChatPrompt, chat_message
+from kvmart.server.api.documents import PublishRequest, delete_as, publish_as
+from kvmart.server.api.usage import kvmart_usage
+from kvmart.server.auth import request_hash, require_role
+from kvmart.server.body import parse
+from kvmart.server.pipeline.billing import Payer
+from kvmart.server.pipeline.engine import GenerationRequest, Sampling
+from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.web.access import visible_document
+from kvmart.web.pages import (
+    Viewer,
+    error_page,
+    form_fields,
+    render,
+    require_account,
+    require_csrf,
+    services_of,
+    sessions_of,
+    viewer_of,
+    with_session,
+)
+from kvmart.web.provider import provider_page
+from kvmart.web.views import catalogue, document_page, publisher_page
 
 router = APIRouter(include_in_schema=False)
 ASK_MAX_TOKENS = 256

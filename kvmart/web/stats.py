@@ -12,8 +12,8 @@ from decimal import Decimal
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from ..ledger import Ledger
-from ..ledger.schema import charges, licences
+from kvmart.ledger import Ledger
+from kvmart.ledger.schema import charges, licences
 
 BUCKET_SECONDS = (60, 3600, 86400, 7 * 86400)
 MAX_BUCKETS = 24

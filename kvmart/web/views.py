@@ -10,14 +10,14 @@ from decimal import Decimal
 
 from markupsafe import Markup
 
-from ..ledger import Account
-from ..ledger.reports import DocumentReport, Usage
-from ..server.catalog import Document
-from ..server.errors import RequestError
-from ..server.services import Services
-from . import charts, stats
-from .access import visible_document, visible_documents
-from .formatting import usd
+from kvmart.errors import RequestError
+from kvmart.ledger import Account
+from kvmart.ledger.reports import DocumentReport, Usage
+from kvmart.reuse.catalog import Document
+from kvmart.server.pipeline.services import Services
+from kvmart.web import charts, stats
+from kvmart.web.access import visible_document, visible_documents
+from kvmart.web.formatting import usd
 
 SORTS = ("newest", "title", "tokens", "bytes", "reads", "saved", "price")
 

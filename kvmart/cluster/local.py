@@ -1,0 +1,159 @@
+"""Local clusters on loopback, for the tests and the CDN benchmarks: a real `redis-server` (Debian's) and `kvmart
+serve` nodes as subprocesses, each on a free port with its own directory, started and stopped by the caller."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from kvmart.errors import ConfigError
+
+DEADLINE_SECONDS = 90.0  # a deadline against hangs (a node loads torch and a model), not a timing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, what: str, deadline_seconds: float = DEADLINE_SECONDS) -> None:
+    """Poll `condition` until it is true; AssertionError after the deadline. Exceptions count as not yet."""
+    end = time.monotonic() + deadline_seconds
+    while True:
+        try:
+            if condition():
+                return
+        except NodeDiedError:
+            raise
+        except Exception:  # not up yet
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+class NodeDiedError(RuntimeError):
+    """A server process exited while it was awaited."""
+
+
+class MissingBinaryError(ConfigError):
+    """A server binary the cluster needs is not installed."""
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise MissingBinaryError(f"{name} is not installed (apt-get install {name}; .ci/run does)")
+    return path
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1:<port>, data in `directory` with append-only persistence, so a restart keeps
+    what was written (as a production Redis tier would be configured)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary, self.directory, self.port = require_binary("redis-server"), directory, free_port()
+        self.process: subprocess.Popen | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--appendonly", "yes", "--save", "", "--protected-mode", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        wait_for(lambda: redis.Redis(port=self.port).ping(), "redis-server to start")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: redis flushes its append-only file and exits
+            self.process.wait(DEADLINE_SECONDS)
+        self.process = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+class KvmartNode:
+    """`kvmart serve --model builtin:tiny` as a subprocess with its own data dir and port, over `store_url`.
+    `models`: a models folder to link as DATA_DIR/models (shared by nodes, so the tiny model is built once)."""
+
+    def __init__(self, name: str, root: Path, models: Path | None, store_url: str, *options: str,
+                 ledger_url: str = "", admin_key: str = "") -> None:
+        """`ledger_url`: the ledger the nodes share (PostgreSQL in production; empty: each node its own SQLite);
+        `admin_key`: KVMART_ADMIN_KEY, the key `publish` and `ask` send unless given another."""
+        self.name, self.port, self.store_url, self.options = name, free_port(), store_url, options
+        self.ledger_url, self.admin_key = ledger_url, admin_key
+        self.data_dir = root / name
+        self.data_dir.mkdir(parents=True)
+        if models is not None:
+            (self.data_dir / "models").symlink_to(models, target_is_directory=True)
+        self.log_path = root / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "KvmartNode":
+        paths = (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH"))  # this kvmart first
+        env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        if self.ledger_url:
+            env["KVMART_LEDGER"] = self.ledger_url
+        if self.admin_key:
+            env["KVMART_ADMIN_KEY"] = self.admin_key
+        command = [sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--model", "builtin:tiny",
+                   "--port", str(self.port), "--store", self.store_url, "--max-active", "2", *self.options]
+        self.log = open(self.log_path, "wb")  # noqa: SIM115  (the node writes it until `stop` closes it)
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.http = httpx.Client(base_url=self.url, timeout=DEADLINE_SECONDS)
+        wait_for(self._up, f"node {self.name} to start (log: {self.log_path})")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise NodeDiedError(f"node {self.name} exited: {self.log_path.read_text()[-3000:]}")
+        return self.http.get("/healthz").status_code == 200
+
+    def stop(self) -> None:
+        """Stop the node (SIGTERM: in-flight requests finish) if it was started and still runs."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(DEADLINE_SECONDS)
+        self.http.close()
+        self.log.close()
+
+    def health(self) -> dict:
+        return self.http.get("/healthz").json()
+
+    def _auth(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.admin_key}"}
+
+    def publish(self, text: str, key: str | None = None) -> httpx.Response:
+        return self.http.post("/v1/documents", json={"text": text}, headers=self._auth(key))
+
+    def ask(self, doc_id: str, question: str, max_tokens: int = 8, key: str | None = None) -> dict:
+        response = self.http.post("/v1/chat/completions", json={
+            "model": "builtin:tiny", "messages": [{"role": "user", "content": question}], "documents": [doc_id],
+            "temperature": 0, "max_tokens": max_tokens}, headers=self._auth(key))
+        assert response.status_code == 200, response.text
+        return response.json()

@@ -1,0 +1,296 @@
+"""The prefill CDN at scale: an analytic model and a discrete-event simulation of agents reading a catalogue of
+documents (Zipf popularity) through K nodes with RAM -> disk -> shared tiers, priced by `kvmart.economics.model`.
+Pure functions, no I/O; bench/cdn_sim.py prints the tables (docs/SCALE.md).
+
+Analytic model (any scale: 80M agents in well under a second). Reads of document i arrive as a Poisson process
+of rate lambda_i = reads x p_i / window. With cache-affinity routing each document has one home node; with random
+routing every node sees lambda_i / K of it.
+- RAM, LRU (the server's hot tier): Che's approximation, hit_i = 1 - exp(-lambda_i T) with T solving
+  sum_i (1 - exp(-lambda_i T)) = capacity in documents.
+- disk, cost-aware score (kvmart.store.policy): with one model and one document size, the score ranks by
+  popularity, so the tier holds the node's top-C documents ("ideal LFU"); inclusive of RAM.
+- the first read of a document on a node cannot be local unless it was published there: a fraction
+  (1 - exp(-n_i)) / n_i of its n_i reads there.
+- shared tier: every published document (pinned), or with a TTL a read misses when the document was not read
+  anywhere for a TTL: exp(-lambda_shared_i x ttl); a miss is a prefill.
+
+Discrete-event simulation (up to ~10^6 reads): the same workload as a concrete sequence of reads, through exact
+LRU RAM tiers and disk tiers evicting with kvmart's own `Placement`; it validates the analytic model, and is what
+the real multi-node run is compared with (same reads, same order)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+import numpy as np
+
+from kvmart.economics.model import SHAPES, Economics, ModelShape, Prices, analyse
+from kvmart.store.base import Entry
+from kvmart.store.policy import Placement
+
+MONTH_SECONDS = 30 * 86_400
+TIERS = ("ram", "disk", "shared", "prefill")
+EVICTION_SAMPLE = 16
+
+
+@dataclass(frozen=True)
+class Workload:
+    documents: int = 100_000
+    zipf_s: float = 0.9
+    agents: int = 80_000_000
+    reads_per_agent: float = 1.0
+    window_seconds: float = 86_400.0
+    document_tokens: int = 3774
+    question_tokens: int = 32
+    model: str = "qwen3-4b"
+    dtype: str = "bfloat16"
+    artifact_bytes: int | None = None  # measured size per document; None: from the model's shape (economics)
+
+    @property
+    def reads(self) -> float:
+        return self.agents * self.reads_per_agent
+
+    @property
+    def shape(self) -> ModelShape:
+        return SHAPES[self.model.lower()]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 16
+    ram_bytes: int = 128 * 2**30  # per node
+    disk_bytes: int | None = 2 * 10**12  # per node; None: unbounded, 0: no disk tier
+    shared_ttl_seconds: float = 0.0  # 0: published documents stay (pinned)
+    routing: str = "affinity"  # affinity | random
+    disk_bytes_per_second: float = 5e9  # NVMe read
+    shared_bytes_per_second: float = 1.25e9  # 10 GbE from the Redis/S3 tier
+    published_on: int | None = None  # node that published every document (its disk starts with them); None: home
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.routing not in ("affinity", "random"):
+            raise ValueError(f"bad cluster: {self}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Fractions of reads served by each tier, latencies and money over the window."""
+
+    fractions: dict[str, float]
+    ttft_p50_seconds: float
+    ttft_p99_seconds: float
+    prefills: float
+    compute_saved_usd: Decimal
+    egress_avoided_usd: Decimal
+    storage_usd: Decimal
+    revenue_usd: Decimal
+    cost_usd: Decimal
+    shared_transfer_bytes: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def margin_usd(self) -> Decimal:
+        return self.revenue_usd - self.cost_usd
+
+    @property
+    def hit_ratio(self) -> float:
+        return 1.0 - self.fractions["prefill"]
+
+
+def zipf_pmf(documents: int, s: float) -> np.ndarray:
+    weights = np.arange(1, documents + 1, dtype=np.float64) ** -s
+    return weights / weights.sum()
+
+
+def home_nodes(documents: int, nodes: int) -> np.ndarray:
+    """Each document's home node under affinity routing: a fixed hash of its index, as the router hashes ids (a
+    seeded draw beyond 200,000 documents, where hashing each in Python would dominate the run)."""
+    if documents > 200_000:
+        return np.random.default_rng(0).integers(0, nodes, documents)
+    return np.array([int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "little") % nodes
+                     for i in range(documents)])
+
+
+def che_time(rates: np.ndarray, capacity: float) -> float:
+    """T with sum(1 - exp(-rates T)) = capacity (Che's characteristic time); inf if everything fits."""
+    if capacity >= len(rates):
+        return math.inf
+    if capacity <= 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while np.sum(-np.expm1(-rates * hi)) < capacity:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.sum(-np.expm1(-rates * mid)) < capacity else (lo, mid)
+    return (lo + hi) / 2
+
+
+def economics_of(workload: Workload, prices: Prices) -> Economics:
+    return analyse(workload.shape, workload.document_tokens, workload.question_tokens, 1, prices, workload.dtype)
+
+
+def analytic(workload: Workload, cluster: Cluster, prices: Prices | None = None) -> Outcome:
+    prices = prices or Prices()
+    e = economics_of(workload, prices)
+    size = workload.artifact_bytes or e.artifact_bytes
+    p = zipf_pmf(workload.documents, workload.zipf_s)
+    rate = workload.reads * p / workload.window_seconds
+    homes = home_nodes(workload.documents, cluster.nodes)
+    ram_cap = cluster.ram_bytes // size
+    disk_cap = workload.documents if cluster.disk_bytes is None else cluster.disk_bytes // size
+    ram, disk = np.zeros(workload.documents), np.zeros(workload.documents)
+    shared_rate = np.zeros(workload.documents)
+    groups = ([np.flatnonzero(homes == k) for k in range(cluster.nodes)] if cluster.routing == "affinity"
+              else [np.arange(workload.documents)] * cluster.nodes)
+    share = 1.0 if cluster.routing == "affinity" else 1.0 / cluster.nodes
+    for k, docs in enumerate(groups):
+        r = rate[docs] * share
+        h_ram = -np.expm1(-r * che_time(r, ram_cap)) if len(docs) else r
+        in_disk = np.zeros(len(docs), dtype=bool)
+        in_disk[np.argsort(-r, kind="stable")[:int(disk_cap)]] = True
+        n = r * workload.window_seconds
+        first = np.where(n > 1e-12, -np.expm1(-n) / np.maximum(n, 1e-300), 1.0)
+        if cluster.published_on == k or (cluster.published_on is None and cluster.routing == "affinity"):
+            first = np.where(in_disk, 0.0, first)  # published here: the first read finds it on disk
+        local_ram = (1 - first) * h_ram
+        local_disk = (1 - first) * (1 - h_ram) * in_disk
+        weight = r / np.maximum(rate[docs], 1e-300)  # this node's share of each document's reads
+        ram[docs] += weight * local_ram
+        disk[docs] += weight * local_disk
+        shared_rate[docs] += r * (1 - local_ram - local_disk)
+    to_shared = 1 - ram - disk
+    miss = np.exp(-shared_rate * cluster.shared_ttl_seconds) if cluster.shared_ttl_seconds else np.zeros_like(p)
+    fractions = {"ram": float(p @ ram), "disk": float(p @ disk), "shared": float(p @ (to_shared * (1 - miss))),
+                 "prefill": float(p @ (to_shared * miss))}
+    if cluster.shared_ttl_seconds:
+        resident = float(np.sum(-np.expm1(-shared_rate * cluster.shared_ttl_seconds)))
+    else:
+        resident = float(workload.documents)
+    return price(workload, cluster, prices, fractions, resident * size, e)
+
+
+def price(workload: Workload, cluster: Cluster, prices: Prices, fractions: dict[str, float],
+          stored_bytes: float, e: Economics | None = None) -> Outcome:
+    """Money and latency of a tier mix: every read pays the cache-read tariff; the provider pays the reuse compute,
+    a prefill on a miss, and the shared tier's storage for the window."""
+    e = e or economics_of(workload, prices)
+    size, reads = workload.artifact_bytes or e.artifact_bytes, workload.reads
+    ttft = {"ram": e.reuse_seconds, "disk": e.reuse_seconds + size / cluster.disk_bytes_per_second,
+            "shared": e.reuse_seconds + size / cluster.shared_bytes_per_second, "prefill": e.prefill_seconds}
+    order = sorted(TIERS, key=lambda t: ttft[t])
+    cumulative, p50, p99 = 0.0, None, None
+    for tier in order:
+        cumulative += fractions[tier]
+        if p50 is None and cumulative >= 0.5:
+            p50 = ttft[tier]
+        if p99 is None and cumulative >= 0.99:
+            p99 = ttft[tier]
+    hits = Decimal(repr(reads * (1 - fractions["prefill"])))
+    prefills = Decimal(repr(reads * fractions["prefill"]))
+    months = Decimal(repr(workload.window_seconds / MONTH_SECONDS))
+    storage = Decimal(repr(stored_bytes)) * months * prices.storage_usd_per_gb_month / 10**9
+    cost = hits * e.reuse_usd + prefills * e.prefill_usd + storage
+    return Outcome(
+        fractions=fractions, ttft_p50_seconds=p50 or ttft[order[-1]], ttft_p99_seconds=p99 or ttft[order[-1]],
+        prefills=float(prefills), compute_saved_usd=hits * (e.prefill_usd - e.reuse_usd),
+        egress_avoided_usd=Decimal(repr(reads)) * e.egress_usd, storage_usd=storage,
+        revenue_usd=Decimal(repr(reads)) * e.tariff.user_pays, cost_usd=cost,
+        shared_transfer_bytes=reads * fractions["shared"] * size,
+        extra={"artifact_bytes": size, "prefill_seconds": e.prefill_seconds, "reuse_seconds": e.reuse_seconds})
+
+
+# -- discrete-event simulation -----------------------------------------------------------------------------------
+@dataclass
+class SimNode:
+    """One node: an LRU RAM tier (like server/hot.py) and a disk tier evicting by kvmart's Placement score. The
+    disk evicts the lowest score among `EVICTION_SAMPLE` random residents (as Redis' LFU does) instead of sorting
+    every resident: the same score, at a cost that lets the replay reach 10^6 reads."""
+
+    ram_bytes: int
+    disk_bytes: int | None  # None: unbounded; 0: no disk tier
+    placement: Placement
+    rng: np.random.Generator
+    ram: OrderedDict = field(default_factory=OrderedDict)
+    ram_used: int = 0
+    disk: dict = field(default_factory=dict)  # cache id -> Entry
+    disk_used: int = 0
+
+    def ram_put(self, doc: str, size: int) -> None:
+        if size > self.ram_bytes:
+            return
+        self.ram_used -= self.ram.pop(doc, 0)
+        while self.ram and self.ram_used + size > self.ram_bytes:
+            self.ram_used -= self.ram.popitem(last=False)[1]
+        self.ram[doc] = size
+        self.ram_used += size
+
+    def disk_put(self, entry: Entry) -> None:
+        if self.disk_bytes == 0 or entry.cache_id in self.disk:
+            return
+        while self.disk_bytes is not None and self.disk and self.disk_used + entry.artifact_bytes > self.disk_bytes:
+            keys = list(self.disk)
+            sample = [keys[i] for i in self.rng.integers(0, len(keys), min(EVICTION_SAMPLE, len(keys)))]
+            victim = min(sample, key=lambda c: self.placement.score(self.disk[c]))
+            if self.placement.is_pinned(victim):
+                return
+            self.disk_used -= self.disk.pop(victim).artifact_bytes
+        if self.disk_bytes is None or self.disk_used + entry.artifact_bytes <= self.disk_bytes:
+            self.disk[entry.cache_id] = entry
+            self.disk_used += entry.artifact_bytes
+
+
+def sample_reads(workload: Workload, num_reads: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(document index, time) of `num_reads` reads: Zipf documents, uniform times over the window, in order."""
+    rng = np.random.default_rng(seed)
+    docs = rng.choice(workload.documents, size=num_reads, p=zipf_pmf(workload.documents, workload.zipf_s))
+    return docs, np.sort(rng.uniform(0, workload.window_seconds, num_reads))
+
+
+def simulate(workload: Workload, cluster: Cluster, docs: np.ndarray, times: np.ndarray,
+             sizes: list[int] | None = None, prices: Prices | None = None, nodes_of: list[int] | None = None) -> Outcome:
+    """Replay reads (document indices at times) through the cluster. `sizes`: bytes of each document (default:
+    the workload's artifact size); `nodes_of`: the node each read goes to (default: home or random routing)."""
+    prices = prices or Prices()
+    e = economics_of(workload, prices)
+    sizes = sizes or [workload.artifact_bytes or e.artifact_bytes] * workload.documents
+    clock = [0.0]
+    homes = home_nodes(workload.documents, cluster.nodes)
+    nodes = [SimNode(cluster.ram_bytes, cluster.disk_bytes, Placement(clock=lambda: clock[0]),
+                     np.random.default_rng(k)) for k in range(cluster.nodes)]
+    entries = [Entry(cache_id=f"{i:064x}", title="", source="", model=workload.shape.name, fingerprint="",
+                     num_tokens=workload.document_tokens, artifact_bytes=sizes[i], prefill_seconds=0.0, created_at=0.0)
+               for i in range(workload.documents)]
+    for i in np.random.default_rng(2).permutation(workload.documents).tolist():  # published in no particular
+        entry = entries[i]  # order; publishing writes through to the publisher's disk
+        nodes[cluster.published_on if cluster.published_on is not None else int(homes[i])].disk_put(entry)
+    last_read = np.full(workload.documents, 0.0)
+    counts = dict.fromkeys(TIERS, 0)
+    rng = np.random.default_rng(1)
+    for n, (doc, t) in enumerate(zip(docs.tolist(), times.tolist(), strict=True)):
+        clock[0] = t
+        k = nodes_of[n] if nodes_of is not None else (
+            int(homes[doc]) if cluster.routing == "affinity" else int(rng.integers(cluster.nodes)))
+        node, entry = nodes[k], entries[doc]
+        if entry.cache_id in node.ram:
+            node.ram.move_to_end(entry.cache_id)
+            tier = "ram"
+        else:
+            node.placement.touch(entry.cache_id)
+            if entry.cache_id in node.disk:
+                tier = "disk"
+            else:
+                ttl = cluster.shared_ttl_seconds
+                tier = "shared" if not ttl or t - last_read[doc] <= ttl else "prefill"
+                node.disk_put(entry)
+            node.ram_put(entry.cache_id, sizes[doc])
+        if tier != "ram" and tier != "disk":
+            last_read[doc] = t
+        counts[tier] += 1
+    total = max(1, len(docs))
+    fractions = {tier: counts[tier] / total for tier in TIERS}
+    run = replace(workload, agents=len(docs), reads_per_agent=1.0)
+    return price(run, cluster, prices, fractions, float(sum(sizes)), e)

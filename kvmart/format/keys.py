@@ -1,0 +1,56 @@
+"""Identity of stored KV. A whole token sequence's cache id (`cache_id`), and prefix-chunk keys: a token sequence
+cut into fixed-size chunks, each keyed by a hash chain, as vLLM's and LMCache's prefix caches do.
+
+    key_0 = H("kvmart-chunk-v1", "",    fingerprint, salt, ids[0:C])
+    key_i = H("kvmart-chunk-v1", key_{i-1}, fingerprint, salt, ids[i*C:(i+1)*C])
+
+A chunk's KV depends on every token before it, and so does its key: two sequences share key_i exactly when their
+first (i+1)*C ids are equal, under the same model (fingerprint) and tenant (salt: empty for public documents, set
+by the server from the authenticated account for private ones, never by a client). Only full chunks get keys."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+ALIGN_TOKENS = 8  # chunk sizes are multiples of this (vector-friendly shapes; exactness comes from chunked prefill)
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def check_chunk_tokens(chunk_tokens: int) -> int:
+    if chunk_tokens < ALIGN_TOKENS or chunk_tokens % ALIGN_TOKENS:
+        raise ValueError(f"chunk size {chunk_tokens} must be a positive multiple of {ALIGN_TOKENS} tokens")
+    return chunk_tokens
+
+
+def chain_key(parent_key: str, fingerprint_digest: str, salt: str, chunk_ids: list[int]) -> str:
+    h = hashlib.sha256()
+    for part in (b"kvmart-chunk-v1", parent_key.encode(), fingerprint_digest.encode(), salt.encode()):
+        h.update(part)
+        h.update(b"\0")
+    h.update(json.dumps(chunk_ids, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def chunk_keys(fingerprint_digest: str, token_ids: list[int], chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+               salt: str = "") -> list[str]:
+    """One key per full chunk of `token_ids`, in order."""
+    check_chunk_tokens(chunk_tokens)
+    keys, parent = [], ""
+    for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
+        parent = chain_key(parent, fingerprint_digest, salt, list(token_ids[start:start + chunk_tokens]))
+        keys.append(parent)
+    return keys
+
+
+def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str = "") -> str:
+    """The content address of a KV artifact: sha256 over the model fingerprint, the token ids and an optional
+    tenant salt (set by the server from the authenticated account, never by a client)."""
+    h = hashlib.sha256()
+    h.update(b"kvmart-cache-v1\0")
+    h.update(fingerprint_digest.encode())
+    h.update(b"\0")
+    h.update(salt.encode())
+    h.update(b"\0")
+    h.update(json.dumps(token_ids, separators=(",", ":")).encode())
+    return h.hexdigest()

@@ -1,0 +1,228 @@
+"""The model adapter: loads a causal LM from a folder with transformers and runs the three operations kvmart is
+built on, on the CPU: `prefill` (tokens -> KV), `continue_from` (KV + tokens -> logits + KV) and generation from a
+KV. Every forward pass goes through `_forward` with a preallocated `WorkingCache`, so the cached and the uncached
+paths run the very same computation, step for step."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvmart.config import Settings
+from kvmart.errors import ContextOverflowError, InputError, ModelLoadError, ModelNotFoundError
+from kvmart.runtime import attention
+from kvmart.runtime.builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins, gguf_folder
+from kvmart.runtime.fingerprint import ModelFingerprint, model_fingerprint
+from kvmart.runtime.kv import KV, WorkingCache
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Step:
+    """The result of one forward pass: logits [num_positions, vocab] (float32) and the cache it left behind."""
+
+    logits: torch.Tensor
+    cache: WorkingCache
+
+    @property
+    def kv(self) -> KV:
+        """The KV of everything so far (assembled on demand: with a long prefix this is a large copy)."""
+        return self.cache.to_kv()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Generated tokens, the logits that chose each one and the time the forward passes took."""
+
+    token_ids: list[int]
+    logits: list[torch.Tensor]
+    seconds: float
+
+
+def resolve_model_folder(spec: str, settings: Settings, progress: Progress | None = None) -> Path:
+    """`builtin:NAME`, a model folder, or a `.gguf` file -> a loadable model folder."""
+    if spec.startswith("builtin:"):
+        return builtin_folder(spec.removeprefix("builtin:"), settings.models_dir, progress)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_folder(path, settings.models_dir, progress)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    hint = "it has no config.json" if path.is_dir() else "no such folder or .gguf file"
+    raise ModelNotFoundError(
+        f"model {spec!r} not found ({hint}). Pass a Hugging Face model folder, a .gguf file, or one of:\n"
+        f"{describe_builtins()}"
+    )
+
+
+class Model:
+    """A loaded model. Thread-safe for reads of a KV; forward passes are serialized by the caller."""
+
+    def __init__(self, hf_model, tokenizer, folder: Path, spec: str, dtype: str, attention_name: str,
+                 fingerprint: ModelFingerprint) -> None:
+        self.hf_model, self.tokenizer, self.folder, self.spec = hf_model, tokenizer, folder, spec
+        self.dtype_name, self.attention, self.fingerprint = dtype, attention_name, fingerprint
+        config = hf_model.config
+        self.num_layers: int = config.num_hidden_layers
+        self.kv_heads: int = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.context_tokens: int = config.max_position_embeddings
+        self.eos_ids: frozenset[int] = _eos_ids(hf_model, tokenizer)
+        self._cache_kwarg = _cache_kwarg(hf_model)  # once: inspecting the signature costs more than a dict lookup
+
+    @classmethod
+    def load(cls, settings: Settings, progress: Progress | None = None) -> "Model":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # kvmart draws its own progress; a bar per load is noise
+        folder = resolve_model_folder(settings.model, settings, progress)
+        if settings.attention == attention.NAME:
+            attention.register()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=TORCH_DTYPES[settings.dtype], attn_implementation=settings.attention
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot load model from {folder}: {e}") from e
+        hf_model.eval()
+        fp = model_fingerprint(folder, settings.dtype, settings.attention, settings.data_dir / "file-hashes.json")
+        return cls(hf_model, tokenizer, folder, settings.model, settings.dtype, settings.attention, fp)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype_name]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_model.config.vocab_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` exactly, with no special tokens added."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- forward passes -----------------------------------------------------------------------------------------
+    def check_fits(self, what: str, num_tokens: int) -> None:
+        if num_tokens > self.context_tokens:
+            raise ContextOverflowError(what, num_tokens, self.context_tokens)
+
+    def prefill(self, token_ids: list[int], progress: Callable[[float], None] | None = None) -> KV:
+        """The KV of `token_ids` computed from scratch."""
+        if not token_ids:
+            raise InputError("cannot prefill an empty token sequence")
+        self.check_fits("the document", len(token_ids))
+        cache = self._cache(None, len(token_ids))
+        self._forward(cache, token_ids, logits_to_keep=1, progress=progress)
+        return cache.to_kv()
+
+    def continue_from(self, kv: KV | None, token_ids: list[int], all_logits: bool = False) -> Step:
+        """Append `token_ids` after `kv` (never modified). Logits of the last position, or of every new position."""
+        if not token_ids:
+            raise InputError("nothing to continue with: no tokens given")
+        cache = self._cache(kv, len(token_ids))
+        logits = self._forward(cache, token_ids, logits_to_keep=0 if all_logits else 1)
+        return Step(logits, cache)
+
+    def generate(self, kv: KV | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Generation:
+        start = time.perf_counter()
+        tokens, logits = [], []
+        for token, step_logits in self.stream(kv, token_ids, max_new_tokens, temperature, top_p, seed, stop_at_eos):
+            tokens.append(token)
+            logits.append(step_logits)
+        return Generation(tokens, logits, time.perf_counter() - start)
+
+    def stream(self, kv: KV | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (token, logits that chose it) one by one: greedy at temperature 0, else sampled with top-p.
+        Stops after `max_new_tokens`, or after an end-of-sequence token when `stop_at_eos`."""
+        if not token_ids:
+            raise InputError("generation needs at least one prompt token after the cached prefix")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        prefix = kv.num_tokens if kv is not None else 0
+        # prompt + generated tokens <= context, as OpenAI and vLLM count (the last token is never fed back)
+        self.check_fits("the prompt plus the tokens to generate", prefix + len(token_ids) + max_new_tokens)
+        cache = self._cache(kv, len(token_ids) + max_new_tokens)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        logits = self._forward(cache, token_ids, logits_to_keep=1)[-1]
+        for i in range(max_new_tokens):
+            token = choose_token(logits, temperature, top_p, generator)
+            yield token, logits
+            if (stop_at_eos and token in self.eos_ids) or i == max_new_tokens - 1:
+                return
+            logits = self._forward(cache, [token], logits_to_keep=1)[-1]
+
+    def _cache(self, kv: KV | None, num_new_tokens: int) -> WorkingCache:
+        prefix = kv.num_tokens if kv is not None else 0
+        self.check_fits("the prompt", prefix + num_new_tokens)
+        return WorkingCache.build(kv, self.num_layers, self.kv_heads, self.head_dim, num_new_tokens, self.dtype,
+                                  segmented=self.attention == attention.NAME)
+
+    @torch.inference_mode()
+    def _forward(self, cache: WorkingCache, token_ids: list[int], logits_to_keep: int,
+                 progress: Callable[[float], None] | None = None) -> torch.Tensor:
+        start = cache.num_tokens
+        positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
+        hooks = _layer_progress_hooks(self.hf_model, progress) if progress else []
+        extra = {"kvmart_cache": cache} if self.attention == attention.NAME else {}
+        try:
+            out = self.hf_model(
+                input_ids=torch.tensor([token_ids]), position_ids=positions, use_cache=True,
+                logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache}, **extra,
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        return out.logits[0].float()
+
+
+def _cache_kwarg(hf_model) -> str:
+    """The forward keyword for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before (deprecated,
+    removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
+    ids = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _layer_progress_hooks(hf_model, progress: Callable[[float], None]) -> list:
+    """Forward hooks that report the fraction of decoder layers done: a prefill is one long forward pass."""
+    layers = hf_model.model.layers
+    return [layer.register_forward_hook(lambda *_, i=i: progress((i + 1) / len(layers)))
+            for i, layer in enumerate(layers)]
+
+
+__all__ = ["Model", "Step", "Generation", "resolve_model_folder", "BUILTIN_NAMES"]

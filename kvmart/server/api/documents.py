@@ -1,0 +1,188 @@
+"""The documents API: publish a text under a licence (the provider tokenizes and prefills it itself, once, and
+charges the publisher the precompute fee), list the catalogue, read one entry, delete one (its publisher only).
+Publishing goes through `cache.precompute`, as `kvmart precompute` does, into the same store: the CLI and the
+server see the same public documents under the same ids. A private document is stored under its publisher's
+tenant salt and is invisible (404) to accounts it does not list."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFundsError, RequestError
+from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
+from kvmart.reuse.catalog import Document
+from kvmart.server.auth import caller, require_role
+from kvmart.server.body import parse, read_json
+from kvmart.server.pipeline.engine import Published
+from kvmart.server.pipeline.runs import first_event, submit
+from kvmart.server.pipeline.services import Services
+
+router = APIRouter()
+log = logging.getLogger("kvmart.server")
+MAX_PAGE = 100
+
+
+class PublishRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+    title: str = ""
+    source: str = ""
+    system: str | None = None  # a system prompt the document is laid out after (requests must send the same)
+    licence: Literal["public", "private", "priced"] = "public"
+    readers: list[str] = []  # account names that may read a private document
+    cache_read_usd_per_mtok: str | float | int | None = None  # a priced document's price of 1M cached tokens
+    royalty_share: str | float | int | None = None  # the publisher's share of each cache read (default: tariff's)
+    artifact: str | None = None  # base64 of an artifact the publisher computed (kvmart/reuse/upload.py), verified first
+
+    def terms(self) -> Terms:
+        """The licence terms; TariffError (400) for a bad price or share."""
+        price = self.cache_read_usd_per_mtok
+        share = self.royalty_share
+        return Terms(self.licence, tuple(self.readers),
+                     None if price is None else parse_money(price, "cache_read_usd_per_mtok"),
+                     None if share is None else parse_money(share, "royalty_share"))
+
+
+def document_json(doc: Document) -> dict:
+    e = doc.entry
+    return {"id": doc.id, "object": "document", "cache_id": e.cache_id, "title": e.title, "source": e.source,
+            "model": e.model, "num_tokens": e.num_tokens, "artifact_bytes": e.artifact_bytes,
+            "prefill_seconds": e.prefill_seconds, "created_at": int(e.created_at)}
+
+
+def licence_json(licence: Licence | None) -> dict:
+    """The terms a reader sees (none recorded: public, no publisher, as for documents the CLI precomputed)."""
+    if licence is None:
+        return {"kind": "public", "cache_read_usd_per_mtok": None, "royalty_share": None}
+    price, share = licence.cache_read_usd_per_mtok, licence.royalty_share
+    return {"kind": licence.kind, "cache_read_usd_per_mtok": None if price is None else str(price),
+            "royalty_share": None if share is None else str(share)}
+
+
+@router.post("/v1/documents")
+async def publish(request: Request):
+    """201 with the new document (the publisher is charged the precompute fee); 200 with the stored one if this
+    text was already published (nothing computed, nothing charged)."""
+    services: Services = request.app.state.services
+    account = await caller(request)
+    require_role(account, "publisher")  # before the body: only publishers may send one as large as an artifact
+    limit = services.server.max_body_bytes + 4 * -(-services.server.max_artifact_bytes // 3)  # room for an upload
+    req = parse(PublishRequest, await read_json(request, limit))
+    body, is_new = await publish_as(services, account, req)
+    return JSONResponse(body, status_code=201 if is_new else 200)
+
+
+async def publish_as(services: Services, account: Account, req: PublishRequest) -> tuple[dict, bool]:
+    """Publish `req` for `account` (the API and the web page both come here): the document's JSON, and whether it
+    was computed now. ForbiddenError for an agent, TariffError/AccountError for bad terms, 402 for the fee."""
+    require_role(account, "publisher")
+    terms = req.terms()
+    await run_in_threadpool(services.ledger.check_readers, terms.readers)
+    salt = account.tenant_salt if terms.is_private else ""
+    upload = decode_artifact(req.artifact)
+    ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload))
+    try:
+        published = await first_event(ticket)
+    except ArtifactRejectedError as e:
+        services.metrics.published.inc(outcome="refused")
+        log.warning("upload by %s refused: %s", account.name, e)
+        raise
+    assert isinstance(published, Published), published
+    outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
+    services.metrics.published.inc(outcome=outcome)
+    doc, fee = published.document, 0
+    if published.is_new:  # None: another node published the same text first; its licence stands
+        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt) or 0
+    licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
+    body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
+            "seconds": published.seconds, "precompute_charge_usd": usd_text(fee)}
+    return body, published.is_new
+
+
+def decode_artifact(encoded: str | None) -> bytes | None:
+    """The uploaded artifact's bytes; RequestError (400) if `artifact` is not base64."""
+    if encoded is None:
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"artifact must be the artifact file in base64 ({e})", "artifact") from e
+
+
+def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str) -> int | None:
+    """The licence and the publisher's fee, together; if the publisher cannot pay, the new artifact is deleted
+    again and the 402 raised: nothing stored, nothing charged."""
+    try:
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens)
+    except InsufficientFundsError:
+        remove(services, doc)
+        raise
+
+
+def remove(services: Services, doc: Document) -> None:
+    services.store.delete(doc.cache_id)
+    services.catalog.remove(doc.id)
+    services.hot.discard(doc.cache_id)
+
+
+@router.get("/v1/documents")
+async def list_documents(request: Request, limit: int = 20, after: str | None = None):
+    """Newest first; page with `limit` (1-100) and `after` (the last id of the previous page)."""
+    services: Services = request.app.state.services
+    account = await caller(request)
+    if not 1 <= limit <= MAX_PAGE:
+        raise RequestError(f"limit must be between 1 and {MAX_PAGE}", "limit")
+    await run_in_threadpool(services.catalog.refresh)  # reads the store: off the event loop
+    docs = services.catalog.documents(await run_in_threadpool(services.ledger.readable, account))
+    start = 0
+    if after is not None:
+        ids = [d.id for d in docs]
+        if after not in ids:
+            raise RequestError(f"after={after!r} is not a document id in the catalogue", "after")
+        start = ids.index(after) + 1
+    page = docs[start:start + limit]
+    return {"object": "list", "data": [document_json(d) for d in page], "has_more": start + limit < len(docs),
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+def visible_document(services: Services, account: Account, doc_id: str) -> Document:
+    """The document, unless it does not exist or `account` may not see it: UnknownDocumentError (404) alike."""
+    return services.catalog.get(doc_id, services.ledger.readable(account))
+
+
+@router.get("/v1/documents/{doc_id}")
+async def get_document(request: Request, doc_id: str):
+    services: Services = request.app.state.services
+    account = await caller(request)
+    doc = await run_in_threadpool(visible_document, services, account, doc_id)
+    return {**document_json(doc), "licence": licence_json(await run_in_threadpool(services.ledger.licence,
+                                                                                  doc.cache_id))}
+
+
+@router.delete("/v1/documents/{doc_id}")
+async def delete_document(request: Request, doc_id: str):
+    """Only its publisher (or the admin) may delete a document; documents precomputed by the CLI are deleted with
+    `kvmart rm`. Another tenant's private document is a 404, as if it did not exist."""
+    services: Services = request.app.state.services
+    await delete_as(services, await caller(request), doc_id)
+    return {"id": doc_id, "object": "document.deleted", "deleted": True}
+
+
+async def delete_as(services: Services, account: Account, doc_id: str) -> None:
+    """Delete `doc_id` for `account` (the API and the web page): 404 if it may not see it, 403 unless it is the
+    document's publisher or the admin."""
+    doc = await run_in_threadpool(visible_document, services, account, doc_id)
+    licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
+    if not account.is_admin and (licence is None or licence.publisher_id != account.id):
+        why = "was not published through the API" if licence is None else "was published by another account"
+        raise ForbiddenError(f"document {doc_id!r} {why}; only its publisher may delete it")
+    remove(services, doc)
+    await run_in_threadpool(services.ledger.forget, doc.cache_id)

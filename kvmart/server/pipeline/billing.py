@@ -1,0 +1,120 @@
+"""Metering one generation: hold its largest possible charge once its prompt is resolved (402 before any token
+if the agent cannot cover it), charge what it actually used when it is complete, release the hold if it fails or
+the client goes away (nothing charged). The admin is never charged. See kvmart/ledger/charges.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from kvmart.errors import InsufficientFundsError, LedgerError
+from kvmart.ledger import Account, Charge, Hold, Licence
+from kvmart.ledger.tariffs import NANO_PER_USD
+from kvmart.server.pipeline.engine import Started
+from kvmart.server.pipeline.services import Services
+
+log = logging.getLogger("kvmart.server")
+
+
+@dataclass(frozen=True)
+class Payer:
+    """Who pays for a request, and what makes a retry the same request."""
+
+    account: Account
+    idempotency_key: str | None
+    request_hash: str
+
+
+@dataclass
+class Bill:
+    """One request's money. `charge` is set once settled, or at once for an idempotent retry of a charged
+    request (then nothing is held, and nothing charged again)."""
+
+    payer: Payer
+    licence: Licence | None = None
+    cache_id: str | None = None  # the document read from cache, if any
+    hold: Hold | None = None
+    charge: Charge | None = None
+
+    @property
+    def is_metered(self) -> bool:
+        return not self.payer.account.is_admin
+
+
+async def open_bill(services: Services, payer: Payer, started: Started) -> Bill:
+    """Hold the most this request can cost; InsufficientFundsError (402) or IdempotencyConflictError (409)."""
+    bill = Bill(payer)
+    if not bill.is_metered:
+        return bill
+    reuse = started.reuse
+    if reuse.document is not None and reuse.cached_tokens > 0:
+        bill.cache_id = reuse.document.cache_id
+        bill.licence = await run_in_threadpool(services.ledger.licence, bill.cache_id)
+    most = services.ledger.quote(bill.licence, reuse.cached_tokens, started.prompt_tokens - reuse.cached_tokens,
+                                 started.max_new_tokens)
+    try:
+        held = await run_in_threadpool(services.ledger.open_hold, payer.account, most.total_nanousd,
+                                       payer.idempotency_key, payer.request_hash)
+    except InsufficientFundsError:
+        services.metrics.charges.inc(outcome="payment_required")
+        raise
+    if isinstance(held, Charge):
+        bill.charge = held
+        services.metrics.charges.inc(outcome="replayed")
+    else:
+        bill.hold = held
+    return bill
+
+
+async def settle(services: Services, bill: Bill, cached_tokens: int, computed_tokens: int, output_tokens: int
+                 ) -> None:
+    """Charge what the request used (one transaction: entries, receipt, hold dropped)."""
+    if bill.hold is None:
+        return
+    used = services.ledger.quote(bill.licence, cached_tokens, computed_tokens, output_tokens)
+    hold, bill.hold = bill.hold, None
+    bill.charge = await run_in_threadpool(services.ledger.settle, hold, used, bill.licence, bill.cache_id)
+    m = services.metrics
+    m.charges.inc(outcome="charged")
+    m.charged_usd.inc(used.total_nanousd / NANO_PER_USD)  # a float for Prometheus only; the ledger keeps integers
+    m.royalty_usd.inc(used.royalty_nanousd / NANO_PER_USD)
+
+
+async def replayed_response(services: Services, payer: Payer) -> JSONResponse | None:
+    """The kept answer to an idempotent request already charged (the same text, usage and receipt, marked
+    `replayed`), or None. Nothing is computed or charged."""
+    if payer.idempotency_key is None or payer.account.is_admin:
+        return None
+    stored = await run_in_threadpool(services.ledger.stored_response, payer.account, payer.idempotency_key,
+                                     payer.request_hash)
+    if stored is None:
+        return None
+    body = json.loads(stored)
+    charge = body.get("usage", {}).get("kvmart", {}).get("charge")
+    if charge:
+        charge["replayed"] = True
+    services.metrics.charges.inc(outcome="replayed")
+    return JSONResponse(body, headers={"Idempotent-Replayed": "true"})
+
+
+async def remember_response(services: Services, payer: Payer, bill: Bill, body: dict) -> None:
+    """Keep a charged idempotent request's answer for its retries."""
+    if payer.idempotency_key is not None and bill.charge is not None and not bill.charge.replayed:
+        await run_in_threadpool(services.ledger.remember_response, payer.account, payer.idempotency_key,
+                                json.dumps(body, separators=(",", ":")))
+
+
+def release(services: Services, bill: Bill) -> None:
+    """Drop the hold of a request that will not be charged. Synchronous: it may run while the request's task is
+    being cancelled, when awaiting is no longer possible."""
+    if bill.hold is not None:
+        hold, bill.hold = bill.hold, None
+        services.metrics.charges.inc(outcome="released")
+        try:
+            services.ledger.release(hold)
+        except LedgerError:  # the request's own error matters more; a hold left behind is dropped at next start
+            log.exception("could not release hold %d", hold.id)
