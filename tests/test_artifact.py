@@ -97,7 +97,7 @@ def test_artifact_is_a_valid_safetensors_file(model_f32, made, tmp_path: Path):
         assert torch.equal(tensors[name], t), name
     with safe_open(str(path), framework="pt") as f:
         manifest = json.loads(f.metadata()["kvmart"])
-    assert manifest["format"] == "kvmart-kv" and manifest["format_version"] == 2
+    assert manifest["format"] == "kvmart-kv" and manifest["format_version"] == 3
     assert manifest["token_ids"] == made.token_ids
     assert made.header_bytes % 64 == 0  # tensor data starts 64-byte aligned
 
@@ -224,7 +224,7 @@ def test_rewrite_helper_changes_nothing_by_itself(made):
     assert manifest.token_ids == made.token_ids and torch.equal(kv.keys[0], made.kv.keys[0])
 
 
-@pytest.mark.parametrize("version", [0, 3, "2", None, True])
+@pytest.mark.parametrize("version", [0, 4, "2", None, True])
 def test_unsupported_format_version_is_refused(made, version):
     message = refused(rewrite(made.data, lambda m: m.update(format_version=version)), made.fingerprint)
     assert f"format_version {version!r} is not supported" in message

@@ -93,7 +93,7 @@ def test_compressed_artifact_is_valid_safetensors(bf16_kvmart, tmp_path: Path):
     path.write_bytes(data)
     tensors = load_file(str(path))
     header, manifest, _ = split(data)
-    assert manifest["format_version"] == 2 and manifest["codec"] == "kvmart"
+    assert manifest["format_version"] == 3 and manifest["codec"] == "kvmart"
     for name, record in manifest["tensors"].items():
         start, end = header[name]["data_offsets"]
         assert tensors[name].dtype == torch.uint8 and tensors[name].numel() == end - start

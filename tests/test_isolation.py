@@ -20,7 +20,7 @@ DECOY = "Tenant C's unrelated notes, never published.\n\n" + sample_text("bsd-3-
 
 @pytest.fixture(scope="module")
 def live(model_f32, tmp_path_factory):
-    with LiveServer(model_f32, tmp_path_factory.mktemp("isolation"), min_prefix_tokens=8) as server:
+    with LiveServer(model_f32, tmp_path_factory.mktemp("isolation")) as server:
         yield server
 
 

@@ -21,7 +21,7 @@ BSD = sample_text("bsd-3-clause")
 
 @pytest.fixture(scope="module")
 def live(model_f32, tmp_path_factory):
-    with LiveServer(model_f32, tmp_path_factory.mktemp("serve-ledger"), min_prefix_tokens=16) as server:
+    with LiveServer(model_f32, tmp_path_factory.mktemp("serve-ledger")) as server:
         yield server
 
 

@@ -87,17 +87,18 @@ def read_document(path: str) -> tuple[str, str]:
     return core.decode_utf8(p.read_bytes(), path), p.name
 
 
-def precompute_document(model: Model, store: Store, path: str, codec: str) -> core.Precomputed:
+def precompute_document(model: Model, store: Store, path: str, settings: Settings) -> core.Precomputed:
     text, title = read_document(path)
     with Bars() as bars:
         return core.precompute(model, store, text, title=title, source=path,
-                                progress=bars.fraction(f"prefilling {title}"), codec=codec)
+                                progress=bars.fraction(f"prefilling {title}"), codec=settings.artifact_codec,
+                                chunk_tokens=settings.chunk_tokens)
 
 
-def resolve_document(model: Model, store: Store, doc: str, codec: str) -> str:
+def resolve_document(model: Model, store: Store, doc: str, settings: Settings) -> str:
     """A cache id (or unique prefix) or a file to precompute first -> cache id."""
     if doc.startswith("sample:") or Path(doc).is_file():
-        return precompute_document(model, store, doc, codec).entry.cache_id
+        return precompute_document(model, store, doc, settings).entry.cache_id
     return store.resolve(doc)
 
 
@@ -117,10 +118,11 @@ def precompute(settings: Settings, file: str, codec: str | None) -> None:
     """Prefill FILE once and store its KV cache. FILE may be `sample:NAME` for a bundled document."""
     settings = settings.with_overrides(codec=codec)
     model, store = load_model(settings), open_store(settings.store_url)
-    result = precompute_document(model, store, file, settings.artifact_codec)
+    result = precompute_document(model, store, file, settings)
     e = result.entry
-    state = "computed" if result.is_new else "already stored, nothing computed"
-    out.print(f"cache_id  {e.cache_id}\ntokens    {e.num_tokens:,}\nbytes     {e.artifact_bytes:,}\n"
+    state = (f"computed {result.computed_tokens:,} tokens, reused the rest" if 0 < result.computed_tokens <
+             e.num_tokens else "computed" if result.is_new else "already stored, nothing computed")
+    out.print(f"cache_id  {e.cache_id}\ntokens    {e.num_tokens:,}\nbytes     {e.kv_bytes or e.artifact_bytes:,}\n"
               f"seconds   {result.seconds:.2f} ({state})")
 
 
@@ -134,7 +136,7 @@ def precompute(settings: Settings, file: str, codec: str | None) -> None:
 def ask(settings: Settings, doc: str, question: str, max_tokens: int, temperature: float, seed: int | None) -> None:
     """Answer QUESTION about DOC (a cache id, or a file precomputed first) from its stored KV cache."""
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = core.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
+    loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     answer = core.ask(model, loaded, question, max_tokens, temperature, seed)
     out.print(answer.text.strip(), markup=False)
     console.print(f"[dim]tokens from cache {answer.cached_tokens:,} · computed {answer.computed_tokens:,} · "
@@ -152,7 +154,7 @@ def verify(settings: Settings, doc: str, question: str, tokens: int) -> None:
     from kvmart.reuse.verify import verify as run_verify
 
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = core.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
+    loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     q = question_ids(model.tokenize, layout_for(model.tokenizer), question)
     with console.status("comparing reuse against fresh prefills"):
         report = run_verify(model, loaded, q, tokens)
@@ -173,8 +175,8 @@ def print_report(r) -> None:
 @cli.command(name="ls")
 @common_options
 def list_(settings: Settings) -> None:
-    """List stored artifacts."""
-    entries = open_store(settings.store_url).entries()
+    """List stored documents (their chunks, shared between documents, are not listed)."""
+    entries = [e for e in open_store(settings.store_url).entries() if e.is_document]
     table = Table()
     table.add_column("cache_id", no_wrap=True, min_width=16)
     for name in ("title", "model"):
@@ -182,21 +184,21 @@ def list_(settings: Settings) -> None:
     for name in ("tokens", "bytes", "prefill s"):
         table.add_column(name, justify="right", no_wrap=True)
     for e in entries:
-        table.add_row(e.cache_id[:16], escape(e.title), escape(e.model), f"{e.num_tokens:,}", f"{e.artifact_bytes:,}",
-                      f"{e.prefill_seconds:.2f}")
-    out.print(table if entries else "no artifacts stored")
+        table.add_row(e.cache_id[:16], escape(e.title), escape(e.model), f"{e.num_tokens:,}",
+                      f"{e.kv_bytes or e.artifact_bytes:,}", f"{e.prefill_seconds:.2f}")
+    out.print(table if entries else "no documents stored")
 
 
 @cli.command()
 @click.argument("cache_ids", nargs=-1, required=True)
 @common_options
 def rm(settings: Settings, cache_ids: tuple[str, ...]) -> None:
-    """Delete stored artifacts by cache id (or unique prefix)."""
+    """Delete stored documents by cache id (or unique prefix), with their chunks no other document shares."""
     store = open_store(settings.store_url)
     for prefix in cache_ids:
         cid = store.resolve(prefix)
-        store.delete(cid)
-        out.print(f"removed {cid}")
+        chunks = core.remove(store, cid)
+        out.print(f"removed {cid}" + (f" and {chunks} chunks" if chunks else ""))
 
 
 @cli.command()
@@ -218,9 +220,9 @@ def demo(settings: Settings, sample: str, question: str | None, max_tokens: int)
 
     model, store = load_model(settings), open_store(settings.store_url)
     console.print(f"model {settings.model} ({settings.dtype}) · store {settings.store_url}")
-    result = precompute_document(model, store, f"sample:{sample}", settings.artifact_codec)
+    result = precompute_document(model, store, f"sample:{sample}", settings)
     e = result.entry
-    out.print(f"[bold]1. precompute[/bold] sample:{sample}: {e.num_tokens:,} tokens, {e.artifact_bytes / 1e6:.1f} MB, "
+    out.print(f"[bold]1. precompute[/bold] sample:{sample}: {e.num_tokens:,} tokens, {e.kv_bytes / 1e6:.1f} MB, "
               f"prefill {e.prefill_seconds:.2f}s{'' if result.is_new else ' (already stored)'} -> {e.cache_id[:16]}")
     question = question or SAMPLES[sample][1]
     loaded = core.load(model, store, e.cache_id)

@@ -4,7 +4,7 @@ nothing) and is safe to call from any thread, and from several processes on one 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -16,7 +16,7 @@ from kvmart.errors import AccountError, AuthenticationError, LedgerError
 from kvmart.ledger import accounts as acc
 from kvmart.ledger import charges, entries, licences, receipts, reports
 from kvmart.ledger.accounts import Account
-from kvmart.ledger.charges import Charge, Hold
+from kvmart.ledger.charges import Charge, Hold, Read
 from kvmart.ledger.db import in_transaction, ledger_url, open_engine, redact
 from kvmart.ledger.licences import Licence, Terms
 from kvmart.ledger.migrations import migrate
@@ -129,15 +129,23 @@ class Ledger:
     def check_readers(self, names: tuple[str, ...]) -> None:
         self.read(lambda conn: licences.check_readers(conn, names))
 
-    def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> int | None:
+    def precompute_fee(self, publisher: Account, num_tokens: int) -> int:
+        """What publishing a document of `num_tokens` costs `publisher`, in nano-dollars (the admin: nothing)."""
+        return 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
+
+    def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int,
+                hold: Hold | None = None) -> int | None:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
-        the fee in nano-dollars. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
-        None, with nothing recorded or charged, if the document already has a licence: the first publisher keeps
-        it, whether another node published the same text at the same moment or the artifact was deleted or
-        evicted (`kvmart rm`, a shared tier's TTL) and computed again."""
-        fee = 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
+        the fee in nano-dollars. `hold`: the fee held before the document was computed, spent (and dropped) by
+        this charge. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
+        None, with nothing recorded or charged (and the hold dropped), if the document already has a licence: the
+        first publisher keeps it, whether another node published the same text at the same moment or the artifact
+        was deleted or evicted (`kvmart rm`, a shared tier's TTL) and computed again."""
+        fee = self.precompute_fee(publisher, num_tokens)
 
         def work(conn: Connection) -> int | None:
+            if hold is not None:
+                charges.release(conn, hold.id)
             if licences.find_licence(conn, cache_id) is not None:
                 return None
             licences.register(conn, cache_id, publisher, terms, salt, num_tokens)
@@ -166,9 +174,28 @@ class Ledger:
         return self.run(lambda conn: charges.open_hold(conn, account, amount_nanousd, idempotency_key,
                                                        request_hash, self._secret))
 
+    def quote_reads(self, reads: Sequence[tuple[str | None, Licence | None, int]], computed_tokens: int,
+                    output_tokens: int) -> tuple[Quote, list[Read]]:
+        """The charge of a request that read `reads` ((document cache id, its licence, tokens) each; a None cache id
+        is the caller's own prefix cache, read at the default tariff with no royalty) and computed and generated the
+        rest, and each document's share of it."""
+        total = quote(self.tariff, 0, computed_tokens, output_tokens, has_publisher=False)
+        lines = []
+        for cache_id, licence, tokens in reads:
+            part = self.quote(licence, tokens, 0, 0)
+            total = total + part
+            if cache_id is not None:
+                lines.append(Read(cache_id, licence.publisher_id if licence else None, tokens, part.royalty_nanousd))
+        return total, lines
+
     def settle(self, hold: Hold, charged: Quote, licence: Licence | None, cache_id: str | None) -> Charge:
-        publisher = licence.publisher_id if licence else None
-        return self.run(lambda conn: charges.settle(conn, hold, charged, cache_id, publisher, self._secret))
+        """Settle a request that read at most one document (`settle_reads` for any number)."""
+        reads = [Read(cache_id, licence.publisher_id if licence else None, charged.cached_tokens,
+                      charged.royalty_nanousd)] if cache_id is not None else []
+        return self.settle_reads(hold, charged, reads)
+
+    def settle_reads(self, hold: Hold, charged: Quote, reads: Sequence[Read]) -> Charge:
+        return self.run(lambda conn: charges.settle(conn, hold, charged, reads, self._secret))
 
     def remember_response(self, account: Account, idempotency_key: str, body: str) -> None:
         self.run(lambda conn: charges.remember_response(conn, account.id, idempotency_key, body))

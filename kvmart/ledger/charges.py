@@ -14,6 +14,7 @@ A hold older than an hour reserves nothing any more, and `release_stale` (at eac
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select
@@ -23,7 +24,7 @@ from kvmart.errors import IdempotencyConflictError
 from kvmart.ledger.accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
 from kvmart.ledger.entries import HOLD_TTL_SECONDS, check_covers, post
 from kvmart.ledger.receipts import signed
-from kvmart.ledger.schema import charges, holds, responses
+from kvmart.ledger.schema import charge_reads, charges, holds, responses
 from kvmart.ledger.tariffs import Quote
 
 
@@ -37,8 +38,19 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class Read:
+    """The tokens one request read from one document, and the royalty they earned its publisher."""
+
+    cache_id: str
+    publisher_id: int | None  # None: no publisher (a document the operator's CLI precomputed)
+    cached_tokens: int
+    royalty_nanousd: int
+
+
+@dataclass(frozen=True)
 class Charge:
-    """A settled charge; `receipt` is its signed receipt, `replayed` True when an idempotent retry found it."""
+    """A settled charge; `receipt` is its signed receipt, `replayed` True when an idempotent retry found it.
+    `cache_id` and `publisher_id` name its first document read (if any); `reads` every one."""
 
     transaction_id: int
     quote: Quote
@@ -46,6 +58,7 @@ class Charge:
     publisher_id: int | None
     receipt: dict
     replayed: bool = False
+    reads: tuple[Read, ...] = ()
 
 
 def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempotency_key: str | None,
@@ -71,22 +84,29 @@ def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempoten
     return Hold(int(hold_id), account.id, amount_nanousd, idempotency_key, request_hash)
 
 
-def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, publisher_id: int | None,
-           secret: bytes) -> Charge:
-    """Post the charge of a held request and drop its hold. The charge never exceeds the hold, so it is always
-    covered; InsufficientFundsError only if the hold was released meanwhile and the money spent."""
+def settle(conn: Connection, hold: Hold, quote: Quote, reads: Sequence[Read], secret: bytes) -> Charge:
+    """Post the charge of a held request and drop its hold: the agent pays the total, each document's publisher
+    its royalty, the provider the rest. The charge never exceeds the hold, so it is always covered;
+    InsufficientFundsError only if the hold was released meanwhile and the money spent."""
     if quote.total_nanousd > hold.amount_nanousd:
         raise AssertionError(f"charge {quote.total_nanousd} exceeds its hold {hold.amount_nanousd}")
+    if sum(r.royalty_nanousd for r in reads) != quote.royalty_nanousd:
+        raise AssertionError("the reads' royalties do not add up to the quote's")
     agent = account_by_id(conn, hold.account_id)
     provider = get_account(conn, PROVIDER)
-    royalty_to = publisher_id if quote.royalty_nanousd else None
+    first = reads[0] if reads else None
+    cache_id = first.cache_id if first else None
+    royalty_to = first.publisher_id if first and first.royalty_nanousd else None
     legs = [(agent.id, -quote.total_nanousd), (provider.id, quote.provider_nanousd)]
-    if royalty_to is not None:
-        legs.append((royalty_to, quote.royalty_nanousd))
+    legs += [(r.publisher_id, r.royalty_nanousd) for r in reads if r.publisher_id is not None and r.royalty_nanousd]
     txn_id = post(conn, "charge", legs, memo=cache_id or "", hold_exempt=hold.id)
     conn.execute(delete(holds).where(holds.c.id == hold.id))
     now = int(time.time())
-    receipt = signed(secret, receipt_payload(txn_id, agent.name, cache_id, quote, now))
+    receipt = signed(secret, receipt_payload(txn_id, agent.name, cache_id, quote, now, tuple(reads)))
+    if reads:
+        conn.execute(insert(charge_reads), [{"transaction_id": txn_id, "position": i, "cache_id": r.cache_id,
+                                             "publisher_id": r.publisher_id, "cached_tokens": r.cached_tokens,
+                                             "royalty_nanousd": r.royalty_nanousd} for i, r in enumerate(reads)])
     conn.execute(insert(charges).values(
         transaction_id=txn_id, account_id=agent.id, idempotency_key=hold.idempotency_key,
         request_hash=hold.request_hash, cache_id=cache_id, publisher_id=royalty_to,
@@ -95,7 +115,7 @@ def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, pub
         cache_read_nanousd=quote.cache_read_nanousd, output_nanousd=quote.output_nanousd,
         royalty_nanousd=quote.royalty_nanousd, saved_nanousd=quote.saved_nanousd, signature=receipt["signature"],
         created_at=now))
-    return Charge(txn_id, quote, cache_id, royalty_to, receipt)
+    return Charge(txn_id, quote, cache_id, royalty_to, receipt, reads=tuple(reads))
 
 
 def remember_response(conn: Connection, account_id: int, idempotency_key: str, body: str) -> None:
@@ -130,8 +150,11 @@ def release_stale(conn: Connection, older_than_seconds: int = HOLD_TTL_SECONDS) 
     return conn.execute(delete(holds).where(holds.c.created_at < cutoff)).rowcount
 
 
-def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote: Quote, created_at: int) -> dict:
+def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote: Quote, created_at: int,
+                    reads: tuple[Read, ...] = ()) -> dict:
     return {"receipt": f"rcpt_{txn_id}", "account": account_name, "document_cache_id": cache_id,
+            "documents": [{"cache_id": r.cache_id, "cached_tokens": r.cached_tokens,
+                           "royalty_nanousd": r.royalty_nanousd} for r in reads],
             "tokens": {"cached": quote.cached_tokens, "computed": quote.computed_tokens, "output": quote.output_tokens},
             "nanousd": {"total": quote.total_nanousd, "cache_read": quote.cache_read_nanousd,
                         "computed": quote.computed_nanousd, "output": quote.output_nanousd,
@@ -139,19 +162,23 @@ def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote:
             "created_at": created_at}
 
 
-def charge_of(row: Row, account_name: str, secret: bytes, replayed: bool) -> Charge:
-    """A stored charge, its receipt rebuilt and re-signed from the stored row."""
+def charge_of(conn: Connection, row: Row, account_name: str, secret: bytes, replayed: bool) -> Charge:
+    """A stored charge, its receipt rebuilt and re-signed from the stored rows."""
     quote = Quote(row.cached_tokens, row.computed_tokens, row.output_tokens, row.computed_nanousd,
                   row.cache_read_nanousd, row.output_nanousd, row.royalty_nanousd, row.saved_nanousd)
-    receipt = signed(secret, receipt_payload(row.transaction_id, account_name, row.cache_id, quote, row.created_at))
-    return Charge(row.transaction_id, quote, row.cache_id, row.publisher_id, receipt, replayed)
+    reads = tuple(Read(r.cache_id, r.publisher_id, r.cached_tokens, r.royalty_nanousd) for r in conn.execute(
+        select(charge_reads).where(charge_reads.c.transaction_id == row.transaction_id)
+        .order_by(charge_reads.c.position)))
+    receipt = signed(secret, receipt_payload(row.transaction_id, account_name, row.cache_id, quote, row.created_at,
+                                             reads))
+    return Charge(row.transaction_id, quote, row.cache_id, row.publisher_id, receipt, replayed, reads)
 
 
 def recent_charges(conn: Connection, account: Account, limit: int, secret: bytes) -> list[Charge]:
     """The account's latest charges, newest first, with their receipts."""
     rows = conn.execute(select(charges).where(charges.c.account_id == account.id)
                         .order_by(charges.c.transaction_id.desc()).limit(limit))
-    return [charge_of(row, account.name, secret, replayed=False) for row in rows]
+    return [charge_of(conn, row, account.name, secret, replayed=False) for row in rows]
 
 
 def find_charge(conn: Connection, account_id: int, idempotency_key: str, secret: bytes) -> Charge | None:
@@ -159,7 +186,7 @@ def find_charge(conn: Connection, account_id: int, idempotency_key: str, secret:
                                              charges.c.idempotency_key == idempotency_key)).first()
     if row is None:
         return None
-    return charge_of(row, account_by_id(conn, account_id).name, secret, replayed=True)
+    return charge_of(conn, row, account_by_id(conn, account_id).name, secret, replayed=True)
 
 
 def earlier_hash(conn: Connection, charge: Charge) -> str:

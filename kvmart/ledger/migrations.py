@@ -158,9 +158,27 @@ def stored_responses(conn: Connection) -> None:
     md.tables["responses"].create(conn, checkfirst=True)
 
 
+def charge_reads(conn: Connection) -> None:
+    """Every document a charge read, with the royalty paid on it (a request may read several) (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    Table("transactions", md, Column("id", Integer, primary_key=True))
+    Table(
+        "charge_reads", md,
+        Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+        Column("position", Integer, primary_key=True),
+        Column("cache_id", String(64), nullable=False, index=True),
+        Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=True),
+        Column("cached_tokens", Integer, nullable=False),
+        Column("royalty_nanousd", BigInteger, nullable=False),
+    )
+    md.tables["charge_reads"].create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
     ("0002_stored_responses", stored_responses),
+    ("0003_charge_reads", charge_reads),
 )
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from kvmart.ledger.schema import meta
 
 SECRET_KEY = "receipt_secret"
-FIELDS = ("receipt", "account", "document_cache_id", "tokens", "nanousd", "created_at")
+FIELDS = ("receipt", "account", "document_cache_id", "documents", "tokens", "nanousd", "created_at")
 
 
 def canonical(payload: dict) -> bytes:

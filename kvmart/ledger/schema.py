@@ -90,6 +90,17 @@ charges = Table(
     Index("ix_charges_cache", "cache_id"),
 )
 
+# every document one charge read, in order (0003): its tokens and the royalty paid on them to its publisher
+charge_reads = Table(
+    "charge_reads", metadata,
+    Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("cache_id", String(64), nullable=False, index=True),
+    Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("royalty_nanousd", BigInteger, nullable=False),
+)
+
 # money reserved for a request in flight (its largest possible charge); settled or released when it ends
 holds = Table(
     "holds", metadata,

@@ -35,15 +35,14 @@ def build_api(services: Services) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        services.catalog.refresh()
         released = await asyncio.to_thread(services.ledger.release_stale)
         if released:
             log.warning("released %d holds left by requests that never finished", released)
-        services.worker.start()
+        await asyncio.to_thread(services.start)
         try:
             yield
         finally:
-            await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
+            await asyncio.to_thread(services.stop)  # requests in flight are done: uvicorn waited
             close = getattr(services.model, "close", None)  # an engine with processes of its own (vllm)
             if close is not None:
                 close()

@@ -121,7 +121,8 @@ class ServerMetrics:
     """Every metric `kvmart serve` exports. `read_*` callbacks give the live values of the queue and hot tier."""
 
     def __init__(self, read_active: Callable[[], float], read_waiting: Callable[[], float],
-                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[], float]) -> None:
+                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[], float],
+                 read_forward_passes: Callable[[], float] = lambda: 0.0) -> None:
         r = self.registry = Registry()
         self.requests = r.add(Counter("kvmart_http_requests_total", "HTTP requests by endpoint and status code."))
         self.request_seconds = r.add(Histogram("kvmart_http_request_seconds",
@@ -153,6 +154,8 @@ class ServerMetrics:
         self.published = r.add(Counter("kvmart_documents_published_total",
                                        "POST /v1/documents by outcome: computed, uploaded (verified), already stored, or refused."))
         r.add(Gauge("kvmart_documents", "Documents in the catalogue for the loaded model.", read_documents))
+        r.add(Counter("kvmart_forward_passes_total", "Forward passes the model has run (prompt chunks, decode steps, "
+                      "prefills of published documents).", read_forward_passes))
         r.add(Gauge("kvmart_queue_active", "Requests the model worker is running.", read_active))
         r.add(Gauge("kvmart_queue_waiting", "Requests waiting for the model worker.", read_waiting))
         for key, kind, help_text in (("hits", Counter, "Hot tier (RAM) lookups that found the KV."),

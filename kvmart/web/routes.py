@@ -19,7 +19,7 @@ from kvmart.server.api.usage import kvmart_usage
 from kvmart.server.auth import request_hash, require_role
 from kvmart.server.body import parse
 from kvmart.server.pipeline.billing import Payer
-from kvmart.server.pipeline.engine import GenerationRequest, Sampling
+from kvmart.server.pipeline.plan import GenerationRequest, Sampling
 from kvmart.server.pipeline.runs import Run, start_generation
 from kvmart.web.access import visible_document
 from kvmart.web.pages import (
@@ -91,7 +91,7 @@ async def _answer(run: Run):
             if delta.text:
                 yield json.dumps({"text": delta.text}) + "\n"
         usage = run.usage
-        yield json.dumps({"done": True, "finish_reason": run.finished.finish_reason,
+        yield json.dumps({"done": True, "finish_reason": run.ended.finish_reason,
                           "usage": {"prompt_tokens": usage.prompt_tokens, **kvmart_usage(usage)}}) + "\n"
     except KvmartError as e:
         yield json.dumps({"error": str(e)}) + "\n"
