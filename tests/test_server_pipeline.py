@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infra_support import redis_server  # noqa: F401  (a fixture)
 
 from kvmart.config import Settings
 from kvmart.errors import ContextOverflowError, UnknownDocumentError
@@ -149,3 +150,29 @@ def test_chunk_logits_are_what_a_from_scratch_chunked_prefill_gives(services, do
     reused = loaded.kvs + model_f32.prefill_pieces(rest[:-1], loaded.kvs)
     assert torch.equal(model_f32.continue_from(scratch, rest[-1]).logits,
                        model_f32.continue_from(reused, rest[-1]).logits)
+
+
+STORES = {
+    "disk, raw": lambda tmp, redis: (str(tmp / "store"), "raw"),
+    "disk, zstd": lambda tmp, redis: (str(tmp / "store"), "zstd"),
+    "disk, kvmart codec": lambda tmp, redis: (str(tmp / "store"), "kvmart"),
+    "redis behind a local disk, kvmart codec": lambda tmp, redis: (f"{redis.url}?prefix={tmp.name}", "kvmart"),
+}
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_after_a_trip_through_each_tier_and_codec_answers_stay_bit_exact(model_f32, tmp_path, redis_server, kind):
+    """A fresh node (an empty hot tier) reads a document and an agent's prefix another node stored, through the
+    store and its codec; its answer equals the bypass answer token for token, logprob for logprob."""
+    url, codec = STORES[kind](tmp_path, redis_server)
+    base = Settings(data_dir=tmp_path / "a", model=model_f32.spec, store=url, codec=codec)
+    writer = build_services(base, ServerSettings(), model_f32)
+    document = publish(writer, DOC, "bsd")
+    prompt = PROMPTS["named-after-system"](document)
+    run(writer, prompt, max_tokens=4, temperature=0.0)
+    reader = build_services(base.with_overrides(data_dir=tmp_path / "b"), ServerSettings(), model_f32)
+    reader.catalog.refresh()
+    cached = run(reader, prompt, max_tokens=12, temperature=0.0, top_logprobs=3)
+    fresh = run(reader, prompt, bypass=True, max_tokens=12, temperature=0.0, top_logprobs=3)
+    assert cached[1].from_store == len(document.chunks) and cached[1].from_ram == 0
+    assert cached[2] == fresh[2] and cached[3] == fresh[3]

@@ -117,11 +117,11 @@ class ChunkStore:
     def read(self, chunk: Chunk) -> KV | None:
         """The stored KV of `chunk`, or None if it is not stored. A chunk that fails its checks (corrupt,
         foreign, other tokens than its key says) is refused, logged and dropped: it will be computed again."""
-        opened = self.store._open(chunk.key)
-        if opened is None:
-            return None
-        f, size = opened
         try:
+            opened = self.store._open(chunk.key)  # a shared tier checks the cluster's signature here
+            if opened is None:
+                return None
+            f, size = opened
             with f:
                 manifest, kv = read_artifact(f, size, self.fingerprint, expected_cache_id=chunk.key)
         except ArtifactError as e:
