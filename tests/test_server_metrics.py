@@ -12,7 +12,7 @@ from server_support import parse_metrics
 
 from kvmart.errors import ConfigError
 from kvmart.server.config import ServerSettings, load_server_settings, parse_bytes
-from kvmart.server.metrics import SECONDS_BUCKETS, ServerMetrics
+from kvmart.server.metrics import SECONDS_BUCKETS, ReadAtScrape, ServerMetrics
 
 SERVER_DOC = Path(__file__).resolve().parents[1] / "docs" / "SERVER.md"
 
@@ -93,6 +93,12 @@ def test_labels_are_fixed_when_a_metric_is_made():
         metrics.cache_hits.inc(colour="red")
     with pytest.raises(ValueError):
         metrics.charges.inc(-1, outcome="charged")
+
+
+def test_a_scrape_time_value_cannot_take_a_name_in_use():
+    metrics = server_metrics()
+    with pytest.raises(ValueError, match="kvmart_queue_active"):
+        metrics.registry.register(ReadAtScrape(lambda: {"n": 1}, [("kvmart_queue_active", "Again.", "n", "gauge")]))
 
 
 def test_docs_name_every_metric_exported_and_no_other():

@@ -54,9 +54,16 @@ class ReadAtScrape(Collector):
 
     def collect(self) -> Iterable[Metric]:
         values = self.read()
-        for name, help_text, key, kind in self.families:
-            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            yield family(name, help_text, value=values[key])
+        return [self._family(name, help_text, kind, values[key]) for name, help_text, key, kind in self.families]
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without reading their values: the registry checks their names against the others'."""
+        return [self._family(name, help_text, kind, 0.0) for name, help_text, _, kind in self.families]
+
+    @staticmethod
+    def _family(name: str, help_text: str, kind: str, value: float) -> Metric:
+        family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        return family(name, help_text, value=value)
 
 
 class ServerMetrics:
