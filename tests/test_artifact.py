@@ -168,7 +168,8 @@ def test_every_single_bit_flip_in_the_header_raises_artifact_error(made):
 def test_corrupt_file_in_a_store_is_refused_by_load(model_f32, kvmart_data_dir: Path):
     store = DiskStore(kvmart_data_dir / "store")
     entry = core.precompute(model_f32, store, TEXT).entry
-    path = store.object_path(entry.cache_id)
+    chunk = next(e for e in store.entries() if e.kind == "chunk")
+    path = store.object_path(chunk.cache_id)
     data = path.read_bytes()
     path.write_bytes(flip(data, len(data) - 10))
     with pytest.raises(ArtifactError, match="checksum"):

@@ -228,6 +228,6 @@ def test_formula_agrees_with_the_loaded_model_and_its_artifact(model_f32, model_
     tiny = ec.lookup_shape("builtin:tiny")
     assert ec.kv_bytes_per_token(tiny, "float32") == model_f32.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert ec.kv_bytes_per_token(tiny, "bfloat16") == model_bf16.kv_bytes_per_token
-    entry = core.precompute_ids(model_f32, MemoryStore(), list(range(40))).entry
-    header = entry.artifact_bytes - ec.artifact_bytes(tiny, 40, "float32")
+    entry = core.precompute_ids(model_f32, MemoryStore(), list(range(40))).entry  # one chunk
+    header = entry.kv_bytes - ec.artifact_bytes(tiny, 40, "float32")
     assert 0 < header < 4096  # the manifest: token ids, checksums, shapes

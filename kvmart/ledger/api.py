@@ -49,6 +49,7 @@ class Ledger:
         self.admin_key_issued: str | None = None  # the admin key made at first start, to print once
         self._secret = b""
         self._salts: dict[str, str] = {}
+        self._licences: dict[str, Licence] = {}  # a cache id's terms never change (they are part of its id)
 
     def __repr__(self) -> str:
         return f"Ledger({redact(self.url)})"
@@ -114,7 +115,27 @@ class Ledger:
         return self.read(lambda conn: licences.readable_private(conn, account))
 
     def licence(self, cache_id: str) -> Licence | None:
-        return self.read(lambda conn: licences.find_licence(conn, cache_id))
+        """The licence of `cache_id` (None: public, no publisher). Remembered once found: a document's terms are
+        part of its cache id, and a deleted document's licence is forgotten here too (`forget`)."""
+        found = self._licences.get(cache_id)
+        if found is None:
+            found = self.read(lambda conn: licences.find_licence(conn, cache_id))
+            if found is not None:
+                self._licences[cache_id] = found
+        return found
+
+    def request_context(self, account: Account, idempotency_key: str | None, request_hash: str
+                        ) -> tuple[frozenset[str] | None, str | None]:
+        """In one read: the private documents `account` may read (`readable`) and the stored answer of an
+        idempotent retry (`stored_response`; None without a key or a stored answer)."""
+
+        def work(conn: Connection) -> tuple[frozenset[str] | None, str | None]:
+            readable = licences.readable_private(conn, account)
+            if idempotency_key is None or account.is_admin:
+                return readable, None
+            return readable, charges.stored_response(conn, account.id, idempotency_key, request_hash)
+
+        return self.read(work)
 
     def salt_of(self, cache_id: str) -> str:
         """The tenant salt a private cache id was made with ('' if its licence is not recorded). Remembered once
@@ -163,6 +184,7 @@ class Ledger:
 
     def forget(self, cache_id: str) -> None:
         self.run(lambda conn: licences.forget(conn, cache_id))
+        self._licences.pop(cache_id, None)
 
     # -- charges -------------------------------------------------------------------------------------------------
     def quote(self, licence: Licence | None, cached_tokens: int, computed_tokens: int, output_tokens: int) -> Quote:

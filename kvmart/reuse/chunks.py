@@ -114,9 +114,10 @@ class ChunkStore:
                       kind="chunk", owner=owner)
         return self.store.put(entry, artifact.write)
 
-    def read(self, chunk: Chunk) -> KV | None:
+    def read(self, chunk: Chunk, strict: bool = False) -> KV | None:
         """The stored KV of `chunk`, or None if it is not stored. A chunk that fails its checks (corrupt,
-        foreign, other tokens than its key says) is refused, logged and dropped: it will be computed again."""
+        foreign, other tokens than its key says) is refused, logged and dropped: it will be computed again; with
+        `strict`, the refusal is raised (ArtifactError saying why) instead of answered None."""
         try:
             opened = self.store._open(chunk.key)  # a shared tier checks the cluster's signature here
             if opened is None:
@@ -127,9 +128,13 @@ class ChunkStore:
         except ArtifactError as e:
             log.warning("chunk %s refused and dropped (it will be computed again): %s", chunk.key[:16], e)
             self.store.delete(chunk.key)
+            if strict:
+                raise
             return None
         if tuple(manifest.token_ids) != chunk.token_ids:
             log.warning("chunk %s holds other tokens than its key says; refused", chunk.key[:16])
+            if strict:
+                raise ArtifactError(f"chunk {chunk.key[:16]} holds other tokens than its key says")
             return None
         return kv
 

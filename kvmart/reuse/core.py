@@ -147,9 +147,12 @@ def load(model: Model, store: Store, cache_id: str, salt: str = "") -> Loaded:
     missing, corrupt or foreign (`load_or_recompute` computes such chunks again instead)."""
     start = time.perf_counter()
     entry, chunks = read_document(model, store, cache_id, salt)
-    kvs = ChunkStore(store, model.fingerprint).read_run(chunks)
-    if len(kvs) < len(chunks):
-        raise ArtifactError(f"document {cache_id[:16]}: chunk {len(kvs)} of {len(chunks)} is missing or refused")
+    chunk_store, kvs = ChunkStore(store, model.fingerprint), []
+    for n, chunk in enumerate(chunks):
+        kv = chunk_store.read(chunk, strict=True)  # a refused chunk raises, saying why
+        if kv is None:
+            raise ArtifactError(f"document {cache_id[:16]}: chunk {n} of {len(chunks)} is missing from the store")
+        kvs.append(kv)
     return Loaded(entry, tuple(kvs), [t for c in chunks for t in c.token_ids], time.perf_counter() - start)
 
 

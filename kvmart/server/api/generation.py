@@ -2,8 +2,8 @@
 metered request, so they differ only in how they read a request and write an answer:
 
     open:  authenticate -> read and validate the body -> check the model -> the endpoint's own checks and
-           GenerationRequest -> the payer (idempotency) -> a stored answer to replay, if any -> start the run
-           (plan, hold, load, queue: kvmart/server/pipeline/runs.py)
+           GenerationRequest -> the payer (idempotency) -> what it may read and a stored answer to replay, in one
+           ledger read -> start the run (plan, hold, load, queue: kvmart/server/pipeline/runs.py)
     close: the answer's JSON, kept for idempotent retries, then sent."""
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from typing import Generic, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from kvmart.errors import UnknownModelError
 from kvmart.ledger import parse_money
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
 from kvmart.server.pipeline.billing import Payer, remember_response, replayed_response
-from kvmart.server.pipeline.plan import GenerationRequest
+from kvmart.server.pipeline.plan import Caller, GenerationRequest
 from kvmart.server.pipeline.runs import Run, start_generation
 from kvmart.server.pipeline.services import Services
 
@@ -56,9 +57,11 @@ async def open_generation(request: Request, model: type[T], to_generation: Calla
     check_model(services, getattr(req, "model"))  # noqa: B009  (every generation request names its model)
     generation = to_generation(req)
     payer = Payer(account, idempotency_key(request), request_hash(body))
-    if not is_stream(req) and (replay := await replayed_response(services, payer)):
+    readable, stored = await run_in_threadpool(services.ledger.request_context, account, payer.idempotency_key,
+                                               payer.request_hash)  # one read for both
+    if not is_stream(req) and (replay := replayed_response(services, stored)):
         return replay
-    run = await start_generation(services, generation, endpoint, payer)
+    run = await start_generation(services, generation, endpoint, payer, Caller(account, readable, account.tenant_salt))
     return Opened(services, req, payer, run)
 
 

@@ -88,13 +88,9 @@ async def settle(services: Services, bill: Bill, output_tokens: int) -> None:
     m.royalty_usd.inc(used.royalty_nanousd / NANO_PER_USD)
 
 
-async def replayed_response(services: Services, payer: Payer) -> JSONResponse | None:
-    """The kept answer to an idempotent request already charged (the same text, usage and receipt, marked
-    `replayed`), or None. Nothing is computed or charged."""
-    if payer.idempotency_key is None or payer.account.is_admin:
-        return None
-    stored = await run_in_threadpool(services.ledger.stored_response, payer.account, payer.idempotency_key,
-                                     payer.request_hash)
+def replayed_response(services: Services, stored: str | None) -> JSONResponse | None:
+    """The kept answer (`stored`, from the ledger's request context) of an idempotent request already charged: the
+    same text, usage and receipt, marked `replayed`; None if there is none. Nothing is computed or charged."""
     if stored is None:
         return None
     body = json.loads(stored)

@@ -98,12 +98,14 @@ class Run:
             m.cancelled.inc()
 
 
-async def start_generation(services: Services, request: GenerationRequest, endpoint: str, payer: Payer) -> Run:
-    """Plan `request` for `payer` (hiding what it may not read), hold its charge, load its cached chunks and queue
-    its compute. Unknown documents, a prompt too long, insufficient funds and a full queue raise here, before any
-    response is sent and before any forward pass."""
+async def start_generation(services: Services, request: GenerationRequest, endpoint: str, payer: Payer,
+                           caller: Caller | None = None) -> Run:
+    """Plan `request` for `payer` (hiding what it may not read: `caller`, read from the ledger unless given), hold
+    its charge, load its cached chunks and queue its compute. Unknown documents, a prompt too long, insufficient
+    funds and a full queue raise here, before any response is sent and before any forward pass."""
     began = time.perf_counter()
-    caller = await run_in_threadpool(caller_of, services, payer)
+    if caller is None:
+        caller = await run_in_threadpool(caller_of, services, payer)
     plan = await run_in_threadpool(services.planner.plan, request, caller)
     bill = await open_bill(services, payer, plan)
     try:
