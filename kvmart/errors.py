@@ -188,3 +188,14 @@ class ShuttingDownError(KvmartError):
 
 class InternalError(KvmartError):
     """A bug: an unexpected exception while serving a request. Logged with its traceback; HTTP 500."""
+
+
+# -- the market between parties (docs/LEDGER.md): ownership claims, statements --------------------------------------
+class UnknownClaimError(KvmartError):
+    """No ownership claim with this id belongs to the caller (HTTP 404)."""
+
+
+class ClaimCheckError(KvmartError):
+    """A publisher's claim to control an origin could not be confirmed: the token was not served there, or fetching
+    it was refused (a scheme, address, redirect, size or time the provider does not allow). HTTP 422; nothing
+    changes."""
