@@ -199,3 +199,7 @@ class ClaimCheckError(KvmartError):
     """A publisher's claim to control an origin could not be confirmed: the token was not served there, or fetching
     it was refused (a scheme, address, redirect, size or time the provider does not allow). HTTP 422; nothing
     changes."""
+
+
+class UnknownReceiptError(KvmartError):
+    """A receipt asked for is not in the statement named (HTTP 404)."""

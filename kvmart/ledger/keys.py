@@ -31,10 +31,14 @@ def b64url(data: bytes) -> str:
 
 
 def unb64url(text: str) -> bytes:
-    """base64url without padding -> bytes; ValueError for anything else."""
-    if not isinstance(text, str) or "=" in text:
+    """base64url without padding -> bytes; ValueError for anything else, including a spelling other than the one
+    `b64url` writes (unused low bits set in the last character): one value, one text, so no signature has two."""
+    if not isinstance(text, str) or "=" in text or not text.isascii():
         raise ValueError("not unpadded base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(data) != text:
+        raise ValueError("not the canonical base64url spelling")
+    return data
 
 
 def thumbprint(public_key_b64: str) -> str:
@@ -145,3 +149,10 @@ class Keyring:
             key = SigningKey(PublicKey(row.key_id, row.public_key, row.valid_from, None), private)
             self._decoded[row.key_id] = key
         return key
+
+
+def keys_of_well_known(document: object) -> list[PublicKey]:
+    """The receipt keys a provider publishes (its /.well-known/kvmart.json); ValueError saying why otherwise."""
+    if not isinstance(document, dict) or not isinstance(document.get("receipt_keys"), list):
+        raise ValueError("not a kvmart well-known document: it has no receipt_keys list")
+    return [public_key_of(jwk) for jwk in document["receipt_keys"]]

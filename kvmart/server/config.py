@@ -34,6 +34,8 @@ class ServerSettings:
     # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
     upload_chunk_tokens: int = 256  # an uploaded artifact is a chunked prefill with chunks of this many tokens
     upload_verify_percent: int = 100  # share of an upload's chunks the provider recomputes (chunk 0 always)
+    # ownership claims (kvmart/server/fetch.py): also fetch from loopback hosts, over http too (tests, local trials)
+    claim_allow_loopback: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -77,6 +79,10 @@ def load_server_settings(environ: dict[str, str] | None = None) -> ServerSetting
 def _convert(name: str, raw: str, kind: type) -> object:
     if kind is str:
         return raw
+    if kind is bool:
+        if raw.strip().lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"{ENV[name]}={raw!r} is not a yes/no value (1, true, yes, 0, false, no)")
+        return raw.strip().lower() in ("1", "true", "yes")
     if name.endswith("_bytes"):
         return parse_bytes(raw)
     try:

@@ -28,6 +28,7 @@ from kvmart.errors import (
     UnknownClaimError,
     UnknownDocumentError,
     UnknownModelError,
+    UnknownReceiptError,
 )
 
 
@@ -55,6 +56,7 @@ STATUS: tuple[tuple[type[KvmartError], int, str], ...] = (
     (UnknownModelError, 404, "not_found"),
     (UnknownCacheError, 404, "not_found"),
     (UnknownClaimError, 404, "not_found"),
+    (UnknownReceiptError, 404, "not_found"),
     (IdempotencyConflictError, 409, "conflict"),
     (BodyTooLargeError, 413, "too_large"),
     (TooLargeError, 413, "too_large"),
