@@ -6,7 +6,7 @@ that another implementation can produce the same bytes without Python's `json` m
   fractional numbers (they are refused: none occurs in what it is used for). Used by receipts, statements and
   their Merkle leaves, cache ids (the token id list) and chunk keys.
 - `spaced(value)`: the older form kept where changing it would change every cache id and manifest hash already
-  written (the model fingerprint's digest and its file lists, the artifact manifest hash): keys sorted, `", "`
+  written (the model fingerprint's digest and its file lists, the artifact manifest hash): keys sorted by code point, `", "`
   between items, `": "` after keys, every character outside printable ASCII escaped as `\\uXXXX`, floats as
   Python's shortest round-trip repr. NaN and infinities are refused.
 
@@ -20,7 +20,8 @@ MAX_EXACT_INTEGER = 2**53 - 1  # beyond this RFC 8785 (IEEE doubles) would round
 
 
 def _check(value: object, allow_floats: bool) -> None:
-    """TypeError for anything but dict (str keys), list, str, int, bool, None (and finite floats if allowed)."""
+    """TypeError for anything but dict (str keys: ASCII ones unless floats are allowed, i.e. in the spaced form),
+    list, str, int, bool, None (and finite floats if allowed)."""
     if value is None or isinstance(value, (str, bool, int)):
         return
     if isinstance(value, float):
@@ -31,7 +32,7 @@ def _check(value: object, allow_floats: bool) -> None:
         return
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str) or not key.isascii():
+            if not isinstance(key, str) or not (key.isascii() or allow_floats):
                 raise TypeError(f"JSON object keys must be ASCII strings, got {key!r}")
             _check(item, allow_floats)
         return
