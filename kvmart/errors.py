@@ -68,6 +68,11 @@ class ArtifactRejectedError(KvmartError):
     exit_code = 4
 
 
+class ForgedArtifactError(ArtifactRejectedError):
+    """An uploaded artifact's KV differs from what the model computes for its tokens when recomputed: a forgery (or
+    a publisher's broken setup). The account may not upload again until the operator allows it (HTTP 422)."""
+
+
 class FingerprintMismatchError(ArtifactError):
     """An artifact was made by another model, tokenizer, dtype or attention implementation."""
 

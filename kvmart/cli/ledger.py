@@ -106,6 +106,14 @@ def key(ledger: Ledger, name: str, revoke: bool) -> None:
         out.print(f"api key {ledger.issue_key(name)}")
 
 
+@accounts.command("allow-uploads")
+@click.argument("name")
+@ledger_options
+def allow_uploads(ledger: Ledger, name: str) -> None:
+    """Let NAME upload artifacts again after an upload of it was refused as a forgery (docs/SECURITY.md)."""
+    out.print(f"cleared {ledger.allow_uploads(name)} refused upload(s) of {escape(name)}")
+
+
 @click.group()
 def ledger() -> None:
     """The ledger's books: reports, soundness check, receipt verification."""

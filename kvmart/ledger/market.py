@@ -11,7 +11,7 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection
 
 from kvmart.ledger import accounts as acc
-from kvmart.ledger import escrow, keys, licences, ownership, statements
+from kvmart.ledger import escrow, keys, licences, ownership, statements, uploads
 from kvmart.ledger.accounts import Account
 from kvmart.ledger.escrow import Payout
 from kvmart.ledger.licences import Terms
@@ -92,3 +92,20 @@ class Market:
 
     def escrow_account(self) -> Account:
         return self.read(lambda conn: acc.get_account(conn, acc.ESCROW))
+
+    # -- uploads -------------------------------------------------------------------------------------------------
+    def record_upload_check(self, cache_id: str, account: Account, checked: dict) -> None:
+        """How much of an accepted upload was recomputed, and the bound that bought (kvmart/ledger/uploads.py)."""
+        self.run(lambda conn: uploads.record_check(conn, cache_id, account, checked))
+
+    def upload_check(self, cache_id: str) -> dict | None:
+        return self.read(lambda conn: uploads.check_of(conn, cache_id))
+
+    def record_forged_upload(self, account: Account, reason: str) -> None:
+        self.run(lambda conn: uploads.record_refusal(conn, account, reason))
+
+    def may_upload(self, account: Account) -> bool:
+        return self.read(lambda conn: uploads.may_upload(conn, account))
+
+    def allow_uploads(self, name: str) -> int:
+        return self.run(lambda conn: uploads.allow(conn, acc.get_account(conn, name)))

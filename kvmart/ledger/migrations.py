@@ -230,11 +230,38 @@ def ownership(conn: Connection) -> None:
                       "WHERE licences.cache_id = charges.cache_id) WHERE licensee_id IS NULL"))
 
 
+def uploads(conn: Connection) -> None:
+    """Uploaded artifacts: how much of each the provider recomputed, and accounts whose upload was refused as a
+    forgery (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    # how an uploaded document was checked: chunks, checked chunks, the stated bound (kvmart/reuse/upload.py)
+    Table(
+        "upload_checks", md,
+        Column("cache_id", String(64), primary_key=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+        Column("checked", Text, nullable=False),  # the check plan's JSON
+        Column("created_at", BigInteger, nullable=False),
+    )
+    # an upload whose recomputation differed: the account uploads no more until the operator allows it
+    Table(
+        "upload_refusals", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+        Column("reason", Text, nullable=False),
+        Column("created_at", BigInteger, nullable=False),
+        Column("cleared_at", BigInteger, nullable=True),
+    )
+    for name in ("upload_checks", "upload_refusals"):
+        md.tables[name].create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
     ("0002_stored_responses", stored_responses),
     ("0003_receipt_keys", receipt_keys),
     ("0004_ownership", ownership),
+    ("0005_uploads", uploads),
 )
 
 

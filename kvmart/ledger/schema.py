@@ -154,6 +154,25 @@ escrow = Table(
     Column("settlement_id", Integer, nullable=True),  # the transaction that paid it out
 )
 
+# how an uploaded document was checked: chunks, checked chunks, the stated bound (kvmart/reuse/upload.py) (0005)
+upload_checks = Table(
+    "upload_checks", metadata,
+    Column("cache_id", String(64), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("checked", Text, nullable=False),  # the check plan's JSON
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# an upload whose recomputation differed: the account uploads no more until the operator allows it (0005)
+upload_refusals = Table(
+    "upload_refusals", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("reason", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("cleared_at", BigInteger, nullable=True),
+)
+
 meta = Table(
     "meta", metadata,
     Column("key", String(64), primary_key=True),

@@ -16,9 +16,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFundsError, RequestError
+from kvmart.errors import (
+    ArtifactRejectedError,
+    ForbiddenError,
+    ForgedArtifactError,
+    InsufficientFundsError,
+    RequestError,
+)
 from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
 from kvmart.reuse.catalog import Document
+from kvmart.reuse.upload import chunk_spans, plan
 from kvmart.server.auth import caller, require_role
 from kvmart.server.body import parse, read_json
 from kvmart.server.pipeline.engine import Published
@@ -88,12 +95,18 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
     upload = decode_artifact(req.artifact)
+    if upload is not None and not await run_in_threadpool(services.ledger.may_upload, account):
+        raise ForbiddenError(f"account {account.name!r} had an upload refused as a forgery and may not upload "
+                             "artifacts until the operator allows it (kvmart accounts allow-uploads); publish the "
+                             "text instead, and the provider computes it")
     ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload))
     try:
         published = await first_event(ticket)
     except ArtifactRejectedError as e:
         services.metrics.published.inc(outcome="refused")
         log.warning("upload by %s refused: %s", account.name, e)
+        if isinstance(e, ForgedArtifactError):  # one strike: a sample must not be retried until it misses
+            await run_in_threadpool(services.ledger.record_forged_upload, account, str(e))
         raise
     assert isinstance(published, Published), published
     outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
@@ -101,16 +114,28 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     doc, fee, claimed = published.document, 0, None
     if published.is_new:  # None: another node published the same text first; its licence stands
         fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, req.source) or 0
+        if upload is not None:
+            await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
+                                    upload_check_json(services, doc.num_tokens))
     elif req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
         claimed = await run_in_threadpool(services.ledger.claim_document, doc.cache_id, account, terms, req.source)
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
             "seconds": published.seconds, "precompute_charge_usd": usd_text(fee),
-            "ownership": await run_in_threadpool(ownership_json, services, licence)}
+            "ownership": await run_in_threadpool(ownership_json, services, licence),
+            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
     if claimed is not None:
         body["ownership"]["claimed_now"] = True
         body["ownership"]["escrow_paid_usd"] = usd_text(claimed.amount_nanousd)
     return body, published.is_new
+
+
+def upload_check_json(services: Services, num_tokens: int) -> dict:
+    """How much of an upload of `num_tokens` the provider recomputed under its settings, and what that buys
+    (kvmart/reuse/upload.py `plan`): recorded on the document."""
+    chunk_tokens = services.server.upload_chunk_tokens
+    checked = plan(len(chunk_spans(num_tokens, chunk_tokens)), services.server.upload_sample_percent).as_json()
+    return {**checked, "chunk_tokens": chunk_tokens}
 
 
 def ownership_json(services: Services, licence: Licence | None) -> dict:
@@ -182,7 +207,8 @@ async def get_document(request: Request, doc_id: str):
     doc = await run_in_threadpool(visible_document, services, account, doc_id)
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     return {**document_json(doc), "licence": licence_json(licence),
-            "ownership": await run_in_threadpool(ownership_json, services, licence)}
+            "ownership": await run_in_threadpool(ownership_json, services, licence),
+            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
 
 
 @router.delete("/v1/documents/{doc_id}")
