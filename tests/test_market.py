@@ -184,6 +184,7 @@ def test_escrow_holds_unverified_royalties_and_pays_the_verified_owner_who_publi
     royalty = first.quote.royalty_nanousd + second.quote.royalty_nanousd
     assert first.receipt["royalty_to"] == "escrow" and royalty > 0
     assert ledger.escrow_held(DOC) == royalty and ledger.usage(squatter).royalties_nanousd == 0
+    assert ledger.usage(squatter).royalties_in_escrow_nanousd == royalty
     assert ledger.health().is_sound
     # an unverified owner does not take it over
     assert ledger.claim_document(DOC, owner, Terms(), "https://owner.example/LICENSE") is None
@@ -195,6 +196,7 @@ def test_escrow_holds_unverified_royalties_and_pays_the_verified_owner_who_publi
                                  "https://owner.example/LICENSE")
     assert paid.amount_nanousd == royalty and paid.receipts == 2
     assert ledger.account("owner").balance_nanousd == before + royalty and ledger.escrow_held() == 0
+    assert ledger.usage(owner).royalties_nanousd == royalty and ledger.usage(squatter).royalties_in_escrow_nanousd == 0
     licence = ledger.licence(DOC)
     assert licence.publisher_id == owner.id and licence.is_owner_verified and licence.kind == "priced"
     third = read(ledger, agent, DOC)
