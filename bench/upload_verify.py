@@ -8,6 +8,7 @@ of every chunk (percent 100), and verify_upload by the bound (the default); wall
 escape probability of a forgery of 10% of the chunks and of one chunk.
 
     python bench/upload_verify.py [--model builtin:tiny] [--tokens 1024 4000] [--chunk-tokens 256 64] [--repeats 5]
+                                  [--threads 1]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import torch
 from rich.progress import track
 
 from kvmart.config import load_settings
@@ -47,7 +49,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4000])
     parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[256, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model = Model.load(load_settings().with_overrides(model=args.model))
     text = "".join(sample_text(name) for name in SAMPLES)
     rng = random.Random(0)

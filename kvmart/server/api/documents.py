@@ -113,7 +113,9 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     services.metrics.published.inc(outcome=outcome)
     doc, fee, claimed = published.document, 0, None
     if published.is_new:  # None: another node published the same text first; its licence stands
-        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, req.source) or 0
+        charged: int | None = await run_in_threadpool(record_publication, services, doc, account, terms, salt,
+                                                      req.source)
+        fee = charged or 0
         if upload is not None:
             await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
                                     upload_check_json(services, doc.num_tokens))
