@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from rich.console import Console
 from rich.progress import track
 
 from kvmart.config import load_settings
@@ -67,7 +68,8 @@ def main() -> None:
                      "all": lambda c=chunk, d=data, i=ids: verify_upload(model, d, i, c, 100, rng),
                      "bound": lambda c=chunk, d=data, i=ids: verify_upload(model, d, i, c, None, rng)}
             measured = {name: timed(run, args.repeats) for name, run in track(
-                cases.items(), description=f"{len(ids):,} tokens, chunks of {chunk}", transient=True)}
+                cases.items(), description=f"{len(ids):,} tokens, chunks of {chunk}", transient=True,
+                console=Console(stderr=True))}
             wall = {name: statistics.median(m[0]) for name, m in measured.items()}
             cpu = {name: statistics.median(m[1]) for name, m in measured.items()}
             print(f"| {len(ids):,} tokens, chunks of {chunk} | {checked.num_chunks} ({checked.checked_chunks}) | "
