@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from cli_support import EntryPoint
@@ -70,7 +69,7 @@ def test_canonical_json_is_rfc8785_for_what_kvmart_writes():
         spaced({"x": float("nan")})
 
 
-def test_a_receipt_verifies_with_the_public_key_alone_and_fails_when_any_byte_changes(ledger):
+def test_a_receipt_verifies_with_the_public_key_alone_and_fails_when_any_byte_changes(ledger, tmp_path):
     agent = funded(ledger, "agent", "agent")
     receipt = read(ledger, agent, None).receipt
     keys = published_keys(ledger)
@@ -90,7 +89,7 @@ def test_a_receipt_verifies_with_the_public_key_alone_and_fails_when_any_byte_ch
             assert receipts.why_invalid(mutated, keys) is not None, (i, other)
             assert not ledger.verify_receipt(mutated)
     assert changed > 300
-    signed_by_other = open_ledger(f"sqlite:///{ledger.url.rsplit('/', 1)[0]}/other.sqlite", Path("."), environ={})
+    signed_by_other = open_ledger(f"sqlite:///{tmp_path / 'other.sqlite'}", tmp_path, environ={})
     try:
         assert receipts.why_invalid(receipt, published_keys(signed_by_other)) is not None  # another provider's keys
     finally:
