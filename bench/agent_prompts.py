@@ -23,7 +23,6 @@ import json
 import random
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
+from serve_load import start_server  # bench/ is on the path when a bench script runs
 
 from kvmart.app import create_app
 from kvmart.config import load_settings
@@ -72,14 +71,6 @@ def documents(count: int, seed: int = 7) -> list[tuple[str, str]]:
         picked = rng.sample(paragraphs, rng.randint(5, 9))
         docs.append((f"generated-{len(docs)}", "\n\n".join(picked)[:6000]))
     return docs
-
-
-def start(app) -> tuple[uvicorn.Server, str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
 def workload(ids: list[str], texts: dict[str, str], agents: list[str], rng: random.Random) -> list[tuple[str, dict]]:
@@ -177,7 +168,7 @@ def main() -> None:
         for agent in SYSTEM_PROMPTS:
             _, keys[agent] = services.ledger.create_account(agent, "agent")
             services.ledger.deposit(agent, Decimal(1000))
-        server, url = start(app)
+        server, url = start_server(app)
         texts, ids = {}, []
         began = time.perf_counter()
         for title, text in documents(args.documents):

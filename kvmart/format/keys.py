@@ -11,9 +11,9 @@ by the server from the authenticated account for private ones, never by a client
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 
+from kvmart.canonical import canonical
 from kvmart.config import CHUNK_ALIGN_TOKENS
 
 ALIGN_TOKENS = CHUNK_ALIGN_TOKENS  # chunk sizes are multiples of this (vector-friendly shapes)
@@ -36,7 +36,7 @@ def chain_key(parent_key: str, fingerprint_digest: str, salt: str, chunk_ids: li
     for part in (b"kvmart-chunk-v1", parent_key.encode(), fingerprint_digest.encode(), salt.encode()):
         h.update(part)
         h.update(b"\0")
-    h.update(json.dumps(chunk_ids, separators=(",", ":")).encode())
+    h.update(canonical(chunk_ids))
     return h.hexdigest()
 
 
@@ -70,7 +70,7 @@ def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str = "", term
     h.update(b"\0")
     h.update(salt.encode())
     h.update(b"\0")
-    h.update(json.dumps(token_ids, separators=(",", ":")).encode())
+    h.update(canonical(list(token_ids)))  # "[1,2,3]": docs/FORMAT.md "Cache id"
     if terms:
         h.update(b"\0terms\0")
         h.update(terms.encode())

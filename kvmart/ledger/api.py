@@ -3,7 +3,9 @@ nothing) and is safe to call from any thread, and from several processes on one 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +16,19 @@ from sqlalchemy.exc import IntegrityError
 
 from kvmart.errors import AccountError, AuthenticationError, LedgerError
 from kvmart.ledger import accounts as acc
-from kvmart.ledger import charges, entries, licences, receipts, reports
+from kvmart.ledger import charges, entries, escrow, keys, licences, ownership, receipts, reports
 from kvmart.ledger.accounts import Account
 from kvmart.ledger.charges import Charge, Hold, Read
 from kvmart.ledger.db import in_transaction, ledger_url, open_engine, redact
 from kvmart.ledger.licences import Licence, Terms
+from kvmart.ledger.market import Market
 from kvmart.ledger.migrations import migrate
 from kvmart.ledger.tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nanousd
 
 ADMIN_KEY_ENV = "KVMART_ADMIN_KEY"
+LICENCE_TTL_SECONDS = 5.0
 SECRET_ENV = "KVMART_LEDGER_SECRET"
+ESCROW_DAYS_ENV = "KVMART_ESCROW_DAYS"
 T = TypeVar("T")
 
 
@@ -32,16 +37,20 @@ class Health:
     entries_sum_nanousd: int  # 0 in a sound ledger
     unbalanced_accounts: list[str]  # balance column != sum of entries
     negative_accounts: list[str]  # below zero (only `external` may be)
+    escrow_mismatch_nanousd: int = 0  # the escrow account's balance less its open rows: 0 in a sound ledger
 
     @property
     def is_sound(self) -> bool:
-        return self.entries_sum_nanousd == 0 and not self.unbalanced_accounts and not self.negative_accounts
+        return (self.entries_sum_nanousd == 0 and not self.unbalanced_accounts and not self.negative_accounts
+                and self.escrow_mismatch_nanousd == 0)
 
 
-class Ledger:
-    """Accounts, licences and money. Build with `open_ledger`."""
+class Ledger(Market):
+    """Accounts, licences and money. Build with `open_ledger`. The market between parties (public-key receipts,
+    statements, ownership claims, escrow) is in kvmart/ledger/market.py."""
 
-    def __init__(self, url: str, tariff: Tariff, secret: str | None) -> None:
+    def __init__(self, url: str, tariff: Tariff, secret: str | None,
+                 escrow_seconds: int = escrow.DEFAULT_DAYS * escrow.DAY_SECONDS) -> None:
         self.url = url
         self.engine = open_engine(url)
         self.tariff = tariff
@@ -49,7 +58,12 @@ class Ledger:
         self.admin_key_issued: str | None = None  # the admin key made at first start, to print once
         self._secret = b""
         self._salts: dict[str, str] = {}
-        self._licences: dict[str, Licence] = {}  # a cache id's terms never change (they are part of its id)
+        # licences looked up by requests, kept LICENCE_TTL_SECONDS: a document's terms are part of its cache id and
+        # change only by a verified owner's claim (this process forgets at once; another node's, within the TTL);
+        # a charge reads the licence afresh when it settles, so royalties always go where the licence says then
+        self._licences: dict[str, tuple[float, Licence]] = {}
+        self.keyring = keys.Keyring()  # the provider's Ed25519 keys (receipts, statements)
+        self.escrow_seconds = escrow_seconds  # how long escrow holds an unclaimed royalty before refunding it
 
     def __repr__(self) -> str:
         return f"Ledger({redact(self.url)})"
@@ -69,6 +83,7 @@ class Ledger:
         def work(conn: Connection) -> str | None:
             acc.ensure_house_accounts(conn)
             self._secret = receipts.ledger_secret(conn, self._configured_secret)
+            keys.ensure_key(conn)
             admin = acc.get_account(conn, acc.ADMIN)
             if admin_key:
                 if not is_live_key(conn, admin_key):
@@ -115,14 +130,18 @@ class Ledger:
         return self.read(lambda conn: licences.readable_private(conn, account))
 
     def licence(self, cache_id: str) -> Licence | None:
-        """The licence of `cache_id` (None: public, no publisher). Remembered once found: a document's terms are
-        part of its cache id, and a deleted document's licence is forgotten here too (`forget`)."""
-        found = self._licences.get(cache_id)
-        if found is None:
-            found = self.read(lambda conn: licences.find_licence(conn, cache_id))
-            if found is not None:
-                self._licences[cache_id] = found
+        """The licence of `cache_id` (None: public, no publisher), remembered for LICENCE_TTL_SECONDS."""
+        kept = self._licences.get(cache_id)
+        if kept is not None and time.monotonic() - kept[0] < LICENCE_TTL_SECONDS:
+            return kept[1]
+        found = self.read(lambda conn: licences.find_licence(conn, cache_id))
+        if found is not None:
+            self._licences[cache_id] = (time.monotonic(), found)
         return found
+
+    def forget_licences(self) -> None:
+        """Drop the remembered licences (after a claim changed who owns what)."""
+        self._licences.clear()
 
     def request_context(self, account: Account, idempotency_key: str | None, request_hash: str
                         ) -> tuple[frozenset[str] | None, str | None]:
@@ -155,13 +174,15 @@ class Ledger:
         return 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
 
     def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int,
-                hold: Hold | None = None) -> int | None:
+                source: str = "", hold: Hold | None = None) -> int | None:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
         the fee in nano-dollars. `hold`: the fee held before the document was computed, spent (and dropped) by
         this charge. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
         None, with nothing recorded or charged (and the hold dropped), if the document already has a licence: the
         first publisher keeps it, whether another node published the same text at the same moment or the artifact
-        was deleted or evicted (`kvmart rm`, a shared tier's TTL) and computed again."""
+        was deleted or evicted (`kvmart rm`, a shared tier's TTL) and computed again (a verified owner may still
+        take it over: `claim_document`). A `source` on an origin the publisher has verified makes it the document's
+        verified owner (docs/LEDGER.md "Owners, not first comers")."""
         fee = self.precompute_fee(publisher, num_tokens)
 
         def work(conn: Connection) -> int | None:
@@ -169,7 +190,8 @@ class Ledger:
                 charges.release(conn, hold.id)
             if licences.find_licence(conn, cache_id) is not None:
                 return None
-            licences.register(conn, cache_id, publisher, terms, salt, num_tokens)
+            verified = int(time.time()) if source and ownership.is_verified_origin(conn, publisher.id, source) else None
+            licences.register(conn, cache_id, publisher, terms, salt, num_tokens, source, verified)
             if fee:
                 provider = acc.get_account(conn, acc.PROVIDER)
                 entries.post(conn, "precompute", [(publisher.id, -fee), (provider.id, fee)], memo=cache_id)
@@ -217,7 +239,27 @@ class Ledger:
         return self.settle_reads(hold, charged, reads)
 
     def settle_reads(self, hold: Hold, charged: Quote, reads: Sequence[Read]) -> Charge:
-        return self.run(lambda conn: charges.settle(conn, hold, charged, reads, self._secret))
+        """Post the charge; each document's royalty goes to its publisher or, for an open document whose owner is
+        not verified, to escrow (kvmart/ledger/escrow.py), as its licence stands now (a verified owner may have
+        taken it over since the hold); the receipt signed with the current key."""
+
+        def work(conn: Connection) -> Charge:
+            routed, escrowed = [], []
+            for read in reads:
+                current = licences.find_licence(conn, read.cache_id) if read.publisher_id is not None else None
+                to, held = escrow.royalty_account(conn, current)
+                routed.append(dataclasses.replace(read, publisher_id=current.publisher_id if current else None,
+                                                  royalty_to=to))
+                if held and read.royalty_nanousd:
+                    escrowed.append(read)
+            self.keyring.current(conn)  # lock the key (shared) before the charge takes its date: statements.py
+            charge = charges.settle(conn, hold, charged, routed, self._secret, self.keyring)
+            for read in escrowed:
+                escrow.hold(conn, charge.transaction_id, read.cache_id, hold.account_id, read.royalty_nanousd,
+                            charge.receipt["created_at"], self.escrow_seconds)
+            return charge
+
+        return self.run(work)
 
     def remember_response(self, account: Account, idempotency_key: str, body: str) -> None:
         self.run(lambda conn: charges.remember_response(conn, account.id, idempotency_key, body))
@@ -232,6 +274,9 @@ class Ledger:
         return self.run(charges.release_stale)
 
     def verify_receipt(self, receipt: object) -> bool:
+        """A version 2 receipt checked with the provider's public keys; a version 1 one with the HMAC secret."""
+        if isinstance(receipt, dict) and "key_id" in receipt:
+            return receipts.why_invalid(receipt, self.public_keys()) is None
         return receipts.verify(self._secret, receipt)
 
     # -- reports -------------------------------------------------------------------------------------------------
@@ -250,7 +295,8 @@ class Ledger:
     def health(self) -> Health:
         def work(conn: Connection) -> Health:
             negative = [a.name for a in acc.list_accounts(conn) if a.balance_nanousd < 0 and not a.may_go_negative]
-            return Health(entries.entries_sum(conn), entries.unbalanced_accounts(conn), negative)
+            return Health(entries.entries_sum(conn), entries.unbalanced_accounts(conn), negative,
+                          escrow.mismatch(conn))
 
         return self.read(work)
 
@@ -266,12 +312,28 @@ def is_live_key(conn: Connection, key: str) -> bool:
         return False
 
 
+def escrow_seconds(env: dict[str, str]) -> int:
+    """KVMART_ESCROW_DAYS (default 30; fractions allowed) in seconds; ConfigError for a negative or bad value."""
+    from decimal import Decimal, InvalidOperation
+
+    from kvmart.errors import ConfigError
+
+    raw = env.get(ESCROW_DAYS_ENV) or str(escrow.DEFAULT_DAYS)
+    try:
+        days = Decimal(raw)
+    except InvalidOperation:
+        raise ConfigError(f"{ESCROW_DAYS_ENV}={raw!r} is not a number of days") from None
+    if not days.is_finite() or days < 0:
+        raise ConfigError(f"{ESCROW_DAYS_ENV}={raw!r} must be a non-negative number of days")
+    return int(days * escrow.DAY_SECONDS)
+
+
 def open_ledger(url: str, data_dir: Path, tariff: Tariff | None = None, environ: dict[str, str] | None = None
                 ) -> Ledger:
     """The ledger at `url` (empty: SQLite in `data_dir`), migrated and bootstrapped. The admin key is
     KVMART_ADMIN_KEY if set; else one is made at first start (`ledger.admin_key_issued`)."""
     env = dict(os.environ) if environ is None else environ
     ledger = Ledger(ledger_url(url, data_dir), tariff or load_tariff(env),
-                    env.get(SECRET_ENV) or None)
+                    env.get(SECRET_ENV) or None, escrow_seconds(env))
     ledger.bootstrap(env.get(ADMIN_KEY_ENV) or None)
     return ledger

@@ -17,11 +17,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kvmart.errors import ArtifactRejectedError, ForbiddenError, RequestError, TooLargeError
+from kvmart.errors import ArtifactRejectedError, ForbiddenError, ForgedArtifactError, RequestError, TooLargeError
 from kvmart.format.keys import cache_id as make_cache_id
 from kvmart.ledger import Account, Hold, Licence, Terms, parse_money, usd_text
 from kvmart.reuse import core
 from kvmart.reuse.catalog import Document
+from kvmart.reuse.upload import chunk_spans, plan
 from kvmart.runtime.chat import document_ids, layout_for
 from kvmart.server.auth import caller, require_role
 from kvmart.server.body import parse, read_json
@@ -95,11 +96,19 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
     upload = decode_artifact(req.artifact)
+    if upload is not None and not await run_in_threadpool(services.ledger.may_upload, account):
+        raise ForbiddenError(f"account {account.name!r} had an upload refused as a forgery and may not upload "
+                             "artifacts until the operator allows it (kvmart accounts allow-uploads); publish the "
+                             "text instead, and the provider computes it")
     job = await run_in_threadpool(publish_job, services, req, salt, terms.canonical(), upload)
     existing = await run_in_threadpool(stored_document, services, job)
     if existing is not None:  # already stored: nothing computed, nothing charged (an upload is not needed)
         services.metrics.published.inc(outcome="already_stored")
-        return await document_body(services, existing, False, 0.0, 0), False
+        claimed = None
+        if req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
+            claimed = await run_in_threadpool(services.ledger.claim_document, existing.cache_id, account, terms,
+                                              req.source)
+        return await document_body(services, existing, False, 0.0, 0, claimed), False
     hold = await run_in_threadpool(hold_fee, services, account, len(job.token_ids))
     try:
         ticket = submit(services, services.engine.publish(job, services.settings.artifact_codec))
@@ -110,6 +119,8 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
         release_hold(services, hold)
         services.metrics.published.inc(outcome="refused")
         log.warning("upload by %s refused: %s", account.name, e)
+        if isinstance(e, ForgedArtifactError):  # one strike: a sample must not be retried until it misses
+            await run_in_threadpool(services.ledger.record_forged_upload, account, str(e))
         raise
     except BaseException:
         release_hold(services, hold)
@@ -118,7 +129,10 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     services.metrics.published.inc(outcome=outcome)
     fee: int | None = 0
     if published.is_new:  # None: another node published the same text first; its licence stands
-        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, hold)
+        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, hold, req.source)
+        if upload is not None:
+            await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
+                                    upload_check_json(services, doc.num_tokens))
     else:
         release_hold(services, hold)
     return await document_body(services, doc, published.is_new, published.seconds, fee or 0), published.is_new
@@ -161,10 +175,36 @@ def release_hold(services: Services, hold: Hold | None) -> None:
         services.ledger.release(hold)
 
 
-async def document_body(services: Services, doc: Document, is_new: bool, seconds: float, fee: int) -> dict:
+async def document_body(services: Services, doc: Document, is_new: bool, seconds: float, fee: int,
+                        claimed=None) -> dict:
+    """The document's JSON as a publish answers it: its licence, ownership, upload check and what it cost."""
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
-    return {**document_json(doc), "licence": licence_json(licence), "computed": is_new, "seconds": seconds,
-            "precompute_charge_usd": usd_text(fee)}
+    body = {**document_json(doc), "licence": licence_json(licence), "computed": is_new, "seconds": seconds,
+            "precompute_charge_usd": usd_text(fee),
+            "ownership": await run_in_threadpool(ownership_json, services, licence),
+            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
+    if claimed is not None:
+        body["ownership"]["claimed_now"] = True
+        body["ownership"]["escrow_paid_usd"] = usd_text(claimed.amount_nanousd)
+    return body
+
+
+def upload_check_json(services: Services, num_tokens: int) -> dict:
+    """How much of an upload of `num_tokens` the provider recomputed under its settings, and what that buys
+    (kvmart/reuse/upload.py `plan`): recorded on the document."""
+    chunk_tokens = services.settings.chunk_tokens
+    checked = plan(len(chunk_spans(num_tokens, chunk_tokens)), services.server.upload_sample_percent).as_json()
+    return {**checked, "chunk_tokens": chunk_tokens}
+
+
+def ownership_json(services: Services, licence: Licence | None) -> dict:
+    """Who is paid for reads (docs/LEDGER.md "Owners, not first comers"): an open document's royalties wait in
+    escrow until its publisher is its verified owner."""
+    if licence is None:
+        return {"source": None, "owner_verified": False, "royalties_to": None, "escrow_held_usd": usd_text(0)}
+    to = "publisher" if licence.is_owner_verified or not licence.is_open else "escrow"
+    return {"source": licence.source or None, "owner_verified": licence.is_owner_verified, "royalties_to": to,
+            "escrow_held_usd": usd_text(services.ledger.escrow_held(licence.cache_id))}
 
 
 def decode_artifact(encoded: str | None) -> bytes | None:
@@ -178,11 +218,11 @@ def decode_artifact(encoded: str | None) -> bytes | None:
 
 
 def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str,
-                       hold: Hold | None) -> int | None:
+                       hold: Hold | None, source: str = "") -> int | None:
     """The licence and the publisher's fee (spending its hold), together; if that fails, the new document is
     deleted again: nothing stored, nothing charged."""
     try:
-        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, hold)
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source, hold)
     except BaseException:
         remove(services, doc)
         release_hold(services, hold)
@@ -225,8 +265,10 @@ async def get_document(request: Request, doc_id: str):
     services: Services = request.app.state.services
     account = await caller(request)
     doc = await run_in_threadpool(visible_document, services, account, doc_id)
-    return {**document_json(doc), "licence": licence_json(await run_in_threadpool(services.ledger.licence,
-                                                                                  doc.cache_id))}
+    licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
+    return {**document_json(doc), "licence": licence_json(licence),
+            "ownership": await run_in_threadpool(ownership_json, services, licence),
+            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
 
 
 @router.delete("/v1/documents/{doc_id}")

@@ -193,7 +193,7 @@ class Engine:
         computed = None
         if job.upload is not None:
             computed = verify_upload(self.model, job.upload, job.token_ids, self.chunk_tokens,
-                                     self.settings.upload_verify_percent).pieces
+                                     self.settings.upload_sample_percent).pieces
         result = core.precompute_ids(self.model, self.chunks.store, job.token_ids, job.title, job.source,
                                      salt=job.salt, codec=codec, chunk_tokens=self.chunk_tokens, terms=job.terms,
                                      computed=computed)
