@@ -90,6 +90,9 @@ class RedisServer:
         return redis.Redis(port=self.port)
 
 
+CATALOG_REFRESH_SECONDS = "0.2"  # local clusters' nodes learn of each other's documents quickly
+
+
 class KvmartNode:
     """`kvmart serve --model builtin:tiny` as a subprocess with its own data dir and port, over `store_url`.
     `models`: a models folder to link as DATA_DIR/models (shared by nodes, so the tiny model is built once)."""
@@ -114,7 +117,8 @@ class KvmartNode:
     def start(self) -> "KvmartNode":
         paths = (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH"))  # this kvmart first
         env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+               "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+               "KVMART_CATALOG_REFRESH_SECONDS": CATALOG_REFRESH_SECONDS}
         if self.ledger_url:
             env["KVMART_LEDGER"] = self.ledger_url
         if self.admin_key:
@@ -151,7 +155,14 @@ class KvmartNode:
     def publish(self, text: str, key: str | None = None) -> httpx.Response:
         return self.http.post("/v1/documents", json={"text": text}, headers=self._auth(key))
 
+    def knows(self, doc_id: str, key: str | None = None) -> bool:
+        """Whether the node's catalogue holds `doc_id` yet (one published on another node joins it at the next
+        catalogue refresh)."""
+        return self.http.get(f"/v1/documents/{doc_id}", headers=self._auth(key)).status_code == 200
+
     def ask(self, doc_id: str, question: str, max_tokens: int = 8, key: str | None = None) -> dict:
+        """Ask about `doc_id` once the node knows it (waiting on its catalogue, not on a clock)."""
+        wait_for(lambda: self.knows(doc_id, key), f"node {self.name} to learn of {doc_id}")
         response = self.http.post("/v1/chat/completions", json={
             "model": "builtin:tiny", "messages": [{"role": "user", "content": question}], "documents": [doc_id],
             "temperature": 0, "max_tokens": max_tokens}, headers=self._auth(key))

@@ -132,6 +132,9 @@ class Catalog:
         """Register a stored document (its token ids and chunks come from its index's manifest)."""
         with self.store.open_head(entry.cache_id) as (f, size):  # the header only: no tensors are fetched
             manifest, _ = read_manifest(f, size)
+        if manifest.is_index:  # an index is small: read it whole, so a tiered store keeps a copy on this node
+            with self.store.open(entry.cache_id):  # (it answers for the document while a shared tier is down)
+                pass
         chunks = manifest.chunks or ((manifest.num_tokens, manifest.cache_id),)
         return self.insert(Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64), chunks,
                                     bool(manifest.salt_hash), manifest.terms))
