@@ -71,7 +71,7 @@ def _read_lower(data: memoryview, mode: int, count: int) -> np.ndarray:
     if mode != 1:
         raise CodecError(f"corrupt kvmart tensor: plane mode {mode} with {len(data)} bytes for {count}")
     plane = np.empty(count, dtype=np.uint8)
-    decompress_into(data, memoryview(plane), "kvmart tensor mantissa plane")
+    decompress_into(data, plane.data, "kvmart tensor mantissa plane")
     return plane
 
 

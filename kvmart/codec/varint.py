@@ -30,19 +30,21 @@ def write(values: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def read(data: bytes | memoryview, count: int, what: str) -> np.ndarray:
-    """Exactly `count` varints filling `data` (int64); CodecError for anything else (a number left unfinished,
-    one longer than MAX_BYTES, one written with needless zero groups, or bytes left over)."""
+def read(data: bytes | memoryview, count: int, what: str) -> tuple[np.ndarray, int]:
+    """The first `count` varints of `data` (int64) and the bytes they take; CodecError if there are fewer, or one
+    is longer than MAX_BYTES or written with needless zero groups."""
     b = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(b < 0x80)
-    if len(ends) != count or (b.size and b[-1] >= 0x80):
+    ends = np.flatnonzero(b < 0x80)[:count]
+    if len(ends) != count:
         raise CodecError(f"corrupt kvmart tensor: its {what} holds {len(ends)} numbers, {count} expected")
-    starts = np.concatenate([[0], ends[:-1] + 1]) if count else ends
+    if not count:
+        return np.zeros(0, dtype=np.int64), 0
+    starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts + 1
-    if count and (lengths.max() > MAX_BYTES or ((lengths > 1) & (b[ends] == 0)).any()):
+    if lengths.max() > MAX_BYTES or ((lengths > 1) & (b[ends] == 0)).any():
         raise CodecError(f"corrupt kvmart tensor: its {what} holds a malformed number")
     values = np.zeros(count, dtype=np.int64)
-    for k in range(int(lengths.max()) if count else 0):
+    for k in range(int(lengths.max())):
         sel = lengths > k
         values[sel] |= (b[starts[sel] + k].astype(np.int64) & 0x7F) << (7 * k)
-    return values
+    return values, int(ends[-1]) + 1
