@@ -75,8 +75,8 @@ def parse_spec(text: str) -> Spec:
     if not sep:
         return Spec(name)
     if name not in LEVELED or not level.isdigit() or not 1 <= int(level) <= MAX_LEVEL:
-        raise ConfigError(f"codec {text!r}: only {', '.join(LEVELED)} takes a level, a whole number from 1 to "
-                          f"{MAX_LEVEL} (kvmart's codec has none since format 2: use `kvmart`)")
+        raise ConfigError(f"codec {text!r}: of the known codecs ({', '.join(CODECS)}) only {', '.join(LEVELED)} takes "
+                          f"a level, a whole number from 1 to {MAX_LEVEL} (kvmart's has none since its format 2)")
     return Spec(name, int(level))
 
 

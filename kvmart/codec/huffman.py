@@ -184,6 +184,8 @@ def decode(data: memoryview, out: torch.Tensor) -> None:
         raise CodecError("corrupt kvmart tensor: its symbol table is not increasing values of the symbol's width")
     models = (np.frombuffer(reader.take(L * D, "channel codes"), dtype=np.uint8) if groups > 1
               else np.zeros(L * D, dtype=np.uint8))
+    if models.size and int(models.max()) >= groups:
+        raise CodecError("corrupt kvmart tensor: a channel's code is out of range")
     side = _inflate(reader.take(side_bytes, "side block"), 2 * varint.MAX_BYTES * ncopies + groups * nsym)
     numbers, used = varint.read(side, 2 * ncopies, "side block")
     if len(side) - used != groups * nsym:
