@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmart.errors import KvmartError, RequestError
@@ -109,8 +109,10 @@ async def healthz(request: Request):
 
 
 async def metrics(request: Request):
+    """The app's metrics, in the format the scraper's Accept header asks for (Prometheus text 0.0.4 by default)."""
     services: Services = request.app.state.services
-    return PlainTextResponse(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = services.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 class RequestMetrics:
