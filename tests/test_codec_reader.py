@@ -52,7 +52,7 @@ CASES = {
 def test_the_independent_reader_decodes_what_kvmart_encodes(name: str):
     t = CASES[name]().contiguous()
     encoded = codec.encode(t, "kvmart")
-    got = reader.decode(encoded.params, encoded.dtype, encoded.shape, bytes(encoded.data))
+    got = reader.decode_array(encoded.params, encoded.dtype, encoded.shape, bytes(encoded.data))
     unsigned = {2: np.uint16, 4: np.uint32}[t.element_size()]
     expected = t.reshape(-1).view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy().view(unsigned)
     assert got.dtype == unsigned and got.shape == tuple(t.shape)
@@ -65,7 +65,7 @@ def test_the_reader_follows_other_encoder_choices():
     """One code per tensor and a narrower table: what the bitstream says, not what kvmart's encoder picks today."""
     t = kv_like(torch.bfloat16, (1, 2, 40, 16), 8)
     data, params = HuffmanCodec(max_models=1, table_log=9, symbol_mantissa_bits=0).encode(t)
-    got = reader.decode(params, "bfloat16", tuple(t.shape), data)
+    got = reader.decode_array(params, "bfloat16", tuple(t.shape), data)
     assert np.array_equal(got.reshape(-1), t.reshape(-1).view(torch.int16).numpy().view(np.uint16))
 
 
@@ -73,7 +73,7 @@ def test_the_reader_refuses_a_truncated_stream():
     t = kv_like(torch.bfloat16, (1, 1, 8, 8), 9)
     encoded = codec.encode(t, "kvmart")
     with pytest.raises((ValueError, IndexError, struct_error())):
-        reader.decode(encoded.params, encoded.dtype, encoded.shape, bytes(encoded.data)[:-3])
+        reader.decode_array(encoded.params, encoded.dtype, encoded.shape, bytes(encoded.data)[:-3])
 
 
 def struct_error():

@@ -18,7 +18,17 @@ WIDTHS = {"bfloat16": (16, np.uint16), "float16": (16, np.uint16), "float32": (3
 STREAMS = 4
 
 
-def decode(params: dict, dtype: str, shape: tuple, blob: bytes) -> np.ndarray:
+CODEC = "kvmart"  # reader.py plugs this module in for tensors stored with codec "kvmart"
+
+
+def decode(data: bytes, params: dict, dtype: str, shape: tuple[int, ...]) -> bytes:
+    """What reader.py asks of a codec reader: the decoded tensor's little-endian bytes."""
+    return decode_array(params, dtype, tuple(shape), bytes(data)).astype(WIDTHS[dtype][1]().dtype.newbyteorder("<"),
+                                                                        copy=False).tobytes()
+
+
+def decode_array(params: dict, dtype: str, shape: tuple, blob: bytes) -> np.ndarray:
+    """The tensor as unsigned integers of its dtype's width (uint16 for bfloat16/float16, uint32 for float32)."""
     if params != {"version": 2}:
         raise ValueError(f"not format 2: params {params!r}")
     width, kind = WIDTHS[dtype]
