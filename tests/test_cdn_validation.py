@@ -13,7 +13,6 @@ import httpx
 import pytest
 from infra_support import wait_for
 
-from kvmart.cluster.local import require_binary
 from kvmart.economics.simulation import TIERS
 from kvmart.economics.validation import ADMIN_KEY, LocalCluster, ValidationConfig, measure_and_predict, node_url
 
@@ -50,10 +49,10 @@ def nginx(cluster, tmp_path_factory):
     from kvmart.cluster.nginx import NginxServer
 
     try:
-        require_binary("nginx")
+        server = NginxServer([n.url for n in cluster.nodes], tmp_path_factory.mktemp("nginx"))
     except MissingBinaryError as e:
         pytest.skip(f"{e} (Debian's nginx package)")
-    server = NginxServer([n.url for n in cluster.nodes], tmp_path_factory.mktemp("nginx")).start()
+    server.start()
     yield server
     server.stop()
 
