@@ -89,6 +89,16 @@ class Predicted:
     cores_bound: float  # reads/s this machine's cores allow at the measured CPU per read
     discovery_bytes: float  # catalogue discovery: nodes B and C read the header of every document
 
+    @property
+    def throughput(self) -> float:
+        """The queueing network's throughput, bounded by what this machine's cores allow."""
+        return min(self.network.throughput, self.cores_bound)
+
+    @property
+    def latency_seconds(self) -> float:
+        """Mean latency of the closed loop at that throughput (Little's law: clients / throughput)."""
+        return max(self.network.response_seconds, self.network.clients / self.throughput)
+
 
 @dataclass
 class Report:
@@ -108,9 +118,8 @@ class Report:
                 "| quantity | measured | predicted | gap |", "|---|---|---|---|",
                 _gap("bytes out of Redis, catalogue discovery", m.discovery_bytes, p.discovery_bytes, "{:,.0f}"),
                 _gap("bytes out of Redis, the reads", m.shared_bytes, p.shared_bytes, "{:,.0f}"),
-                _gap(f"throughput, {c.clients} clients (reads/s)", m.throughput,
-                     min(p.network.throughput, p.cores_bound), "{:.1f}"),
-                _gap("mean latency (s)", m.latency_mean, p.network.response_seconds, "{:.3f}"),
+                _gap(f"throughput, {c.clients} clients (reads/s)", m.throughput, p.throughput, "{:.1f}"),
+                _gap("mean latency (s)", m.latency_mean, p.latency_seconds, "{:.3f}"),
                 f"| latency p50 / p99 (s) | {m.latency_p50:.3f} / {m.latency_p99:.3f} | - | - |",
                 f"| a read alone (s) | {m.calibration_latency:.3f} | (the calibration) | - |",
                 f"| reads refused (429/5xx) | {m.refused} | 0 | - |", "",
