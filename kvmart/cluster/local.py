@@ -224,10 +224,11 @@ class PostgresServer:
     `with PostgresServer() as pg: pg.new_database()` -> a URL for a fresh, empty database."""
 
     def __init__(self) -> None:
-        self.initdb, self.postgres = find_bin("initdb"), find_bin("postgres")
-        if not self.initdb or not self.postgres:
+        initdb, postgres = find_bin("initdb"), find_bin("postgres")
+        if not initdb or not postgres:
             raise FileNotFoundError("PostgreSQL's initdb/postgres are not installed (Debian: apt-get install "
                                     "postgresql)")
+        self.initdb, self.postgres = initdb, postgres
         self.root = Path(tempfile.mkdtemp(prefix="kvmart-pg-"))
         self.user = "nobody" if os.geteuid() == 0 else None
         self.port = free_port()
@@ -262,7 +263,7 @@ class PostgresServer:
                 psycopg.connect(self.url("postgres"), connect_timeout=2).close()
                 return
             except psycopg.OperationalError as e:
-                if self.process.poll() is not None or time.monotonic() > end:
+                if self.process is None or self.process.poll() is not None or time.monotonic() > end:
                     raise RuntimeError(f"postgres did not start: {(self.root / 'postgres.log').read_text()}") from e
                 time.sleep(0.1)
 

@@ -256,7 +256,7 @@ def snapshot_cpu(cluster: LocalCluster) -> dict[str, float]:
 def run(config: ValidationConfig, root: Path, postgres: PostgresServer | None = None, progress=None) -> Report:
     """The whole validation: start the cluster (and a PostgreSQL of its own unless given), publish, read, compare."""
     own = postgres is None
-    pg = PostgresServer() if own else postgres
+    pg = PostgresServer() if postgres is None else postgres
     if own:
         pg.__enter__()
     try:
