@@ -133,6 +133,8 @@ class SharedKeyLimiter:
         return bool(self.per_minute or self.max_concurrent)
 
     def admit(self, key: str) -> Release:
+        if not self.is_active:
+            return lambda: None  # no limit to keep: no round trip
         if self._down_until is not None and self.clock() < self._down_until:
             return self.local.admit(key)  # no request waits on a down Redis' timeouts
         try:
