@@ -12,6 +12,7 @@ import shutil
 import httpx
 import pytest
 from infra_support import wait_for
+from service_support import missing_service
 
 from kvmart.economics.simulation import TIERS
 from kvmart.economics.validation import ADMIN_KEY, LocalCluster, ValidationConfig, measure_and_predict, node_url
@@ -22,7 +23,7 @@ SHORT = ValidationConfig(documents=30, reads=240, calibration_reads=24, clients=
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, postgres):
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        missing_service("redis-server is not installed (apt-get install redis-server; .ci/run does)")
     root = tmp_path_factory.mktemp("cdn")
     local = LocalCluster(root, SHORT, postgres.new_database(), postgres.process.pid)
     with local.running():
@@ -51,7 +52,7 @@ def nginx(cluster, tmp_path_factory):
     try:
         server = NginxServer([n.url for n in cluster.nodes], tmp_path_factory.mktemp("nginx"))
     except MissingBinaryError as e:
-        pytest.skip(f"{e} (Debian's nginx package)")
+        missing_service(f"{e} (Debian's nginx package; .ci/run installs it)")
     server.start()
     yield server
     server.stop()
