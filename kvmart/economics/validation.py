@@ -331,9 +331,9 @@ def measure_and_predict(cluster: LocalCluster, progress=None) -> Report:
 def warm_up(cluster: LocalCluster, key: str) -> None:
     """Before anything is measured: every node lists the catalogue (it reads the headers of documents it has not
     seen from Redis) and answers questions about no document (its model's first passes), directly and through the
-    router from every client (its first connections), and reads a tiny note of its own (its first read from Redis
-    compiles the codec's decoder: the first reads waited 6-7 s without this), so that what is measured is reads,
-    not first steps. No document of the workload is read: their tiers are untouched."""
+    router from every client (its first connections), and reads a tiny note of its own (its first read from Redis:
+    with numba's codec the first reads waited 6-7 s without this, compiling the decoder), so that what is measured
+    is reads, not first steps. No document of the workload is read: their tiers are untouched."""
     body = {"model": "builtin:tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1,
             "temperature": 0}
     for node in cluster.nodes:
@@ -348,7 +348,7 @@ def warm_up(cluster: LocalCluster, key: str) -> None:
     warm = cluster.nodes[0].publish("A warm-up note, read once by every node.")  # tiny: it takes no room
     if warm.status_code not in (200, 201):
         raise RuntimeError(f"could not publish the warm-up note: {warm.text[:300]}")
-    for node in cluster.nodes:  # a node's first read from Redis decodes kvmart's codec: compiled at first use
+    for node in cluster.nodes:  # a node's first read from Redis: the codec's first use
         node.ask(warm.json()["id"], QUESTION, max_tokens=1, key=key)
 
     def through_router() -> None:  # the router's first connections to every node, from as many clients as will read

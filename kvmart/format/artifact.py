@@ -150,21 +150,25 @@ def encode_artifact(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint,
     records, blobs, entries = {}, [], []
     named = kv.tensors()
     for i, (name, t) in enumerate(named.items()):
-        t = t.contiguous()
-        raw, digest = byte_view(t), checksum(t)
-        encoded = codecs.encode(t, spec) if spec.name != "raw" else None
-        if encoded is None or len(encoded.data) >= len(raw):
-            records[name], blob = TensorRecord(digest, "raw", {}, digest), raw
-            entries.append((name, SAFETENSORS_DTYPES[t.dtype], list(t.shape), len(raw)))
-        else:
-            blob = encoded.data
-            records[name] = TensorRecord(digest, encoded.codec, encoded.params, codecs.checksum(blob))
-            entries.append((name, "U8", [len(blob)], len(blob)))
+        records[name], blob, entry = store_tensor(name, t.contiguous(), spec)
         blobs.append(blob)
+        entries.append(entry)
         if progress:
             progress((i + 1) / len(named))
     manifest = manifest_for(kv, token_ids, fingerprint, salt, spec.name, records)
     return EncodedArtifact(manifest, _header(manifest, entries), tuple(blobs))
+
+
+def store_tensor(name: str, t: torch.Tensor, spec: codecs.Spec,
+                 digest: str = "") -> tuple[TensorRecord, bytes | memoryview, tuple[str, str, list[int], int]]:
+    """How the contiguous tensor `t` is stored with `spec`: (record, stored bytes, header entry). A tensor the
+    codec does not shrink is stored raw (its bytes are then a view of `t`). `digest`: its checksum, if known."""
+    raw, digest = byte_view(t), digest or checksum(t)
+    encoded = codecs.encode(t, spec) if spec.name != "raw" else None
+    if encoded is None or len(encoded.data) >= len(raw):
+        return TensorRecord(digest, "raw", {}, digest), raw, (name, SAFETENSORS_DTYPES[t.dtype], list(t.shape), len(raw))
+    record = TensorRecord(digest, encoded.codec, encoded.params, codecs.checksum(encoded.data))
+    return record, encoded.data, (name, "U8", [len(encoded.data)], len(encoded.data))
 
 
 def _manifest_json(manifest: Manifest) -> dict:
