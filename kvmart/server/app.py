@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvmart.errors import KvmartError, RequestError
 from kvmart.server.api import accounts, anthropic, claims, documents, market, openai
 from kvmart.server.errors import HttpError, http_error
-from kvmart.server.limits import KeyLimits, limiter_for
+from kvmart.server.limits import KeyLimits, Limiter
 from kvmart.server.pipeline.services import Services
 
 log = logging.getLogger("kvmart.server")
@@ -75,11 +75,12 @@ async def refund_due_escrow(services: Services) -> None:
         await asyncio.sleep(ESCROW_SWEEP_SECONDS)
 
 
-def add_middleware(app: FastAPI, services: Services, session_cookie: str,
+def add_middleware(app: FastAPI, services: Services, limiter: Limiter, session_cookie: str,
                    session_key: Callable[[str], str | None]) -> None:
-    """Per-key rate and concurrency limits (429), for the API and the web page alike (a web session counts against
-    the API key it signed in with: `session_key` maps a session cookie to it), and request metrics outermost."""
-    app.add_middleware(KeyLimits, limiter=limiter_for(services.server), respond=error_response,
+    """Per-key rate and concurrency limits (429) by `limiter` (this node's, or the cluster's in Redis), for the API
+    and the web page alike (a web session counts against the API key it signed in with: `session_key` maps a
+    session cookie to it), and request metrics outermost."""
+    app.add_middleware(KeyLimits, limiter=limiter, respond=error_response,
                        on_reject=services.metrics.rate_limited.inc, session_cookie=session_cookie,
                        session_key=session_key)
     app.add_middleware(RequestMetrics, services=services)

@@ -28,6 +28,10 @@ class ServerSettings:
     rate_limit_per_minute: int = 600  # requests one API key may start per minute (beyond: HTTP 429, Retry-After)
     rate_limit_burst: int = 60  # requests one key may send at once before the per-minute rate applies
     max_concurrent_per_key: int = 16  # requests of one key in flight at once (beyond: HTTP 429)
+    signin_attempts_per_minute: int = 10  # web sign-ins one client address may try per minute (beyond: HTTP 429)
+    # where per-key limits and web sessions live: `auto` (in the store's Redis when the store is redis://, shared by
+    # every node; else this node's memory), `local` (this node's memory), or a redis:// URL (docs/SCALE.md)
+    shared_state: str = "auto"
     max_document_tokens: int = 0  # longest document one may publish (beyond: HTTP 413); 0: the model's context
     max_artifact_bytes: int = 2**30  # largest artifact published or uploaded (beyond: HTTP 413); 1 GiB holds
     # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
@@ -45,7 +49,8 @@ class ServerSettings:
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
         for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "rate_limit_per_minute",
-                     "rate_limit_burst", "max_concurrent_per_key", "max_document_tokens", "max_artifact_bytes"):
+                     "rate_limit_burst", "max_concurrent_per_key", "max_document_tokens", "max_artifact_bytes",
+                     "signin_attempts_per_minute"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
         for name in ("max_active", "default_max_tokens"):
@@ -55,6 +60,8 @@ class ServerSettings:
             raise ConfigError("rate_limit_burst must be at least 1 when rate_limit_per_minute is set")
         if not 1 <= self.upload_verify_percent <= 100:
             raise ConfigError(f"upload_verify_percent must be 1-100 (got {self.upload_verify_percent})")
+        if self.shared_state not in ("auto", "local") and not self.shared_state.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"shared_state must be auto, local or a redis:// URL (got {self.shared_state!r})")
         if self.upload_verify not in ("bound", "percent"):
             raise ConfigError(f"upload_verify must be bound or percent (got {self.upload_verify!r})")
         if self.catalog_refresh_seconds < 0:

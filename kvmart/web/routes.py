@@ -6,6 +6,7 @@ the two fetch endpoints, the JSON error body every other path answers)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from fastapi import APIRouter, Request
@@ -114,19 +115,26 @@ async def signin_form(request: Request):
 
 @router.post("/signin")
 async def signin(request: Request):
-    """The API key comes in the form's body only; the session that signs in is replaced by a new one."""
+    """The API key comes in the form's body only; the session that signs in is replaced by a new one, the first
+    one stored for this visitor. Attempts are limited per client address (`signin_attempts_per_minute`, across the
+    cluster when it shares Redis): 429 beyond."""
     viewer = await viewer_of(request)
     try:
         fields = await form_fields(request)
         require_csrf(request, viewer, fields)
+        address = request.client.host if request.client else "unknown"
+        release = await run_in_threadpool(request.app.state.signin_limiter.admit,
+                                          hashlib.sha256(f"signin\0{address}".encode()).hexdigest())
+        release()  # a rate, not a concurrency limit
         account = await run_in_threadpool(services_of(request).ledger.authenticate, fields.get("api_key", "").strip())
+        sessions = sessions_of(request)
+        sessions.drop(viewer.session.token)
+        session = await run_in_threadpool(sessions.new, fields["api_key"].strip())
     except AuthenticationError:
         return render(request, viewer, "signin.html", status=401, failed="that API key is unknown or revoked")
     except KvmartError as e:
         return error_page(request, viewer, e)
-    sessions = sessions_of(request)
-    sessions.drop(viewer.session.token)
-    signed_in = Viewer(sessions.new(fields["api_key"].strip()), account, True)
+    signed_in = Viewer(session, account, True)
     target = "/provider" if account.is_admin else "/publisher"
     return with_session(RedirectResponse(target, status_code=303), request, signed_in)
 
@@ -139,9 +147,9 @@ async def signout(request: Request):
     except KvmartError as e:
         return error_page(request, viewer, e)
     sessions = sessions_of(request)
-    sessions.drop(viewer.session.token)
+    await run_in_threadpool(sessions.drop, viewer.session.token)
     return with_session(RedirectResponse("/", status_code=303), request,
-                        Viewer(sessions.new(), None, True))
+                        Viewer(sessions.anonymous(), None, True))
 
 
 @router.get("/publisher")
