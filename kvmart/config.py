@@ -107,4 +107,4 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             values["chunk_tokens"] = int(str(values["chunk_tokens"]))
         except ValueError as e:
             raise ConfigError(f"{ENV['chunk_tokens']}={values['chunk_tokens']!r} is not an integer") from e
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings(**values)  # type: ignore[arg-type]  # values converted above, checked in __post_init__

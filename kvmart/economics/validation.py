@@ -285,7 +285,7 @@ def measure_and_predict(cluster: LocalCluster, progress=None) -> Report:
     main = concurrent_reads(cluster, [(ids[d], keys[i % len(keys)]) for i, d in enumerate(order[:split])],
                             config.clients, progress)
     cpu1 = snapshot_cpu(cluster)
-    with httpx.Client(base_url=cluster.router.url, timeout=120) as client:  # type: ignore[attr-defined]
+    with httpx.Client(base_url=cluster.router.url, timeout=120) as client:  # type: ignore[attr-defined]  # the router is a RouterProcess or NginxServer; both have url
         calibration = [read(client, ids[d], keys[i % len(keys)]) for i, d in enumerate(order[split:], split)]
     cpu2 = snapshot_cpu(cluster)
     after = counters(cluster)
@@ -352,7 +352,7 @@ def warm_up(cluster: LocalCluster, key: str) -> None:
         node.ask(warm.json()["id"], QUESTION, max_tokens=1, key=key)
 
     def through_router() -> None:  # the router's first connections to every node, from as many clients as will read
-        with httpx.Client(base_url=cluster.router.url, timeout=120) as client:  # type: ignore[attr-defined]
+        with httpx.Client(base_url=cluster.router.url, timeout=120) as client:  # type: ignore[attr-defined]  # the router is a RouterProcess or NginxServer; both have url
             for _ in range(2 * len(cluster.nodes)):
                 client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
 
@@ -398,7 +398,7 @@ def concurrent_reads(cluster: LocalCluster, reads: list[tuple[str, str]], client
     lock, position = threading.Lock(), [0]
 
     def worker() -> None:
-        with httpx.Client(base_url=cluster.router.url, timeout=120) as client:  # type: ignore[attr-defined]
+        with httpx.Client(base_url=cluster.router.url, timeout=120) as client:  # type: ignore[attr-defined]  # the router is a RouterProcess or NginxServer; both have url
             while True:
                 with lock:
                     i = position[0]
@@ -451,7 +451,7 @@ def publish(cluster: LocalCluster) -> tuple[list[str], list[int], list[int], lis
         if response.status_code not in (200, 201):
             raise RuntimeError(f"publishing failed: {response.status_code} {response.text[:300]}")
         published.append(response.json())
-    client = cluster.redis.client()  # type: ignore[union-attr]
+    client = cluster.redis.client()  # type: ignore[union-attr]  # the validation cluster always runs redis
     redis_sizes = [json.loads(client.get(f"cdn:index:{d['cache_id']}"))["size"] for d in published]
     return ([d["id"] for d in published], [d["num_tokens"] * KV_BYTES_PER_TOKEN for d in published], redis_sizes,
             keys)
@@ -473,4 +473,4 @@ def counters(cluster: LocalCluster) -> dict[str, float]:
 
 
 def net_output_bytes(cluster: LocalCluster) -> int:
-    return int(cluster.redis.client().info("stats")["total_net_output_bytes"])  # type: ignore[union-attr]
+    return int(cluster.redis.client().info("stats")["total_net_output_bytes"])  # type: ignore[union-attr]  # the validation cluster always runs redis

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import torch
 
@@ -451,7 +451,7 @@ def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> di
     if all(r.codec == "raw" for r in manifest.tensors.values()):
         if source is None:
             source = large_buffer(total)
-            if f.readinto(memoryview(source.numpy())) != total:
+            if _readinto(f, source.numpy().data) != total:
                 raise ArtifactError("truncated artifact: the tensor data is cut short")
         out, scratch = source, None
     else:
@@ -459,7 +459,11 @@ def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> di
             max(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values()))
     def one(i: int, name: str, entry: dict) -> torch.Tensor:
         start, end = entry["data_offsets"]
-        stored = memoryview(source[start:end].numpy()) if source is not None else _read_exact(f, scratch, end - start)
+        if source is not None:
+            stored = source[start:end].numpy().data
+        else:
+            assert scratch is not None  # set whenever the file is not mapped
+            stored = _read_exact(f, scratch, end - start)
         record = manifest.tensors[name]
         if codecs.checksum(stored) != record.stored_checksum:
             raise ArtifactError(f"corrupt artifact: tensor {name} does not match its checksum (bit flip or tampering)")
@@ -490,9 +494,14 @@ def _check_entry(name: str, entry: dict, record: TensorRecord, shape: list[int],
 
 def _read_exact(f: BinaryIO, scratch: bytearray, n: int) -> memoryview:
     view = memoryview(scratch)[:n]
-    if f.readinto(view) != n:
+    if _readinto(f, view) != n:
         raise ArtifactError("truncated artifact: the tensor data is cut short")
     return view
+
+
+def _readinto(f: BinaryIO, view: memoryview) -> int | None:
+    """typing.BinaryIO declares no readinto, though every binary file (open(..., "rb"), BytesIO) has one."""
+    return cast(io.BufferedIOBase, f).readinto(view)
 
 
 def _decode_into(name: str, stored: memoryview, record: TensorRecord, target: torch.Tensor) -> None:

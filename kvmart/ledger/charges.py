@@ -88,7 +88,7 @@ def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempoten
     check_covers(conn, locked, -amount_nanousd)
     hold_id = conn.execute(insert(holds).values(account_id=account.id, amount_nanousd=amount_nanousd,
                                                 idempotency_key=idempotency_key, created_at=int(time.time()))
-                           ).inserted_primary_key[0]
+                           .returning(holds.c.id)).scalar_one()
     return Hold(int(hold_id), account.id, amount_nanousd, idempotency_key, request_hash)
 
 

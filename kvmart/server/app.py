@@ -92,17 +92,20 @@ def error_response(path: str, error: HttpError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-async def kvmart_error(request: Request, exc: KvmartError) -> JSONResponse:
+async def kvmart_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KvmartError)  # registered for KvmartError (Starlette types every handler's exc as Exception)
     return error_response(request.url.path, http_error(exc))
 
 
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # registered for it
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"][1:]) or None
     return error_response(request.url.path, http_error(RequestError(f"invalid {where}: {first['msg']}", where)))
 
 
-async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # registered for it
     kind = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return error_response(request.url.path, HttpError(exc.status_code, kind, message))

@@ -98,7 +98,7 @@ def load_server_settings(environ: dict[str, str] | None = None) -> ServerSetting
             values[f.name] = _convert(f.name, raw, type(getattr(ServerSettings, f.name)))
     if "upload_verify_percent" in values:  # a percent set on its own means: use it
         values.setdefault("upload_verify", "percent")
-    return ServerSettings(**values)  # type: ignore[arg-type]
+    return ServerSettings(**values)  # type: ignore[arg-type]  # values converted per field above, checked in __post_init__
 
 
 def _convert(name: str, raw: str, kind: type) -> object:

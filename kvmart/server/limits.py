@@ -22,12 +22,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Protocol
 
 from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import Send
 
 from kvmart.cluster.state import RedisState
 from kvmart.errors import RateLimitedError, StoreUnavailableError
@@ -176,7 +178,7 @@ def signin_limiter_for(settings: ServerSettings, state: RedisState | None = None
 class KeyLimits:
     """ASGI middleware applying a KeyLimiter to /v1 requests; `respond(path, error)` writes the 429."""
 
-    def __init__(self, app, limiter: Limiter, respond: Callable[[str, HttpError], object],
+    def __init__(self, app, limiter: Limiter, respond: Callable[[str, HttpError], Response],
                  on_reject: Callable[[], None] = lambda: None, session_cookie: str | None = None,
                  session_key: Callable[[str], str | None] = lambda token: None) -> None:
         """`session_cookie`, `session_key`: the web page's cookie, and the API key its session token signed in
@@ -195,7 +197,7 @@ class KeyLimits:
             return None if token is None else self.session_key(token.value)
         return None
 
-    async def __call__(self, scope, receive, send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(self, scope, receive, send: Send) -> None:
         key = self.key_of(scope) if scope["type"] == "http" and self.limiter.is_active else None
         if key is None:
             return await self.app(scope, receive, send)

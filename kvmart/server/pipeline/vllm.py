@@ -102,6 +102,6 @@ def build_vllm_services(settings: Settings, server: ServerSettings, store: Store
     chunks = ChunkStore(store, vllm.fingerprint, settings.artifact_codec)
     planner = VllmPlanner(vllm, catalog, hot, chunks, ledger, server, settings.chunk_tokens)
     engine = VllmServerEngine(vllm, catalog, hot, chunks, server, settings.chunk_tokens)
-    return assemble(settings, server, vllm, store, catalog, hot, chunks, planner,  # type: ignore[arg-type]
+    return assemble(settings, server, vllm, store, catalog, hot, chunks, planner,  # type: ignore[arg-type]  # VllmEngine stands in for the Model
                     VllmLoader(hot, chunks), engine, ledger)  # VllmEngine stands in for the Model
 
