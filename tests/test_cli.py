@@ -225,7 +225,9 @@ def test_bad_settings(kvmart_cli, doc: Path):
     assert store.exit_code == 2 and "unknown store scheme 'ftp'" in store.stderr and "file, memory" in store.stderr
     no_keys = kvmart_cli("ls", "--store", "s3://bucket", env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
                                                               "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                                                              "AWS_CONFIG_FILE": "/nonexistent"})
+                                                              "AWS_CONFIG_FILE": "/nonexistent",
+                                                              # no instance role either (a cloud VM may have one)
+                                                              "AWS_EC2_METADATA_DISABLED": "true"})
     assert no_keys.exit_code == 2 and "AWS_ACCESS_KEY_ID" in no_keys.stderr, no_keys.stderr
 
 
