@@ -34,6 +34,11 @@ class ServerSettings:
     # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
     upload_chunk_tokens: int = 256  # an uploaded artifact is a chunked prefill with chunks of this many tokens
     upload_verify_percent: int = 100  # share of an upload's chunks the provider recomputes (chunk 0 always)
+    cors_origin: str = ""  # origins (comma-separated) whose pages may call the API from a browser; empty: none
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.cors_origin.split(",") if o.strip())
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -50,6 +55,9 @@ class ServerSettings:
         if self.upload_chunk_tokens < 1 or not 1 <= self.upload_verify_percent <= 100:
             raise ConfigError(f"upload_chunk_tokens must be at least 1 and upload_verify_percent 1-100 (got "
                               f"{self.upload_chunk_tokens}, {self.upload_verify_percent})")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"CORS origin {origin!r} is not an origin; write e.g. https://app.example.com or *")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not a TCP port")
 

@@ -29,6 +29,15 @@ DRAIN_LIMIT_BYTES = 1 << 20  # a refused request's body is read up to this, to k
 MAX_TRACKED_KEYS = 100_000  # idle keys beyond this are forgotten (a full bucket and nothing in flight: no state)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A key's request budget at one moment (read-only; for the response headers of kvmart/server/headers.py)."""
+
+    limit_per_minute: int
+    remaining: int  # requests it may start now
+    reset_seconds: float  # until its bucket is full again
+
+
 @dataclass
 class _KeyState:
     tokens: float
@@ -71,6 +80,17 @@ class KeyLimiter:
                                            f"{self.burst}); retry in {wait} s", wait)
                 state.tokens -= 1
             state.in_flight += 1
+
+    def budget(self, key: str) -> Budget | None:
+        """Read-only: `key`'s budget now (a key never seen has a full bucket); None without a per-minute rate."""
+        if not self.per_second:
+            return None
+        with self._lock:
+            state, now = self._keys.get(key), self.clock()
+            tokens = float(self.burst) if state is None else min(
+                float(self.burst), state.tokens + (now - state.updated) * self.per_second)
+        return Budget(round(self.per_second * 60), max(0, math.floor(tokens)),
+                      (self.burst - tokens) / self.per_second)
 
     def release(self, key: str) -> None:
         with self._lock:

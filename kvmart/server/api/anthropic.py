@@ -1,5 +1,6 @@
-"""Anthropic-compatible endpoint: POST /v1/messages, with `stream`, so the official `anthropic` client works
-unchanged. Documents are named with the extra body field `documents`; `usage` reports `cache_read_input_tokens`
+"""Anthropic-compatible endpoints: POST /v1/messages, with `stream`, so the official `anthropic` client works
+unchanged, and POST /v1/messages/count_tokens (free: the prompt's tokens, documents included, laid out as
+/v1/messages would lay them out). Documents are named with the extra body field `documents`; `usage` reports `cache_read_input_tokens`
 (tokens read from a stored cache) and `cache_creation_input_tokens` (always 0: answering never writes a cache;
 documents are published with POST /v1/documents). `cache_control` markers are accepted and ignored."""
 
@@ -7,22 +8,24 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from kvmart.errors import KvmartError, UnsupportedParameterError
-from kvmart.reuse.prompt import ChatMessage, ChatPrompt, chat_message
+from kvmart.reuse.prompt import ChatMessage, ChatPrompt, Prompt, chat_message
 from kvmart.server.api.openai import SSE_HEADERS, check_model
 from kvmart.server.api.usage import anthropic_usage
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.pipeline.billing import Payer, remember_response, replayed_response
-from kvmart.server.pipeline.engine import Finished, GenerationRequest, Sampling
-from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.server.pipeline.engine import Engine, Finished, GenerationRequest, Sampling
+from kvmart.server.pipeline.runs import Run, first_event, start_generation, submit
 from kvmart.server.pipeline.services import Services
 
 router = APIRouter()
@@ -63,6 +66,12 @@ class MessagesRequest(BaseModel):
     thinking: Any = None
     documents: list[str] = []
     cache: Literal["default", "bypass"] = "default"
+
+
+class CountTokensRequest(MessagesRequest):
+    """The messages request without `max_tokens` (nothing is generated)."""
+
+    max_tokens: int = Field(1, ge=1)
 
 
 def error_body(error: HttpError) -> dict:
@@ -146,3 +155,24 @@ async def message_stream(run: Run, head: dict):
         yield event("message_stop", {})
     except KvmartError as e:
         yield event("error", {"error": error_body(http_error(e))["error"]})
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request):
+    """{"input_tokens": N}: every token of the prompt, the named documents' included (/v1/messages reports the
+    same N split into `input_tokens` computed and `cache_read_input_tokens`). Nothing is charged."""
+    services: Services = request.app.state.services
+    account = await caller(request)
+    req = parse(CountTokensRequest, await read_json(request, services.server.max_body_bytes))
+    check_model(services, req.model)
+    readable = await run_in_threadpool(services.ledger.readable, account)
+    prompt = messages_request(req).prompt
+    ticket = submit(services, prompt_tokens(services.engine, prompt, readable))
+    return {"input_tokens": await first_event(ticket)}
+
+
+def prompt_tokens(engine: Engine, prompt: Prompt, readable: frozenset[str] | None) -> Iterator[int]:
+    """A model-worker job (the tokenizer belongs to the worker's thread): the prompt's token count, laid out as
+    the engine lays out a generation's prompt. UnknownDocumentError for a document `readable` does not allow."""
+    named = [engine.catalog.get(doc_id, readable) for doc_id in prompt.documents]
+    yield len(engine.prompt_ids(prompt, named))

@@ -2,7 +2,8 @@
 block, so the ledger (charges, receipts) extends `Usage` and these functions, not the endpoints.
 
 OpenAI: `prompt_tokens` counts the whole prompt, `prompt_tokens_details.cached_tokens` the part read from cache
-(always present, 0 without a hit, as OpenAI reports it). Anthropic: `input_tokens` counts only the tokens computed,
+(always present, 0 without a hit, as OpenAI reports it); the Responses API says the same as `input_tokens` and
+`input_tokens_details.cached_tokens`. Anthropic: `input_tokens` counts only the tokens computed,
 `cache_read_input_tokens` those read from cache; kvmart never writes a cache while answering (documents are
 published explicitly), so `cache_creation_input_tokens` is 0. Both carry `kvmart`: tokens by kind, and the
 request's charge (what it paid, the publisher's royalty, what it saved against re-prefilling, a signed receipt)."""
@@ -43,6 +44,17 @@ def openai_usage(u: Usage) -> dict:
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
                                       "rejected_prediction_tokens": 0},
+        "kvmart": kvmart_usage(u),
+    }
+
+
+def responses_usage(u: Usage) -> dict:
+    """The Responses API's usage: `input_tokens` is the whole prompt, `cached_tokens` the part read from cache."""
+    return {
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
         "kvmart": kvmart_usage(u),
     }
 
