@@ -110,8 +110,10 @@ class Model:
 
     # -- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` exactly, with no special tokens added."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Token ids of `text` exactly, with no special tokens added. Never warns about a text longer than the
+        tokenizer's `model_max_length` ("...will result in indexing errors"): kvmart checks lengths against the
+        context itself and refuses what does not fit with a typed error, so the warning would only be noise."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -14,10 +14,12 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFundsError, RequestError
 from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
+from kvmart.ledger.schema import accounts
 from kvmart.reuse.catalog import Document
 from kvmart.server.auth import caller, require_role
 from kvmart.server.body import parse, read_json
@@ -158,13 +160,27 @@ def visible_document(services: Services, account: Account, doc_id: str) -> Docum
     return services.catalog.get(doc_id, services.ledger.readable(account))
 
 
+def card_json(services: Services, doc: Document) -> dict:
+    """One document's card: its entry, its licence, who published it (None: the operator, with `kvmart
+    precompute`) and what reading it costs (the price of 1M cached tokens, and of reading the whole document once
+    from cache, before the question and answer)."""
+    licence = services.ledger.licence(doc.cache_id)
+    publisher = None if licence is None else services.ledger.read(lambda conn: conn.execute(
+        select(accounts.c.name).where(accounts.c.id == licence.publisher_id)).scalar())
+    tariff = services.ledger.tariff if licence is None else licence.tariff(services.ledger.tariff)
+    read_once = services.ledger.quote(licence, doc.num_tokens, 0, 0).total_nanousd
+    return {**document_json(doc), "licence": licence_json(licence), "publisher": publisher,
+            "price": {"cache_read_usd_per_mtok": str(tariff.read_usd_per_mtok), "read_once_usd": usd_text(read_once),
+                      "output_usd_per_mtok": str(tariff.output_usd_per_mtok)}}
+
+
 @router.get("/v1/documents/{doc_id}")
 async def get_document(request: Request, doc_id: str):
+    """The document's card (card_json)."""
     services: Services = request.app.state.services
     account = await caller(request)
     doc = await run_in_threadpool(visible_document, services, account, doc_id)
-    return {**document_json(doc), "licence": licence_json(await run_in_threadpool(services.ledger.licence,
-                                                                                  doc.cache_id))}
+    return await run_in_threadpool(card_json, services, doc)
 
 
 @router.delete("/v1/documents/{doc_id}")
