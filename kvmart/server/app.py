@@ -29,7 +29,8 @@ log = logging.getLogger("kvmart.server")
 KNOWN_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/responses",
                                 "/v1/messages/count_tokens", "/v1/messages", "/v1/documents",
                                 "/v1/models", "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
-KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static")  # web page
+KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static",
+                "/favicon.ico")  # web page
 
 
 def build_api(services: Services) -> FastAPI:
