@@ -357,3 +357,8 @@ def test_serve_on_a_port_in_use_says_so_before_loading_the_model(kvmart_cli):
         result = kvmart_cli("serve", "--port", str(port), "--model", "builtin:no-such-model")
     assert result.exit_code == 2
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr and "no-such-model" not in result.stderr
+
+
+def test_serve_checks_its_cors_origins_before_loading_the_model(kvmart_cli):
+    result = kvmart_cli("serve", "--port", "0", "--cors-origin", "app.example", "--model", "builtin:no-such-model")
+    assert result.exit_code == 2 and "CORS origin 'app.example' is not an origin" in result.stderr

@@ -383,11 +383,13 @@ def main() -> None:
               "[default: the model's context]")
 @click.option("--max-artifact-bytes", help="Largest artifact published or uploaded (HTTP 413 beyond).  "
               "[default: 1GiB]")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="An origin whose pages may call the API from a "
+              "browser (repeat for several; * for any).  [default: none, no CORS headers]")
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
           max_active: int | None, max_queue: int | None, max_body_bytes: str | None, ledger_url: str | None,
           engine: str | None, rate_limit_per_minute: int | None, max_concurrent_per_key: int | None,
-          max_document_tokens: int | None, max_artifact_bytes: str | None) -> None:
+          max_document_tokens: int | None, max_artifact_bytes: str | None, cors_origins: tuple[str, ...]) -> None:
     """Serve OpenAI- and Anthropic-compatible HTTP APIs that answer from hosted KV caches (docs/SERVER.md).
 
     Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
@@ -395,7 +397,7 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
     as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE, KVMART_MAX_BODY_BYTES,
     KVMART_LEDGER, KVMART_ENGINE, and the limits (docs/SECURITY.md) as KVMART_RATE_LIMIT_PER_MINUTE,
     KVMART_RATE_LIMIT_BURST, KVMART_MAX_CONCURRENT_PER_KEY, KVMART_MAX_DOCUMENT_TOKENS, KVMART_MAX_ARTIFACT_BYTES,
-    KVMART_UPLOAD_CHUNK_TOKENS, KVMART_UPLOAD_VERIFY_PERCENT. Every request authenticates with an API key
+    KVMART_UPLOAD_CHUNK_TOKENS, KVMART_UPLOAD_VERIFY_PERCENT, and KVMART_CORS_ORIGIN. Every request authenticates with an API key
     (`kvmart accounts create`); the admin key is KVMART_ADMIN_KEY, or printed once at the first start."""
     from kvmart.app import serve as run_server
     from kvmart.ledger import open_ledger
@@ -408,7 +410,8 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
         max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None, engine=engine,
         rate_limit_per_minute=rate_limit_per_minute, max_concurrent_per_key=max_concurrent_per_key,
         max_document_tokens=max_document_tokens,
-        max_artifact_bytes=parse_bytes(max_artifact_bytes) if max_artifact_bytes else None)
+        max_artifact_bytes=parse_bytes(max_artifact_bytes) if max_artifact_bytes else None,
+        cors_origin=",".join(cors_origins) or None)
     check_port_free(server.host, server.port)  # before the minutes a model may take to load, not after
     settings = settings.with_overrides(ledger=ledger_url)
     ledger = open_ledger(settings.ledger, settings.data_dir)
@@ -416,7 +419,8 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
         console.print(f"[bold]admin API key (shown once, keep it):[/bold] {ledger.admin_key_issued}")
     model = load_model(settings) if server.engine == "transformers" else None  # vllm: started by the server
     console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
-                  f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
+                  f"/v1/completions, /v1/responses · Anthropic /v1/messages · documents /v1/documents · store "
+                  f"{settings.store_url} (agents over MCP: kvmart mcp --url http://{server.host}:{server.port})")
     run_server(settings, server, model, ledger)
 
 

@@ -57,7 +57,7 @@ class Lines:
     def __init__(self, interval_seconds: float = INTERVAL_SECONDS, write: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.interval, self.clock = interval_seconds, clock
-        self.write = write or (lambda line: console.print(line, markup=False, highlight=False))
+        self.write = write or (lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         self.current: str | None = None
         self.started = self.last_line = 0.0
         self.fraction_done: float | None = None

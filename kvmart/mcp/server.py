@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -60,7 +60,7 @@ def build_server(base_url: str, default_key: str | None = None, model: str | Non
     server: MCPServer = MCPServer("kvmart", instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
 
     async def call(ctx: Context, tool: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        api: Api = ctx.request_context.lifespan_context
+        api = cast(Api, ctx.request_context.lifespan_context)  # what `lifespan` yields
         try:
             return await tool(api, caller_key(ctx, default_key), *args, **kwargs)
         except ApiError as e:

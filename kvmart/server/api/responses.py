@@ -167,9 +167,8 @@ class Reply:
         return entries
 
     def message(self, status: str) -> dict:
-        part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": self.logprobs}
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [part] if status != "in_progress" else []}
+                "content": [self.output_text()] if status != "in_progress" else []}
 
     def response(self, status: str, usage: Usage | None = None) -> dict:
         """The Response object: `in_progress` (no output yet), `completed`, or `incomplete` (max_output_tokens)."""
@@ -191,12 +190,6 @@ class Reply:
 
     def output_text(self) -> dict:
         return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": self.logprobs}
-
-
-def status_of(run: Run) -> str:
-    """`completed`, or `incomplete` when max_output_tokens ended it (call once its deltas are consumed)."""
-    assert run.finished is not None, "the run has not finished"
-    return "incomplete" if run.finished.finish_reason == "length" else "completed"
 
 
 class Events:
@@ -255,6 +248,12 @@ async def create_response(request: Request):
     answer = reply.response(status_of(run), run.usage)
     await remember_response(services, payer, run.bill, answer)
     return JSONResponse(answer)
+
+
+def status_of(run: Run) -> str:
+    """`completed`, or `incomplete` when max_output_tokens ended it (call once its deltas are consumed)."""
+    assert run.finished is not None, "the run has not finished"
+    return "incomplete" if run.finished.finish_reason == "length" else "completed"
 
 
 async def response_stream(run: Run, reply: Reply) -> AsyncIterator[str]:
