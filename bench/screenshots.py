@@ -85,6 +85,7 @@ def populate(app, url: str) -> dict[str, str]:
 def shoot(driver, path: Path) -> None:
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, max(700, height))
+    driver.execute_script("window.scrollTo(0, 0)")  # the Try it box scrolled the page: photograph it whole
     driver.save_screenshot(str(path))
     print(f"wrote {path}")
 

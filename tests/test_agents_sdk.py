@@ -25,7 +25,7 @@ INSTRUCTIONS = "You are the office clerk. Answer from the handbook, in one short
 HANDBOOK = ("Office handbook, week 12.\n\nThe on-call engineer this week is Priya Raman. She answers pages from "
             "9 am to 6 pm. The coffee machine on the third floor is broken until Friday; use the one on the "
             "second floor. Expense reports are due on the last working day of the month.")
-QUESTION = "Who is the on-call engineer this week?"
+QUESTION = "According to the handbook, who is the on-call engineer this week?"
 
 
 @pytest.fixture(scope="module")
