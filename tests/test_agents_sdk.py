@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import agents
 import pytest
 from server_support import LiveServer
 
@@ -18,7 +19,6 @@ from kvmart.config import Settings
 from kvmart.runtime.model import Model
 
 pytestmark = pytest.mark.slow
-agents = pytest.importorskip("agents", reason="openai-agents is not installed (the test extras)")
 
 MODEL = "builtin:smollm2-135m"
 INSTRUCTIONS = "You are the office clerk. Answer from the handbook, in one short sentence."

@@ -35,10 +35,10 @@ async def search(api: Api, key: str, query: str = "", limit: int = 20) -> dict:
 
 
 async def card(api: Api, key: str, document: str) -> dict:
-    """A document's card: tokens, artifact size, licence, price, publisher."""
+    """A document's card: tokens, artifact size, licence, price, publisher, who is paid for reads."""
     doc = await api.call(key, "GET", f"/v1/documents/{document}")
     return {k: doc.get(k) for k in ("id", "title", "source", "model", "num_tokens", "artifact_bytes",
-                                    "prefill_seconds", "created_at", "licence", "publisher", "price")}
+                                    "prefill_seconds", "created_at", "licence", "publisher", "price", "ownership")}
 
 
 async def ask(api: Api, key: str, model: str | None, question: str, documents: list[str], max_tokens: int = 256,

@@ -14,21 +14,23 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from kvmart.errors import KvmartError, RequestError
-from kvmart.server.api import accounts, anthropic, documents, openai, responses
+from kvmart.server.api import accounts, anthropic, claims, documents, market, openai, responses
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.headers import EXPOSED_HEADERS, ResponseHeaders
 from kvmart.server.limits import KeyLimits, limiter_for
 from kvmart.server.pipeline.services import Services
 
 log = logging.getLogger("kvmart.server")
+ESCROW_SWEEP_SECONDS = 3600
 KNOWN_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/responses",
                                 "/v1/messages/count_tokens", "/v1/messages", "/v1/documents",
-                                "/v1/models", "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
+                                "/v1/models", "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz",
+                                "/v1/statements", "/v1/claims", "/.well-known/kvmart.json")
 KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static",
                 "/favicon.ico")  # web page
 
@@ -44,9 +46,11 @@ def build_api(services: Services) -> FastAPI:
         if released:
             log.warning("released %d holds left by requests that never finished", released)
         services.worker.start()
+        sweeper = asyncio.create_task(refund_due_escrow(services))
         try:
             yield
         finally:
+            sweeper.cancel()
             await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
             close = getattr(services.model, "close", None)  # an engine with processes of its own (vllm)
             if close is not None:
@@ -54,7 +58,7 @@ def build_api(services: Services) -> FastAPI:
 
     app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
-    for module in (openai, responses, anthropic, documents, accounts):
+    for module in (openai, responses, anthropic, documents, accounts, market, claims):
         app.include_router(module.router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -62,6 +66,18 @@ def build_api(services: Services) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
     return app
+
+
+async def refund_due_escrow(services: Services) -> None:
+    """Refund escrowed royalties whose period has ended (kvmart/ledger/escrow.py): at start, then every hour."""
+    while True:
+        try:
+            paid = await asyncio.to_thread(services.ledger.refund_due_escrow)
+            if paid.receipts:
+                log.info("refunded %d unclaimed royalties from escrow to their readers", paid.receipts)
+        except KvmartError:  # a ledger hiccup: the next round refunds what is still due
+            log.exception("escrow refunds failed")
+        await asyncio.sleep(ESCROW_SWEEP_SECONDS)
 
 
 def add_middleware(app: FastAPI, services: Services, session_cookie: str,
@@ -122,8 +138,10 @@ async def healthz(request: Request):
 
 
 async def metrics(request: Request):
+    """The app's metrics, in the format the scraper's Accept header asks for (Prometheus text 0.0.4 by default)."""
     services: Services = request.app.state.services
-    return PlainTextResponse(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = services.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 class RequestMetrics:

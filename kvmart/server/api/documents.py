@@ -17,10 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFundsError, RequestError
+from kvmart.errors import (
+    ArtifactRejectedError,
+    ForbiddenError,
+    ForgedArtifactError,
+    InsufficientFundsError,
+    RequestError,
+)
 from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
 from kvmart.ledger.schema import accounts
 from kvmart.reuse.catalog import Document
+from kvmart.reuse.upload import chunk_spans, plan
 from kvmart.server.auth import caller, require_role
 from kvmart.server.body import parse, read_json
 from kvmart.server.pipeline.engine import Published
@@ -90,23 +97,59 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
     upload = decode_artifact(req.artifact)
+    if upload is not None and not await run_in_threadpool(services.ledger.may_upload, account):
+        raise ForbiddenError(f"account {account.name!r} had an upload refused as a forgery and may not upload "
+                             "artifacts until the operator allows it (kvmart accounts allow-uploads); publish the "
+                             "text instead, and the provider computes it")
     ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload))
     try:
         published = await first_event(ticket)
     except ArtifactRejectedError as e:
         services.metrics.published.inc(outcome="refused")
         log.warning("upload by %s refused: %s", account.name, e)
+        if isinstance(e, ForgedArtifactError):  # one strike: a sample must not be retried until it misses
+            await run_in_threadpool(services.ledger.record_forged_upload, account, str(e))
         raise
     assert isinstance(published, Published), published
     outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
     services.metrics.published.inc(outcome=outcome)
-    doc, fee = published.document, 0
+    doc, fee, claimed = published.document, 0, None
     if published.is_new:  # None: another node published the same text first; its licence stands
-        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt) or 0
+        charged: int | None = await run_in_threadpool(record_publication, services, doc, account, terms, salt,
+                                                      req.source)
+        fee = charged or 0
+        if upload is not None:
+            await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
+                                    upload_check_json(services, doc.num_tokens))
+    elif req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
+        claimed = await run_in_threadpool(services.ledger.claim_document, doc.cache_id, account, terms, req.source)
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
-            "seconds": published.seconds, "precompute_charge_usd": usd_text(fee)}
+            "seconds": published.seconds, "precompute_charge_usd": usd_text(fee),
+            "ownership": await run_in_threadpool(ownership_json, services, licence),
+            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
+    if claimed is not None:
+        body["ownership"]["claimed_now"] = True
+        body["ownership"]["escrow_paid_usd"] = usd_text(claimed.amount_nanousd)
     return body, published.is_new
+
+
+def upload_check_json(services: Services, num_tokens: int) -> dict:
+    """How much of an upload of `num_tokens` the provider recomputed under its settings, and what that buys
+    (kvmart/reuse/upload.py `plan`): recorded on the document."""
+    chunk_tokens = services.server.upload_chunk_tokens
+    checked = plan(len(chunk_spans(num_tokens, chunk_tokens)), services.server.upload_sample_percent).as_json()
+    return {**checked, "chunk_tokens": chunk_tokens}
+
+
+def ownership_json(services: Services, licence: Licence | None) -> dict:
+    """Who is paid for reads (docs/LEDGER.md "Owners, not first comers"): an open document's royalties wait in
+    escrow until its publisher is its verified owner."""
+    if licence is None:
+        return {"source": None, "owner_verified": False, "royalties_to": None, "escrow_held_usd": usd_text(0)}
+    to = "publisher" if licence.is_owner_verified or not licence.is_open else "escrow"
+    return {"source": licence.source or None, "owner_verified": licence.is_owner_verified, "royalties_to": to,
+            "escrow_held_usd": usd_text(services.ledger.escrow_held(licence.cache_id))}
 
 
 def decode_artifact(encoded: str | None) -> bytes | None:
@@ -119,11 +162,12 @@ def decode_artifact(encoded: str | None) -> bytes | None:
         raise RequestError(f"artifact must be the artifact file in base64 ({e})", "artifact") from e
 
 
-def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str) -> int | None:
+def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str,
+                       source: str = "") -> int | None:
     """The licence and the publisher's fee, together; if the publisher cannot pay, the new artifact is deleted
     again and the 402 raised: nothing stored, nothing charged."""
     try:
-        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens)
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source)
     except InsufficientFundsError:
         remove(services, doc)
         raise
@@ -162,8 +206,9 @@ def visible_document(services: Services, account: Account, doc_id: str) -> Docum
 
 def card_json(services: Services, doc: Document) -> dict:
     """One document's card: its entry, its licence, who published it (None: the operator, with `kvmart
-    precompute`) and what reading it costs (the price of 1M cached tokens, and of reading the whole document once
-    from cache, before the question and answer)."""
+    precompute`), what reading it costs (the price of 1M cached tokens, and of reading the whole document once
+    from cache, before the question and answer), who is paid for reads (`ownership`) and how an uploaded artifact
+    was checked (`upload_check`)."""
     licence = services.ledger.licence(doc.cache_id)
     publisher = None if licence is None else services.ledger.read(lambda conn: conn.execute(
         select(accounts.c.name).where(accounts.c.id == licence.publisher_id)).scalar())
@@ -171,7 +216,8 @@ def card_json(services: Services, doc: Document) -> dict:
     read_once = services.ledger.quote(licence, doc.num_tokens, 0, 0).total_nanousd
     return {**document_json(doc), "licence": licence_json(licence), "publisher": publisher,
             "price": {"cache_read_usd_per_mtok": str(tariff.read_usd_per_mtok), "read_once_usd": usd_text(read_once),
-                      "output_usd_per_mtok": str(tariff.output_usd_per_mtok)}}
+                      "output_usd_per_mtok": str(tariff.output_usd_per_mtok)},
+            "ownership": ownership_json(services, licence), "upload_check": services.ledger.upload_check(doc.cache_id)}
 
 
 @router.get("/v1/documents/{doc_id}")
