@@ -293,7 +293,7 @@ def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path
     assert new.account("kept").role == "agent"  # data kept
     names = new.read(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
     assert sorted(names) == ["0001_initial", "0002_stored_responses", "0003_receipt_keys", "0004_ownership",
-                            "0005_uploads"]
+                            "0005_uploads", "0006_charge_reads"]
     new.close()
 
 

@@ -68,13 +68,14 @@ def read_document(path: str) -> tuple[str, str]:
     return core.decode_utf8(p.read_bytes(), path), p.name
 
 
-def precompute_document(model: Model, store: Store, path: str, codec: str) -> core.Precomputed:
+def precompute_document(model: Model, store: Store, path: str, settings: Settings) -> core.Precomputed:
     from kvmart.reuse import core
 
     text, title = read_document(path)
     with reporter() as progress:
         return core.precompute(model, store, text, title=title, source=path,
-                                progress=progress.fraction(f"prefilling {title}"), codec=codec)
+                                progress=progress.fraction(f"prefilling {title}"), codec=settings.artifact_codec,
+                                chunk_tokens=settings.chunk_tokens)
 
 
 def resolve_id(store: Store, given: str) -> str:
@@ -83,10 +84,10 @@ def resolve_id(store: Store, given: str) -> str:
     return store.resolve(given.removeprefix(DOC_PREFIX) if given.startswith(DOC_PREFIX) else given)
 
 
-def resolve_document(model: Model, store: Store, doc: str, codec: str) -> str:
+def resolve_document(model: Model, store: Store, doc: str, settings: Settings) -> str:
     """A cache id, document id (or unique prefix of either) or a file to precompute first -> cache id."""
     if doc.startswith("sample:") or Path(doc).is_file():
-        return precompute_document(model, store, doc, codec).entry.cache_id
+        return precompute_document(model, store, doc, settings).entry.cache_id
     return resolve_id(store, doc)
 
 
@@ -106,10 +107,11 @@ def precompute(settings: Settings, file: str, codec: str | None) -> None:
     """Prefill FILE once and store its KV cache. FILE may be `sample:NAME` for a bundled document."""
     settings = settings.with_overrides(codec=codec)
     model, store = load_model(settings), open_store(settings.store_url)
-    result = precompute_document(model, store, file, settings.artifact_codec)
+    result = precompute_document(model, store, file, settings)
     e = result.entry
-    state = "computed" if result.is_new else "already stored, nothing computed"
-    out.print(f"cache_id  {e.cache_id}\ntokens    {e.num_tokens:,}\nbytes     {e.artifact_bytes:,}\n"
+    state = (f"computed {result.computed_tokens:,} tokens, reused the rest" if 0 < result.computed_tokens <
+             e.num_tokens else "computed" if result.is_new else "already stored, nothing computed")
+    out.print(f"cache_id  {e.cache_id}\ntokens    {e.num_tokens:,}\nbytes     {e.kv_bytes or e.artifact_bytes:,}\n"
               f"seconds   {result.seconds:.2f} ({state})")
 
 
@@ -125,7 +127,7 @@ def ask(settings: Settings, doc: str, question: str, max_tokens: int, temperatur
     from kvmart.reuse import core
 
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = core.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
+    loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     answer = core.ask(model, loaded, question, max_tokens, temperature, seed)
     out.print(answer.text.strip(), markup=False)
     console.print(f"[dim]tokens from cache {answer.cached_tokens:,} · computed {answer.computed_tokens:,} · "
@@ -146,7 +148,7 @@ def verify(settings: Settings, doc: str, question: str, tokens: int) -> None:
     from kvmart.runtime.chat import layout_for, question_ids
 
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = core.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
+    loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     q = question_ids(model.tokenize, layout_for(model.tokenizer), question)
     with working("comparing reuse against fresh prefills"):
         report = run_verify(model, loaded, q, tokens)
@@ -168,30 +170,35 @@ def print_report(r) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @common_options
 def list_(settings: Settings, as_json: bool) -> None:
-    """List stored artifacts (cache id, the API's doc_ id, title, model, tokens, bytes, prefill seconds)."""
-    entries = open_store(settings.store_url).entries()
+    """List stored documents (cache id, the API's doc_ id, title, model, tokens, bytes, prefill seconds); their
+    chunks, shared between documents, are not listed."""
+    entries = [e for e in open_store(settings.store_url).entries() if e.is_document]
     if as_json:
         print_json([{"cache_id": e.cache_id, "id": DOC_PREFIX + e.cache_id[:24], "title": e.title, "source": e.source,
-                     "model": e.model, "num_tokens": e.num_tokens, "artifact_bytes": e.artifact_bytes,
+                     "model": e.model, "num_tokens": e.num_tokens, "bytes": e.kv_bytes or e.artifact_bytes,
                      "prefill_seconds": e.prefill_seconds, "created_at": e.created_at} for e in entries])
         return
     columns = [("cache_id", False), ("title", False), ("model", False), ("tokens", True), ("bytes", True),
                ("prefill s", True)]
-    rows = [[e.cache_id[:16], e.title, e.model, f"{e.num_tokens:,}", f"{e.artifact_bytes:,}",
+    rows = [[e.cache_id[:16], e.title, e.model, f"{e.num_tokens:,}", f"{e.kv_bytes or e.artifact_bytes:,}",
              f"{e.prefill_seconds:.2f}"] for e in entries]
-    listing(columns, rows, empty="no artifacts stored")
+    listing(columns, rows, empty="no documents stored")
 
 
 @cli.command()
 @click.argument("cache_ids", nargs=-1, required=True)
 @common_options
 def rm(settings: Settings, cache_ids: tuple[str, ...]) -> None:
-    """Delete stored artifacts by cache id or doc_ id (or a unique prefix of either)."""
+    """Delete stored documents by cache id or doc_ id (or a unique prefix of either), with their chunks no other
+    document shares. A running server stops answering from a deleted document at once (it checks that a named
+    document is still stored on use)."""
+    from kvmart.reuse import core
+
     store = open_store(settings.store_url)
     for prefix in cache_ids:
         cid = resolve_id(store, prefix)
-        store.delete(cid)
-        out.print(f"removed {cid}")
+        chunks = core.remove(store, cid)
+        out.print(f"removed {cid}" + (f" and {chunks} chunks" if chunks else ""))
 
 
 @cli.command()
@@ -220,9 +227,9 @@ def demo(settings: Settings, sample: str, question: str | None, max_tokens: int)
 
     model, store = load_model(settings), open_store(settings.store_url)
     console.print(f"model {settings.model} ({settings.dtype}) · store {settings.store_url}")
-    result = precompute_document(model, store, f"sample:{sample}", settings.artifact_codec)
+    result = precompute_document(model, store, f"sample:{sample}", settings)
     e = result.entry
-    out.print(f"[bold]1. precompute[/bold] sample:{sample}: {e.num_tokens:,} tokens, {e.artifact_bytes / 1e6:.1f} MB, "
+    out.print(f"[bold]1. precompute[/bold] sample:{sample}: {e.num_tokens:,} tokens, {e.kv_bytes / 1e6:.1f} MB, "
               f"prefill {e.prefill_seconds:.2f}s{'' if result.is_new else ' (already stored)'} -> {e.cache_id[:16]}")
     question = question or SAMPLES[sample][1]
     loaded = core.load(model, store, e.cache_id)
@@ -292,6 +299,10 @@ def cost_shape(spec: str):
 @click.option("--reads", default="1", show_default=True, callback=_count, help="Reads of the document (80e6 works).")
 @click.option("--dtype", default="bfloat16", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16", "float8", "int8"]), help="KV and weight dtype.")
+@click.option("--preset", type=click.Choice(["roofline", "paper"]), default="roofline", show_default=True,
+              help="Where the times come from: `roofline`, the analytic estimate (from FLOPs, bytes and the device "
+                   "figures below; not a measurement), or `paper`, the paper's measured times (Qwen3-4B fp16 on an "
+                   "M1 Pro: 14.71 s / 0.296 s at 3,774 tokens, 0.67 s / 0.078 s at 255).")
 @click.option("--prefill-seconds", type=float, help="Measured prefill time (with --reuse-seconds): price it "
                                                     "instead of the roofline estimate.")
 @click.option("--reuse-seconds", type=float, help="Measured reuse time.")
@@ -309,12 +320,17 @@ def cost_shape(spec: str):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw savings vs length and cost vs reads (PNG).")
 @click.option("--measured", type=click.Path(exists=True, dir_okay=False),
               help="A bench/economics.py --json result to draw beside the analytic curves.")
-def cost(spec: str, tokens: int, question_tokens: int, reads: int, dtype: str, prefill_seconds: float | None,
-         reuse_seconds: float | None, usd_per_hour, flops, bandwidth, overhead, egress, storage, input_price,
-         cache_read_fraction, royalty_share, compression_ratio, as_json: bool, plot: str | None,
+def cost(spec: str, tokens: int, question_tokens: int, reads: int, dtype: str, preset: str,
+         prefill_seconds: float | None, reuse_seconds: float | None, usd_per_hour, flops, bandwidth, overhead, egress,
+         storage, input_price, cache_read_fraction, royalty_share, compression_ratio, as_json: bool, plot: str | None,
          measured: str | None) -> None:
     """The economics of one document: prefill vs reuse compute and dollars, egress vs hosting, N reads, and the
-    tariff split of a read. Defaults reproduce the paper's setup (docs/ECONOMICS.md); no model is loaded."""
+    tariff split of a read; no model is loaded.
+
+    By default the times are a roofline estimate (analytic: FLOPs over the paper's fitted FLOP/s, bytes over M1
+    Pro bandwidth), not a measurement: for the paper's Qwen3-4B at 3,774 tokens it gives 104.7x and $14,494 for
+    80M reads. `--preset paper` prices the paper's measured times instead (49.7x, ~$0.03M for 80M reads), and
+    --prefill-seconds/--reuse-seconds price your own. Prices default to the paper's setup (docs/ECONOMICS.md)."""
     import dataclasses
     import json
 
@@ -329,14 +345,17 @@ def cost(spec: str, tokens: int, question_tokens: int, reads: int, dtype: str, p
                  "compression_ratio": compression_ratio}
     try:
         prices = dataclasses.replace(Prices(), **{k: v for k, v in overrides.items() if v is not None})
-        e = analyse(cost_shape(spec), tokens, question_tokens, reads, prices, dtype, prefill_seconds, reuse_seconds)
+        times = cost_report.preset_times(preset, spec, tokens, prefill_seconds, reuse_seconds)
+        e = analyse(cost_shape(spec), tokens, question_tokens, reads, prices, dtype, times.prefill_seconds,
+                    times.reuse_seconds)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     if as_json:
-        click.echo(json.dumps(cost_report.as_json(e), indent=2))
+        click.echo(json.dumps(cost_report.as_json(e, times.source), indent=2))
     else:
-        table = Table("quantity", "value", "how", title=escape(cost_report.title(e)), title_justify="left")
-        for heading, rows in cost_report.sections(e):
+        table = Table("quantity", "value", "how", title=escape(cost_report.title(e, times.source)),
+                      title_justify="left")
+        for heading, rows in cost_report.sections(e, times.source):
             table.add_row(f"[bold]{escape(heading)}[/bold]", "", "")
             for row in rows:
                 table.add_row(*map(escape, row))  # a folder's name may hold [brackets]: text, not markup

@@ -210,7 +210,7 @@ def ownership(conn: Connection) -> None:
     Table(
         "escrow", md,
         Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),  # the charge
-        Column("cache_id", String(64), nullable=False, index=True),
+        Column("cache_id", String(64), primary_key=True, index=True),  # one row per document the charge read
         Column("payer_id", Integer, ForeignKey("accounts.id"), nullable=False),
         Column("amount_nanousd", BigInteger, nullable=False),
         Column("created_at", BigInteger, nullable=False),
@@ -256,12 +256,32 @@ def uploads(conn: Connection) -> None:
         md.tables[name].create(conn, checkfirst=True)
 
 
+def charge_reads(conn: Connection) -> None:
+    """Every document a charge read, with the royalty paid on it and where it went (a request may read several
+    documents) (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    Table("transactions", md, Column("id", Integer, primary_key=True))
+    Table(
+        "charge_reads", md,
+        Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+        Column("position", Integer, primary_key=True),
+        Column("cache_id", String(64), nullable=False, index=True),
+        Column("licensee_id", Integer, ForeignKey("accounts.id"), nullable=True, index=True),
+        Column("royalty_to", Integer, ForeignKey("accounts.id"), nullable=True),
+        Column("cached_tokens", Integer, nullable=False),
+        Column("royalty_nanousd", BigInteger, nullable=False),
+    )
+    md.tables["charge_reads"].create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
     ("0002_stored_responses", stored_responses),
     ("0003_receipt_keys", receipt_keys),
     ("0004_ownership", ownership),
     ("0005_uploads", uploads),
+    ("0006_charge_reads", charge_reads),
 )
 
 

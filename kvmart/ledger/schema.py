@@ -95,6 +95,19 @@ charges = Table(
     Index("ix_charges_cache", "cache_id"),
 )
 
+# every document one charge read, in order (0006): its tokens, its publisher then (licensee), and where the royalty
+# on them went (the publisher, or escrow)
+charge_reads = Table(
+    "charge_reads", metadata,
+    Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("cache_id", String(64), nullable=False, index=True),
+    Column("licensee_id", Integer, ForeignKey("accounts.id"), nullable=True, index=True),
+    Column("royalty_to", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("royalty_nanousd", BigInteger, nullable=False),
+)
+
 # money reserved for a request in flight (its largest possible charge); settled or released when it ends
 holds = Table(
     "holds", metadata,
@@ -143,7 +156,7 @@ origin_claims = Table(
 escrow = Table(
     "escrow", metadata,
     Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),  # the charge
-    Column("cache_id", String(64), nullable=False, index=True),
+    Column("cache_id", String(64), primary_key=True, index=True),  # one row per document the charge read
     Column("payer_id", Integer, ForeignKey("accounts.id"), nullable=False),
     Column("amount_nanousd", BigInteger, nullable=False),
     Column("created_at", BigInteger, nullable=False),

@@ -22,7 +22,7 @@ from kvmart.errors import KvmartError, RequestError
 from kvmart.server.api import accounts, anthropic, claims, documents, market, openai, responses
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.headers import EXPOSED_HEADERS, ResponseHeaders
-from kvmart.server.limits import KeyLimits, limiter_for
+from kvmart.server.limits import KeyLimits, Limiter
 from kvmart.server.pipeline.services import Services
 
 log = logging.getLogger("kvmart.server")
@@ -41,17 +41,16 @@ def build_api(services: Services) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        services.catalog.refresh()
         released = await asyncio.to_thread(services.ledger.release_stale)
         if released:
             log.warning("released %d holds left by requests that never finished", released)
-        services.worker.start()
+        await asyncio.to_thread(services.start)
         sweeper = asyncio.create_task(refund_due_escrow(services))
         try:
             yield
         finally:
             sweeper.cancel()
-            await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
+            await asyncio.to_thread(services.stop)  # requests in flight are done: uvicorn waited
             close = getattr(services.model, "close", None)  # an engine with processes of its own (vllm)
             if close is not None:
                 close()
@@ -80,13 +79,13 @@ async def refund_due_escrow(services: Services) -> None:
         await asyncio.sleep(ESCROW_SWEEP_SECONDS)
 
 
-def add_middleware(app: FastAPI, services: Services, session_cookie: str,
+def add_middleware(app: FastAPI, services: Services, limiter: Limiter, session_cookie: str,
                    session_key: Callable[[str], str | None]) -> None:
-    """Per-key rate and concurrency limits (429), for the API and the web page alike (a web session counts against
-    the API key it signed in with: `session_key` maps a session cookie to it); request metrics around them; the
-    request id and rate-limit headers around those (so a 429 carries them); CORS outermost, when origins are set
-    (a browser's preflight is answered before anything else looks at it)."""
-    limiter = limiter_for(services.server)
+    """Per-key rate and concurrency limits (429) by `limiter` (this node's, or the cluster's in Redis), for the API
+    and the web page alike (a web session counts against the API key it signed in with: `session_key` maps a
+    session cookie to it); request metrics around them; the request id and rate-limit headers around those (so a
+    429 carries them); CORS outermost, when origins are set (a browser's preflight is answered before anything
+    else looks at it)."""
     app.add_middleware(KeyLimits, limiter=limiter, respond=error_response,
                        on_reject=services.metrics.rate_limited.inc, session_cookie=session_cookie,
                        session_key=session_key)
@@ -105,17 +104,20 @@ def error_response(path: str, error: HttpError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-async def kvmart_error(request: Request, exc: KvmartError) -> JSONResponse:
+async def kvmart_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KvmartError)  # registered for KvmartError (Starlette types every handler's exc as Exception)
     return error_response(request.url.path, http_error(exc))
 
 
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # registered for it
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"][1:]) or None
     return error_response(request.url.path, http_error(RequestError(f"invalid {where}: {first['msg']}", where)))
 
 
-async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # registered for it
     kind = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return error_response(request.url.path, HttpError(exc.status_code, kind, message))

@@ -3,10 +3,12 @@
 on API requests with a key the key's request budget as its client family names it: Anthropic's
 `anthropic-ratelimit-requests-*` for the Anthropic paths and for any request sent with an `anthropic-version`
 header (every anthropic client sends one), OpenAI's `x-ratelimit-*-requests` otherwise. The budget is read from
-the per-key limiter (kvmart/server/limits.py) when the response starts, so a 429 says `remaining 0`."""
+the per-key limiter (kvmart/server/limits.py: this node's, or the cluster's in Redis) when the response starts,
+so a 429 says `remaining 0`."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import uuid
@@ -15,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from starlette.datastructures import Headers, MutableHeaders
 
 from kvmart.server.auth import api_key
-from kvmart.server.limits import Budget, KeyLimiter
+from kvmart.server.limits import Budget, KeyLimiter, Limiter
 
 ANTHROPIC_PATHS = ("/v1/messages",)  # and below it: /v1/messages/count_tokens
 EXPOSED_HEADERS = ("x-request-id", "request-id", "retry-after", "x-ratelimit-limit-requests",
@@ -59,7 +61,7 @@ class ResponseHeaders:
     """ASGI middleware: a request id on every HTTP response (also in `scope["state"]["request_id"]`), and on /v1
     requests that carry an API key its request budget. Placed outside the per-key limits, so 429s get them too."""
 
-    def __init__(self, app, limiter: KeyLimiter) -> None:
+    def __init__(self, app, limiter: Limiter) -> None:
         self.app, self.limiter = app, limiter
 
     async def __call__(self, scope, receive, send) -> None:
@@ -76,9 +78,14 @@ class ResponseHeaders:
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = headers["request-id"] = request_id
                 # keys are told apart by their sha256, as the limiter's middleware does (limits.py)
-                budget = None if key is None else self.limiter.budget(hashlib.sha256(key.encode()).hexdigest())
+                budget = None if key is None else await self.budget(hashlib.sha256(key.encode()).hexdigest())
                 if budget is not None:
                     headers.update(budget_headers(budget, anthropic))
             await send(message)
 
         await self.app(scope, receive, stamp)
+
+    async def budget(self, digest: str) -> Budget | None:
+        if isinstance(self.limiter, KeyLimiter):
+            return self.limiter.budget(digest)  # in memory
+        return await asyncio.to_thread(self.limiter.budget, digest)  # a round trip to Redis: off the event loop

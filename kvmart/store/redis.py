@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import xxhash
 
@@ -116,7 +116,8 @@ class RedisStore(Store):
         data = bytearray()
         with self._reach():
             for start in range(0, len(keys), FETCH_BATCH):
-                for i, blob in enumerate(self._client.mget(keys[start:start + FETCH_BATCH]), start):
+                blobs = cast(list[bytes | None], self._client.mget(keys[start:start + FETCH_BATCH]))
+                for i, blob in enumerate(blobs, start):
                     if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][i]:
                         self._drop_broken(cache_id, i, "missing" if blob is None else "corrupt")
                         return None
@@ -134,7 +135,7 @@ class RedisStore(Store):
         if index is None:
             return None
         with self._reach():
-            blob = self._client.get(self._key("chunk", cache_id, index["nonce"], "0"))
+            blob = cast(bytes | None, self._client.get(self._key("chunk", cache_id, index["nonce"], "0")))
         if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][0]:
             return self._open(cache_id)  # let the full read find and report the damage
         if len(blob) < 8 or 8 + struct.unpack("<Q", blob[:8])[0] > len(blob):
@@ -160,7 +161,7 @@ class RedisStore(Store):
 
     def entries(self) -> list[Entry]:
         with self._reach():
-            ids = sorted(m.decode() for m in self._client.smembers(self._key("catalog")))
+            ids = sorted(m.decode() for m in cast(set[bytes], self._client.smembers(self._key("catalog"))))
             raws = self._client.mget([self._key("index", c) for c in ids]) if ids else []
             gone = [c for c, raw in zip(ids, raws, strict=True) if raw is None]
             if gone:  # expired or evicted: prune the set

@@ -1,7 +1,8 @@
 """The documents API: publish a text under a licence (the provider tokenizes and prefills it itself, once, and
 charges the publisher the precompute fee), list the catalogue, read one entry, delete one (its publisher only).
-Publishing goes through `cache.precompute`, as `kvmart precompute` does, into the same store: the CLI and the
-server see the same public documents under the same ids. A private document is stored under its publisher's
+Publishing goes through `core.precompute_ids`, as `kvmart precompute` does, into the same store, as a chunk chain
+(kvmart/reuse/chunks.py): the CLI and the server see the same public documents under the same ids, and documents
+that share a prefix share its chunks. A private document is stored under its publisher's
 tenant salt and is invisible (404) to accounts it does not list."""
 
 from __future__ import annotations
@@ -14,23 +15,19 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from kvmart.errors import (
-    ArtifactRejectedError,
-    ForbiddenError,
-    ForgedArtifactError,
-    InsufficientFundsError,
-    RequestError,
-)
-from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
-from kvmart.ledger.schema import accounts
+from kvmart.errors import ArtifactRejectedError, ForbiddenError, ForgedArtifactError, RequestError, TooLargeError
+from kvmart.format.keys import cache_id as make_cache_id
+from kvmart.ledger import Account, Hold, Licence, Terms, parse_money, usd_text
+from kvmart.reuse import core
 from kvmart.reuse.catalog import Document
 from kvmart.reuse.upload import chunk_spans, plan
+from kvmart.runtime.chat import document_ids, layout_for
 from kvmart.server.auth import caller, require_role
 from kvmart.server.body import parse, read_json
-from kvmart.server.pipeline.engine import Published
+from kvmart.server.pipeline.engine import Published, PublishJob
+from kvmart.server.pipeline.plan import MAX_CHARS_PER_TOKEN
 from kvmart.server.pipeline.runs import first_event, submit
 from kvmart.server.pipeline.services import Services
 
@@ -91,7 +88,9 @@ async def publish(request: Request):
 
 async def publish_as(services: Services, account: Account, req: PublishRequest) -> tuple[dict, bool]:
     """Publish `req` for `account` (the API and the web page both come here): the document's JSON, and whether it
-    was computed now. ForbiddenError for an agent, TariffError/AccountError for bad terms, 402 for the fee."""
+    was computed now. ForbiddenError for an agent, TariffError/AccountError for bad terms, 413 for a document
+    beyond the limits, 402 for the fee: each before any forward pass (the fee is held first, charged once the
+    document is stored, released if it is not)."""
     require_role(account, "publisher")
     terms = req.terms()
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
@@ -101,43 +100,99 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
         raise ForbiddenError(f"account {account.name!r} had an upload refused as a forgery and may not upload "
                              "artifacts until the operator allows it (kvmart accounts allow-uploads); publish the "
                              "text instead, and the provider computes it")
-    ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload))
+    job = await run_in_threadpool(publish_job, services, req, salt, terms.canonical(), upload)
+    existing = await run_in_threadpool(stored_document, services, job)
+    if existing is not None:  # already stored: nothing computed, nothing charged (an upload is not needed)
+        services.metrics.published.inc(outcome="already_stored")
+        claimed = None
+        if req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
+            claimed = await run_in_threadpool(services.ledger.claim_document, existing.cache_id, account, terms,
+                                              req.source)
+        return await document_body(services, existing, False, 0.0, 0, claimed), False
+    hold = await run_in_threadpool(hold_fee, services, account, len(job.token_ids))
     try:
+        ticket = submit(services, services.engine.publish(job, services.settings.artifact_codec))
         published = await first_event(ticket)
+        assert isinstance(published, Published), published
+        doc = await run_in_threadpool(services.engine.register, published)
     except ArtifactRejectedError as e:
+        release_hold(services, hold)
         services.metrics.published.inc(outcome="refused")
         log.warning("upload by %s refused: %s", account.name, e)
         if isinstance(e, ForgedArtifactError):  # one strike: a sample must not be retried until it misses
             await run_in_threadpool(services.ledger.record_forged_upload, account, str(e))
         raise
-    assert isinstance(published, Published), published
+    except BaseException:
+        release_hold(services, hold)
+        raise
     outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
     services.metrics.published.inc(outcome=outcome)
-    doc, fee, claimed = published.document, 0, None
+    fee: int | None = 0
     if published.is_new:  # None: another node published the same text first; its licence stands
-        charged: int | None = await run_in_threadpool(record_publication, services, doc, account, terms, salt,
-                                                      req.source)
-        fee = charged or 0
+        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, hold, req.source)
         if upload is not None:
             await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
                                     upload_check_json(services, doc.num_tokens))
-    elif req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
-        claimed = await run_in_threadpool(services.ledger.claim_document, doc.cache_id, account, terms, req.source)
+    else:
+        release_hold(services, hold)
+    return await document_body(services, doc, published.is_new, published.seconds, fee or 0), published.is_new
+
+
+def publish_job(services: Services, req: PublishRequest, salt: str, terms: str, upload: bytes | None) -> PublishJob:
+    """The document's token ids (laid out as requests will lay it out; the text's length bounded before it is
+    tokenized), checked against the server's limits."""
+    model, engine = services.model, services.engine
+    text = core.check_text(req.text)
+    bound = model.context_tokens * MAX_CHARS_PER_TOKEN
+    if len(text) > bound:
+        raise TooLargeError(f"the document is {len(text):,} characters: it cannot fit the model's context of "
+                            f"{model.context_tokens:,} tokens", "text")
+    layout = layout_for(model.tokenizer, req.system) if req.system else layout_for(model.tokenizer)
+    ids = document_ids(model.tokenize, layout, text)
+    engine.check_limits(len(ids), len(upload) if upload is not None else None)
+    return PublishJob(ids, req.title, req.source, salt, terms, upload)
+
+
+def stored_document(services: Services, job: PublishJob) -> Document | None:
+    """The document if these ids, salt and terms are stored already."""
+    cid = make_cache_id(services.model.fingerprint.digest, job.token_ids, job.salt, job.terms)
+    entry = services.store.entry(cid)
+    return services.catalog.add(entry) if entry is not None and entry.is_document else None
+
+
+def hold_fee(services: Services, account: Account, num_tokens: int) -> Hold | None:
+    """Hold the precompute fee before anything is computed: InsufficientFundsError (402) if it is not covered."""
+    fee = services.ledger.precompute_fee(account, num_tokens)
+    if not fee:
+        return None
+    held = services.ledger.open_hold(account, fee, None, f"publish:{num_tokens}")
+    assert isinstance(held, Hold), "a hold without an idempotency key is never an earlier charge"
+    return held
+
+
+def release_hold(services: Services, hold: Hold | None) -> None:
+    if hold is not None:
+        services.ledger.release(hold)
+
+
+async def document_body(services: Services, doc: Document, is_new: bool, seconds: float, fee: int,
+                        claimed=None) -> dict:
+    """The document's JSON as a publish answers it: its licence, ownership, upload check and what it cost."""
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
-    body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
-            "seconds": published.seconds, "precompute_charge_usd": usd_text(fee),
+    body = {**document_json(doc), "licence": licence_json(licence), "computed": is_new, "seconds": seconds,
+            "precompute_charge_usd": usd_text(fee),
             "ownership": await run_in_threadpool(ownership_json, services, licence),
             "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
     if claimed is not None:
         body["ownership"]["claimed_now"] = True
         body["ownership"]["escrow_paid_usd"] = usd_text(claimed.amount_nanousd)
-    return body, published.is_new
+    return body
 
 
 def upload_check_json(services: Services, num_tokens: int) -> dict:
     """How much of an upload of `num_tokens` the provider recomputed under its settings, and what that buys
     (kvmart/reuse/upload.py `plan`): recorded on the document."""
-    chunk_tokens = services.server.upload_chunk_tokens
+    chunk_tokens = services.settings.chunk_tokens
     checked = plan(len(chunk_spans(num_tokens, chunk_tokens)), services.server.upload_sample_percent).as_json()
     return {**checked, "chunk_tokens": chunk_tokens}
 
@@ -163,20 +218,21 @@ def decode_artifact(encoded: str | None) -> bytes | None:
 
 
 def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str,
-                       source: str = "") -> int | None:
-    """The licence and the publisher's fee, together; if the publisher cannot pay, the new artifact is deleted
-    again and the 402 raised: nothing stored, nothing charged."""
+                       hold: Hold | None, source: str = "") -> int | None:
+    """The licence and the publisher's fee (spending its hold), together; if that fails, the new document is
+    deleted again: nothing stored, nothing charged."""
     try:
-        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source)
-    except InsufficientFundsError:
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source, hold)
+    except BaseException:
         remove(services, doc)
+        release_hold(services, hold)
         raise
 
 
 def remove(services: Services, doc: Document) -> None:
+    """Delete a document (its index: its chunks stay, shared with others, until the store evicts them)."""
     services.store.delete(doc.cache_id)
     services.catalog.remove(doc.id)
-    services.hot.discard(doc.cache_id)
 
 
 @router.get("/v1/documents")
@@ -210,8 +266,7 @@ def card_json(services: Services, doc: Document) -> dict:
     from cache, before the question and answer), who is paid for reads (`ownership`) and how an uploaded artifact
     was checked (`upload_check`)."""
     licence = services.ledger.licence(doc.cache_id)
-    publisher = None if licence is None else services.ledger.read(lambda conn: conn.execute(
-        select(accounts.c.name).where(accounts.c.id == licence.publisher_id)).scalar())
+    publisher = None if licence is None else services.ledger.publisher_name(licence)
     tariff = services.ledger.tariff if licence is None else licence.tariff(services.ledger.tariff)
     read_once = services.ledger.quote(licence, doc.num_tokens, 0, 0).total_nanousd
     return {**document_json(doc), "licence": licence_json(licence), "publisher": publisher,

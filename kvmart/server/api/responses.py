@@ -9,7 +9,7 @@ output: HTTP 400 naming the parameter, never silently ignored (docs/SERVER.md).
 
 The module reads in three parts: the request (parsed and checked into a GenerationRequest), the shapes (the
 Response object and the stream's events, built from what was generated), and the route, which alone drives
-generation (start_generation and Run, as the chat route does)."""
+generation (open_generation and Run, as the chat route does: kvmart/server/api/generation.py)."""
 
 from __future__ import annotations
 
@@ -21,20 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmart.errors import KvmartError, RequestError, UnsupportedParameterError
 from kvmart.reuse.prompt import ChatMessage, ChatPrompt, chat_message
-from kvmart.server.api.openai import SSE_HEADERS, chat_logprobs, check_model
+from kvmart.server.api.generation import Opened, open_generation, read_price_cap
+from kvmart.server.api.openai import SSE_HEADERS, chat_logprobs
 from kvmart.server.api.usage import responses_usage
-from kvmart.server.auth import caller, idempotency_key, request_hash
-from kvmart.server.body import parse, read_json
 from kvmart.server.errors import http_error
-from kvmart.server.pipeline.billing import Payer, remember_response, replayed_response
-from kvmart.server.pipeline.engine import Delta, GenerationRequest, Sampling
-from kvmart.server.pipeline.runs import Run, start_generation
-from kvmart.server.pipeline.services import Services
+from kvmart.server.pipeline.engine import Delta
+from kvmart.server.pipeline.plan import GenerationRequest, Sampling
+from kvmart.server.pipeline.runs import Run
 from kvmart.server.pipeline.usage import Usage
 
 router = APIRouter()
@@ -88,6 +86,7 @@ class ResponsesRequest(BaseModel):
     prompt_cache_key: str | None = None
     documents: list[str] = []
     cache: Literal["default", "bypass"] = "default"
+    max_cache_read_usd_per_mtok: str | float | int | None = None  # the most a document not named may cost
 
     @property
     def wants_logprobs(self) -> bool:
@@ -143,7 +142,7 @@ def generation_request(req: ResponsesRequest) -> GenerationRequest:
                         temperature=1.0 if req.temperature is None else req.temperature, top_p=req.top_p or 1.0,
                         seed=req.seed, top_logprobs=(req.top_logprobs or 0) if req.wants_logprobs else None)
     prompt = ChatPrompt(messages, tuple(req.documents), continue_final=messages[-1].role == "assistant")
-    return GenerationRequest(prompt, sampling, req.cache == "bypass")
+    return GenerationRequest(prompt, sampling, req.cache == "bypass", read_price_cap(req.max_cache_read_usd_per_mtok))
 
 
 # -- the shapes ---------------------------------------------------------------------------------------------------
@@ -230,30 +229,30 @@ class Events:
 # -- the route: the only part that drives generation ----------------------------------------------------------
 @router.post("/v1/responses")
 async def create_response(request: Request):
-    services: Services = request.app.state.services
-    account = await caller(request)
-    body = await read_json(request, services.server.max_body_bytes)
-    req = parse(ResponsesRequest, body)
-    check_model(services, req.model)
-    check_request(req)
-    payer = Payer(account, idempotency_key(request), request_hash(body))
-    if not req.stream and (replay := await replayed_response(services, payer)):
-        return replay
-    run = await start_generation(services, generation_request(req), "responses", payer)
-    reply = Reply(services.model_id, req)
+    opened = await open_generation(request, ResponsesRequest, checked_request, "responses", is_stream)
+    if not isinstance(opened, Opened):
+        return opened  # an idempotent retry's stored answer
+    req, run = opened.req, opened.run
+    reply = Reply(opened.services.model_id, req)
     if req.stream:
         return StreamingResponse(response_stream(run, reply), media_type="text/event-stream", headers=SSE_HEADERS)
     for delta in await run.collect():
         reply.add(delta)
-    answer = reply.response(status_of(run), run.usage)
-    await remember_response(services, payer, run.bill, answer)
-    return JSONResponse(answer)
+    return await opened.answer(reply.response(status_of(run), run.usage))
+
+
+def checked_request(req: ResponsesRequest) -> GenerationRequest:
+    check_request(req)
+    return generation_request(req)
+
+
+def is_stream(req: ResponsesRequest) -> bool:
+    return bool(req.stream)
 
 
 def status_of(run: Run) -> str:
     """`completed`, or `incomplete` when max_output_tokens ended it (call once its deltas are consumed)."""
-    assert run.finished is not None, "the run has not finished"
-    return "incomplete" if run.finished.finish_reason == "length" else "completed"
+    return "incomplete" if run.ended.finish_reason == "length" else "completed"
 
 
 async def response_stream(run: Run, reply: Reply) -> AsyncIterator[str]:

@@ -1,12 +1,16 @@
-"""Metering one generation: hold its largest possible charge once its prompt is resolved (402 before any token
-if the agent cannot cover it), charge what it actually used when it is complete, release the hold if it fails or
-the client goes away (nothing charged). The admin is never charged. See kvmart/ledger/charges.py."""
+"""Metering one generation: hold its largest possible charge once it is planned (402 before any forward pass if
+the agent cannot cover it), charge what it actually used when it is complete, release the hold if it fails or
+the client goes away (nothing charged). The admin is never charged. See kvmart/ledger/charges.py.
+
+A request may read several documents (named together) and its own prefix cache: each document's tokens are
+priced by its licence and earn its publisher's royalty; the caller's own cached tokens are read at the list price
+with no royalty (docs/SERVER.md "Billing")."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -14,10 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from kvmart.errors import InsufficientFundsError, LedgerError
 from kvmart.ledger import Account, Charge, Hold, Licence
 from kvmart.ledger.tariffs import NANO_PER_USD
-from kvmart.server.pipeline.engine import Started
+from kvmart.server.pipeline.plan import Plan
 from kvmart.server.pipeline.services import Services
 
 log = logging.getLogger("kvmart.server")
+Reads = list[tuple[str | None, Licence | None, int]]  # (document cache id or None for one's own cache, licence, tokens)
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,8 @@ class Bill:
     request (then nothing is held, and nothing charged again)."""
 
     payer: Payer
-    licence: Licence | None = None
-    cache_id: str | None = None  # the document read from cache, if any
+    reads: Reads = field(default_factory=list)
+    computed_tokens: int = 0
     hold: Hold | None = None
     charge: Charge | None = None
 
@@ -45,17 +50,16 @@ class Bill:
         return not self.payer.account.is_admin
 
 
-async def open_bill(services: Services, payer: Payer, started: Started) -> Bill:
-    """Hold the most this request can cost; InsufficientFundsError (402) or IdempotencyConflictError (409)."""
-    bill = Bill(payer)
+def reads_of(plan: Plan) -> Reads:
+    return [(s.document.cache_id if s.document else None, s.licence, s.num_tokens) for s in plan.sources]
+
+
+async def open_bill(services: Services, payer: Payer, plan: Plan) -> Bill:
+    """Hold the most `plan` can cost; InsufficientFundsError (402) or IdempotencyConflictError (409)."""
+    bill = Bill(payer, reads_of(plan), plan.computed_tokens)
     if not bill.is_metered:
         return bill
-    reuse = started.reuse
-    if reuse.document is not None and reuse.cached_tokens > 0:
-        bill.cache_id = reuse.document.cache_id
-        bill.licence = await run_in_threadpool(services.ledger.licence, bill.cache_id)
-    most = services.ledger.quote(bill.licence, reuse.cached_tokens, started.prompt_tokens - reuse.cached_tokens,
-                                 started.max_new_tokens)
+    most, _ = services.ledger.quote_reads(bill.reads, bill.computed_tokens, plan.max_new_tokens)
     try:
         held = await run_in_threadpool(services.ledger.open_hold, payer.account, most.total_nanousd,
                                        payer.idempotency_key, payer.request_hash)
@@ -70,27 +74,23 @@ async def open_bill(services: Services, payer: Payer, started: Started) -> Bill:
     return bill
 
 
-async def settle(services: Services, bill: Bill, cached_tokens: int, computed_tokens: int, output_tokens: int
-                 ) -> None:
-    """Charge what the request used (one transaction: entries, receipt, hold dropped)."""
+async def settle(services: Services, bill: Bill, output_tokens: int) -> None:
+    """Charge what the request used (one transaction: entries, receipt, hold dropped). The prompt is billed as
+    planned: a cached chunk found gone when loaded is computed again at the provider's cost, not the agent's."""
     if bill.hold is None:
         return
-    used = services.ledger.quote(bill.licence, cached_tokens, computed_tokens, output_tokens)
+    used, reads = services.ledger.quote_reads(bill.reads, bill.computed_tokens, output_tokens)
     hold, bill.hold = bill.hold, None
-    bill.charge = await run_in_threadpool(services.ledger.settle, hold, used, bill.licence, bill.cache_id)
+    bill.charge = await run_in_threadpool(services.ledger.settle_reads, hold, used, reads)
     m = services.metrics
     m.charges.inc(outcome="charged")
     m.charged_usd.inc(used.total_nanousd / NANO_PER_USD)  # a float for Prometheus only; the ledger keeps integers
     m.royalty_usd.inc(used.royalty_nanousd / NANO_PER_USD)
 
 
-async def replayed_response(services: Services, payer: Payer) -> JSONResponse | None:
-    """The kept answer to an idempotent request already charged (the same text, usage and receipt, marked
-    `replayed`), or None. Nothing is computed or charged."""
-    if payer.idempotency_key is None or payer.account.is_admin:
-        return None
-    stored = await run_in_threadpool(services.ledger.stored_response, payer.account, payer.idempotency_key,
-                                     payer.request_hash)
+def replayed_response(services: Services, stored: str | None) -> JSONResponse | None:
+    """The kept answer (`stored`, from the ledger's request context) of an idempotent request already charged: the
+    same text, usage and receipt, marked `replayed`; None if there is none. Nothing is computed or charged."""
     if stored is None:
         return None
     body = json.loads(stored)
