@@ -109,10 +109,13 @@ def test_count_tokens_counts_the_prompt_messages_would_read(client, doc):
     messages = [{"role": "user", "content": QUESTION}]
     counted = client.messages.count_tokens(model=MODEL, messages=messages, extra_body={"documents": [doc["id"]]})
     reply = message(client, doc["id"], max_tokens=2)
-    assert counted.input_tokens == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+    u = reply.usage  # the same prompt split into computed (and kept), and read from the cache
+    assert counted.input_tokens == u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens
+    assert u.cache_read_input_tokens > 0
     alone = client.messages.count_tokens(model=MODEL, messages=messages)
     plain = message(client, None, max_tokens=1, messages=messages).usage
-    assert alone.input_tokens == plain.input_tokens + plain.cache_read_input_tokens < counted.input_tokens
+    assert alone.input_tokens == (plain.input_tokens + plain.cache_creation_input_tokens
+                                  + plain.cache_read_input_tokens) < counted.input_tokens
     with_system = client.messages.count_tokens(model=MODEL, messages=messages, system="Be brief.")
     assert with_system.input_tokens > alone.input_tokens
 

@@ -84,7 +84,12 @@ def test_instructions_are_the_system_message_a_document_can_be_published_after(l
         messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}])
     assert with_system.output_text == chat.choices[0].message.content
     assert with_system.usage.input_tokens == chat.usage.prompt_tokens
-    assert ask(steered["id"], None).usage.input_tokens_details.cached_tokens == 0  # its layout needs the system
+    # without that system prompt the document is a user turn of its own (docs/SERVER.md, "Layout"), and is still
+    # read from its stored chunks rather than prefilled again
+    plain = ask(steered["id"], None).usage
+    assert plain.model_extra["kvmart"]["layout"] == "documents-turn"
+    assert with_system.usage.model_extra["kvmart"]["layout"] == "documents-first"
+    assert 0 < plain.input_tokens_details.cached_tokens <= steered["num_tokens"]
 
 
 def test_streamed_events_build_the_same_response(client, doc):
