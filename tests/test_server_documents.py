@@ -3,10 +3,13 @@ CLI."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import httpx
 import pytest
 from server_support import LiveServer
 
+from kvmart.ledger import usd_text
 from kvmart.reuse import core
 from kvmart.reuse.catalog import document_id
 from kvmart.reuse.samples import sample_text
@@ -33,7 +36,21 @@ def test_publishing_twice_returns_the_same_id_and_computes_nothing(live):
     assert len([e for e in live.services.store.entries() if e.is_document]) == 1
     assert live.metrics()['kvmart_documents_published_total{outcome="already_stored"}'] == 1
     fetched = live.http.get(f"/v1/documents/{body['id']}").json()
+    card = {k: fetched.pop(k) for k in ("publisher", "price")}
     assert fetched == {k: v for k, v in body.items() if k not in ("computed", "seconds", "precompute_charge_usd")}
+    tariff = live.services.ledger.tariff
+    assert card == {"publisher": "publisher", "price": {
+        "cache_read_usd_per_mtok": str(tariff.read_usd_per_mtok), "output_usd_per_mtok": str(tariff.output_usd_per_mtok),
+        "read_once_usd": usd_text(live.services.ledger.quote(None, body["num_tokens"], 0, 0).total_nanousd)}}
+
+
+def test_a_card_names_the_publisher_and_the_price_a_priced_document_sets(live):
+    priced = live.publish(sample_text("apache-2.0")[:4000], title="priced", licence="priced",
+                          cache_read_usd_per_mtok="2.5").json()
+    card = live.http.get(f"/v1/documents/{priced['id']}").json()
+    assert card["publisher"] == "publisher" and card["licence"]["kind"] == "priced"
+    assert card["price"]["cache_read_usd_per_mtok"] == "2.5"
+    assert Decimal(card["price"]["read_once_usd"]) == Decimal("2.5") * priced["num_tokens"] / 10**6
 
 
 def test_catalogue_pages_newest_first(live):

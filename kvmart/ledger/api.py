@@ -129,6 +129,10 @@ class Ledger(Market):
         """Cache ids of the private documents `account` may read (None: all, for the admin)."""
         return self.read(lambda conn: licences.readable_private(conn, account))
 
+    def publisher_name(self, licence: Licence) -> str:
+        """The name of the account that holds `licence` (a document card shows who publishes it)."""
+        return self.read(lambda conn: acc.account_by_id(conn, licence.publisher_id).name)
+
     def licence(self, cache_id: str) -> Licence | None:
         """The licence of `cache_id` (None: public, no publisher), remembered for LICENCE_TTL_SECONDS."""
         kept = self._licences.get(cache_id)

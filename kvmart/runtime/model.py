@@ -122,9 +122,11 @@ class Model:
 
     # -- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` exactly, with no special tokens added. Thread-safe."""
+        """Token ids of `text` exactly, with no special tokens added. Thread-safe. Never warns about a text longer
+        than the tokenizer's `model_max_length` ("...will result in indexing errors"): kvmart checks lengths against
+        the context itself and refuses what does not fit with a typed error, so the warning would only be noise."""
         with self._text_lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
     def decode(self, token_ids: list[int]) -> str:
         """Thread-safe."""

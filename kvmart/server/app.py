@@ -16,19 +16,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from kvmart.errors import KvmartError, RequestError
-from kvmart.server.api import accounts, anthropic, claims, documents, market, openai
+from kvmart.server.api import accounts, anthropic, claims, documents, market, openai, responses
 from kvmart.server.errors import HttpError, http_error
+from kvmart.server.headers import EXPOSED_HEADERS, ResponseHeaders
 from kvmart.server.limits import KeyLimits, Limiter
 from kvmart.server.pipeline.services import Services
 
 log = logging.getLogger("kvmart.server")
 ESCROW_SWEEP_SECONDS = 3600
-KNOWN_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents",
+KNOWN_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/responses",
+                                "/v1/messages/count_tokens", "/v1/messages", "/v1/documents",
                                 "/v1/models", "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz",
                                 "/v1/statements", "/v1/claims", "/.well-known/kvmart.json")
-KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static")  # web page
+KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static",
+                "/favicon.ico")  # web page
 
 
 def build_api(services: Services) -> FastAPI:
@@ -53,7 +57,7 @@ def build_api(services: Services) -> FastAPI:
 
     app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
-    for module in (openai, anthropic, documents, accounts, market, claims):
+    for module in (openai, responses, anthropic, documents, accounts, market, claims):
         app.include_router(module.router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -79,11 +83,19 @@ def add_middleware(app: FastAPI, services: Services, limiter: Limiter, session_c
                    session_key: Callable[[str], str | None]) -> None:
     """Per-key rate and concurrency limits (429) by `limiter` (this node's, or the cluster's in Redis), for the API
     and the web page alike (a web session counts against the API key it signed in with: `session_key` maps a
-    session cookie to it), and request metrics outermost."""
+    session cookie to it); request metrics around them; the request id and rate-limit headers around those (so a
+    429 carries them); CORS outermost, when origins are set (a browser's preflight is answered before anything
+    else looks at it)."""
     app.add_middleware(KeyLimits, limiter=limiter, respond=error_response,
                        on_reject=services.metrics.rate_limited.inc, session_cookie=session_cookie,
                        session_key=session_key)
     app.add_middleware(RequestMetrics, services=services)
+    app.add_middleware(ResponseHeaders, limiter=limiter)
+    origins = services.server.cors_origins
+    if origins:
+        # API keys travel in headers, never cookies: no credentials mode, so no cookie of the web page is exposed
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["*"], expose_headers=list(EXPOSED_HEADERS), max_age=600)
 
 
 def error_response(path: str, error: HttpError) -> JSONResponse:

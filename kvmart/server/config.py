@@ -41,6 +41,11 @@ class ServerSettings:
     upload_verify_percent: int = 100
     # ownership claims (kvmart/server/fetch.py): also fetch from loopback hosts, over http too (tests, local trials)
     claim_allow_loopback: bool = False
+    cors_origin: str = ""  # origins (comma-separated) whose pages may call the API from a browser; empty: none
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.cors_origin.split(",") if o.strip())
     # how often the catalogue looks for documents published or deleted elsewhere (the CLI, other nodes); requests
     # never trigger a look, and a named document is checked to be still stored when used
     catalog_refresh_seconds: float = 5.0
@@ -64,6 +69,9 @@ class ServerSettings:
             raise ConfigError(f"shared_state must be auto, local or a redis:// URL (got {self.shared_state!r})")
         if self.upload_verify not in ("bound", "percent"):
             raise ConfigError(f"upload_verify must be bound or percent (got {self.upload_verify!r})")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"CORS origin {origin!r} is not an origin; write e.g. https://app.example.com or *")
         if self.catalog_refresh_seconds < 0:
             raise ConfigError(f"catalog_refresh_seconds must not be negative (got {self.catalog_refresh_seconds})")
         if not 0 <= self.port <= 65535:

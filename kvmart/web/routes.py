@@ -107,6 +107,12 @@ def _int_field(fields: dict[str, str], name: str, default: int, low: int, high: 
     return int(raw)
 
 
+@router.get("/favicon.ico")
+async def favicon():
+    """Browsers may ask for /favicon.ico without reading the page's <link rel=icon>: the same icon."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
 @router.get("/signin")
 async def signin_form(request: Request):
     viewer = await viewer_of(request)

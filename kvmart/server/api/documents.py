@@ -260,15 +260,28 @@ def visible_document(services: Services, account: Account, doc_id: str) -> Docum
     return services.catalog.get(doc_id, services.ledger.readable(account))
 
 
+def card_json(services: Services, doc: Document) -> dict:
+    """One document's card: its entry, its licence, who published it (None: the operator, with `kvmart
+    precompute`), what reading it costs (the price of 1M cached tokens, and of reading the whole document once
+    from cache, before the question and answer), who is paid for reads (`ownership`) and how an uploaded artifact
+    was checked (`upload_check`)."""
+    licence = services.ledger.licence(doc.cache_id)
+    publisher = None if licence is None else services.ledger.publisher_name(licence)
+    tariff = services.ledger.tariff if licence is None else licence.tariff(services.ledger.tariff)
+    read_once = services.ledger.quote(licence, doc.num_tokens, 0, 0).total_nanousd
+    return {**document_json(doc), "licence": licence_json(licence), "publisher": publisher,
+            "price": {"cache_read_usd_per_mtok": str(tariff.read_usd_per_mtok), "read_once_usd": usd_text(read_once),
+                      "output_usd_per_mtok": str(tariff.output_usd_per_mtok)},
+            "ownership": ownership_json(services, licence), "upload_check": services.ledger.upload_check(doc.cache_id)}
+
+
 @router.get("/v1/documents/{doc_id}")
 async def get_document(request: Request, doc_id: str):
+    """The document's card (card_json)."""
     services: Services = request.app.state.services
     account = await caller(request)
     doc = await run_in_threadpool(visible_document, services, account, doc_id)
-    licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
-    return {**document_json(doc), "licence": licence_json(licence),
-            "ownership": await run_in_threadpool(ownership_json, services, licence),
-            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
+    return await run_in_threadpool(card_json, services, doc)
 
 
 @router.delete("/v1/documents/{doc_id}")
