@@ -45,6 +45,10 @@ class ContextOverflowError(InputError):
         )
 
 
+class InvalidIdError(InputError):
+    """A cache id that is not one (kvmart/format/keys.py `parse_cache_id`): never used as a file name or key."""
+
+
 class UnknownCacheError(KvmartError):
     """No artifact with this cache id (or prefix) is in the store."""
 

@@ -12,9 +12,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+
+from kvmart.errors import InvalidIdError
 
 ALIGN_TOKENS = 8  # chunk sizes are multiples of this (vector-friendly shapes; exactness comes from chunked prefill)
 DEFAULT_CHUNK_TOKENS = 256
+CACHE_ID_HEX_DIGITS = 64  # a sha256, as `cache_id` and `chain_key` write it
+_CACHE_ID = re.compile(f"[0-9a-f]{{{CACHE_ID_HEX_DIGITS}}}")
+
+
+def parse_cache_id(value: object, where: str = "cache id") -> str:
+    """`value` if it is a cache id (exactly 64 lowercase hex digits, what `cache_id` and `chain_key` make);
+    InvalidIdError otherwise. The one parser for ids crossing a boundary: every store runs an id through it before
+    building a file name or a key from it, and a shared tier's index is refused when its ids fail it, so an id
+    read from outside (`..`, `/`, a NUL, a prefix) is never a path."""
+    if isinstance(value, str) and _CACHE_ID.fullmatch(value):
+        return value
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise InvalidIdError(f"{where} {shown} is not a cache id ({CACHE_ID_HEX_DIGITS} lowercase hex digits)")
+
+
+def is_cache_id(value: object) -> bool:
+    return isinstance(value, str) and _CACHE_ID.fullmatch(value) is not None
 
 
 def check_chunk_tokens(chunk_tokens: int) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmart.errors import ArtifactError, UnknownDocumentError
-from kvmart.format.artifact import read_manifest
+from kvmart.format.artifact import check_requested, read_manifest
 from kvmart.store import Entry, Store
 
 log = logging.getLogger("kvmart.server")
@@ -97,6 +97,7 @@ class Catalog:
         """Register a stored artifact (its token ids come from its manifest)."""
         with self.store.open_head(entry.cache_id) as (f, size):  # the header only: no tensors are fetched
             manifest, _ = read_manifest(f, size)
+        check_requested(manifest, entry.cache_id)
         document = Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64), bool(manifest.salt_hash))
         with self._lock:
             self._documents[document.id] = document

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kvmart.codec import Spec
-from kvmart.errors import InputError, StoreError
+from kvmart.errors import InputError, UnknownCacheError
 from kvmart.format.artifact import encode_artifact, read_artifact
 from kvmart.format.keys import cache_id as make_cache_id
 from kvmart.runtime.chat import Layout, document_ids, layout_for, question_ids
@@ -94,10 +94,10 @@ def load(model: Model, store: Store, cache_id: str, salt: str = "") -> Loaded:
     """Read and verify an artifact for `model` (made with `salt`); ArtifactError if it is corrupt or foreign."""
     start = time.perf_counter()
     with store.open(cache_id) as (f, size):
-        manifest, kv = read_artifact(f, size, model.fingerprint, salt)
+        manifest, kv = read_artifact(f, size, model.fingerprint, salt, requested_cache_id=cache_id)
     entry = store.entry(cache_id)
-    if entry is None:
-        raise StoreError(f"artifact {cache_id[:16]} has no catalogue entry (the store is inconsistent: run kvmart rm and recompute)")
+    if entry is None:  # its entry was unreadable (quarantined) or removed meanwhile: as good as absent
+        raise UnknownCacheError(f"artifact {cache_id[:16]} has no catalogue entry: precompute the document again")
     return Loaded(entry, kv, manifest.token_ids, time.perf_counter() - start)
 
 
