@@ -143,6 +143,84 @@ def test_a_retry_with_the_same_idempotency_key_is_charged_once(live):
     assert usage_of(live, retrier)["requests"] == 2
 
 
+def sse_data(lines) -> list[dict]:
+    """The JSON payloads of an SSE stream's `data:` lines ([DONE] left out)."""
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def test_a_stream_cut_off_by_its_client_is_charged_for_what_was_sent(live):
+    """The client reads five tokens of a long answer and hangs up: it pays for its prompt and at least the tokens
+    it received, never for tokens not generated, and the rest of its hold is released. A retry with its
+    Idempotency-Key is refused (no complete answer was kept), never answered again for free."""
+    from server_support import wait_until
+
+    cutter = live.account("cutter", "agent", usd="1")
+    headers = auth(cutter, **{"Idempotency-Key": "cut-1"})
+    body = chat(max_tokens=3000, temperature=1, seed=7, stream=True)
+    received = 0
+    with live.http.stream("POST", "/v1/chat/completions", headers=headers, json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                received += 1
+                if received == 5:
+                    break  # hang up
+    ledger = live.services.ledger
+    wait_until(lambda: ledger.usage(ledger.account("cutter")).requests == 1, "the cut-off request to be charged")
+    mine = usage_of(live, cutter)
+    [charge] = mine["charges"]
+    assert mine["held_usd"] == "0.000000000"  # the unused part of the hold is released
+    assert received <= mine["tokens"]["output"] < 3000 and mine["tokens"]["computed"] > 0
+    assert Decimal(mine["balance_usd"]) == 1 - Decimal(charge["usd"]) > 0
+    retry = live.http.post("/v1/chat/completions", headers=headers, json=body)
+    assert retry.status_code == 409 and "no complete answer was kept" in retry.json()["error"]["message"]
+    assert usage_of(live, cutter)["requests"] == 1 and ledger.health().is_sound
+
+
+def test_an_idempotent_stream_retry_replays_the_stored_stream(live):
+    """Streamed retries with one key at temperature 1: the first is generated and charged; every retry gets the
+    very same events as a stream (its charge marked replayed), nothing generated or charged again."""
+    streamer = live.account("streamer", "agent", usd="1")
+    headers = auth(streamer, **{"Idempotency-Key": "stream-1"})
+    body = chat(max_tokens=24, temperature=1, stream=True, stream_options={"include_usage": True})
+    answers = []
+    for _ in range(3):
+        with live.http.stream("POST", "/v1/chat/completions", headers=headers, json=body) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            answers.append((response.headers.get("idempotent-replayed"), list(response.iter_lines())))
+    assert [replayed for replayed, _ in answers] == [None, "true", "true"]
+    texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in sse_data(lines) if c["choices"])
+             for _, lines in answers]
+    assert texts[0] and texts == [texts[0]] * 3
+    charges = [sse_data(lines)[-1]["usage"]["kvmart"]["charge"] for _, lines in answers]
+    assert [c["replayed"] for c in charges] == [False, True, True]
+    assert {c["receipt"]["receipt"] for c in charges} == {charges[0]["receipt"]["receipt"]}
+    mine = usage_of(live, streamer)
+    assert mine["requests"] == 1 and mine["spent_usd"] == charges[0]["usd"]
+
+
+def test_a_key_charged_on_one_endpoint_is_refused_on_another(live):
+    """The same key and the very same body sent to /v1/messages after /v1/chat/completions: refused (409), never
+    answered with the stored chat.completion."""
+    other = live.account("endpoint-hopper", "agent", usd="1")
+    headers = auth(other, **{"Idempotency-Key": "hop-1"})
+    body = chat()  # valid for both APIs
+    assert live.http.post("/v1/chat/completions", headers=headers, json=body).status_code == 200
+    hopped = live.http.post("/v1/messages", headers=headers, json=body)
+    assert hopped.status_code == 409 and hopped.json()["type"] == "error", hopped.text
+    assert usage_of(live, other)["requests"] == 1
+
+
+def test_temperature_0_and_0_0_are_one_request(live):
+    agent = live.account("zero-point-zero", "agent", usd="1")
+    headers = auth(agent, **{"Idempotency-Key": "zero"})
+    first = live.http.post("/v1/chat/completions", headers=headers, json=chat(temperature=0))
+    again = live.http.post("/v1/chat/completions", headers=headers,
+                           content=json.dumps(chat(temperature=0)).replace('"temperature": 0', '"temperature": 0.0'))
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+
+
 def test_private_documents_are_invisible_to_other_tenants(live):
     tenant_a, tenant_b = live.account("tenant-a", "publisher"), live.account("tenant-b", "publisher")
     friend, stranger = live.account("friend", "agent"), live.account("stranger", "agent")

@@ -49,6 +49,7 @@ class Ledger:
         self.admin_key_issued: str | None = None  # the admin key made at first start, to print once
         self._secret = b""
         self._salts: dict[str, str] = {}
+        self.node = ""  # the server node this object serves (`start_node`); its holds carry the name
 
     def __repr__(self) -> str:
         return f"Ledger({redact(self.url)})"
@@ -162,9 +163,10 @@ class Ledger:
         return quote(tariff, cached_tokens, computed_tokens, output_tokens, has_publisher=licence is not None)
 
     def open_hold(self, account: Account, amount_nanousd: int, idempotency_key: str | None,
-                  request_hash: str) -> Hold | Charge:
+                  request_hash: str) -> Hold:
+        """A hold of this node (`start_node`), on a lease its `renew_holds` keeps alive."""
         return self.run(lambda conn: charges.open_hold(conn, account, amount_nanousd, idempotency_key,
-                                                       request_hash, self._secret))
+                                                       request_hash, self.node))
 
     def settle(self, hold: Hold, charged: Quote, licence: Licence | None, cache_id: str | None) -> Charge:
         publisher = licence.publisher_id if licence else None
@@ -181,6 +183,16 @@ class Ledger:
 
     def release_stale(self) -> int:
         return self.run(charges.release_stale)
+
+    def start_node(self, node: str) -> int:
+        """Name the node this ledger object serves (its holds carry the name) and release the holds an earlier run
+        of that node left, with every hold whose lease lapsed; how many were released."""
+        self.node = node
+        return self.run(lambda conn: charges.start_node(conn, node))
+
+    def renew_holds(self) -> int:
+        """Extend the leases of this node's holds (its requests in flight); call every LEASE_RENEW_SECONDS."""
+        return self.run(lambda conn: charges.renew_holds(conn, self.node))
 
     def verify_receipt(self, receipt: object) -> bool:
         return receipts.verify(self._secret, receipt)

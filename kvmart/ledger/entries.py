@@ -17,14 +17,17 @@ from kvmart.ledger.schema import accounts, entries, holds, transactions
 from kvmart.ledger.tariffs import usd_text
 
 Leg = tuple[int, int]  # (account id, amount in nano-dollars: credit > 0, debit < 0)
-HOLD_TTL_SECONDS = 3600  # a hold older than this was left by a server that died mid-request: it reserves nothing
+# A hold lives on a lease: it reserves money until `expires_at`, which its node pushes forward every
+# LEASE_RENEW_SECONDS while the request runs. A node that dies stops renewing, so its holds lapse within
+# HOLD_LEASE_SECONDS (and a restarted node drops its own at once: kvmart/ledger/charges.py `start_node`).
+HOLD_LEASE_SECONDS = 120
+LEASE_RENEW_SECONDS = 30
 
 
 def held_nanousd(conn: Connection, account_id: int) -> int:
-    """Money reserved for the account's requests in flight (holds younger than HOLD_TTL_SECONDS)."""
-    cutoff = int(time.time()) - HOLD_TTL_SECONDS
+    """Money reserved for the account's requests in flight (holds whose lease has not lapsed)."""
     total = conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
-                         .where(holds.c.account_id == account_id, holds.c.created_at >= cutoff)).scalar_one()
+                         .where(holds.c.account_id == account_id, holds.c.expires_at >= int(time.time()))).scalar_one()
     return int(total)
 
 
@@ -57,9 +60,8 @@ def check_covers(conn: Connection, account: Account, amount: int, hold_exempt: i
         return
     held = held_nanousd(conn, account.id)
     if hold_exempt is not None:
-        cutoff = int(time.time()) - HOLD_TTL_SECONDS
         held -= conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
-                             .where(holds.c.id == hold_exempt, holds.c.created_at >= cutoff)).scalar_one()
+                             .where(holds.c.id == hold_exempt, holds.c.expires_at >= int(time.time()))).scalar_one()
     available = account.balance_nanousd - held
     if available + amount < 0:
         raise InsufficientFundsError(

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     insert,
+    inspect,
     select,
     text,
 )
@@ -158,9 +159,23 @@ def stored_responses(conn: Connection) -> None:
     md.tables["responses"].create(conn, checkfirst=True)
 
 
+def hold_leases(conn: Connection) -> None:
+    """Holds name their node and carry a lease (as released): a restarted node releases its own holds at once, and
+    no hold outlives its lease. Holds made before keep the hour they were given."""
+    present = {c["name"] for c in inspect(conn).get_columns("holds")}
+    if "node" not in present:
+        conn.execute(text("ALTER TABLE holds ADD COLUMN node VARCHAR(128) DEFAULT '' NOT NULL"))
+    if "expires_at" not in present:
+        conn.execute(text("ALTER TABLE holds ADD COLUMN expires_at BIGINT DEFAULT 0 NOT NULL"))
+        conn.execute(text("UPDATE holds SET expires_at = created_at + 3600"))
+    if "ix_holds_node" not in {i["name"] for i in inspect(conn).get_indexes("holds")}:
+        conn.execute(text("CREATE INDEX ix_holds_node ON holds (node)"))
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
     ("0002_stored_responses", stored_responses),
+    ("0003_hold_leases", hold_leases),
 )
 
 

@@ -98,7 +98,10 @@ holds = Table(
     Column("amount_nanousd", BigInteger, nullable=False),
     Column("idempotency_key", String(255), nullable=True),
     Column("created_at", BigInteger, nullable=False),
+    Column("node", String(128), nullable=False, server_default=""),  # the node whose request it is (0003)
+    Column("expires_at", BigInteger, nullable=False, server_default="0"),  # its lease: renewed while it runs (0003)
     UniqueConstraint("account_id", "idempotency_key", name="uq_holds_idempotency"),
+    Index("ix_holds_node", "node"),
 )
 
 # the answer to a charged request sent with an Idempotency-Key, so that a retry gets the same answer (0002)

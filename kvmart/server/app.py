@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvmart.errors import KvmartError, RequestError
+from kvmart.errors import KvmartError, LedgerError, RequestError
+from kvmart.ledger.entries import LEASE_RENEW_SECONDS
 from kvmart.server.api import accounts, anthropic, documents, openai
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.limits import KeyLimits, limiter_for
@@ -36,13 +37,15 @@ def build_api(services: Services) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         services.catalog.refresh()
-        released = await asyncio.to_thread(services.ledger.release_stale)
+        released = await asyncio.to_thread(services.ledger.start_node, services.node)
         if released:
             log.warning("released %d holds left by requests that never finished", released)
         services.worker.start()
+        leases = asyncio.create_task(renew_leases(services))
         try:
             yield
         finally:
+            leases.cancel()
             await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
             close = getattr(services.model, "close", None)  # an engine with processes of its own (vllm)
             if close is not None:
@@ -58,6 +61,17 @@ def build_api(services: Services) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
     return app
+
+
+async def renew_leases(services: Services) -> None:
+    """Keep this node's holds alive while their requests run (kvmart/ledger/charges.py): every
+    LEASE_RENEW_SECONDS, well inside the lease, so a node that dies stops renewing and its holds lapse."""
+    while True:
+        await asyncio.sleep(LEASE_RENEW_SECONDS)
+        try:
+            await asyncio.to_thread(services.ledger.renew_holds)
+        except LedgerError:  # the ledger is unreachable now: the next renewal may reach it, within the lease
+            log.exception("could not renew the leases of this node's holds")
 
 
 def add_middleware(app: FastAPI, services: Services, session_cookie: str,

@@ -4,8 +4,11 @@ options override them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from kvmart.config import ENGINES, UNITS, parse_bytes  # noqa: F401  (re-exported: the server's options use them)
 from kvmart.errors import ConfigError
@@ -34,6 +37,9 @@ class ServerSettings:
     # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
     upload_chunk_tokens: int = 256  # an uploaded artifact is a chunked prefill with chunks of this many tokens
     upload_verify_percent: int = 100  # share of an upload's chunks the provider recomputes (chunk 0 always)
+    # names this node in the ledger: its holds carry it, so the node releases its own when it starts again; unique
+    # among live nodes (empty: host, port and data directory, `node_name`)
+    node_name: str = ""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -56,6 +62,16 @@ class ServerSettings:
     def with_overrides(self, **overrides: object) -> "ServerSettings":
         """A copy with every non-None override applied (options that were not given are None)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]  # fields checked in __post_init__
+
+
+def node_name(server: ServerSettings, data_dir: Path) -> str:
+    """The node's name in the ledger: `node_name` if set, else host:port:data-directory digest, the same for every
+    run of the same node (so a restart finds its holds) and different for two nodes alive at once (one port per
+    host, one data directory per node)."""
+    if server.node_name:
+        return server.node_name
+    digest = hashlib.sha256(str(data_dir.expanduser().resolve()).encode()).hexdigest()[:12]
+    return f"{socket.gethostname()[:80]}:{server.port}:{digest}"
 
 
 # field name -> environment variable

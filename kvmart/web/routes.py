@@ -77,7 +77,7 @@ async def ask(request: Request):
         raise RequestError("ask a question", "question")
     max_tokens = _int_field(fields, "max_tokens", 64, 1, ASK_MAX_TOKENS)
     prompt = ChatPrompt((chat_message("user", question),), (doc.id,))
-    payer = Payer(account, None, request_hash({"web_ask": doc.id, "question": question}))
+    payer = Payer(account, None, request_hash("/ask", {"document": doc.id, "question": question}))
     run = await start_generation(services, GenerationRequest(prompt, Sampling(max_tokens, temperature=0.0)),
                                  "web", payer)
     response = StreamingResponse(_answer(run), media_type="application/x-ndjson",

@@ -20,7 +20,7 @@ from kvmart.server.api.usage import anthropic_usage
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
 from kvmart.server.errors import HttpError, http_error
-from kvmart.server.pipeline.billing import Payer, remember_response, replayed_response
+from kvmart.server.pipeline.billing import Payer, kept_stream, remember_response, replayed_response
 from kvmart.server.pipeline.engine import Finished, GenerationRequest, Sampling
 from kvmart.server.pipeline.runs import Run, start_generation
 from kvmart.server.pipeline.services import Services
@@ -114,14 +114,15 @@ async def messages(request: Request):
     body = await read_json(request, services.server.max_body_bytes)
     req = parse(MessagesRequest, body)
     check_model(services, req.model)
-    payer = Payer(account, idempotency_key(request), request_hash(body))
-    if not req.stream and (replay := await replayed_response(services, payer)):
+    payer = Payer(account, idempotency_key(request), request_hash("/v1/messages", body))
+    if replay := await replayed_response(services, payer):
         return replay
     run = await start_generation(services, messages_request(req), "messages", payer)
     message_id = f"msg_{uuid.uuid4().hex}"
     if req.stream:
-        return StreamingResponse(message_stream(run, message_head(services, message_id)),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        events = message_stream(run, message_head(services, message_id))
+        return StreamingResponse(kept_stream(services, payer, run.bill, events), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
     text = "".join(d.text for d in await run.collect())
     answer = {**message_head(services, message_id), "content": [{"type": "text", "text": text}],
               "stop_reason": stop_reason(run.finished), "stop_sequence": run.finished.stop_sequence,

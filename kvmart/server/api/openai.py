@@ -20,7 +20,7 @@ from kvmart.server.api.usage import openai_usage
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
 from kvmart.server.errors import HttpError, http_error
-from kvmart.server.pipeline.billing import Payer, remember_response, replayed_response
+from kvmart.server.pipeline.billing import Payer, kept_stream, remember_response, replayed_response
 from kvmart.server.pipeline.engine import Delta, GenerationRequest, Sampling, TokenLogprob
 from kvmart.server.pipeline.runs import Run, start_generation
 from kvmart.server.pipeline.services import Services
@@ -213,15 +213,16 @@ async def chat_completions(request: Request):
     req = parse(ChatCompletionRequest, body)
     check_model(services, req.model)
     check_chat(req)
-    payer = Payer(account, idempotency_key(request), request_hash(body))
-    if not req.stream and (replay := await replayed_response(services, payer)):
+    payer = Payer(account, idempotency_key(request), request_hash("/v1/chat/completions", body))
+    if replay := await replayed_response(services, payer):
         return replay
     run = await start_generation(services, chat_request(req), "chat", payer)
     reply = Reply(services, "chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(chat_stream(run, reply, include_usage, bool(req.logprobs)),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        events = chat_stream(run, reply, include_usage, bool(req.logprobs))
+        return StreamingResponse(kept_stream(services, payer, run.bill, events), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
     deltas = await run.collect()
     choice = {"index": 0, "message": {"role": "assistant", "content": "".join(d.text for d in deltas),
                                       "refusal": None},
@@ -259,15 +260,16 @@ async def completions(request: Request):
     body = await read_json(request, services.server.max_body_bytes)
     req = parse(CompletionRequest, body)
     check_model(services, req.model)
-    payer = Payer(account, idempotency_key(request), request_hash(body))
-    if not req.stream and (replay := await replayed_response(services, payer)):
+    payer = Payer(account, idempotency_key(request), request_hash("/v1/completions", body))
+    if replay := await replayed_response(services, payer):
         return replay
     run = await start_generation(services, completion_request(req), "completions", payer)
     reply = Reply(services, "cmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(completion_stream(run, reply, include_usage, req.logprobs is not None),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        events = completion_stream(run, reply, include_usage, req.logprobs is not None)
+        return StreamingResponse(kept_stream(services, payer, run.bill, events), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
     deltas = await run.collect()
     choice = {"index": 0, "text": "".join(d.text for d in deltas),
               "logprobs": completion_logprobs(deltas) if req.logprobs is not None else None,

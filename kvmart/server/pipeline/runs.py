@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from starlette.concurrency import run_in_threadpool
 
 from kvmart.errors import KvmartError, QueueFullError
-from kvmart.server.pipeline.billing import Bill, Payer, open_bill, release, settle
+from kvmart.server.pipeline.billing import Bill, Payer, open_bill, release, settle, settle_cut_off
 from kvmart.server.pipeline.engine import Delta, Finished, GenerationRequest, Started
 from kvmart.server.pipeline.services import Services
 from kvmart.server.pipeline.usage import Usage, usage_of
@@ -46,6 +46,7 @@ class Run:
         self.bill = bill
         self.finished: Finished | None = None
         self.failed = False
+        self.sent_tokens = 0  # generated tokens handed to the consumer (what a client that hangs up is charged)
         self._first_token_seen = False
 
     @property
@@ -53,12 +54,14 @@ class Run:
         return usage_of(self.started, self.finished, self.bill)
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The generated text, piece by piece, then the charge is settled. If the consumer stops early (client
-        gone) or the job fails, the job is cancelled and its hold released: nothing is charged."""
+        """The generated text, piece by piece, then the charge is settled. If the job fails, its hold is released:
+        nothing is charged. If the consumer stops early (the client hung up), the job is cancelled and the request
+        charged for what was sent (`settle_cut_off`): its prompt and every token handed to the consumer."""
         try:
             async for event in self.ticket:
                 if isinstance(event, Delta):
                     self._first_token(event)
+                    self.sent_tokens += event.token_id is not None
                     yield event
                 elif isinstance(event, Finished):
                     self.finished = event
@@ -67,8 +70,12 @@ class Run:
             raise
         finally:
             self._record()
-            if self.finished is None or self.failed:
+            if self.failed:
                 release(self.services, self.bill)
+            elif self.finished is None:  # cut off by its client: not free (a client could hang up at the last token)
+                usage = self.usage
+                settle_cut_off(self.services, self.bill, usage.cached_tokens, usage.computed_tokens,
+                               self.sent_tokens)
         usage = self.usage
         await settle(self.services, self.bill, usage.cached_tokens, usage.computed_tokens, usage.completion_tokens)
 

@@ -9,7 +9,7 @@ from kvmart.config import Settings
 from kvmart.ledger import Ledger, open_ledger
 from kvmart.reuse.catalog import Catalog
 from kvmart.runtime.model import Model
-from kvmart.server.config import ServerSettings
+from kvmart.server.config import ServerSettings, node_name
 from kvmart.server.metrics import ServerMetrics
 from kvmart.server.pipeline.engine import Engine
 from kvmart.server.pipeline.hot import HotTier
@@ -29,6 +29,7 @@ class Services:
     worker: Worker
     metrics: ServerMetrics
     ledger: Ledger
+    node: str = ""  # this node's name in the ledger (server/config.py `node_name`)
 
     @property
     def model_id(self) -> str:
@@ -59,4 +60,5 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values, read_documents=lambda: len(catalog.documents()))
     engine = engine_class(model, store, catalog, hot, server, salt_for=ledger.salt_of, codec=settings.artifact_codec)
-    return Services(settings, server, model, store, catalog, hot, engine, worker, metrics, ledger)
+    return Services(settings, server, model, store, catalog, hot, engine, worker, metrics, ledger,
+                    node_name(server, settings.data_dir))
