@@ -79,7 +79,7 @@ def test_bad_documents(live, model_f32):
     assert live.publish(None, title="no text").status_code == 400
     assert live.publish("x", colour="red").status_code == 400
     too_long = live.publish(BSD * 12)  # far beyond the tiny model's 4,096-token context
-    assert too_long.status_code == 400 and "too many" in too_long.json()["error"]["message"]
+    assert too_long.status_code == 413 and "no request could use it" in too_long.json()["error"]["message"]
     assert live.http.get("/v1/documents/doc_nope").status_code == 404
 
 

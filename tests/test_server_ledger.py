@@ -10,7 +10,7 @@ from decimal import Decimal
 import anthropic
 import httpx
 import pytest
-from server_support import LiveServer
+from server_support import DEADLINE_SECONDS, LiveServer
 
 from kvmart.ledger import Tariff, quote, usd_text
 from kvmart.reuse.samples import sample_text
@@ -302,46 +302,39 @@ def test_concurrent_requests_racing_for_one_balance_never_overdraw_it(live):
     assert live.services.ledger.health().is_sound
 
 
-def test_a_server_killed_mid_request_leaves_balanced_books(tiny_folder, kvmart_data_dir):
-    import os
+def test_a_server_killed_mid_request_leaves_balanced_books_and_its_restart_releases_the_hold(tiny_folder,
+                                                                                            kvmart_data_dir):
+    """SIGKILL mid-answer: nothing is charged and the books balance; the request's hold still reserves its money
+    and its Idempotency-Key (its node might be alive), until the node starts again: then it releases its own
+    holds at once, and the key is served (not an hour of 409s and money kept off the balance)."""
     import signal
-    import subprocess
-    import sys
 
-    from pg_support import free_port
-    from server_support import DEADLINE_SECONDS, wait_until
+    from node_support import Node
 
     from kvmart.ledger import open_ledger
 
     ledger = open_ledger("", kvmart_data_dir, environ={})
     _, key = ledger.create_account("victim", "agent")
     ledger.deposit("victim", Decimal(1))
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--port",
-                                str(port)], env={**os.environ, "KVMART_MODEL": MODEL, "KVMART_ADMIN_KEY": "a" * 32},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def is_up() -> bool:
-        try:
-            return httpx.get(url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return process.poll() is not None
-
+    node = Node()
+    headers = auth(key, **{"Idempotency-Key": "killed-1"})
     try:
-        wait_until(is_up, "kvmart serve to listen")
-        assert process.poll() is None, process.communicate()
         body = chat(max_tokens=3000, stream=True)
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(key),
+        with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, headers=headers,
                           timeout=DEADLINE_SECONDS) as response:
             assert response.status_code == 200 and next(response.iter_lines()).startswith("data: ")
-            process.send_signal(signal.SIGKILL)  # mid-answer: held, never charged
+            node.process.send_signal(signal.SIGKILL)  # mid-answer: held, never charged
     except httpx.TransportError:
         pass  # the stream broke as the server died
-    finally:
-        process.kill()
-        process.communicate()
+    node.kill()
     victim = ledger.usage(ledger.account("victim"))
     assert victim.requests == 0 and victim.balance_nanousd == 10**9 and victim.held_nanousd > 0
     assert ledger.health().is_sound
+    restarted = Node(port=node.port)  # the same node (same host, port and data directory) comes back
+    assert ledger.usage(ledger.account("victim")).held_nanousd == 0  # released as it started
+    retried = httpx.post(restarted.url + "/v1/chat/completions", json=chat(max_tokens=4), headers=headers,
+                         timeout=DEADLINE_SECONDS)
+    assert retried.status_code == 200, retried.text  # the key is free: no 409 "still running"
+    restarted.kill()
+    assert ledger.usage(ledger.account("victim")).requests == 1 and ledger.health().is_sound
     ledger.close()

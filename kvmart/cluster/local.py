@@ -1,21 +1,32 @@
 """Local clusters on loopback, for the tests and the CDN benchmarks: a real `redis-server` (Debian's) and `kvmart
-serve` nodes as subprocesses, each on a free port with its own directory, started and stopped by the caller."""
+serve` nodes as subprocesses, each on a free port with its own directory, started and stopped by the caller.
+
+A server is ready when it says so: `LogWatch` follows its output through a pipe and waits for the line it logs once
+it listens (uvicorn's "Uvicorn running on", redis' "Ready to accept connections"), or for its exit, which fails
+at once with its last lines. No wall-clock allowance decides readiness: a loaded machine makes a start slower,
+never a failure. HANG_SECONDS only guards against a server that hangs without a word."""
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
 from kvmart.errors import ConfigError
 
-DEADLINE_SECONDS = 90.0  # a deadline against hangs (a node loads torch and a model), not a timing
+HANG_SECONDS = 1800.0  # a guard against a server that hangs without a word: never a timing
+DEADLINE_SECONDS = HANG_SECONDS  # what waits here and in the tests allow something that must happen
+KVMART_READY = "Uvicorn running on"  # what `kvmart serve` logs once it listens (after its start-up is complete)
+REDIS_READY = "Ready to accept connections"
 
 
 def free_port() -> int:
@@ -42,6 +53,54 @@ def wait_for(condition, what: str, deadline_seconds: float = DEADLINE_SECONDS) -
 
 class NodeDiedError(RuntimeError):
     """A server process exited while it was awaited."""
+
+
+class LogWatch:
+    """Follows a server's output (a pipe, bytes) line by line on a thread: every line goes to `sink` (a log file,
+    or only the last lines kept) and `wait_ready` returns once a line holds `ready_text`. The thread runs until the
+    pipe closes, so the server never blocks on a full pipe."""
+
+    def __init__(self, stream: IO[bytes], ready_text: str, sink: IO[bytes] | None = None) -> None:
+        self.ready_text, self.sink = ready_text, sink
+        self.tail: collections.deque[str] = collections.deque(maxlen=60)
+        self.is_ready = self.has_ended = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._follow, args=(stream,), name="log-watch", daemon=True)
+        self._thread.start()
+
+    def _follow(self, stream: IO[bytes]) -> None:
+        try:
+            for raw in iter(stream.readline, b""):
+                if self.sink is not None:
+                    self.sink.write(raw)
+                    self.sink.flush()
+                line = raw.decode(errors="replace")
+                self.tail.append(line)
+                if self.ready_text in line:
+                    with self._changed:
+                        self.is_ready = True
+                        self._changed.notify_all()
+        except (OSError, ValueError):  # the sink or the pipe was closed under us: the server is being stopped
+            pass
+        finally:
+            with self._changed:
+                self.has_ended = True
+                self._changed.notify_all()
+
+    def wait_ready(self, what: str) -> None:
+        """Return once the server logged its ready line; NodeDiedError with its last lines if its output ended
+        first (it exited); AssertionError only after HANG_SECONDS of silence-or-hang."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.is_ready or self.has_ended, HANG_SECONDS)
+        if not self.is_ready:
+            said = "".join(self.tail)[-3000:]
+            if self.has_ended:
+                raise NodeDiedError(f"{what}: it exited before it was ready:\n{said}")
+            raise AssertionError(f"{what}: not ready after {HANG_SECONDS:.0f} s (hung?):\n{said}")
+
+    def text(self) -> str:
+        """The last lines the server wrote."""
+        return "".join(self.tail)
 
 
 class MissingBinaryError(ConfigError):
@@ -72,16 +131,23 @@ class RedisServer:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--appendonly", "yes", "--save", "", "--protected-mode", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        wait_for(lambda: redis.Redis(port=self.port).ping(), "redis-server to start")
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.process.stdout is not None
+        try:
+            LogWatch(self.process.stdout, REDIS_READY).wait_ready("redis-server")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()  # SIGTERM: redis flushes its append-only file and exits
-            self.process.wait(DEADLINE_SECONDS)
+            try:
+                self.process.wait(DEADLINE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.process = None
 
     def client(self):
@@ -114,6 +180,7 @@ class KvmartNode:
     def start(self) -> "KvmartNode":
         paths = (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH"))  # this kvmart first
         env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "KVMART_LOG_LEVEL": "info",  # its ready line (KVMART_READY) is logged at info
                "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         if self.ledger_url:
             env["KVMART_LEDGER"] = self.ledger_url
@@ -122,15 +189,16 @@ class KvmartNode:
         command = [sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--model", "builtin:tiny",
                    "--port", str(self.port), "--store", self.store_url, "--max-active", "2", *self.options]
         self.log = open(self.log_path, "wb")  # noqa: SIM115  (the node writes it until `stop` closes it)
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.http = httpx.Client(base_url=self.url, timeout=DEADLINE_SECONDS)
-        wait_for(self._up, f"node {self.name} to start (log: {self.log_path})")
+        assert self.process.stdout is not None
+        try:
+            LogWatch(self.process.stdout, KVMART_READY, self.log).wait_ready(
+                f"node {self.name} (log: {self.log_path})")
+        except BaseException:
+            self.stop()
+            raise
         return self
-
-    def _up(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
-            raise NodeDiedError(f"node {self.name} exited: {self.log_path.read_text()[-3000:]}")
-        return self.http.get("/healthz").status_code == 200
 
     def stop(self) -> None:
         """Stop the node (SIGTERM: in-flight requests finish) if it was started and still runs."""
@@ -138,7 +206,11 @@ class KvmartNode:
             return
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(DEADLINE_SECONDS)
+            try:
+                self.process.wait(DEADLINE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.http.close()
         self.log.close()
 

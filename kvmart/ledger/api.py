@@ -18,6 +18,7 @@ from kvmart.ledger import charges, entries, licences, receipts, reports
 from kvmart.ledger.accounts import Account
 from kvmart.ledger.charges import Charge, Hold
 from kvmart.ledger.db import in_transaction, ledger_url, open_engine, redact
+from kvmart.ledger.entries import HOLD_LEASE_SECONDS
 from kvmart.ledger.licences import Licence, Terms
 from kvmart.ledger.migrations import migrate
 from kvmart.ledger.tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nanousd
@@ -130,7 +131,22 @@ class Ledger:
     def check_readers(self, names: tuple[str, ...]) -> None:
         self.read(lambda conn: licences.check_readers(conn, names))
 
-    def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> int | None:
+    def begin_publication(self, cache_id: str, publisher: Account) -> int:
+        """Note, before storing its artifact, that this node publishes `cache_id` (see licences.begin_publication);
+        the note's id, for `publish` (which ends it with the licence) or `end_publication`."""
+        return self.run(lambda conn: licences.begin_publication(conn, cache_id, publisher, self.node,
+                                                                HOLD_LEASE_SECONDS))
+
+    def end_publication(self, publication_id: int) -> None:
+        self.run(lambda conn: licences.end_publication(conn, publication_id))
+
+    def interrupted_publications(self) -> list[tuple[int, str]]:
+        """(note id, cache id) of publications this node left unfinished (a kill between storing an artifact and
+        recording its licence) and of any whose lease lapsed: for the start-up repair."""
+        return self.read(lambda conn: licences.interrupted_publications(conn, self.node))
+
+    def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int,
+                publication_id: int | None = None) -> int | None:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
         the fee in nano-dollars. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
         None, with nothing recorded or charged, if the document already has a licence: the first publisher keeps
@@ -139,6 +155,8 @@ class Ledger:
         fee = 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
 
         def work(conn: Connection) -> int | None:
+            if publication_id is not None:  # the note goes with the licence: both or neither
+                licences.end_publication(conn, publication_id)
             if licences.find_licence(conn, cache_id) is not None:
                 return None
             licences.register(conn, cache_id, publisher, terms, salt, num_tokens)
@@ -193,6 +211,15 @@ class Ledger:
     def renew_holds(self) -> int:
         """Extend the leases of this node's holds (its requests in flight); call every LEASE_RENEW_SECONDS."""
         return self.run(lambda conn: charges.renew_holds(conn, self.node))
+
+    def renew_leases(self) -> None:
+        """Extend the leases of this node's holds and publications in progress, in one transaction."""
+
+        def work(conn: Connection) -> None:
+            charges.renew_holds(conn, self.node)
+            licences.renew_publications(conn, self.node, HOLD_LEASE_SECONDS)
+
+        self.run(work)
 
     def verify_receipt(self, receipt: object) -> bool:
         return receipts.verify(self._secret, receipt)

@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import and_, delete, insert, or_, select
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from kvmart.errors import TariffError
 from kvmart.ledger.accounts import Account, get_account
-from kvmart.ledger.schema import licence_readers, licences
+from kvmart.ledger.schema import licence_readers, licences, publications
 from kvmart.ledger.tariffs import Tariff
 
 KINDS = ("public", "private", "priced")
@@ -129,3 +129,29 @@ def check_readers(conn: Connection, names: tuple[str, ...]) -> None:
     for name in names:
         get_account(conn, name)
 
+
+# -- publications in progress (a store and a ledger cannot share one transaction: this journal bridges them) ----
+def begin_publication(conn: Connection, cache_id: str, publisher: Account, node: str, lease_seconds: int) -> int:
+    """Note that `node` is about to store `cache_id` for `publisher`; the note's id. Written before the artifact
+    is stored and deleted with the licence (`end_publication` in the same transaction as `register`), so one left
+    behind marks an artifact that may be stored without its licence and fee."""
+    now = int(time.time())
+    return int(conn.execute(insert(publications).values(cache_id=cache_id, publisher_id=publisher.id, node=node,
+                                                        created_at=now, expires_at=now + lease_seconds)
+                            ).inserted_primary_key[0])
+
+
+def end_publication(conn: Connection, publication_id: int) -> None:
+    conn.execute(delete(publications).where(publications.c.id == publication_id))
+
+
+def renew_publications(conn: Connection, node: str, lease_seconds: int) -> int:
+    return conn.execute(update(publications).where(publications.c.node == node)
+                        .values(expires_at=int(time.time()) + lease_seconds)).rowcount
+
+
+def interrupted_publications(conn: Connection, node: str) -> list[tuple[int, str]]:
+    """(id, cache id) of the publications `node` left (it died mid-publish) and of any whose lease lapsed."""
+    rows = conn.execute(select(publications.c.id, publications.c.cache_id).where(
+        (publications.c.node == node) | (publications.c.expires_at < int(time.time()))))
+    return [(int(r.id), str(r.cache_id)) for r in rows]

@@ -172,10 +172,28 @@ def hold_leases(conn: Connection) -> None:
         conn.execute(text("CREATE INDEX ix_holds_node ON holds (node)"))
 
 
+def pending_publications(conn: Connection) -> None:
+    """Publications in progress, so that one interrupted between storing its artifact and recording its licence
+    is repaired at start-up (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    Table(
+        "publications", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("cache_id", String(64), nullable=False),
+        Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=False),
+        Column("node", String(128), nullable=False, index=True),
+        Column("created_at", BigInteger, nullable=False),
+        Column("expires_at", BigInteger, nullable=False),
+    )
+    md.tables["publications"].create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
     ("0002_stored_responses", stored_responses),
     ("0003_hold_leases", hold_leases),
+    ("0004_pending_publications", pending_publications),
 )
 
 

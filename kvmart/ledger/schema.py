@@ -113,6 +113,18 @@ responses = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 
+# a publication in progress: written before its artifact is stored, deleted with its licence in one transaction;
+# one left behind names an artifact that may be stored, public and unpaid: removed at start-up (0004)
+publications = Table(
+    "publications", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("cache_id", String(64), nullable=False),
+    Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("node", String(128), nullable=False, index=True),  # the node publishing it
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),  # its lease, renewed with the node's holds
+)
+
 meta = Table(
     "meta", metadata,
     Column("key", String(64), primary_key=True),

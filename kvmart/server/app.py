@@ -36,10 +36,11 @@ def build_api(services: Services) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        services.catalog.refresh()
         released = await asyncio.to_thread(services.ledger.start_node, services.node)
         if released:
             log.warning("released %d holds left by requests that never finished", released)
+        await asyncio.to_thread(repair_publications, services)
+        services.catalog.refresh()
         services.worker.start()
         leases = asyncio.create_task(renew_leases(services))
         try:
@@ -64,14 +65,27 @@ def build_api(services: Services) -> FastAPI:
 
 
 async def renew_leases(services: Services) -> None:
-    """Keep this node's holds alive while their requests run (kvmart/ledger/charges.py): every
-    LEASE_RENEW_SECONDS, well inside the lease, so a node that dies stops renewing and its holds lapse."""
+    """Keep this node's holds and publications in progress alive while they run (kvmart/ledger/charges.py):
+    every LEASE_RENEW_SECONDS, well inside the lease, so a node that dies stops renewing and its holds lapse."""
     while True:
         await asyncio.sleep(LEASE_RENEW_SECONDS)
         try:
-            await asyncio.to_thread(services.ledger.renew_holds)
+            await asyncio.to_thread(services.ledger.renew_leases)
         except LedgerError:  # the ledger is unreachable now: the next renewal may reach it, within the lease
             log.exception("could not renew the leases of this node's holds")
+
+
+def repair_publications(services: Services) -> None:
+    """At start-up, finish what a killed publish left: an artifact stored without its licence (a kill between
+    the two) is deleted, never left public and unpaid; the publisher may publish it again. Covers this node's
+    own interrupted publications and any other node's whose lease lapsed."""
+    for note, cache_id in services.ledger.interrupted_publications():
+        if services.ledger.licence(cache_id) is None and services.store.entry(cache_id) is not None:
+            log.warning("a publication of %s was interrupted before its licence was recorded: its artifact is "
+                        "deleted (nothing was charged; it can be published again)", cache_id[:16])
+            services.store.delete(cache_id)
+            services.hot.discard(cache_id)
+        services.ledger.end_publication(note)
 
 
 def add_middleware(app: FastAPI, services: Services, session_cookie: str,

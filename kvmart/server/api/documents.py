@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFundsError, RequestError
+from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFundsError, LedgerError, RequestError
 from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
 from kvmart.reuse.catalog import Document
 from kvmart.server.auth import caller, require_role
@@ -88,19 +88,30 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
     upload = decode_artifact(req.artifact)
-    ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload))
+    notes: list[int] = []  # the ledger's note of this publication, written before its artifact is stored
+
+    def before_store(cache_id: str) -> None:  # on the model worker's thread, just before the artifact is written
+        notes.append(services.ledger.begin_publication(cache_id, account))
+
+    ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload,
+                                                      before_store))
     try:
-        published = await first_event(ticket)
-    except ArtifactRejectedError as e:
-        services.metrics.published.inc(outcome="refused")
-        log.warning("upload by %s refused: %s", account.name, e)
-        raise
-    assert isinstance(published, Published), published
-    outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
-    services.metrics.published.inc(outcome=outcome)
-    doc, fee = published.document, 0
-    if published.is_new:  # None: another node published the same text first; its licence stands
-        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt) or 0
+        try:
+            published = await first_event(ticket)
+        except ArtifactRejectedError as e:
+            services.metrics.published.inc(outcome="refused")
+            log.warning("upload by %s refused: %s", account.name, e)
+            raise
+        assert isinstance(published, Published), published
+        outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
+        services.metrics.published.inc(outcome=outcome)
+        doc, fee = published.document, 0
+        if published.is_new:  # None: another node published the same text first; its licence stands
+            fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt,
+                                          notes[0] if notes else None) or 0
+    finally:  # a note not ended with its licence (already stored, refused, failed): the publication is over
+        for note in notes:
+            await run_in_threadpool(services.ledger.end_publication, note)
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
             "seconds": published.seconds, "precompute_charge_usd": usd_text(fee)}
@@ -117,12 +128,14 @@ def decode_artifact(encoded: str | None) -> bytes | None:
         raise RequestError(f"artifact must be the artifact file in base64 ({e})", "artifact") from e
 
 
-def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str) -> int | None:
-    """The licence and the publisher's fee, together; if the publisher cannot pay, the new artifact is deleted
-    again and the 402 raised: nothing stored, nothing charged."""
+def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str,
+                       note: int | None = None) -> int | None:
+    """The licence and the publisher's fee, together, ending the publication's `note`; if they cannot be recorded
+    (the publisher cannot pay: 402; the ledger fails), the new artifact is deleted again: never public and unpaid.
+    (A node killed before this is repaired at its next start: kvmart/server/app.py `repair_publications`.)"""
     try:
-        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens)
-    except InsufficientFundsError:
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, note)
+    except (InsufficientFundsError, LedgerError):
         remove(services, doc)
         raise
 

@@ -22,7 +22,7 @@ from kvmart.reuse import core
 from kvmart.reuse.catalog import Catalog, Document, Match, Readable
 from kvmart.reuse.prompt import ChatPrompt, Prompt, chat_token_ids, text_token_ids
 from kvmart.reuse.upload import verify_upload
-from kvmart.runtime.chat import document_ids, layout_for
+from kvmart.runtime.chat import Layout, document_ids, layout_for, question_ids
 from kvmart.runtime.kv import KV
 from kvmart.runtime.model import Model
 from kvmart.server.config import ServerSettings
@@ -129,16 +129,22 @@ class Engine:
         yield from self.decode(prefix, ids[reuse.prefix_tokens:], max_new, request.sampling)
 
     def publish(self, text: str, title: str, source: str, system: str | None, salt: str = "",
-                upload: bytes | None = None) -> Iterator[Published]:
+                upload: bytes | None = None, before_store: Callable[[str], None] | None = None
+                ) -> Iterator[Published]:
         """Prefill and store a document (the CLI's `core.precompute` path), or find it already stored. A private
         document is stored under its publisher's tenant `salt`. With `upload` (an artifact the publisher
         computed), its KV is stored instead, once verified (kvmart/reuse/upload.py); ArtifactRejectedError if not.
-        TooLargeError for a document or artifact beyond the server's limits."""
+        TooLargeError for a document or artifact beyond the server's limits. `before_store(cache_id)` is called
+        before a new artifact is stored (the caller notes the publication in the ledger: kvmart/ledger/licences.py)."""
         start = time.perf_counter()
         layout = layout_for(self.model.tokenizer, system) if system else None
         ids = document_ids(self.model.tokenize, layout or layout_for(self.model.tokenizer), core.check_text(text))
         self.check_limits(len(ids), len(upload) if upload is not None else None)
+        self.check_usable(len(ids), layout or layout_for(self.model.tokenizer))
         if upload is None:
+            cid = make_cache_id(self.model.fingerprint.digest, ids, salt)
+            if before_store is not None and self.store.entry(cid) is None:
+                before_store(cid)
             result = core.precompute_ids(self.model, self.store, ids, title, source, salt=salt, codec=self.codec)
             yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
             return
@@ -153,6 +159,8 @@ class Engine:
         entry = Entry(cache_id=manifest.cache_id, title=title, source=source, model=self.model.spec,
                       fingerprint=self.model.fingerprint.digest, num_tokens=len(ids), artifact_bytes=len(upload),
                       prefill_seconds=time.perf_counter() - start, created_at=time.time())
+        if before_store is not None:
+            before_store(manifest.cache_id)
         stored = self.store.put(entry, lambda f: write_artifact(f, manifest, verified.kv))
         yield Published(self.catalog.add(stored), True, time.perf_counter() - start)
 
@@ -169,6 +177,17 @@ class Engine:
             what = "the uploaded artifact is" if upload_bytes is not None else "its KV cache would be"
             raise TooLargeError(f"{what} {size:,} bytes; this server stores artifacts of at most {limit:,} bytes",
                                 "artifact" if upload_bytes is not None else "text")
+
+    def check_usable(self, num_tokens: int, layout: Layout) -> None:
+        """TooLargeError (413) for a document no request could use: one that leaves no room in the model's context
+        for the shortest question ("?") and a one-token answer. Checked before anything is computed or charged."""
+        room = len(question_ids(self.model.tokenize, layout, "?")) + 1
+        usable = self.model.context_tokens - room
+        if num_tokens > usable:
+            raise TooLargeError(
+                f"the document is {num_tokens:,} tokens, and no request could use it: {self.model.spec}'s context "
+                f"holds {self.model.context_tokens:,} tokens, so a document can be at most {usable:,} tokens (room "
+                f"for a question and an answer of at least {room:,} tokens)", "text")
 
     def prompt_ids(self, prompt: Prompt, documents: list[Document]) -> list[int]:
         stored = [d.token_list() for d in documents]
