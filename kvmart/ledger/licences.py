@@ -136,9 +136,9 @@ def begin_publication(conn: Connection, cache_id: str, publisher: Account, node:
     is stored and deleted with the licence (`end_publication` in the same transaction as `register`), so one left
     behind marks an artifact that may be stored without its licence and fee."""
     now = int(time.time())
-    return int(conn.execute(insert(publications).values(cache_id=cache_id, publisher_id=publisher.id, node=node,
-                                                        created_at=now, expires_at=now + lease_seconds)
-                            ).inserted_primary_key[0])
+    inserted = conn.execute(insert(publications).values(cache_id=cache_id, publisher_id=publisher.id, node=node,
+                                                        created_at=now, expires_at=now + lease_seconds))
+    return int(inserted.inserted_primary_key[0])  # type: ignore[index]  # an insert always has a primary key
 
 
 def end_publication(conn: Connection, publication_id: int) -> None:

@@ -97,6 +97,7 @@ async def replayed_response(services: Services, payer: Payer) -> Response | None
     if stored is None:
         return None
     body = _marked_replayed(json.loads(stored))
+    assert isinstance(body, dict), "kept answers are JSON objects"
     services.metrics.charges.inc(outcome="replayed")
     headers = {"Idempotent-Replayed": "true"}
     if body.get("object") == STREAM_OBJECT:

@@ -8,10 +8,11 @@ with the last), and logprobs are not offered."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kvmart.engines.vllm import VllmEngine
 from kvmart.errors import UnsupportedParameterError
+from kvmart.format.keys import cache_id as make_cache_id
 from kvmart.reuse.catalog import document_id
 from kvmart.reuse.core import check_text
 from kvmart.runtime.chat import document_ids, layout_for
@@ -59,7 +60,8 @@ class VllmServerEngine(Engine):
         return Reuse(tier, doc, cached_tokens, cached_tokens, 0.0, saved)
 
     def publish(self, text: str, title: str, source: str, system: str | None, salt: str = "",
-                upload: bytes | None = None) -> Iterator[Published]:
+                upload: bytes | None = None, before_store: Callable[[str], None] | None = None
+                ) -> Iterator[Published]:
         if upload is not None:  # an upload is verified against the transformers engine's chunked prefill
             raise UnsupportedParameterError("artifact", "uploaded artifacts are not accepted by the vllm engine "
                                             "(its KV comes from vLLM's kernels); publish the text")
@@ -69,6 +71,10 @@ class VllmServerEngine(Engine):
                                             "node running --engine transformers")
         layout = layout_for(self.model.tokenizer, system)
         ids = document_ids(self.model.tokenize, layout, check_text(text))
+        self.check_usable(len(ids), layout)
+        cid = make_cache_id(self.engine.fingerprint.digest, ids)
+        if before_store is not None and self.store.entry(cid) is None:
+            before_store(cid)  # the publication is noted before vLLM's connector stores its artifact
         result = self.engine.publish(ids, title, source)
         yield Published(self.catalog.add(result.entry), result.is_new, result.seconds)
 
