@@ -18,8 +18,8 @@ from decimal import Decimal
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from kvmart.errors import TariffError
-from kvmart.ledger.accounts import Account, get_account
+from kvmart.errors import AccountError, TariffError
+from kvmart.ledger.accounts import Account, find_account, get_account
 from kvmart.ledger.schema import licence_readers, licences, publications
 from kvmart.ledger.tariffs import Tariff
 
@@ -124,10 +124,18 @@ def salt_of(conn: Connection, cache_id: str) -> str:
     return conn.execute(select(licences.c.salt).where(licences.c.cache_id == cache_id)).scalar() or ""
 
 
+READER_ROLES = ("publisher", "agent")
+
+
 def check_readers(conn: Connection, names: tuple[str, ...]) -> None:
-    """AccountError naming the first reader that is not an account."""
+    """AccountError naming the first reader that cannot be given access: one message for every refusal, a name
+    that is no account's included, so that listing readers does not tell a publisher which accounts exist beyond
+    those it may grant (the admin and the house accounts are refused alike)."""
     for name in names:
-        get_account(conn, name)
+        found = find_account(conn, name) if isinstance(name, str) else None
+        if found is None or found.role not in READER_ROLES:
+            raise AccountError(f"readers: {name!r} cannot be given access to a private document (name the publisher "
+                               "or agent accounts that may read it)", "readers")
 
 
 # -- publications in progress (a store and a ledger cannot share one transaction: this journal bridges them) ----

@@ -17,9 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvmart.errors import KvmartError, LedgerError, RequestError
+from kvmart.errors import AuthenticationError, KvmartError, LedgerError, RequestError
 from kvmart.ledger.entries import LEASE_RENEW_SECONDS
 from kvmart.server.api import accounts, anthropic, documents, openai
+from kvmart.server.auth import api_key
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.limits import KeyLimits, limiter_for
 from kvmart.server.pipeline.services import Services
@@ -129,16 +130,32 @@ async def healthz(request: Request):
     store_health = getattr(services.store, "health", None)
     tiers = await asyncio.to_thread(store_health) if store_health else None
     status = "unavailable" if not alive else "degraded" if tiers and tiers["degraded"] else "ok"
+    full = await is_admin_call(request)  # no key needed here: private documents are counted for the admin only
     body = {"status": status, "model": services.model_id, "active": active,
-            "waiting": waiting, "documents": len(services.catalog.documents())}
+            "waiting": waiting, "documents": len(services.catalog.documents(None if full else frozenset()))}
     if tiers is not None:
         body["store"] = tiers
     return JSONResponse(body, status_code=200 if alive else 503)
 
 
 async def metrics(request: Request):
+    """Prometheus metrics; no key needed. Document counts are of public documents unless the admin key is sent."""
     services: Services = request.app.state.services
-    return PlainTextResponse(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(services.metrics.render(full=await is_admin_call(request)),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def is_admin_call(request: Request) -> bool:
+    """Whether the request carries the admin's key (no key, or any other, is an anonymous caller here)."""
+    key = api_key(request.headers)
+    if key is None:
+        return False
+    services: Services = request.app.state.services
+    try:
+        account = await asyncio.to_thread(services.ledger.authenticate, key)
+    except AuthenticationError:
+        return False
+    return account.is_admin
 
 
 class RequestMetrics:

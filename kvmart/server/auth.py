@@ -12,6 +12,7 @@ from starlette.datastructures import Headers
 
 from kvmart.errors import AuthenticationError, ForbiddenError, RequestError
 from kvmart.ledger import Account
+from kvmart.ledger.entries import article
 from kvmart.server.pipeline.services import Services
 
 IDEMPOTENCY_HEADER = "idempotency-key"
@@ -37,8 +38,9 @@ async def caller(request: Request) -> Account:
 def require_role(account: Account, *roles: str) -> None:
     """ForbiddenError (403) unless the account has one of `roles` or is the admin."""
     if not account.is_admin and account.role not in roles:
-        raise ForbiddenError(f"account {account.name!r} is a {account.role}; this needs a {' or '.join(roles)} "
-                             "account")
+        needed = " or ".join(roles)
+        raise ForbiddenError(f"account {account.name!r} is {article(account.role)} {account.role}; this needs "
+                             f"{article(needed)} {needed} account")
 
 
 def idempotency_key(request: Request) -> str | None:

@@ -4,12 +4,14 @@ time (queue depth, the hot tier) are gauges and counters with a callback."""
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 Labels = tuple[tuple[str, str], ...]
+_FULL_VIEW = contextvars.ContextVar("kvmart_metrics_full_view", default=False)  # this scrape is the admin's
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -121,7 +123,9 @@ class ServerMetrics:
     """Every metric `kvmart serve` exports. `read_*` callbacks give the live values of the queue and hot tier."""
 
     def __init__(self, read_active: Callable[[], float], read_waiting: Callable[[], float],
-                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[], float]) -> None:
+                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[bool], float]) -> None:
+        """`read_documents(full)`: how many documents there are, all of them if `full` (the admin's scrape), else
+        the public ones only (/metrics needs no key: private documents are not counted for just anyone)."""
         r = self.registry = Registry()
         self.requests = r.add(Counter("kvmart_http_requests_total", "HTTP requests by endpoint and status code."))
         self.request_seconds = r.add(Histogram("kvmart_http_request_seconds",
@@ -152,7 +156,8 @@ class ServerMetrics:
         self.royalty_usd = r.add(Counter("kvmart_royalty_usd_total", "Dollars of royalties credited to publishers."))
         self.published = r.add(Counter("kvmart_documents_published_total",
                                        "POST /v1/documents by outcome: computed, uploaded (verified), already stored, or refused."))
-        r.add(Gauge("kvmart_documents", "Documents in the catalogue for the loaded model.", read_documents))
+        r.add(Gauge("kvmart_documents", "Documents in the catalogue for the loaded model: the public ones (every one "
+                    "when scraped with the admin key).", lambda: read_documents(_FULL_VIEW.get())))
         r.add(Gauge("kvmart_queue_active", "Requests the model worker is running.", read_active))
         r.add(Gauge("kvmart_queue_waiting", "Requests waiting for the model worker.", read_waiting))
         for key, kind, help_text in (("hits", Counter, "Hot tier (RAM) lookups that found the KV."),
@@ -164,5 +169,10 @@ class ServerMetrics:
             suffix = "_total" if kind is Counter else ""
             r.add(kind(f"kvmart_hot_{key}{suffix}", help_text, lambda key=key: read_hot()[key]))
 
-    def render(self) -> str:
-        return self.registry.render()
+    def render(self, full: bool = False) -> str:
+        """The exposition text; `full`: the admin's view (private documents counted)."""
+        token = _FULL_VIEW.set(full)
+        try:
+            return self.registry.render()
+        finally:
+            _FULL_VIEW.reset(token)

@@ -18,6 +18,7 @@ from kvmart.server.api.documents import PublishRequest, delete_as, publish_as
 from kvmart.server.api.usage import kvmart_usage
 from kvmart.server.auth import request_hash, require_role
 from kvmart.server.body import parse
+from kvmart.server.errors import http_error
 from kvmart.server.pipeline.billing import Payer
 from kvmart.server.pipeline.engine import GenerationRequest, Sampling
 from kvmart.server.pipeline.runs import Run, start_generation
@@ -94,14 +95,14 @@ async def _answer(run: Run):
         yield json.dumps({"done": True, "finish_reason": run.finished.finish_reason,
                           "usage": {"prompt_tokens": usage.prompt_tokens, **kvmart_usage(usage)}}) + "\n"
     except KvmartError as e:
-        yield json.dumps({"error": str(e)}) + "\n"
+        yield json.dumps({"error": http_error(e).message}) + "\n"  # a 5xx's own message stays in the log
 
 
 def _int_field(fields: dict[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = fields.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # "²".isdigit(), but int() refuses it
         raise RequestError(f"{name} must be a whole number from {low} to {high}", name)
     return int(raw)
 

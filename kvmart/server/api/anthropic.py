@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvmart.errors import KvmartError, UnsupportedParameterError
 from kvmart.reuse.prompt import ChatMessage, ChatPrompt, chat_message
 from kvmart.server.api.openai import SSE_HEADERS, check_model
+from kvmart.server.api.params import AnthropicTemperature, NoClientSalt, TopP
 from kvmart.server.api.usage import anthropic_usage
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
@@ -45,16 +46,17 @@ class AnthropicMessage(BaseModel):
     content: str | list[Block]
 
 
-class MessagesRequest(BaseModel):
-    """Unknown fields (metadata, service_tier...) are accepted and ignored."""
+class MessagesRequest(NoClientSalt):
+    """Unknown fields (metadata, service_tier...) are accepted and ignored (`salt` is refused:
+    kvmart/server/api/params.py)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[Block] | None = None
-    temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: AnthropicTemperature = None
+    top_p: TopP = None
     top_k: int | None = None
     stop_sequences: list[str] | None = None
     stream: bool | None = False

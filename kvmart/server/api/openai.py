@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvmart.errors import KvmartError, RequestError, UnknownModelError, UnsupportedParameterError
 from kvmart.reuse.prompt import ChatPrompt, TextPrompt, chat_message
+from kvmart.server.api.params import NoClientSalt, OpenAITemperature, Seed, TopP
 from kvmart.server.api.usage import openai_usage
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
@@ -51,18 +52,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Common(BaseModel):
-    """Fields shared by chat and text completions. Unknown fields are accepted and ignored."""
+class Common(NoClientSalt):
+    """Fields shared by chat and text completions. Unknown fields are accepted and ignored (`salt` is refused:
+    kvmart/server/api/params.py)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: OpenAITemperature = None
+    top_p: TopP = None
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None

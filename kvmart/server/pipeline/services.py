@@ -58,7 +58,8 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
         return vars(hot.stats())
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
-                            read_hot=hot_values, read_documents=lambda: len(catalog.documents()))
+                            read_hot=hot_values,
+                            read_documents=lambda full: len(catalog.documents(None if full else frozenset())))
     engine = engine_class(model, store, catalog, hot, server, salt_for=ledger.salt_of, codec=settings.artifact_codec)
     return Services(settings, server, model, store, catalog, hot, engine, worker, metrics, ledger,
                     node_name(server, settings.data_dir))
