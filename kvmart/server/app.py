@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmart.errors import AuthenticationError, KvmartError, LedgerError, RequestError
@@ -59,6 +61,7 @@ def build_api(services: Services) -> FastAPI:
         app.include_router(module.router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]  # FastAPI's documented way to extend it
     app.add_exception_handler(KvmartError, kvmart_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_exception)
@@ -87,6 +90,35 @@ def repair_publications(services: Services) -> None:
             services.store.delete(cache_id)
             services.hot.discard(cache_id)
         services.ledger.end_publication(note)
+
+
+# the JSON bodies the routes read themselves (kvmart/server/body.py), described in the OpenAPI schema so that
+# clients, and tests/test_fuzz.py's schema-driven property test, know them
+REQUEST_BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("/v1/chat/completions", "post"): openai.ChatCompletionRequest,
+    ("/v1/completions", "post"): openai.CompletionRequest,
+    ("/v1/messages", "post"): anthropic.MessagesRequest,
+    ("/v1/documents", "post"): documents.PublishRequest,
+    ("/v1/accounts", "post"): accounts.NewAccount,
+    ("/v1/accounts/{name}/deposits", "post"): accounts.Deposit,
+}
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes, with the request bodies of REQUEST_BODIES and the bearer key scheme."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {})
+        models = components.setdefault("schemas", {})
+        for (path, method), model in REQUEST_BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(body.pop("$defs", {}))
+            schema["paths"][path][method]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": body}}}
+        components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"apiKey": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def add_middleware(app: FastAPI, services: Services, session_cookie: str,
