@@ -37,6 +37,9 @@ class ServerSettings:
     # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
     upload_chunk_tokens: int = 256  # an uploaded artifact is a chunked prefill with chunks of this many tokens
     upload_verify_percent: int = 100  # share of an upload's chunks the provider recomputes (chunk 0 always)
+    # publish bodies beyond max_body_bytes (they carry an artifact: streamed to disk, verified from there) read and
+    # verified at once; more get HTTP 429 (kvmart/server/publish_body.py states the memory bound)
+    max_concurrent_uploads: int = 2
     # names this node in the ledger: its holds carry it, so the node releases its own when it starts again; unique
     # among live nodes (empty: host, port and data directory, `node_name`)
     node_name: str = ""
@@ -48,7 +51,7 @@ class ServerSettings:
                      "rate_limit_burst", "max_concurrent_per_key", "max_document_tokens", "max_artifact_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
-        for name in ("max_active", "default_max_tokens"):
+        for name in ("max_active", "default_max_tokens", "max_concurrent_uploads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.rate_limit_per_minute and self.rate_limit_burst < 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -20,10 +20,11 @@ from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFun
 from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
 from kvmart.reuse.catalog import Document
 from kvmart.server.auth import caller, require_role
-from kvmart.server.body import parse, read_json
+from kvmart.server.body import parse
 from kvmart.server.pipeline.engine import Published
 from kvmart.server.pipeline.runs import first_event, submit
 from kvmart.server.pipeline.services import Services
+from kvmart.server.publish_body import read_publish_body
 
 router = APIRouter()
 log = logging.getLogger("kvmart.server")
@@ -74,20 +75,26 @@ async def publish(request: Request):
     services: Services = request.app.state.services
     account = await caller(request)
     require_role(account, "publisher")  # before the body: only publishers may send one as large as an artifact
-    limit = services.server.max_body_bytes + 4 * -(-services.server.max_artifact_bytes // 3)  # room for an upload
-    req = parse(PublishRequest, await read_json(request, limit))
-    body, is_new = await publish_as(services, account, req)
-    return JSONResponse(body, status_code=201 if is_new else 200)
+    body = await read_publish_body(request, services.server, services.settings.data_dir / "uploads",
+                                   services.uploads)  # a large one streamed to disk (kvmart/server/publish_body.py)
+    try:
+        req = parse(PublishRequest, body.fields)
+        answer, is_new = await publish_as(services, account, req, body.artifact)
+    finally:
+        body.close()
+    return JSONResponse(answer, status_code=201 if is_new else 200)
 
 
-async def publish_as(services: Services, account: Account, req: PublishRequest) -> tuple[dict, bool]:
+async def publish_as(services: Services, account: Account, req: PublishRequest,
+                     upload: bytes | BinaryIO | None = None) -> tuple[dict, bool]:
     """Publish `req` for `account` (the API and the web page both come here): the document's JSON, and whether it
-    was computed now. ForbiddenError for an agent, TariffError/AccountError for bad terms, 402 for the fee."""
+    was computed now. `upload`: the artifact read from the body (else `req.artifact`, base64). ForbiddenError for
+    an agent, TariffError/AccountError for bad terms, 402 for the fee."""
     require_role(account, "publisher")
     terms = req.terms()
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
-    upload = decode_artifact(req.artifact)
+    upload = upload if upload is not None else decode_artifact(req.artifact)
     notes: list[int] = []  # the ledger's note of this publication, written before its artifact is stored
 
     def before_store(cache_id: str) -> None:  # on the model worker's thread, just before the artifact is written

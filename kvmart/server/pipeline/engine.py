@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -21,7 +22,7 @@ from kvmart.format.keys import cache_id as make_cache_id
 from kvmart.reuse import core
 from kvmart.reuse.catalog import Catalog, Document, Match, Readable
 from kvmart.reuse.prompt import ChatPrompt, Prompt, chat_token_ids, text_token_ids
-from kvmart.reuse.upload import verify_upload
+from kvmart.reuse.upload import upload_size, verify_upload
 from kvmart.runtime.chat import Layout, document_ids, layout_for, question_ids
 from kvmart.runtime.kv import KV
 from kvmart.runtime.model import Model
@@ -129,7 +130,7 @@ class Engine:
         yield from self.decode(prefix, ids[reuse.prefix_tokens:], max_new, request.sampling)
 
     def publish(self, text: str, title: str, source: str, system: str | None, salt: str = "",
-                upload: bytes | None = None, before_store: Callable[[str], None] | None = None
+                upload: bytes | BinaryIO | None = None, before_store: Callable[[str], None] | None = None
                 ) -> Iterator[Published]:
         """Prefill and store a document (the CLI's `core.precompute` path), or find it already stored. A private
         document is stored under its publisher's tenant `salt`. With `upload` (an artifact the publisher
@@ -139,7 +140,7 @@ class Engine:
         start = time.perf_counter()
         layout = layout_for(self.model.tokenizer, system) if system else None
         ids = document_ids(self.model.tokenize, layout or layout_for(self.model.tokenizer), core.check_text(text))
-        self.check_limits(len(ids), len(upload) if upload is not None else None)
+        self.check_limits(len(ids), upload_size(upload) if upload is not None else None)
         self.check_usable(len(ids), layout or layout_for(self.model.tokenizer))
         if upload is None:
             cid = make_cache_id(self.model.fingerprint.digest, ids, salt)
@@ -157,7 +158,7 @@ class Engine:
                                  self.settings.upload_verify_percent)
         manifest = manifest_for(verified.kv, ids, self.model.fingerprint, salt)
         entry = Entry(cache_id=manifest.cache_id, title=title, source=source, model=self.model.spec,
-                      fingerprint=self.model.fingerprint.digest, num_tokens=len(ids), artifact_bytes=len(upload),
+                      fingerprint=self.model.fingerprint.digest, num_tokens=len(ids), artifact_bytes=upload_size(upload),
                       prefill_seconds=time.perf_counter() - start, created_at=time.time())
         if before_store is not None:
             before_store(manifest.cache_id)

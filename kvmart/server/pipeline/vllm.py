@@ -9,6 +9,7 @@ with the last), and logprobs are not offered."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from kvmart.engines.vllm import VllmEngine
 from kvmart.errors import UnsupportedParameterError
@@ -60,7 +61,7 @@ class VllmServerEngine(Engine):
         return Reuse(tier, doc, cached_tokens, cached_tokens, 0.0, saved)
 
     def publish(self, text: str, title: str, source: str, system: str | None, salt: str = "",
-                upload: bytes | None = None, before_store: Callable[[str], None] | None = None
+                upload: bytes | BinaryIO | None = None, before_store: Callable[[str], None] | None = None
                 ) -> Iterator[Published]:
         if upload is not None:  # an upload is verified against the transformers engine's chunked prefill
             raise UnsupportedParameterError("artifact", "uploaded artifacts are not accepted by the vllm engine "
