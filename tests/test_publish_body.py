@@ -150,7 +150,7 @@ def test_a_large_upload_is_verified_from_disk_with_a_bounded_heap(live, model_f3
     assert all(torch.equal(a, b) for a, b in zip(loaded.kv.keys + loaded.kv.values,
                                                  reference.keys + reference.values, strict=True))
     assert not any((live.services.settings.data_dir / "uploads").iterdir())  # nothing left on disk
-    assert live.services.uploads.taken == 0
+    assert live.app.state.uploads.taken == 0
 
 
 def test_large_uploads_beyond_the_cap_get_429_and_the_slot_comes_back(live, model_f32):
@@ -162,7 +162,7 @@ def test_large_uploads_beyond_the_cap_get_429_and_the_slot_comes_back(live, mode
         "/v1/documents", content=streamed(body.encode(), gate), headers=headers)))
     first.start()
     try:
-        wait_until(lambda: live.services.uploads.taken == 1, "the first large body to take the slot")
+        wait_until(lambda: live.app.state.uploads.taken == 1, "the first large body to take the slot")
         refused = live.http.post("/v1/documents", content=body.replace("large", "other"), headers=headers)
         assert refused.status_code == 429 and "Retry-After" in refused.headers, refused.text
         small = live.publish("A small document needs no slot.")
@@ -171,5 +171,5 @@ def test_large_uploads_beyond_the_cap_get_429_and_the_slot_comes_back(live, mode
         gate.set()
         first.join(DEADLINE_SECONDS)
     assert results[0].status_code == 201, results[0].text
-    assert live.services.uploads.taken == 0
+    assert live.app.state.uploads.taken == 0
     assert live.http.post("/v1/documents", content=body, headers=headers).status_code == 200  # stored already

@@ -26,6 +26,7 @@ from kvmart.server.auth import api_key
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.limits import KeyLimits, limiter_for
 from kvmart.server.pipeline.services import Services
+from kvmart.server.publish_body import UploadSlots
 
 log = logging.getLogger("kvmart.server")
 KNOWN_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents",
@@ -57,6 +58,7 @@ def build_api(services: Services) -> FastAPI:
 
     app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
+    app.state.uploads = UploadSlots(services.server.max_concurrent_uploads)  # large publish bodies at once
     for module in (openai, anthropic, documents, accounts):
         app.include_router(module.router)
     app.add_api_route("/healthz", healthz, methods=["GET"])

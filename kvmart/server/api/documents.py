@@ -76,7 +76,7 @@ async def publish(request: Request):
     account = await caller(request)
     require_role(account, "publisher")  # before the body: only publishers may send one as large as an artifact
     body = await read_publish_body(request, services.server, services.settings.data_dir / "uploads",
-                                   services.uploads)  # a large one streamed to disk (kvmart/server/publish_body.py)
+                                   request.app.state.uploads)  # a large one streamed to disk (server/publish_body.py)
     try:
         req = parse(PublishRequest, body.fields)
         answer, is_new = await publish_as(services, account, req, body.artifact)

@@ -3,7 +3,7 @@ and its worker, the metrics and the ledger (accounts, licences, charges). Nothin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvmart.config import Settings
 from kvmart.ledger import Ledger, open_ledger
@@ -14,7 +14,6 @@ from kvmart.server.metrics import ServerMetrics
 from kvmart.server.pipeline.engine import Engine
 from kvmart.server.pipeline.hot import HotTier
 from kvmart.server.pipeline.worker import Worker
-from kvmart.server.publish_body import UploadSlots
 from kvmart.store import Store, open_store
 
 
@@ -31,7 +30,6 @@ class Services:
     metrics: ServerMetrics
     ledger: Ledger
     node: str = ""  # this node's name in the ledger (server/config.py `node_name`)
-    uploads: UploadSlots = field(default_factory=lambda: UploadSlots(2))  # large publish bodies at once
 
     @property
     def model_id(self) -> str:
@@ -64,4 +62,4 @@ def build_services(settings: Settings, server: ServerSettings, model: Model | No
                             read_documents=lambda full: len(catalog.documents(None if full else frozenset())))
     engine = engine_class(model, store, catalog, hot, server, salt_for=ledger.salt_of, codec=settings.artifact_codec)
     return Services(settings, server, model, store, catalog, hot, engine, worker, metrics, ledger,
-                    node_name(server, settings.data_dir), UploadSlots(server.max_concurrent_uploads))
+                    node_name(server, settings.data_dir))
