@@ -38,6 +38,8 @@ console = Console(width=120)
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' notices about its own future
 QUESTION = "Who is the license steward?"
 
+SOURCE = "https://publisher.example/the-document.txt"  # the verified owner's URL of the text
+
 
 def document_of(model: Model, num_tokens: int) -> str:
     """A prefix of the bundled licence texts that is exactly `num_tokens` tokens in the chat layout."""
@@ -83,13 +85,16 @@ def main() -> None:
         ledger = app.state.services.ledger
         _, publisher = ledger.create_account("publisher", "publisher")
         ledger.deposit("publisher", Decimal("1.00"))
+        # the publisher owns the text: it proved control of its source's origin (POST /v1/claims, docs/LEDGER.md),
+        # so its royalties are paid at once rather than held in escrow
+        ledger.mark_claim_verified(ledger.new_claim(ledger.account("publisher"), SOURCE))
         agents = []
         for i in track(range(args.agents), description=f"creating {args.agents} funded agents", console=console):
             agents.append(ledger.create_account(f"agent-{i:04d}", "agent")[1])
             ledger.deposit(f"agent-{i:04d}", Decimal(args.deposit))
         text = document_of(model, args.tokens)
         with TestClient(app) as client:
-            doc = client.post("/v1/documents", json={"text": text, "title": "the document"},
+            doc = client.post("/v1/documents", json={"text": text, "title": "the document", "source": SOURCE},
                               headers={"Authorization": f"Bearer {publisher}"}).json()
             for key in track(agents, description="agents reading", console=console):
                 read(client, key, doc["id"], model.spec, args.max_tokens)

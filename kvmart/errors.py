@@ -72,6 +72,11 @@ class ArtifactRejectedError(KvmartError):
     exit_code = 4
 
 
+class ForgedArtifactError(ArtifactRejectedError):
+    """An uploaded artifact's KV differs from what the model computes for its tokens when recomputed: a forgery (or
+    a publisher's broken setup). The account may not upload again until the operator allows it (HTTP 422)."""
+
+
 class FingerprintMismatchError(ArtifactError):
     """An artifact was made by another model, tokenizer, dtype or attention implementation."""
 
@@ -202,3 +207,18 @@ class ShuttingDownError(KvmartError):
 
 class InternalError(KvmartError):
     """A bug: an unexpected exception while serving a request. Logged with its traceback; HTTP 500."""
+
+
+# -- the market between parties (docs/LEDGER.md): ownership claims, statements --------------------------------------
+class UnknownClaimError(KvmartError):
+    """No ownership claim with this id belongs to the caller (HTTP 404)."""
+
+
+class ClaimCheckError(KvmartError):
+    """A publisher's claim to control an origin could not be confirmed: the token was not served there, or fetching
+    it was refused (a scheme, address, redirect, size or time the provider does not allow). HTTP 422; nothing
+    changes."""
+
+
+class UnknownReceiptError(KvmartError):
+    """A receipt asked for is not in the statement named (HTTP 404)."""

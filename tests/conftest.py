@@ -110,18 +110,11 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A real PostgreSQL server for the session (tests/pg_support.py); skipped only where it cannot exist."""
-    from pg_support import PostgresServer
+    """A real PostgreSQL server for the session (tests/pg_support.py); where it is not installed, skipped, or failed
+    under CI (tests/service_support.py)."""
+    from pg_support import postgres_or_missing
 
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]', in the test extras)")
-    try:
-        server = PostgresServer()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    with server:
+    with postgres_or_missing() as server:
         yield server
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_support import import_or_missing, missing_service
 
 from kvmart.cluster.local import DEADLINE_SECONDS, KvmartNode, MissingBinaryError, free_port, wait_for
 from kvmart.cluster.local import RedisServer as _RedisServer
@@ -21,18 +22,18 @@ BUCKET = "kvmart-test"  # the bucket `moto_s3` creates
 
 
 def RedisServer(directory: Path) -> _RedisServer:  # noqa: N802 (a factory standing in for the class)
-    """A RedisServer, or a skip saying why there is none (only where redis-server cannot be installed)."""
+    """A RedisServer, or `missing_service` saying why there is none (a skip; a failure under CI)."""
     try:
         return _RedisServer(directory)
     except MissingBinaryError as e:
-        pytest.skip(str(e))
+        missing_service(str(e))
 
 
 class MotoS3Server:
     """moto's standalone server (S3-compatible, in memory) as a subprocess on 127.0.0.1:<port>."""
 
     def __init__(self) -> None:
-        pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
+        import_or_missing("moto.server", "moto[server] is not installed (the test extras)")
         self.port, self.process = free_port(), None
 
     @property

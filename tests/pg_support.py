@@ -16,6 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
+from service_support import import_or_missing, missing_service
+
 START_SECONDS = 60.0
 SUPERUSER = "kvmart"
 
@@ -34,6 +36,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def postgres_or_missing() -> PostgresServer:
+    """A PostgresServer (not yet started), or `missing_service` saying what is not installed."""
+    import_or_missing("psycopg", "psycopg is not installed (pip install 'psycopg[binary]', in the test extras)")
+    try:
+        return PostgresServer()
+    except FileNotFoundError as e:
+        missing_service(str(e))
 
 
 class PostgresServer:

@@ -81,6 +81,13 @@ class LiveServer:
             self.services.ledger.deposit(name, Decimal(usd))
         return key
 
+    def verify_owner(self, name: str, source: str) -> None:
+        """Account `name` proved control of the origin of `source`, as POST /v1/claims/{id}/verify records it when
+        the token is found (tests/test_server_market.py drives that flow itself): its documents with a source
+        there are paid their royalties at once instead of into escrow (docs/LEDGER.md)."""
+        ledger = self.services.ledger
+        ledger.mark_claim_verified(ledger.new_claim(ledger.account(name), source))
+
     def publish(self, text: str | None, key: str | None = None, **fields: object) -> httpx.Response:
         """POST /v1/documents with `key` (default: the publisher's); text None leaves it out."""
         headers = {"Authorization": f"Bearer {key or self.publisher_key}"}

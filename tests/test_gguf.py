@@ -150,6 +150,23 @@ def test_convert_truncated_gguf_is_gguf_error(tmp_path: Path) -> None:
         kg.convert_gguf(truncated, tmp_path / "out")
 
 
+def test_gguf_cut_after_its_architecture_is_truncated(tmp_path: Path) -> None:
+    """gguf.GGUFReader parses the whole header and tensor index: a file cut anywhere in them is refused, even after
+    the architecture key a reader of the leading fields alone would have found."""
+    whole = tmp_path / "whole.gguf"
+    _write_tiny_gguf(whole, "llama")
+    data = whole.read_bytes()
+    end_of_architecture = data.index(b"llama") + len(b"llama")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: end_of_architecture + 16])
+    assert kg.read_gguf_architecture(whole) == "llama"
+    with pytest.raises(kg.GGUFError, match="truncated or corrupt"):
+        kg.read_gguf_architecture(cut)
+    with pytest.raises(kg.GGUFError, match="truncated or corrupt"):
+        kg.convert_gguf(cut, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_unsupported_architecture(tmp_path: Path) -> None:
     path = tmp_path / "alien.gguf"
     _write_tiny_gguf(path, "kvmart-alien-arch")

@@ -167,11 +167,18 @@ def test_receipts_verify_and_tampered_ones_fail(ledger):
     assert not any(ledger.verify_receipt(t) for t in tampered)
 
 
+def verified_owner(ledger, account, source: str) -> None:
+    """`account` proved control of the origin of `source` (the provider found its token: tests/test_market.py)."""
+    ledger.mark_claim_verified(ledger.new_claim(account, source))
+
+
 def test_a_charge_pays_provider_and_publisher_exactly(ledger):
     publisher, _ = funded(ledger, "pub", "publisher", "1")
     agent, _ = funded(ledger, "reader", "agent", "1")
+    verified_owner(ledger, publisher, "https://pub.example/")  # an owner's royalties are paid at once, not escrowed
     fee = ledger.publish("c" * 64, publisher, Terms("priced", cache_read_usd_per_mtok=Decimal("0.5"),
-                                                    royalty_share=Decimal("0.6")), "", 3774)
+                                                    royalty_share=Decimal("0.6")), "", 3774,
+                         source="https://pub.example/notes.txt")
     assert fee == 3_774_000  # 3,774 tokens at the precompute price, $1/1M
     licence = ledger.licence("c" * 64)
     used = ledger.quote(licence, 3774, 30, 8)
@@ -242,7 +249,7 @@ def test_servers_starting_together_migrate_once(ledger_url, tmp_path):
     assert sum(b.admin_key_issued is not None for b in books) == 1  # one admin key, made by whoever came first
     names = books[0].run(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
     assert sorted(names) == [name for name, _ in MIGRATIONS]
-    assert [a.name for a in books[0].accounts()] == ["provider", "external", "admin"]
+    assert [a.name for a in books[0].accounts()] == ["provider", "external", "admin", "escrow"]
     for book in books:
         book.close()
 
@@ -306,7 +313,6 @@ def test_ledger_urls(tmp_path):
 def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path):
     from sqlalchemy import delete, inspect, text
 
-    from kvmart.ledger.migrations import MIGRATIONS
     from kvmart.ledger.schema import holds, responses, schema_migrations
 
     old = open_ledger(ledger_url, tmp_path, environ={})
@@ -314,7 +320,7 @@ def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path
     old.deposit("kept", Decimal(1))
     old.open_hold(old.account("kept"), 5, None, "h")
     old.run(lambda conn: responses.drop(conn))  # as a ledger made before 0002 was
-    for ddl in ("DROP INDEX ix_holds_node", "ALTER TABLE holds DROP COLUMN node",  # and before 0003
+    for ddl in ("DROP INDEX ix_holds_node", "ALTER TABLE holds DROP COLUMN node",  # and before 0006
                 "ALTER TABLE holds DROP COLUMN expires_at"):
         old.run(lambda conn, ddl=ddl: conn.execute(text(ddl)))
     old.run(lambda conn: conn.execute(delete(schema_migrations).where(schema_migrations.c.name != "0001_initial")))
@@ -326,7 +332,8 @@ def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path
     [hold] = new.read(lambda conn: conn.execute(select(holds)).all())
     assert hold.node == "" and hold.expires_at == hold.created_at + 3600  # an old hold keeps the hour it had
     names = new.read(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
-    assert sorted(names) == [name for name, _ in MIGRATIONS]
+    assert sorted(names) == ["0001_initial", "0002_stored_responses", "0003_receipt_keys", "0004_ownership",
+                            "0005_uploads", "0006_hold_leases", "0007_pending_publications"]
     new.close()
 
 

@@ -60,8 +60,9 @@ def test_every_api_call_authenticates(live):
 def test_a_read_is_charged_in_usage_and_reported(live):
     pub = live.account("pub-read", "publisher")
     reader = live.account("reader", "agent", usd="1")
+    live.verify_owner("pub-read", "https://pub-read.example/")  # a verified owner is paid its royalties at once
     text = "Charged notes.\n\n" + BSD
-    published = live.publish(text, key=pub).json()
+    published = live.publish(text, key=pub, source="https://pub-read.example/notes.txt").json()
     assert Decimal(published["precompute_charge_usd"]) == Decimal(published["num_tokens"]) / 10**6
     response = live.http.post("/v1/chat/completions", headers=auth(reader), json=chat([published["id"]]))
     usage = response.json()["usage"]

@@ -114,6 +114,7 @@ def test_a_poisoned_upload_is_422_nothing_stored_nothing_charged(live, model_f32
         assert refused.status_code == 422, refused.text
         error = refused.json()["error"]
         assert error["code"] == "artifact_rejected" and "differs when recomputed" in error["message"]
+        live.services.ledger.allow_uploads("publisher")  # one strike (test below): the operator lets it try again
     assert live.services.store.entries() == [] and live.http.get("/v1/documents").json()["data"] == []
     assert live.services.ledger.usage(live.services.ledger.account("publisher")).balance_nanousd == before
     assert live.metrics()['kvmart_documents_published_total{outcome="refused"}'] == 2
@@ -136,3 +137,63 @@ def test_an_honest_upload_is_stored_charged_and_answers_from_its_kv(live, model_
     assert private.status_code == 201 and private.json()["cache_id"] != doc["cache_id"]  # the tenant's salt
     again = upload(live, BSD, poisoned(model_f32, BSD, MIT_LIKE))  # already stored: the upload is never used
     assert again.status_code == 200 and again.json()["computed"] is False
+
+
+def test_the_default_sample_is_the_fewest_chunks_that_meet_the_stated_bound():
+    import itertools
+    import math
+
+    from kvmart.reuse.upload import ESCAPE_BOUND, FORGED_SHARE, checks_for_bound, escape_probability, plan
+
+    for others in (1, 5, 10):  # a short document: the bound needs every chunk
+        assert checks_for_bound(others) == others and plan(others + 1, None).forgery_escape == 0
+    for others in (11, 40, 100, 1000, 10_000):
+        m, forged = checks_for_bound(others), max(1, math.ceil(FORGED_SHARE * others))
+        assert escape_probability(others, forged, m) <= ESCAPE_BOUND < escape_probability(others, forged, m - 1)
+    assert checks_for_bound(100) < 100 and checks_for_bound(10_000) < 80  # tends to ln(1000)/0.1, about 69
+    # the formula is the hypergeometric: counted by brute force over every sample of a small case
+    samples = list(itertools.combinations(range(9), 4))
+    escaped = sum(not {0, 1} & set(s) for s in samples)
+    assert math.isclose(escape_probability(9, 2, 4), escaped / len(samples))
+    shown = plan(41, None).as_json()
+    assert shown["rule"] == "bound" and shown["checked_chunks"] == 1 + checks_for_bound(40)
+    assert shown["forgery_escape"] <= shown["escape_bound"] == ESCAPE_BOUND
+    assert shown["single_chunk_escape"] == (40 - checks_for_bound(40)) / 40
+    assert plan(41, 25).checked_chunks == 11 and plan(41, 100).checked_chunks == 41
+
+
+def test_the_bound_draws_its_count_and_always_checks_chunk_0(model_f32):
+    from kvmart.reuse.upload import plan
+
+    ids = ids_of(model_f32, BSD)
+    chunk = 16  # short chunks: enough of them that the bound leaves one unchecked
+    verified = verify_upload(model_f32, compute_upload(model_f32, ids, chunk), ids, chunk, percent=None,
+                             rng=random.Random(3))
+    expected = plan(verified.chunks, None)
+    assert verified.chunks > 12 and len(verified.checked) == expected.checked_chunks < verified.chunks
+    assert verified.checked[0] == 0 and verified.plan == expected
+    with pytest.raises(ArtifactRejectedError, match="chunk 0 .* differs"):
+        poisoned_ids = ids_of(model_f32, MIT_LIKE)[:len(ids)]
+        kv = upload_prefill(model_f32, poisoned_ids, chunk)
+        verify_upload(model_f32, artifact_bytes(model_f32, kv, ids), ids, chunk, percent=None)
+
+
+def test_an_uploaded_document_records_its_check_and_a_forger_gets_one_strike(live, model_f32):
+    ids = ids_of(model_f32, BSD)
+    accepted = upload(live, BSD, compute_upload(model_f32, ids, CHUNK))
+    assert accepted.status_code == 201, accepted.text
+    check = live.http.get(f"/v1/documents/{accepted.json()['id']}").json()["upload_check"]
+    assert check["rule"] == "bound" and check["chunk_tokens"] == CHUNK and check["escape_bound"] == 0.001
+    assert check["chunks"] == check["checked_chunks"] == -(-len(ids) // CHUNK)  # short: every chunk checked
+    assert live.publish("Computed, not uploaded.\n\n" + BSD).json()["upload_check"] is None
+    forger = live.account("forger", "publisher")
+    forged = "Forged.\n\n" + BSD
+    assert upload(live, forged, poisoned(model_f32, forged, MIT_LIKE), key=forger).status_code == 422
+    honest = compute_upload(model_f32, ids_of(model_f32, "Honest now.\n\n" + BSD), CHUNK)
+    barred = upload(live, "Honest now.\n\n" + BSD, honest, key=forger)
+    assert barred.status_code == 403 and "allow-uploads" in barred.json()["error"]["message"]
+    assert live.publish("Honest now.\n\n" + BSD, key=forger).status_code == 201  # the text: the provider computes
+    assert live.services.ledger.allow_uploads("forger") == 1
+    again = upload(live, "Honest again.\n\n" + BSD, compute_upload(
+        model_f32, ids_of(model_f32, "Honest again.\n\n" + BSD), CHUNK), key=forger)
+    assert again.status_code == 201, again.text

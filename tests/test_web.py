@@ -90,8 +90,10 @@ def test_try_it_streams_the_api_answer_with_cached_tokens(live):
 
 def test_publisher_publishes_earns_and_deletes(live):
     publisher = signed_in(live, live.publisher_key)
+    live.verify_owner("publisher", "https://publisher.example/")  # a verified owner earns at once (not escrow)
     published = publisher.post("/publisher/documents", title="Publisher's notes", text="Publisher notes.\n\n" + MPL,
-                               licence="priced", cache_read_usd_per_mtok="0.5")
+                               licence="priced", cache_read_usd_per_mtok="0.5",
+                               source="https://publisher.example/notes.txt")
     assert published.status_code == 303, published.text
     doc_id = published.headers["location"].removeprefix("/documents/")
     mine = publisher.get("/publisher").text

@@ -1,5 +1,5 @@
 """The web page's pure parts: SVG charts (escaped labels, bar heights in proportion), time buckets of the ledger's
-charges, money and size formats, the Prometheus text parser and histogram quantiles the provider's page uses, and
+charges, money and size formats, the metrics registry's samples and histogram quantiles the provider's page uses, and
 the session store."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import re
 import time
 from decimal import Decimal
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from kvmart.ledger import Terms, open_ledger
 from kvmart.web import charts, stats
 from kvmart.web.formatting import price, size, usd
-from kvmart.web.provider import Samples, quantile
+from kvmart.web.provider import Samples, endpoints, quantile
 from kvmart.web.sessions import Sessions
 
 
@@ -39,14 +41,22 @@ def test_money_and_sizes_read_exactly():
     assert size(512) == "512 B" and size(1536) == "1.5 KiB" and size(3 * 2**30) == "3.0 GiB"
 
 
-def test_prometheus_samples_and_quantiles():
-    text = "\n".join(['# HELP x y', 'kvmart_cache_hits_total{tier="ram"} 3', 'kvmart_cache_hits_total{tier="store"} 1',
-                      'kvmart_queue_active 2', 'h_bucket{endpoint="a",le="0.1"} 1', 'h_bucket{endpoint="a",le="1"} 19',
-                      'h_bucket{endpoint="a",le="+Inf"} 20', 'lbl{v="a \\"q\\" b"} 7'])
-    samples = Samples(text)
+def test_samples_read_from_a_registry_and_quantiles():
+    registry = CollectorRegistry()
+    hits = Counter("kvmart_cache_hits_total", "h", ["tier"], registry=registry)
+    hits.labels(tier="ram").inc(3)
+    hits.labels(tier="store").inc()
+    Gauge("kvmart_queue_active", "q", registry=registry).set(2)
+    latency = Histogram("h", "l", ["endpoint"], buckets=(0.1, 1.0), registry=registry)
+    for value in [0.05] + [0.5] * 18 + [5.0]:
+        latency.labels(endpoint="a").observe(value)
+    Counter("lbl", "l", ["v"], registry=registry).labels(v='a "q" b').inc(7)
+    samples = Samples(registry.collect())
     assert samples.by_label("kvmart_cache_hits_total", "tier") == {"ram": 3, "store": 1}
     assert samples.total("kvmart_queue_active") == 2 and samples.get("kvmart_cache_hits_total", tier="ram") == 3
-    assert samples.get("lbl", v='a \\"q\\" b') == 7
+    assert samples.get("lbl_total", v='a "q" b') == 7  # label values as set, not as escaped in the text format
+    assert samples.get("h_bucket", endpoint="a", le="1.0") == 19 and samples.get("h_count", endpoint="a") == 20
+    assert [e.name for e in endpoints(samples, "h")] == ["a"] and endpoints(samples, "h")[0].requests == 20
     buckets = {0.1: 1, 1.0: 19, float("inf"): 20}
     assert quantile(buckets, 0.5) == 1.0 and quantile(buckets, 0.05) == 0.1 and quantile(buckets, 0.99) == float("inf")
     assert quantile({}, 0.95) == 0.0

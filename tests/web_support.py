@@ -1,13 +1,24 @@
-"""Helpers for the web page tests: a cookie-keeping client that signs in through the page's own form, and the CSRF
-token of a page. Not a test module."""
+"""Helpers for the web page tests: a cookie-keeping client that signs in through the page's own form, the CSRF
+token of a page, and the headless browser's binaries. Not a test module."""
 
 from __future__ import annotations
 
 import re
+import shutil
 
 import httpx
+from service_support import missing_service
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+def browser_binaries() -> tuple[str, str]:
+    """chromium's and chromedriver's paths, or `missing_service` saying they are not installed (a skip; a failure
+    under CI)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        missing_service("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    return chromium, chromedriver
 
 
 def csrf_of(html: str) -> str:

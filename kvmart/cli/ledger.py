@@ -106,6 +106,14 @@ def key(ledger: Ledger, name: str, revoke: bool) -> None:
         out.print(f"api key {ledger.issue_key(name)}")
 
 
+@accounts.command("allow-uploads")
+@click.argument("name")
+@ledger_options
+def allow_uploads(ledger: Ledger, name: str) -> None:
+    """Let NAME upload artifacts again after an upload of it was refused as a forgery (docs/SECURITY.md)."""
+    out.print(f"cleared {ledger.allow_uploads(name)} refused upload(s) of {escape(name)}")
+
+
 @click.group()
 def ledger() -> None:
     """The ledger's books: reports, soundness check, receipt verification."""
@@ -161,17 +169,119 @@ def check(ledger: Ledger) -> None:
 
 
 @ledger.command("verify")
-@click.argument("receipt", type=click.Path(exists=True, dir_okay=False))
-@ledger_options
-def verify(ledger: Ledger, receipt: str) -> None:
-    """Exit 0 if RECEIPT (a JSON file: a response's usage.kvmart.charge.receipt) is one this ledger signed,
-    unchanged; 1 otherwise."""
+@click.argument("document", type=click.Path(exists=True, dir_okay=False))
+@click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False),
+              help="The provider's /.well-known/kvmart.json: check offline with its public keys, no database.")
+@click.option("--includes", "receipt_file", type=click.Path(exists=True, dir_okay=False),
+              help="With a statement: also check that this receipt is one of its leaves.")
+@click.option("--ledger", "--db", "ledger_url", help="Ledger database URL (without --keys).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the embedded ledger lives (without --keys).")
+def verify(document: str, keys_file: str | None, receipt_file: str | None, ledger_url: str | None,
+           data_dir: str | None) -> None:
+    """Exit 0 if DOCUMENT (a JSON file: a receipt, as in a response's usage.kvmart.charge.receipt, or a statement
+    from GET /v1/statements) is one the provider signed, unchanged; 1 otherwise. With --keys it needs nothing but
+    the provider's published keys; without, it checks against this ledger (which also checks receipts issued
+    before public-key receipts, by their HMAC)."""
+    from kvmart.ledger import keys, receipts, statements
 
-    try:
-        body = json.loads(Path(receipt).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise click.BadParameter(f"not JSON: {e}", param_hint="RECEIPT") from None
-    valid = ledger.verify_receipt(body)
-    out.print("valid" if valid else "[red]INVALID[/red]: not signed by this ledger, or changed")
-    if not valid:
+    body, included = read_json_file(document, "DOCUMENT"), None
+    if receipt_file is not None:
+        included = read_json_file(receipt_file, "--includes")
+    if keys_file is not None:
+        try:
+            published = keys.keys_of_well_known(read_json_file(keys_file, "--keys"))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--keys") from None
+        why = (statements.why_invalid(body, published) if is_statement(body)
+               else receipts.why_invalid(body, published))
+    else:
+        settings = load_settings().with_overrides(data_dir=data_dir, ledger=ledger_url)
+        book = open_ledger(settings.ledger, settings.data_dir)
+        try:
+            if is_statement(body):
+                why = statements.why_invalid(body, book.public_keys())
+            else:
+                why = None if book.verify_receipt(body) else "not signed by this ledger, or changed"
+        finally:
+            book.close()
+    if why is None and included is not None:
+        why = inclusion_problem(body, included)
+    out.print("valid" if why is None else f"[red]INVALID[/red]: {escape(why)}")
+    if why is not None:
         raise SystemExit(1)
+
+
+def read_json_file(path: str, hint: str) -> object:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint=hint) from None
+
+
+def is_statement(body: object) -> bool:
+    return isinstance(body, dict) and body.get("object") == "statement"
+
+
+def inclusion_problem(statement: object, receipt: object) -> str | None:
+    """None if `receipt` is a leaf of `statement` (with its receipts attached), else why not."""
+    from kvmart.ledger import statements
+
+    if not is_statement(statement) or not isinstance(statement, dict) or statement.get("receipts") is None:
+        return "--includes needs a statement with its receipts attached"
+    if not isinstance(receipt, dict):
+        return "the receipt to look for is not a JSON object"
+    if statements.proof(statement, receipt) is None:
+        return (f"receipt {receipt.get('receipt')!r} is not in this statement: for a read of one of the "
+                "publisher's documents in its period, the statement left it out")
+    return None
+
+
+@ledger.command("keys")
+@click.option("--json", "as_json", is_flag=True, help="Print the well-known document (/.well-known/kvmart.json).")
+@ledger_options
+def list_keys(ledger: Ledger, as_json: bool) -> None:
+    """The provider's receipt signing keys, oldest first, with their validity (the current one has no end)."""
+    if as_json:
+        click.echo(json.dumps(ledger.well_known(), indent=2))
+        return
+    table = Table("key id", "algorithm", "valid from", "valid until")
+    for k in ledger.public_keys():
+        table.add_row(k.key_id, "Ed25519", str(k.valid_from), "current" if k.valid_until is None else str(k.valid_until))
+    out.print(table)
+
+
+@ledger.command("rotate-key")
+@ledger_options
+def rotate_key(ledger: Ledger) -> None:
+    """Retire the current receipt key and make a new one current. Receipts and statements signed with the old key
+    keep verifying: it stays published with its validity period. Servers on this ledger sign with the new key
+    from their next charge."""
+    old, new = ledger.rotate_key()
+    out.print(f"retired {old or '(none)'}; signing with {new}")
+
+
+@ledger.command("statement")
+@click.argument("publisher")
+@click.option("--from", "start", type=int, default=0, show_default=True, help="Start of the period (unix seconds).")
+@click.option("--to", "end", type=int, help="End of the period, excluded (unix seconds; default: now).")
+@click.option("--no-receipts", is_flag=True, help="Leave the receipts out (the Merkle root still covers them).")
+@ledger_options
+def statement(ledger: Ledger, publisher: str, start: int, end: int | None, no_receipts: bool) -> None:
+    """Print PUBLISHER's signed statement (JSON) for the period: reads of its documents, tokens, prices, royalties
+    and where they went, and a Merkle root over the period's receipts (GET /v1/statements gives the same)."""
+    body = ledger.statement(ledger.account(publisher), start, end)
+    if no_receipts:
+        body.pop("receipts")
+    click.echo(json.dumps(body, indent=2))
+
+
+@ledger.command("escrow")
+@click.option("--refund-due", is_flag=True, help="Refund every royalty whose escrow period has ended.")
+@ledger_options
+def escrow(ledger: Ledger, refund_due: bool) -> None:
+    """What escrow holds (royalties of open documents whose owner is not verified), and refund what is due."""
+    if refund_due:
+        paid = ledger.refund_due_escrow()
+        out.print(f"refunded ${usd_text(paid.amount_nanousd)} of {paid.receipts} royalties to their readers")
+    out.print(f"escrow holds ${usd_text(ledger.escrow_held())}; "
+              f"royalties unclaimed after {ledger.escrow_seconds / 86400:g} days return to their readers")

@@ -25,6 +25,7 @@ import torch
 
 from kvmart import __version__
 from kvmart import codec as codecs
+from kvmart.canonical import spaced
 from kvmart.codec.raw import byte_view
 from kvmart.errors import ArtifactError, FingerprintMismatchError
 from kvmart.format.keys import cache_id as make_cache_id
@@ -168,7 +169,7 @@ def encode_artifact(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint,
 
 def _manifest_json(manifest: Manifest) -> dict:
     body = manifest.body()
-    body["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    body["manifest_sha256"] = hashlib.sha256(spaced(body)).hexdigest()  # docs/FORMAT.md "Manifest hash"
     return body
 
 
@@ -252,7 +253,11 @@ def _parse_manifest(body: object) -> Manifest:
         raise ArtifactError(f"artifact format_version {version!r} is not supported by this kvmart (reads versions "
                             f"{', '.join(map(str, READABLE_VERSIONS))})")
     recorded = body.pop("manifest_sha256", None)
-    if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != recorded:
+    try:
+        matches = hashlib.sha256(spaced(body)).hexdigest() == recorded
+    except (TypeError, ValueError):  # a value no JSON form holds (NaN): no hash can match it
+        matches = False
+    if not matches:
         raise ArtifactError("corrupt artifact: the manifest does not match its recorded hash")
     codec = body.get("codec")
     if not (isinstance(codec, str) and codec in (("raw",) if version == 1 else codecs.CODECS)):

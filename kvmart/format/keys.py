@@ -11,9 +11,9 @@ by the server from the authenticated account for private ones, never by a client
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 
+from kvmart.canonical import canonical
 from kvmart.errors import InvalidIdError
 
 ALIGN_TOKENS = 8  # chunk sizes are multiples of this (vector-friendly shapes; exactness comes from chunked prefill)
@@ -48,7 +48,7 @@ def chain_key(parent_key: str, fingerprint_digest: str, salt: str, chunk_ids: li
     for part in (b"kvmart-chunk-v1", parent_key.encode(), fingerprint_digest.encode(), salt.encode()):
         h.update(part)
         h.update(b"\0")
-    h.update(json.dumps(chunk_ids, separators=(",", ":")).encode())
+    h.update(canonical(chunk_ids))
     return h.hexdigest()
 
 
@@ -72,5 +72,5 @@ def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str = "") -> s
     h.update(b"\0")
     h.update(salt.encode())
     h.update(b"\0")
-    h.update(json.dumps(token_ids, separators=(",", ":")).encode())
+    h.update(canonical(list(token_ids)))  # "[1,2,3]": docs/FORMAT.md "Cache id"
     return h.hexdigest()

@@ -4,7 +4,10 @@ point; `Ledger` the one object the server and the CLI use.
 
     accounts.py   accounts, roles, API keys (stored hashed)     licences.py   public / private / priced terms
     tariffs.py    prices (Decimal) and quotes (nano-dollars)    entries.py    balanced transactions, balances
-    charges.py    hold -> settle / release, idempotency         receipts.py   HMAC-signed receipts
+    charges.py    hold -> settle / release, idempotency         receipts.py   receipts signed with the provider's key
+    keys.py       the provider's Ed25519 keys, rotation         statements.py, merkle.py   auditable statements
+    ownership.py  origin claims, verified owners                escrow.py     royalties waiting for their owner
+    uploads.py    how uploads were checked, one strike          market.py     the Ledger's methods for all of these
     reports.py    balances, documents, usage                    schema.py, migrations.py, db.py   the database"""
 
 from kvmart.ledger.accounts import Account

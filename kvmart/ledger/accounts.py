@@ -3,8 +3,9 @@ random bits, so a fast hash is enough: there is nothing to brute-force). Every f
 connection and runs inside the caller's transaction.
 
 Roles: `publisher` (publishes documents, earns royalties), `agent` (reads, pays), `admin` (the operator: may do
-anything, is never charged). Two house accounts exist from the start: `provider` (earns what a request pays
-beyond royalties) and `external` (the other side of deposits: its balance is minus the money paid in)."""
+anything, is never charged). Three house accounts exist from the start: `provider` (earns what a request pays
+beyond royalties), `external` (the other side of deposits: its balance is minus the money paid in) and `escrow`
+(royalties held until a document's owner claims them, or refunded: kvmart/ledger/escrow.py)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from kvmart.errors import AccountError, AuthenticationError
 from kvmart.ledger.schema import accounts, api_keys
 
 USER_ROLES = ("publisher", "agent", "admin")
-HOUSE_ROLES = ("provider", "external")
-PROVIDER, EXTERNAL, ADMIN = "provider", "external", "admin"
+HOUSE_ROLES = ("provider", "external", "escrow")
+PROVIDER, EXTERNAL, ADMIN, ESCROW = "provider", "external", "admin", "escrow"
 KEY_PREFIX = "kvm_"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -102,8 +103,8 @@ def lock_accounts(conn: Connection, ids: set[int]) -> dict[int, Account]:
 
 
 def ensure_house_accounts(conn: Connection) -> None:
-    """`provider`, `external` and `admin` exist (idempotent)."""
-    for name, role in ((PROVIDER, PROVIDER), (EXTERNAL, EXTERNAL), (ADMIN, ADMIN)):
+    """`provider`, `external`, `admin` and `escrow` exist (idempotent)."""
+    for name, role in ((PROVIDER, PROVIDER), (EXTERNAL, EXTERNAL), (ADMIN, ADMIN), (ESCROW, ESCROW)):
         if find_account(conn, name) is None:
             create_account(conn, name, role)
 

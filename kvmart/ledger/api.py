@@ -4,6 +4,7 @@ nothing) and is safe to call from any thread, and from several processes on one 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +15,19 @@ from sqlalchemy.exc import IntegrityError
 
 from kvmart.errors import AccountError, AuthenticationError, LedgerError
 from kvmart.ledger import accounts as acc
-from kvmart.ledger import charges, entries, licences, receipts, reports
+from kvmart.ledger import charges, entries, escrow, keys, licences, ownership, receipts, reports
 from kvmart.ledger.accounts import Account
 from kvmart.ledger.charges import Charge, Hold
 from kvmart.ledger.db import in_transaction, ledger_url, open_engine, redact
 from kvmart.ledger.entries import HOLD_LEASE_SECONDS
 from kvmart.ledger.licences import Licence, Terms
+from kvmart.ledger.market import Market
 from kvmart.ledger.migrations import migrate
 from kvmart.ledger.tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nanousd
 
 ADMIN_KEY_ENV = "KVMART_ADMIN_KEY"
 SECRET_ENV = "KVMART_LEDGER_SECRET"
+ESCROW_DAYS_ENV = "KVMART_ESCROW_DAYS"
 T = TypeVar("T")
 
 
@@ -33,16 +36,20 @@ class Health:
     entries_sum_nanousd: int  # 0 in a sound ledger
     unbalanced_accounts: list[str]  # balance column != sum of entries
     negative_accounts: list[str]  # below zero (only `external` may be)
+    escrow_mismatch_nanousd: int = 0  # the escrow account's balance less its open rows: 0 in a sound ledger
 
     @property
     def is_sound(self) -> bool:
-        return self.entries_sum_nanousd == 0 and not self.unbalanced_accounts and not self.negative_accounts
+        return (self.entries_sum_nanousd == 0 and not self.unbalanced_accounts and not self.negative_accounts
+                and self.escrow_mismatch_nanousd == 0)
 
 
-class Ledger:
-    """Accounts, licences and money. Build with `open_ledger`."""
+class Ledger(Market):
+    """Accounts, licences and money. Build with `open_ledger`. The market between parties (public-key receipts,
+    statements, ownership claims, escrow) is in kvmart/ledger/market.py."""
 
-    def __init__(self, url: str, tariff: Tariff, secret: str | None) -> None:
+    def __init__(self, url: str, tariff: Tariff, secret: str | None,
+                 escrow_seconds: int = escrow.DEFAULT_DAYS * escrow.DAY_SECONDS) -> None:
         self.url = url
         self.engine = open_engine(url)
         self.tariff = tariff
@@ -51,6 +58,8 @@ class Ledger:
         self._secret = b""
         self._salts: dict[str, str] = {}
         self.node = ""  # the server node this object serves (`start_node`); its holds carry the name
+        self.keyring = keys.Keyring()  # the provider's Ed25519 keys (receipts, statements)
+        self.escrow_seconds = escrow_seconds  # how long escrow holds an unclaimed royalty before refunding it
 
     def __repr__(self) -> str:
         return f"Ledger({redact(self.url)})"
@@ -70,6 +79,7 @@ class Ledger:
         def work(conn: Connection) -> str | None:
             acc.ensure_house_accounts(conn)
             self._secret = receipts.ledger_secret(conn, self._configured_secret)
+            keys.ensure_key(conn)
             admin = acc.get_account(conn, acc.ADMIN)
             if admin_key:
                 if not is_live_key(conn, admin_key):
@@ -146,12 +156,14 @@ class Ledger:
         return self.read(lambda conn: licences.interrupted_publications(conn, self.node))
 
     def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int,
-                publication_id: int | None = None) -> int | None:
+                source: str = "", publication_id: int | None = None) -> int | None:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
         the fee in nano-dollars. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
         None, with nothing recorded or charged, if the document already has a licence: the first publisher keeps
         it, whether another node published the same text at the same moment or the artifact was deleted or
-        evicted (`kvmart rm`, a shared tier's TTL) and computed again."""
+        evicted (`kvmart rm`, a shared tier's TTL) and computed again (a verified owner may still take it over:
+        `claim_document`). A `source` on an origin the publisher has verified makes it the document's verified owner
+        (docs/LEDGER.md "Owners, not first comers")."""
         fee = 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
 
         def work(conn: Connection) -> int | None:
@@ -159,7 +171,8 @@ class Ledger:
                 licences.end_publication(conn, publication_id)
             if licences.find_licence(conn, cache_id) is not None:
                 return None
-            licences.register(conn, cache_id, publisher, terms, salt, num_tokens)
+            verified = int(time.time()) if source and ownership.is_verified_origin(conn, publisher.id, source) else None
+            licences.register(conn, cache_id, publisher, terms, salt, num_tokens, source, verified)
             if fee:
                 provider = acc.get_account(conn, acc.PROVIDER)
                 entries.post(conn, "precompute", [(publisher.id, -fee), (provider.id, fee)], memo=cache_id)
@@ -187,8 +200,22 @@ class Ledger:
                                                        request_hash, self.node))
 
     def settle(self, hold: Hold, charged: Quote, licence: Licence | None, cache_id: str | None) -> Charge:
-        publisher = licence.publisher_id if licence else None
-        return self.run(lambda conn: charges.settle(conn, hold, charged, cache_id, publisher, self._secret))
+        """Post the charge, its royalty to the publisher or, for an open document whose owner is not verified, to
+        escrow (kvmart/ledger/escrow.py); the receipt signed with the current key."""
+
+        def work(conn: Connection) -> Charge:
+            fresh = licences.find_licence(conn, cache_id) if licence is not None and cache_id else None
+            current = fresh or licence  # as it is now (a verified owner may have taken it over since the hold)
+            royalty_to, escrowed = escrow.royalty_account(conn, current)
+            self.keyring.current(conn)  # lock the key (shared) before the charge takes its date: statements.py
+            charge = charges.settle(conn, hold, charged, cache_id, royalty_to, self._secret, self.keyring,
+                                    current.publisher_id if current else None)
+            if escrowed and charged.royalty_nanousd and cache_id is not None:
+                escrow.hold(conn, charge.transaction_id, cache_id, hold.account_id, charged.royalty_nanousd,
+                            charge.receipt["created_at"], self.escrow_seconds)
+            return charge
+
+        return self.run(work)
 
     def remember_response(self, account: Account, idempotency_key: str, body: str) -> None:
         self.run(lambda conn: charges.remember_response(conn, account.id, idempotency_key, body))
@@ -222,6 +249,9 @@ class Ledger:
         self.run(work)
 
     def verify_receipt(self, receipt: object) -> bool:
+        """A version 2 receipt checked with the provider's public keys; a version 1 one with the HMAC secret."""
+        if isinstance(receipt, dict) and "key_id" in receipt:
+            return receipts.why_invalid(receipt, self.public_keys()) is None
         return receipts.verify(self._secret, receipt)
 
     # -- reports -------------------------------------------------------------------------------------------------
@@ -240,7 +270,8 @@ class Ledger:
     def health(self) -> Health:
         def work(conn: Connection) -> Health:
             negative = [a.name for a in acc.list_accounts(conn) if a.balance_nanousd < 0 and not a.may_go_negative]
-            return Health(entries.entries_sum(conn), entries.unbalanced_accounts(conn), negative)
+            return Health(entries.entries_sum(conn), entries.unbalanced_accounts(conn), negative,
+                          escrow.mismatch(conn))
 
         return self.read(work)
 
@@ -256,12 +287,28 @@ def is_live_key(conn: Connection, key: str) -> bool:
         return False
 
 
+def escrow_seconds(env: dict[str, str]) -> int:
+    """KVMART_ESCROW_DAYS (default 30; fractions allowed) in seconds; ConfigError for a negative or bad value."""
+    from decimal import Decimal, InvalidOperation
+
+    from kvmart.errors import ConfigError
+
+    raw = env.get(ESCROW_DAYS_ENV) or str(escrow.DEFAULT_DAYS)
+    try:
+        days = Decimal(raw)
+    except InvalidOperation:
+        raise ConfigError(f"{ESCROW_DAYS_ENV}={raw!r} is not a number of days") from None
+    if not days.is_finite() or days < 0:
+        raise ConfigError(f"{ESCROW_DAYS_ENV}={raw!r} must be a non-negative number of days")
+    return int(days * escrow.DAY_SECONDS)
+
+
 def open_ledger(url: str, data_dir: Path, tariff: Tariff | None = None, environ: dict[str, str] | None = None
                 ) -> Ledger:
     """The ledger at `url` (empty: SQLite in `data_dir`), migrated and bootstrapped. The admin key is
     KVMART_ADMIN_KEY if set; else one is made at first start (`ledger.admin_key_issued`)."""
     env = dict(os.environ) if environ is None else environ
     ledger = Ledger(ledger_url(url, data_dir), tariff or load_tariff(env),
-                    env.get(SECRET_ENV) or None)
+                    env.get(SECRET_ENV) or None, escrow_seconds(env))
     ledger.bootstrap(env.get(ADMIN_KEY_ENV) or None)
     return ledger

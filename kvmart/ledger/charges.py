@@ -25,7 +25,8 @@ from sqlalchemy.engine import Connection, Row
 from kvmart.errors import IdempotencyConflictError
 from kvmart.ledger.accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
 from kvmart.ledger.entries import HOLD_LEASE_SECONDS, check_covers, post
-from kvmart.ledger.receipts import signed
+from kvmart.ledger.keys import Keyring
+from kvmart.ledger.receipts import issue, rebuild, sign
 from kvmart.ledger.schema import charges, holds, responses
 from kvmart.ledger.tariffs import Quote
 
@@ -83,9 +84,11 @@ def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempoten
 
 
 def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, publisher_id: int | None,
-           secret: bytes) -> Charge:
+           secret: bytes, keyring: Keyring, licensee_id: int | None = None) -> Charge:
     """Post the charge of a held request and drop its hold. The charge never exceeds the hold, so it is always
-    covered; InsufficientFundsError only if the hold was released meanwhile and the money spent."""
+    covered; InsufficientFundsError only if the hold was released meanwhile and the money spent. `publisher_id`
+    is the account the royalty goes to (the publisher, or escrow: kvmart/ledger/escrow.py), `licensee_id` the
+    publisher of the document read; the receipt is signed with the ledger's current key (receipts.py)."""
     if quote.total_nanousd > hold.amount_nanousd:
         raise AssertionError(f"charge {quote.total_nanousd} exceeds its hold {hold.amount_nanousd}")
     agent = account_by_id(conn, hold.account_id)
@@ -97,15 +100,16 @@ def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, pub
     txn_id = post(conn, "charge", legs, memo=cache_id or "", hold_exempt=hold.id)
     conn.execute(delete(holds).where(holds.c.id == hold.id))
     now = int(time.time())
-    receipt = signed(secret, receipt_payload(txn_id, agent.name, cache_id, quote, now))
+    payload = receipt_payload(txn_id, agent.name, cache_id, quote, now)
+    receipt = issue(conn, keyring, payload, account_by_id(conn, royalty_to).name if royalty_to is not None else None)
     conn.execute(insert(charges).values(
         transaction_id=txn_id, account_id=agent.id, idempotency_key=hold.idempotency_key,
         request_hash=hold.request_hash, cache_id=cache_id, publisher_id=royalty_to,
         cached_tokens=quote.cached_tokens, computed_tokens=quote.computed_tokens, output_tokens=quote.output_tokens,
         total_nanousd=quote.total_nanousd, computed_nanousd=quote.computed_nanousd,
         cache_read_nanousd=quote.cache_read_nanousd, output_nanousd=quote.output_nanousd,
-        royalty_nanousd=quote.royalty_nanousd, saved_nanousd=quote.saved_nanousd, signature=receipt["signature"],
-        created_at=now))
+        royalty_nanousd=quote.royalty_nanousd, saved_nanousd=quote.saved_nanousd, signature=sign(secret, payload),
+        created_at=now, key_id=receipt["key_id"], receipt_signature=receipt["signature"], licensee_id=licensee_id))
     return Charge(txn_id, quote, cache_id, royalty_to, receipt)
 
 
@@ -169,16 +173,18 @@ def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote:
             "created_at": created_at}
 
 
-def charge_of(row: Row, account_name: str, secret: bytes, replayed: bool) -> Charge:
-    """A stored charge, its receipt rebuilt and re-signed from the stored row."""
+def charge_of(conn: Connection, row: Row, account_name: str, secret: bytes, replayed: bool) -> Charge:
+    """A stored charge, its receipt rebuilt from the stored row exactly as it was issued."""
     quote = Quote(row.cached_tokens, row.computed_tokens, row.output_tokens, row.computed_nanousd,
                   row.cache_read_nanousd, row.output_nanousd, row.royalty_nanousd, row.saved_nanousd)
-    receipt = signed(secret, receipt_payload(row.transaction_id, account_name, row.cache_id, quote, row.created_at))
-    return Charge(row.transaction_id, quote, row.cache_id, row.publisher_id, receipt, replayed)
+    payload = receipt_payload(row.transaction_id, account_name, row.cache_id, quote, row.created_at)
+    royalty_to = account_by_id(conn, row.publisher_id).name if row.publisher_id is not None else None
+    return Charge(row.transaction_id, quote, row.cache_id, row.publisher_id, rebuild(row, payload, royalty_to, secret),
+                  replayed)
 
 
 def recent_charges(conn: Connection, account: Account, limit: int, secret: bytes) -> list[Charge]:
     """The account's latest charges, newest first, with their receipts."""
     rows = conn.execute(select(charges).where(charges.c.account_id == account.id)
-                        .order_by(charges.c.transaction_id.desc()).limit(limit))
-    return [charge_of(row, account.name, secret, replayed=False) for row in rows]
+                        .order_by(charges.c.transaction_id.desc()).limit(limit)).all()
+    return [charge_of(conn, row, account.name, secret, replayed=False) for row in rows]

@@ -62,6 +62,18 @@ class Licence:
     royalty_share: Decimal | None
     num_tokens: int
     readers: frozenset[int]
+    source: str = ""  # the URL the publisher names as the text's origin ('' if none)
+    owner_verified_at: int | None = None  # when the publisher proved control of the source's origin (ownership.py)
+
+    @property
+    def is_open(self) -> bool:
+        """Anyone may read it (public or priced): whoever publishes a well-known text first could collect on it,
+        so its royalties wait in escrow until its owner is verified (kvmart/ledger/escrow.py)."""
+        return self.kind != "private"
+
+    @property
+    def is_owner_verified(self) -> bool:
+        return self.owner_verified_at is not None
 
     def may_read(self, account: Account) -> bool:
         if self.kind != "private" or account.is_admin:
@@ -77,11 +89,13 @@ def decimal_or_none(text: str | None) -> Decimal | None:
     return None if text is None else Decimal(text)
 
 
-def register(conn: Connection, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int) -> Licence:
+def register(conn: Connection, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int,
+             source: str = "", owner_verified_at: int | None = None) -> Licence:
     """Record the terms of a newly published document."""
     readers = {get_account(conn, name).id for name in terms.readers}
     conn.execute(insert(licences).values(
         cache_id=cache_id, publisher_id=publisher.id, kind=terms.kind, salt=salt, num_tokens=num_tokens,
+        source=source or None, owner_verified_at=owner_verified_at,
         cache_read_usd_per_mtok=None if terms.cache_read_usd_per_mtok is None else str(terms.cache_read_usd_per_mtok),
         royalty_share=None if terms.royalty_share is None else str(terms.royalty_share), created_at=int(time.time())))
     if readers:
@@ -98,7 +112,8 @@ def find_licence(conn: Connection, cache_id: str) -> Licence | None:
     readers = frozenset(conn.execute(select(licence_readers.c.account_id)
                                      .where(licence_readers.c.cache_id == cache_id)).scalars())
     return Licence(row.cache_id, row.publisher_id, row.kind, row.salt, decimal_or_none(row.cache_read_usd_per_mtok),
-                   decimal_or_none(row.royalty_share), row.num_tokens, readers)
+                   decimal_or_none(row.royalty_share), row.num_tokens, readers, row.source or "",
+                   row.owner_verified_at)
 
 
 def readable_private(conn: Connection, account: Account) -> frozenset[str] | None:

@@ -159,6 +159,103 @@ def stored_responses(conn: Connection) -> None:
     md.tables["responses"].create(conn, checkfirst=True)
 
 
+def add_columns(conn: Connection, table: str, columns: list[Column]) -> None:
+    """ALTER TABLE ... ADD COLUMN for each of `columns` the table lacks (nullable columns only, so existing rows
+    need no value); the types are compiled for the database at hand."""
+    present = {c["name"] for c in inspect(conn).get_columns(table)}
+    for column in columns:
+        if column.name not in present:
+            assert column.nullable, f"{table}.{column.name}: an added column must be nullable"
+            kind = column.type.compile(conn.dialect)
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column.name} {kind}"))
+
+
+def receipt_keys(conn: Connection) -> None:
+    """The provider's Ed25519 receipt keys, and each charge's public-key signature (as released)."""
+    md = MetaData()
+    # the provider's receipt signing keys: the current one has no valid_until; old ones stay, so old receipts verify
+    Table(
+        "signing_keys", md,
+        Column("key_id", String(64), primary_key=True),  # RFC 7638 thumbprint of the public key (base64url)
+        Column("algorithm", String(16), nullable=False),  # Ed25519
+        Column("public_key", String(64), nullable=False),  # base64url, 32 bytes
+        Column("private_key", Text, nullable=False),  # base64url, the 32-byte seed
+        Column("valid_from", BigInteger, nullable=False),
+        Column("valid_until", BigInteger, nullable=True),
+        Column("created_at", BigInteger, nullable=False),
+    )
+    md.tables["signing_keys"].create(conn, checkfirst=True)
+    add_columns(conn, "charges", [Column("key_id", String(64), nullable=True),  # None: an HMAC-only receipt
+                                  Column("receipt_signature", String(128), nullable=True)])
+
+
+def ownership(conn: Connection) -> None:
+    """Owners and escrow: a licence's source and when its publisher proved control of it, publishers' origin
+    claims, royalties held in escrow, and whose document each charge read (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    Table("transactions", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    # a publisher's claim to control an origin (scheme://host:port), proved by serving `token` at a well-known path
+    Table(
+        "origin_claims", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+        Column("origin", String(255), nullable=False, index=True),
+        Column("token", String(64), nullable=False, unique=True),
+        Column("created_at", BigInteger, nullable=False),
+        Column("verified_at", BigInteger, nullable=True),
+        UniqueConstraint("account_id", "origin", name="uq_origin_claims_account"),
+    )
+    # the royalty of a read of an unverified document anyone may read, held until its owner claims it or refunded
+    Table(
+        "escrow", md,
+        Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),  # the charge
+        Column("cache_id", String(64), nullable=False, index=True),
+        Column("payer_id", Integer, ForeignKey("accounts.id"), nullable=False),
+        Column("amount_nanousd", BigInteger, nullable=False),
+        Column("created_at", BigInteger, nullable=False),
+        Column("release_after", BigInteger, nullable=False),  # refunded to the payer from then on, if unclaimed
+        Column("settled_at", BigInteger, nullable=True),
+        Column("outcome", String(16), nullable=True),  # owner | refunded
+        Column("paid_to", Integer, nullable=True),  # the account credited
+        Column("settlement_id", Integer, nullable=True),  # the transaction that paid it out
+    )
+    for name in ("origin_claims", "escrow"):
+        md.tables[name].create(conn, checkfirst=True)
+    add_columns(conn, "licences", [Column("source", Text, nullable=True),
+                                   Column("owner_verified_at", BigInteger, nullable=True)])
+    add_columns(conn, "charges", [Column("licensee_id", Integer, nullable=True)])
+    # charges made before: the document's publisher then is its publisher now
+    conn.execute(text("UPDATE charges SET licensee_id = (SELECT publisher_id FROM licences "
+                      "WHERE licences.cache_id = charges.cache_id) WHERE licensee_id IS NULL"))
+
+
+def uploads(conn: Connection) -> None:
+    """Uploaded artifacts: how much of each the provider recomputed, and accounts whose upload was refused as a
+    forgery (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    # how an uploaded document was checked: chunks, checked chunks, the stated bound (kvmart/reuse/upload.py)
+    Table(
+        "upload_checks", md,
+        Column("cache_id", String(64), primary_key=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+        Column("checked", Text, nullable=False),  # the check plan's JSON
+        Column("created_at", BigInteger, nullable=False),
+    )
+    # an upload whose recomputation differed: the account uploads no more until the operator allows it
+    Table(
+        "upload_refusals", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+        Column("reason", Text, nullable=False),
+        Column("created_at", BigInteger, nullable=False),
+        Column("cleared_at", BigInteger, nullable=True),
+    )
+    for name in ("upload_checks", "upload_refusals"):
+        md.tables[name].create(conn, checkfirst=True)
+
+
 def hold_leases(conn: Connection) -> None:
     """Holds name their node and carry a lease (as released): a restarted node releases its own holds at once, and
     no hold outlives its lease. Holds made before keep the hour they were given."""
@@ -192,8 +289,11 @@ def pending_publications(conn: Connection) -> None:
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
     ("0002_stored_responses", stored_responses),
-    ("0003_hold_leases", hold_leases),
-    ("0004_pending_publications", pending_publications),
+    ("0003_receipt_keys", receipt_keys),
+    ("0004_ownership", ownership),
+    ("0005_uploads", uploads),
+    ("0006_hold_leases", hold_leases),
+    ("0007_pending_publications", pending_publications),
 )
 
 

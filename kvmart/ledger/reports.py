@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from kvmart.ledger.accounts import Account, list_accounts
 from kvmart.ledger.entries import entries_sum, held_nanousd
-from kvmart.ledger.schema import accounts, charges, entries, licences, transactions
+from kvmart.ledger.schema import accounts, charges, entries, escrow, licences, transactions
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,9 @@ class Usage:
     output_tokens: int
     spent_nanousd: int
     saved_nanousd: int
-    royalties_nanousd: int
+    royalties_nanousd: int  # paid to it: at once, or by escrow once it proved it owns the text
     documents: list[DocumentReport]  # the documents it published
+    royalties_in_escrow_nanousd: int = 0  # its documents' royalties escrow holds until it proves it owns them
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,10 +108,15 @@ def usage(conn: Connection, account: Account) -> Usage:
                          .where(c.account_id == account.id)).one()
     royalties = conn.execute(select(func.coalesce(func.sum(c.royalty_nanousd), 0))
                              .where(c.publisher_id == account.id)).scalar_one()
+    royalties += conn.execute(select(func.coalesce(func.sum(escrow.c.amount_nanousd), 0))
+                              .where(escrow.c.outcome == "owner", escrow.c.paid_to == account.id)).scalar_one()
+    held = conn.execute(select(func.coalesce(func.sum(escrow.c.amount_nanousd), 0))
+                        .join(charges, charges.c.transaction_id == escrow.c.transaction_id)
+                        .where(escrow.c.settled_at.is_(None), charges.c.licensee_id == account.id)).scalar_one()
     fresh = conn.execute(select(accounts.c.balance_nanousd).where(accounts.c.id == account.id)).scalar_one()
     return Usage(account.name, account.role, int(fresh), held_nanousd(conn, account.id), int(spent[0]),
                  int(spent[1]), int(spent[2]), int(spent[3]), int(spent[4]), int(spent[5]), int(royalties),
-                 documents(conn, account.id))
+                 documents(conn, account.id), int(held))
 
 
 def total_entries(conn: Connection) -> int:

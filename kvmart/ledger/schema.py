@@ -40,6 +40,8 @@ licences = Table(
     Column("royalty_share", String(40), nullable=True),  # Decimal text; None: the tariff's
     Column("num_tokens", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    Column("source", Text, nullable=True),  # the URL the publisher names as the text's origin (0004)
+    Column("owner_verified_at", BigInteger, nullable=True),  # when the publisher proved control of it (0004)
 )
 
 licence_readers = Table(
@@ -83,8 +85,11 @@ charges = Table(
     Column("output_nanousd", BigInteger, nullable=False),
     Column("royalty_nanousd", BigInteger, nullable=False),
     Column("saved_nanousd", BigInteger, nullable=False),
-    Column("signature", String(64), nullable=False),
+    Column("signature", String(64), nullable=False),  # the HMAC of the receipt's first fields (receipts.py)
     Column("created_at", BigInteger, nullable=False),
+    Column("key_id", String(64), nullable=True),  # the Ed25519 key that signed the receipt; None: HMAC only (0003)
+    Column("receipt_signature", String(128), nullable=True),  # its Ed25519 signature, base64url (0003)
+    Column("licensee_id", Integer, nullable=True),  # the publisher of the document read, then (0004)
     UniqueConstraint("account_id", "idempotency_key", name="uq_charges_idempotency"),
     Index("ix_charges_account", "account_id"),
     Index("ix_charges_cache", "cache_id"),
@@ -98,8 +103,8 @@ holds = Table(
     Column("amount_nanousd", BigInteger, nullable=False),
     Column("idempotency_key", String(255), nullable=True),
     Column("created_at", BigInteger, nullable=False),
-    Column("node", String(128), nullable=False, server_default=""),  # the node whose request it is (0003)
-    Column("expires_at", BigInteger, nullable=False, server_default="0"),  # its lease: renewed while it runs (0003)
+    Column("node", String(128), nullable=False, server_default=""),  # the node whose request it is (0006)
+    Column("expires_at", BigInteger, nullable=False, server_default="0"),  # its lease: renewed while it runs (0006)
     UniqueConstraint("account_id", "idempotency_key", name="uq_holds_idempotency"),
     Index("ix_holds_node", "node"),
 )
@@ -113,8 +118,66 @@ responses = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 
+# the provider's receipt signing keys: the current one has no valid_until; old ones stay, so old receipts verify (0003)
+signing_keys = Table(
+    "signing_keys", metadata,
+    Column("key_id", String(64), primary_key=True),  # RFC 7638 thumbprint of the public key (base64url)
+    Column("algorithm", String(16), nullable=False),  # Ed25519
+    Column("public_key", String(64), nullable=False),  # base64url, 32 bytes
+    Column("private_key", Text, nullable=False),  # base64url, the 32-byte seed
+    Column("valid_from", BigInteger, nullable=False),
+    Column("valid_until", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# a publisher's claim to control an origin (scheme://host:port), proved by serving `token` at a well-known path (0004)
+origin_claims = Table(
+    "origin_claims", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("origin", String(255), nullable=False, index=True),
+    Column("token", String(64), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("verified_at", BigInteger, nullable=True),
+    UniqueConstraint("account_id", "origin", name="uq_origin_claims_account"),
+)
+
+# the royalty of a read of an unverified document anyone may read, held until its owner claims it or refunded (0004)
+escrow = Table(
+    "escrow", metadata,
+    Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),  # the charge
+    Column("cache_id", String(64), nullable=False, index=True),
+    Column("payer_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("amount_nanousd", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("release_after", BigInteger, nullable=False),  # refunded to the payer from then on, if unclaimed
+    Column("settled_at", BigInteger, nullable=True),
+    Column("outcome", String(16), nullable=True),  # owner | refunded
+    Column("paid_to", Integer, nullable=True),  # the account credited
+    Column("settlement_id", Integer, nullable=True),  # the transaction that paid it out
+)
+
+# how an uploaded document was checked: chunks, checked chunks, the stated bound (kvmart/reuse/upload.py) (0005)
+upload_checks = Table(
+    "upload_checks", metadata,
+    Column("cache_id", String(64), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("checked", Text, nullable=False),  # the check plan's JSON
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# an upload whose recomputation differed: the account uploads no more until the operator allows it (0005)
+upload_refusals = Table(
+    "upload_refusals", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("reason", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("cleared_at", BigInteger, nullable=True),
+)
+
 # a publication in progress: written before its artifact is stored, deleted with its licence in one transaction;
-# one left behind names an artifact that may be stored, public and unpaid: removed at start-up (0004)
+# one left behind names an artifact that may be stored, public and unpaid: removed at start-up (0007)
 publications = Table(
     "publications", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmart.canonical import spaced
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -35,7 +37,7 @@ class ModelFingerprint:
 
     @property
     def digest(self) -> str:
-        return sha256_text(json.dumps(self.as_dict(), sort_keys=True))
+        return hashlib.sha256(spaced(self.as_dict())).hexdigest()  # docs/FORMAT.md "Model fingerprint"
 
     def as_dict(self) -> dict[str, str]:
         components = {"config": self.config, "weights": self.weights, "tokenizer": self.tokenizer,
@@ -101,11 +103,13 @@ def config_hash(folder: Path) -> str:
     config = json.loads((folder / "config.json").read_text())
     for key in VOLATILE_CONFIG_KEYS:
         config.pop(key, None)
-    return sha256_text(json.dumps(config, sort_keys=True))
+    return hashlib.sha256(spaced(config)).hexdigest()
 
 
 def files_hash(paths: list[Path], cache_file: Path | None) -> str:
-    return sha256_text(json.dumps([[p.name, file_sha256(p, cache_file)] for p in sorted(paths)]))
+    """sha256 of the spaced JSON list of [file name, hex sha256 of its bytes], in file-name order."""
+    return hashlib.sha256(spaced([[p.name, file_sha256(p, cache_file)] for p in sorted(paths, key=lambda p: p.name)])
+                          ).hexdigest()
 
 
 def model_fingerprint(folder: Path, dtype: str, attention: str, cache_file: Path | None = None) -> ModelFingerprint:

@@ -11,8 +11,18 @@ Hugging Face style folder on disk that `from_pretrained` can load":
 * a content-addressed cache of converted folders under ``data_dir/models``.
 
 It never prints; callers pass an optional ``progress`` callback that receives
-short human-readable stage messages. torch and transformers are imported
+short human-readable stage messages. torch, transformers and gguf are imported
 lazily so that importing this module stays cheap for CLI start-up.
+
+No GGUF is parsed by hand here. transformers dequantizes the file through the
+``gguf`` package (``gguf.GGUFReader`` and ``gguf.dequantize``), and when that
+fails, ``read_gguf_architecture`` reads the header with ``gguf.GGUFReader`` to
+say why. The one hand-written check is the 4-byte magic: the reader raises the
+same ValueError for a foreign file as for a damaged one, and the two deserve
+different messages. The reader is not run before a conversion (as a fast
+pre-check) because it parses every metadata string, the whole vocabulary
+included, which takes seconds on a real model; transformers fails at once on a
+file that is not GGUF anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -248,55 +257,31 @@ def fetch_smollm2_gguf(dest_dir: Path, progress: Progress | None = None) -> Path
 # --------------------------------------------------------------------------- GGUF header
 
 
-def _read_exact(fh: Any, n: int) -> bytes:
-    data = fh.read(n)
-    if len(data) != n:
-        raise EOFError
-    return data
-
-
-# Metadata keys and scalar strings are short; a huge length means garbage, not a string to read.
-_MAX_HEADER_STRING = 1 << 20
-
-
-def _read_gguf_string(fh: Any) -> str:
-    (length,) = struct.unpack("<Q", _read_exact(fh, 8))
-    if length > _MAX_HEADER_STRING:
-        raise EOFError
-    return _read_exact(fh, length).decode("utf-8", errors="replace")
-
-
-# GGUF scalar value types -> byte sizes (8 = string and 9 = array are handled separately).
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def read_gguf_architecture(path: Path) -> str | None:
-    """Cheaply read ``general.architecture`` from a GGUF header.
+    """``general.architecture`` of a GGUF file, read by ``gguf.GGUFReader`` (None if the file has no such string).
 
-    Raises GGUFError if the file is not GGUF at all. Returns None if the key is
-    not among the leading scalar/string metadata (we stop at the first array to
-    stay fast; writers put general.* keys first in practice).
+    Raises GGUFError if the file is not GGUF at all, or is truncated or corrupt: the reader maps the whole file and
+    parses every metadata field and the tensor index, so a cut or garbled header is caught, not only a bad start.
+    It takes seconds on a real model (one array per vocabulary string), so conversion calls it only to explain a
+    failure, never on the way to a success.
     """
+    from gguf import GGUFReader, GGUFValueType
+
     try:
         with path.open("rb") as fh:
-            if fh.read(4) != _GGUF_MAGIC:
-                raise GGUFError(f"{path.name} is not a GGUF file (missing 'GGUF' magic bytes)")
-            _version, _n_tensors, n_kv = struct.unpack("<IQQ", _read_exact(fh, 20))
-            for _ in range(min(n_kv, 64)):
-                key = _read_gguf_string(fh)
-                (vtype,) = struct.unpack("<I", _read_exact(fh, 4))
-                if vtype == _GGUF_STRING:
-                    value = _read_gguf_string(fh)
-                    if key == "general.architecture":
-                        return value
-                elif vtype in _GGUF_SCALAR_SIZES:
-                    fh.seek(_GGUF_SCALAR_SIZES[vtype], os.SEEK_CUR)
-                else:
-                    return None
-    except (EOFError, struct.error) as exc:
-        raise GGUFError(f"{path.name} is truncated or corrupt (GGUF header unreadable)") from exc
-    return None
+            magic = fh.read(len(_GGUF_MAGIC))
+        if magic != _GGUF_MAGIC:
+            raise GGUFError(f"{path.name} is not a GGUF file (missing 'GGUF' magic bytes)")
+        field = GGUFReader(path).get_field("general.architecture")
+    except GGUFError:
+        raise
+    except OSError as exc:
+        raise GGUFError(f"cannot read {path.name}: {exc}") from exc
+    except Exception as exc:  # the reader raises ValueError, IndexError, ... for every fault alike
+        raise GGUFError(f"{path.name} is truncated or corrupt (GGUF header unreadable: {exc})") from exc
+    if field is None or field.types != [GGUFValueType.STRING]:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
 
 
 # --------------------------------------------------------------------------- convert
@@ -356,8 +341,9 @@ def _translate_load_error(exc: Exception, gguf_path: Path, architecture: str | N
 
 
 def _load_dequantized(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model (dequantized to float32) and tokenizer straight from the GGUF file."""
-    architecture = read_gguf_architecture(gguf_path)  # fail fast on non-GGUF before the slow path
+    """Load model (dequantized to float32) and tokenizer straight from the GGUF file. transformers reads it with
+    gguf.GGUFReader (a file that is not GGUF fails there at once); on failure our own read of the header says why:
+    not GGUF, truncated, or an architecture transformers cannot dequantize."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -368,6 +354,7 @@ def _load_dequantized(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedToken
     except MemoryError:
         raise
     except Exception as exc:
+        architecture = read_gguf_architecture(gguf_path)  # raises GGUFError (chained to exc) if not GGUF or corrupt
         raise _translate_load_error(exc, gguf_path, architecture) from exc
     return model, tokenizer
 

@@ -15,13 +15,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmart.errors import AuthenticationError, KvmartError, LedgerError, RequestError
 from kvmart.ledger.entries import LEASE_RENEW_SECONDS
-from kvmart.server.api import accounts, anthropic, documents, openai
+from kvmart.server.api import accounts, anthropic, claims, documents, market, openai
 from kvmart.server.auth import api_key
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.limits import KeyLimits, limiter_for
@@ -29,8 +29,10 @@ from kvmart.server.pipeline.services import Services
 from kvmart.server.publish_body import UploadSlots
 
 log = logging.getLogger("kvmart.server")
+ESCROW_SWEEP_SECONDS = 3600
 KNOWN_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/documents",
-                                "/v1/models", "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz")
+                                "/v1/models", "/v1/usage", "/v1/receipts", "/v1/accounts", "/metrics", "/healthz",
+                                "/v1/statements", "/v1/claims", "/.well-known/kvmart.json")
 KNOWN_PATHS += ("/", "/documents", "/ask", "/signin", "/signout", "/publisher", "/provider", "/static")  # web page
 
 
@@ -47,10 +49,12 @@ def build_api(services: Services) -> FastAPI:
         services.catalog.refresh()
         services.worker.start()
         leases = asyncio.create_task(renew_leases(services))
+        sweeper = asyncio.create_task(refund_due_escrow(services))
         try:
             yield
         finally:
             leases.cancel()
+            sweeper.cancel()
             await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
             close = getattr(services.model, "close", None)  # an engine with processes of its own (vllm)
             if close is not None:
@@ -59,7 +63,7 @@ def build_api(services: Services) -> FastAPI:
     app = FastAPI(title="kvmart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
     app.state.uploads = UploadSlots(services.server.max_concurrent_uploads)  # large publish bodies at once
-    for module in (openai, anthropic, documents, accounts):
+    for module in (openai, anthropic, documents, accounts, market, claims):
         app.include_router(module.router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -123,6 +127,18 @@ def openapi_schema(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+async def refund_due_escrow(services: Services) -> None:
+    """Refund escrowed royalties whose period has ended (kvmart/ledger/escrow.py): at start, then every hour."""
+    while True:
+        try:
+            paid = await asyncio.to_thread(services.ledger.refund_due_escrow)
+            if paid.receipts:
+                log.info("refunded %d unclaimed royalties from escrow to their readers", paid.receipts)
+        except KvmartError:  # a ledger hiccup: the next round refunds what is still due
+            log.exception("escrow refunds failed")
+        await asyncio.sleep(ESCROW_SWEEP_SECONDS)
+
+
 def add_middleware(app: FastAPI, services: Services, session_cookie: str,
                    session_key: Callable[[str], str | None]) -> None:
     """Per-key rate and concurrency limits (429), for the API and the web page alike (a web session counts against
@@ -173,10 +189,11 @@ async def healthz(request: Request):
 
 
 async def metrics(request: Request):
-    """Prometheus metrics; no key needed. Document counts are of public documents unless the admin key is sent."""
+    """The app's metrics, in the format the scraper's Accept header asks for (Prometheus text 0.0.4 by default).
+    No key needed: document counts are of public documents unless the admin key is sent."""
     services: Services = request.app.state.services
-    return PlainTextResponse(services.metrics.render(full=await is_admin_call(request)),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = services.metrics.render(request.headers.get("accept"), full=await is_admin_call(request))
+    return Response(body, media_type=content_type)
 
 
 async def is_admin_call(request: Request) -> bool:

@@ -36,7 +36,12 @@ class ServerSettings:
     max_artifact_bytes: int = 2**30  # largest artifact published or uploaded (beyond: HTTP 413); 1 GiB holds
     # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
     upload_chunk_tokens: int = 256  # an uploaded artifact is a chunked prefill with chunks of this many tokens
-    upload_verify_percent: int = 100  # share of an upload's chunks the provider recomputes (chunk 0 always)
+    # how much of an upload the provider recomputes (chunk 0 always; kvmart/reuse/upload.py): `bound`, the fewest
+    # chunks that meet the stated escape bound; `percent`, upload_verify_percent of the others (100: all)
+    upload_verify: str = "bound"
+    upload_verify_percent: int = 100
+    # ownership claims (kvmart/server/fetch.py): also fetch from loopback hosts, over http too (tests, local trials)
+    claim_allow_loopback: bool = False
     # publish bodies beyond max_body_bytes (they carry an artifact: streamed to disk, verified from there) read and
     # verified at once; more get HTTP 429 (kvmart/server/publish_body.py states the memory bound)
     max_concurrent_uploads: int = 2
@@ -59,12 +64,23 @@ class ServerSettings:
         if self.upload_chunk_tokens < 1 or not 1 <= self.upload_verify_percent <= 100:
             raise ConfigError(f"upload_chunk_tokens must be at least 1 and upload_verify_percent 1-100 (got "
                               f"{self.upload_chunk_tokens}, {self.upload_verify_percent})")
+        if self.upload_verify not in ("bound", "percent"):
+            raise ConfigError(f"upload_verify must be bound or percent (got {self.upload_verify!r})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not a TCP port")
 
+    @property
+    def upload_sample_percent(self) -> int | None:
+        """What kvmart/reuse/upload.py's `verify_upload` takes: None for the stated bound, else the percent."""
+        return None if self.upload_verify == "bound" else self.upload_verify_percent
+
     def with_overrides(self, **overrides: object) -> "ServerSettings":
-        """A copy with every non-None override applied (options that were not given are None)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]  # fields checked in __post_init__
+        """A copy with every non-None override applied (options that were not given are None). An explicit
+        upload_verify_percent means upload_verify=percent unless that is given too."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "upload_verify_percent" in given:
+            given.setdefault("upload_verify", "percent")
+        return replace(self, **given)  # type: ignore[arg-type]  # fields checked in __post_init__
 
 
 def node_name(server: ServerSettings, data_dir: Path) -> str:
@@ -90,12 +106,18 @@ def load_server_settings(environ: dict[str, str] | None = None) -> ServerSetting
         raw = env.get(ENV[f.name])
         if raw:
             values[f.name] = _convert(f.name, raw, type(getattr(ServerSettings, f.name)))
+    if "upload_verify_percent" in values:  # a percent set on its own means: use it
+        values.setdefault("upload_verify", "percent")
     return ServerSettings(**values)  # type: ignore[arg-type]
 
 
 def _convert(name: str, raw: str, kind: type) -> object:
     if kind is str:
         return raw
+    if kind is bool:
+        if raw.strip().lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"{ENV[name]}={raw!r} is not a yes/no value (1, true, yes, 0, false, no)")
+        return raw.strip().lower() in ("1", "true", "yes")
     if name.endswith("_bytes"):
         return parse_bytes(raw)
     try:

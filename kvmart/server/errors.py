@@ -16,6 +16,7 @@ from kvmart.errors import (
     ArtifactRejectedError,
     AuthenticationError,
     BodyTooLargeError,
+    ClaimCheckError,
     ContextOverflowError,
     ForbiddenError,
     IdempotencyConflictError,
@@ -30,8 +31,10 @@ from kvmart.errors import (
     StoreUnavailableError,
     TooLargeError,
     UnknownCacheError,
+    UnknownClaimError,
     UnknownDocumentError,
     UnknownModelError,
+    UnknownReceiptError,
 )
 
 log = logging.getLogger("kvmart.server")
@@ -60,10 +63,13 @@ STATUS: tuple[tuple[type[KvmartError], int, str], ...] = (
     (UnknownDocumentError, 404, "not_found"),
     (UnknownModelError, 404, "not_found"),
     (UnknownCacheError, 404, "not_found"),
+    (UnknownClaimError, 404, "not_found"),
+    (UnknownReceiptError, 404, "not_found"),
     (IdempotencyConflictError, 409, "conflict"),
     (BodyTooLargeError, 413, "too_large"),
     (TooLargeError, 413, "too_large"),
     (ArtifactRejectedError, 422, "invalid_request"),
+    (ClaimCheckError, 422, "invalid_request"),
     (QueueFullError, 429, "rate_limit"),
     (RateLimitedError, 429, "rate_limit"),
     (ShuttingDownError, 503, "unavailable"),
@@ -104,6 +110,8 @@ def http_error(error: KvmartError) -> HttpError:
         code = "insufficient_funds"
     if isinstance(error, ArtifactRejectedError):
         param, code = "artifact", "artifact_rejected"
+    if isinstance(error, ClaimCheckError):
+        code = "claim_not_verified"
     if isinstance(error, QueueFullError | RateLimitedError):
         headers["Retry-After"] = str(error.retry_after_seconds)
         code = "rate_limit_exceeded"

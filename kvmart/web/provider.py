@@ -1,14 +1,15 @@
-"""The provider's page: the figures `/metrics` exports (parsed from the very text Prometheus scrapes, so the page
-and the scraper never disagree) and the ledger's report, drawn. Hit ratio per tier, bytes per tier, queue depth,
-requests and latency per endpoint, the top documents and the money saved over time."""
+"""The provider's page: the figures `/metrics` exports (read from the samples of the very registry Prometheus
+scrapes, so the page and the scraper never disagree) and the ledger's report, drawn. Hit ratio per tier, bytes per
+tier, queue depth, requests and latency per endpoint, the top documents and the money saved over time."""
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from markupsafe import Markup
+from prometheus_client.metrics_core import Metric
 
 from kvmart.ledger import Account
 from kvmart.server.pipeline.services import Services
@@ -17,23 +18,20 @@ from kvmart.web.access import visible_documents
 from kvmart.web.formatting import usd
 from kvmart.web.views import Row, rows
 
-SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 TOP_DOCUMENTS = 10
 
 Labels = frozenset[tuple[str, str]]
 
 
 class Samples:
-    """Prometheus text format samples: name -> {labels: value}."""
+    """A registry's collected samples (`registry.collect()`): sample name (as exported, `_total`, `_bucket`...)
+    -> {labels: value}."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, families: Iterable[Metric]) -> None:
         self.by_name: dict[str, dict[Labels, float]] = defaultdict(dict)
-        for line in text.splitlines():
-            match = SAMPLE.fullmatch(line.strip()) if line and not line.startswith("#") else None
-            if match:
-                labels = frozenset(LABEL.findall(match.group(2) or ""))
-                self.by_name[match.group(1)][labels] = float(match.group(3))
+        for family in families:
+            for sample in family.samples:
+                self.by_name[sample.name][frozenset(sample.labels.items())] = sample.value
 
     def get(self, name: str, **labels: str) -> float:
         return self.by_name.get(name, {}).get(frozenset(labels.items()), 0.0)
@@ -118,7 +116,7 @@ def tiers(services: Services, samples: Samples) -> tuple[list[Tier], int, int]:
 
 def provider_page(services: Services, admin: Account) -> ProviderPage:
     """For the admin only (the caller checks), who sees every document."""
-    samples = Samples(services.metrics.render(full=True))  # the provider page is the admin's
+    samples = Samples(services.metrics.samples(full=True))  # the provider page is the admin's: every document
     tier_list, misses, lookups = tiers(services, samples)
     everything = rows(services, visible_documents(services, admin))
     top = sorted(everything, key=lambda r: (-r.revenue_nanousd, -r.reads, r.id))[:TOP_DOCUMENTS]

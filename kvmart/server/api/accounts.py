@@ -55,6 +55,7 @@ def usage_json(u: Usage, tariff: Tariff, recent: list[Charge]) -> dict:
             "tokens": {"cached": u.cached_tokens, "computed": u.computed_tokens, "output": u.output_tokens},
             "spent_usd": usd_text(u.spent_nanousd), "saved_vs_prefill_usd": usd_text(u.saved_nanousd),
             "royalties_usd": usd_text(u.royalties_nanousd),
+            "royalties_in_escrow_usd": usd_text(u.royalties_in_escrow_nanousd),
             "documents": [document_report_json(d) for d in u.documents], "tariff": tariff_json(tariff),
             "charges": [{"id": f"rcpt_{c.transaction_id}", **charge_json(c)} for c in recent]}
 

@@ -16,9 +16,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kvmart.errors import ArtifactRejectedError, ForbiddenError, InsufficientFundsError, LedgerError, RequestError
+from kvmart.errors import (
+    ArtifactRejectedError,
+    ForbiddenError,
+    ForgedArtifactError,
+    InsufficientFundsError,
+    LedgerError,
+    RequestError,
+)
 from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
 from kvmart.reuse.catalog import Document
+from kvmart.reuse.upload import chunk_spans, plan
 from kvmart.server.auth import caller, require_role
 from kvmart.server.body import parse
 from kvmart.server.pipeline.engine import Published
@@ -95,6 +103,10 @@ async def publish_as(services: Services, account: Account, req: PublishRequest,
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
     upload = upload if upload is not None else decode_artifact(req.artifact)
+    if upload is not None and not await run_in_threadpool(services.ledger.may_upload, account):
+        raise ForbiddenError(f"account {account.name!r} had an upload refused as a forgery and may not upload "
+                             "artifacts until the operator allows it (kvmart accounts allow-uploads); publish the "
+                             "text instead, and the provider computes it")
     notes: list[int] = []  # the ledger's note of this publication, written before its artifact is stored
 
     def before_store(cache_id: str) -> None:  # on the model worker's thread, just before the artifact is written
@@ -108,21 +120,53 @@ async def publish_as(services: Services, account: Account, req: PublishRequest,
         except ArtifactRejectedError as e:
             services.metrics.published.inc(outcome="refused")
             log.warning("upload by %s refused: %s", account.name, e)
+            if isinstance(e, ForgedArtifactError):  # one strike: a sample must not be retried until it misses
+                await run_in_threadpool(services.ledger.record_forged_upload, account, str(e))
             raise
         assert isinstance(published, Published), published
         outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
         services.metrics.published.inc(outcome=outcome)
-        doc, fee = published.document, 0
+        doc, fee, claimed = published.document, 0, None
         if published.is_new:  # None: another node published the same text first; its licence stands
-            fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt,
-                                          notes[0] if notes else None) or 0
+            charged: int | None = await run_in_threadpool(record_publication, services, doc, account, terms, salt,
+                                                          req.source, notes[0] if notes else None)
+            fee = charged or 0
+            if upload is not None:
+                await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
+                                        upload_check_json(services, doc.num_tokens))
+        elif req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
+            claimed = await run_in_threadpool(services.ledger.claim_document, doc.cache_id, account, terms,
+                                              req.source)
     finally:  # a note not ended with its licence (already stored, refused, failed): the publication is over
         for note in notes:
             await run_in_threadpool(services.ledger.end_publication, note)
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
     body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
-            "seconds": published.seconds, "precompute_charge_usd": usd_text(fee)}
+            "seconds": published.seconds, "precompute_charge_usd": usd_text(fee),
+            "ownership": await run_in_threadpool(ownership_json, services, licence),
+            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
+    if claimed is not None:
+        body["ownership"]["claimed_now"] = True
+        body["ownership"]["escrow_paid_usd"] = usd_text(claimed.amount_nanousd)
     return body, published.is_new
+
+
+def upload_check_json(services: Services, num_tokens: int) -> dict:
+    """How much of an upload of `num_tokens` the provider recomputed under its settings, and what that buys
+    (kvmart/reuse/upload.py `plan`): recorded on the document."""
+    chunk_tokens = services.server.upload_chunk_tokens
+    checked = plan(len(chunk_spans(num_tokens, chunk_tokens)), services.server.upload_sample_percent).as_json()
+    return {**checked, "chunk_tokens": chunk_tokens}
+
+
+def ownership_json(services: Services, licence: Licence | None) -> dict:
+    """Who is paid for reads (docs/LEDGER.md "Owners, not first comers"): an open document's royalties wait in
+    escrow until its publisher is its verified owner."""
+    if licence is None:
+        return {"source": None, "owner_verified": False, "royalties_to": None, "escrow_held_usd": usd_text(0)}
+    to = "publisher" if licence.is_owner_verified or not licence.is_open else "escrow"
+    return {"source": licence.source or None, "owner_verified": licence.is_owner_verified, "royalties_to": to,
+            "escrow_held_usd": usd_text(services.ledger.escrow_held(licence.cache_id))}
 
 
 def decode_artifact(encoded: str | None) -> bytes | None:
@@ -136,12 +180,13 @@ def decode_artifact(encoded: str | None) -> bytes | None:
 
 
 def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str,
-                       note: int | None = None) -> int | None:
+                       source: str = "", note: int | None = None) -> int | None:
     """The licence and the publisher's fee, together, ending the publication's `note`; if they cannot be recorded
     (the publisher cannot pay: 402; the ledger fails), the new artifact is deleted again: never public and unpaid.
     (A node killed before this is repaired at its next start: kvmart/server/app.py `repair_publications`.)"""
     try:
-        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, note)
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source,
+                                       publication_id=note)
     except (InsufficientFundsError, LedgerError):
         remove(services, doc)
         raise
@@ -183,8 +228,10 @@ async def get_document(request: Request, doc_id: str):
     services: Services = request.app.state.services
     account = await caller(request)
     doc = await run_in_threadpool(visible_document, services, account, doc_id)
-    return {**document_json(doc), "licence": licence_json(await run_in_threadpool(services.ledger.licence,
-                                                                                  doc.cache_id))}
+    licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
+    return {**document_json(doc), "licence": licence_json(licence),
+            "ownership": await run_in_threadpool(ownership_json, services, licence),
+            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
 
 
 @router.delete("/v1/documents/{doc_id}")

@@ -155,7 +155,7 @@ class Engine:
             return
         self.model.check_fits("the document", len(ids))
         verified = verify_upload(self.model, upload, ids, self.settings.upload_chunk_tokens,
-                                 self.settings.upload_verify_percent)
+                                 self.settings.upload_sample_percent)
         manifest = manifest_for(verified.kv, ids, self.model.fingerprint, salt)
         entry = Entry(cache_id=manifest.cache_id, title=title, source=source, model=self.model.spec,
                       fingerprint=self.model.fingerprint.digest, num_tokens=len(ids), artifact_bytes=upload_size(upload),

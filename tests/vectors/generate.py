@@ -1,0 +1,91 @@
+"""Makes the test vectors of docs/FORMAT.md from builtin:tiny (kvmart's seeded random model), into this folder:
+
+    model.json             the model fingerprint: config.json as written, [name, sha256] of its weight and tokenizer
+                           files, dtype and attention, and the components and digest they hash to
+    NAME.kvm               an artifact, as kvmart writes it (raw, or each codec asked for)
+    NAME.json              what a reader must find: cache id, salt, token ids, manifest hash, chunk keys, codecs
+    NAME.tensors.bin       the decoded tensors, raw little-endian bytes, back to back in file order
+
+    python tests/vectors/generate.py [--codec raw --codec zstd ...]
+
+Vectors are data: regenerate them only when the format changes on purpose (the artifacts record kvmart's, torch's
+and transformers' versions, so a new run gives new files). tests/test_vectors.py checks that both kvmart and the
+independent reader (reader.py) read every vector."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from kvmart.codec.raw import byte_view
+from kvmart.config import Settings
+from kvmart.format.artifact import encode_artifact, read_artifact
+from kvmart.format.keys import chunk_keys
+from kvmart.runtime.fingerprint import TOKENIZER_FILES, WEIGHT_SUFFIXES
+from kvmart.runtime.model import Model
+
+HERE = Path(__file__).parent
+TEXT = "The licence steward is the Mozilla Foundation. Copyright holders may relicense."
+CASES = [  # name, dtype, salt, tokens
+    ("f32-plain", "float32", "", 11),
+    ("bf16-salted", "bfloat16", "tenant-salt-0123456789abcdef", 17),
+]
+CHUNK_TOKENS = 8
+
+
+def model_vector(model: Model, folder: Path) -> dict:
+    files = lambda paths: [[p.name, hashlib.sha256(p.read_bytes()).hexdigest()]  # noqa: E731
+                           for p in sorted(paths, key=lambda p: p.name)]
+    weights = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    tokenizer = [folder / n for n in TOKENIZER_FILES if (folder / n).exists()]
+    fp = model.fingerprint
+    return {"config_json": (folder / "config.json").read_text(), "weight_files": files(weights),
+            "tokenizer_files": files(tokenizer), "dtype": fp.dtype, "attention": fp.attention,
+            "components": fp.as_dict(), "digest": fp.digest}
+
+
+def write_case(name: str, model: Model, salt: str, num_tokens: int, codec: str) -> None:
+    ids = model.tokenize(TEXT)[:num_tokens]
+    assert len(ids) == num_tokens, f"the text has {len(ids)} tokens"
+    kv = model.prefill(ids)
+    encoded = encode_artifact(kv, ids, model.fingerprint, salt, codec)
+    data = io.BytesIO()
+    encoded.write(data)
+    manifest, decoded = read_artifact(io.BytesIO(data.getvalue()), len(data.getvalue()), model.fingerprint, salt)
+    if codec != "raw":
+        assert any(r.codec == codec.split(":")[0] for r in manifest.tensors.values()), f"{codec} shrank nothing"
+    stem = HERE / f"{name}-{codec.split(':')[0]}"
+    stem.with_suffix(".kvm").write_bytes(data.getvalue())
+    tensors = b"".join(bytes(byte_view(t.contiguous())) for t in decoded.tensors().values())
+    stem.with_suffix(".tensors.bin").write_bytes(tensors)
+    expected = {"artifact": stem.name + ".kvm", "tensors": stem.name + ".tensors.bin", "salt": salt,
+                "cache_id": manifest.cache_id, "token_ids": ids, "dtype": manifest.dtype,
+                "shape": [1, manifest.kv_heads, len(ids), manifest.head_dim], "num_layers": manifest.num_layers,
+                "manifest_sha256": manifest.manifest_sha256, "fingerprint_digest": manifest.fingerprint_digest,
+                "codecs": {n: r.codec for n, r in manifest.tensors.items()}, "chunk_tokens": CHUNK_TOKENS,
+                "chunk_keys": chunk_keys(manifest.fingerprint_digest, ids, CHUNK_TOKENS, salt),
+                "tensors_sha256": hashlib.sha256(tensors).hexdigest()}
+    stem.with_suffix(".json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
+    print(f"{stem.name}: {len(data.getvalue()):,} bytes, cache id {manifest.cache_id[:16]}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--codec", action="append", help="codecs to write (default: raw and zstd)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as data_dir:
+        for name, dtype, salt, num_tokens in CASES:
+            model = Model.load(Settings(data_dir=Path(data_dir), model="builtin:tiny", dtype=dtype))
+            for codec in args.codec or ["raw", "zstd"]:
+                write_case(name, model, salt, num_tokens, codec)
+        folder = next(Path(data_dir, "models").glob("builtin-tiny-*"))
+        (HERE / "model.json").write_text(json.dumps(model_vector(model, folder), indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
