@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from server_support import LiveServer
+from server_support import LiveServer, parse_metrics
 from web_support import WebClient
 
 from kvmart.reuse.samples import sample_text
@@ -154,8 +154,8 @@ def test_metrics_and_healthz_count_private_documents_for_the_admin_only(live):
     for headers, expected in (({}, len(public)), ({"Authorization": f"Bearer {live.agent_key}"}, len(public)),
                               ({"Authorization": "Bearer kvm_not-a-key"}, len(public)), (admin, len(everyone))):
         assert anonymous.get("/healthz", headers=headers).json()["documents"] == expected
-        metrics = anonymous.get("/metrics", headers=headers).text
-        assert f"\nkvmart_documents {expected}\n" in metrics, (headers, expected)
+        metrics = parse_metrics(anonymous.get("/metrics", headers=headers).text)
+        assert metrics["kvmart_documents"] == expected, (headers, expected)
     anonymous.close()
 
 
