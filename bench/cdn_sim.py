@@ -1,32 +1,44 @@
 """Claim: a prefill CDN (RAM -> disk -> shared tiers across K nodes, cache-affinity routing) serves tens of
-millions of agents with almost every read a cache hit, and the analytic model that says so agrees with a replay
-of the same reads and with a real two-node run.
+millions of agents with almost every read a cache hit, *if* it has the devices, disks and links to carry the load;
+the model that says how many agrees with a replay of the same reads and with a real cluster on this machine.
 
-Three parts, printed as markdown tables for docs/SCALE.md:
-  scale     : the analytic model (kvmart/economics/simulation.py) at 80M agents, Zipf catalogue, for several clusters;
+Parts, printed as markdown tables for docs/SCALE.md:
+  scale     : the analytic model (kvmart/economics/simulation.py) and its capacity (kvmart/economics/capacity.py)
+              at 80M agents: tier mix, utilisation of devices, disks and links, the bottleneck, reads refused, TTFT
+              with queueing, and the nodes a 1 s p99 needs; for the roofline's and the paper's service times;
   check     : analytic vs discrete-event replay of the same workload at 10^5-10^6 reads;
-  validate  : a real run (redis-server + two `kvmart serve` nodes, builtin:tiny) against the replay of exactly its
-              reads and against the analytic model: hit ratio per tier side by side. --validate to run it.
+  validate  : a real cluster (kvmart/economics/validation.py: redis-server, PostgreSQL, three `kvmart serve` nodes
+              on builtin:tiny, `kvmart route` or nginx in front) against the model's prediction for it.
 
-    python bench/cdn_sim.py                     # scale + check (seconds)
-    python bench/cdn_sim.py --validate          # + the real two-node run (about a minute)
+    python bench/cdn_sim.py                                   # scale + check (a few minutes: the node searches)
+    python bench/cdn_sim.py --validate --router kvmart,nginx  # + the real cluster, both routers (minutes each)
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 from rich.progress import Progress
 
+from kvmart.economics.capacity import (
+    Capacity,
+    ServiceTimes,
+    capacity,
+    nodes_needed,
+    paper_times,
+    roofline_times,
+)
+from kvmart.economics.model import Prices
 from kvmart.economics.simulation import TIERS, Cluster, Outcome, Workload, analytic, sample_reads, simulate
 
 GIB, TB = 2**30, 10**12
+TARGET_P99_SECONDS = 1.0
 
 
 def row(label: str, o: Outcome) -> str:
@@ -36,14 +48,79 @@ def row(label: str, o: Outcome) -> str:
             f"{o.egress_avoided_usd:,.0f} | {o.storage_usd:,.2f} | {o.margin_usd:,.0f} |")
 
 
-HEADER = ("| cluster | RAM | disk | shared | prefill | TTFT p50 s | TTFT p99 s | compute saved $ | egress avoided $ | "
-          "storage $ | margin $ |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| cluster | RAM | disk | shared | prefill | unloaded TTFT p50 s | p99 s | compute saved $ | "
+          "egress avoided $ | storage $ | margin on busy time $ |\n|---|---|---|---|---|---|---|---|---|---|---|")
+CAPACITY_HEADER = ("| cluster | nodes x devices | RAM / disk / shared / prefill | device / disk / link rho (busiest node) "
+                   "| bottleneck | carries reads/s | refused (429) | TTFT p50 / p99 s | fleet $/day | margin $/day |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def fleet_usd(cluster: Cluster, w: Workload, prices: Prices) -> Decimal:
+    """Every device of the fleet for the window, busy or idle, at the device price."""
+    hours = Decimal(repr(w.window_seconds / 3600))
+    return cluster.nodes * cluster.devices_per_node * hours * prices.device_usd_per_hour
+
+
+def capacity_row(label: str, cluster: Cluster, o: Outcome, cap: Capacity, w: Workload, prices: Prices) -> str:
+    f, u = o.fractions, cap.utilisation
+    fleet = fleet_usd(cluster, w, prices)
+    prefills = Decimal(repr(o.prefills)) * Decimal(repr(cap.times.prefill_seconds)) * prices.device_usd_per_hour / 3600
+    served = Decimal(repr(1 - cap.refused))
+    margin = o.revenue_usd * served - fleet - o.storage_usd - (prefills if cap.times.prefill_seconds else 0)
+    latency = "unbounded" if cap.ttft_p99_seconds == float("inf") else (
+        f"{cap.ttft_p50_seconds:.2f} / {cap.ttft_p99_seconds:.2f}")
+    return (f"| {label} | {cluster.nodes} x {cluster.devices_per_node} | {f['ram']:.0%} / {f['disk']:.0%} / "
+            f"{f['shared']:.0%} / {f['prefill']:.2%} | {u['device']:.2f} / {u['disk']:.2f} / {u['link']:.2f} | "
+            f"{cap.bottleneck} | {cap.max_reads_per_second:,.0f} | {cap.refused:.1%} | {latency} | {fleet:,.0f} | "
+            f"{margin:,.0f} |")
+
+
+def capacity_table(w: Workload, times: ServiceTimes, prices: Prices) -> None:
+    offered = w.reads / w.window_seconds
+    print(f"#### service times: {times.source}: reuse {times.reuse_seconds:.3f} s, prefill "
+          f"{times.prefill_seconds:.2f} s; offered load {offered:,.0f} reads/s (80M over 24 h, steady)\n")
+    print(CAPACITY_HEADER)
+    fixed = [("1 node", Cluster(nodes=1)), ("16 nodes, affinity", Cluster()),
+             ("16 nodes, random routing", Cluster(routing="random"))]
+    for label, cluster in fixed:
+        o = analytic(w, cluster, prices)
+        print(capacity_row(f"{label} (too few)", cluster, o, capacity(o, w, cluster, times), w, prices))
+    searches = [("affinity", Cluster()), ("bounded load 1.25", Cluster(routing="bounded")),
+                ("affinity, 4 NVMe (20 GB/s) + 100 GbE", Cluster(disk_bytes_per_second=20e9,
+                                                                 shared_bytes_per_second=12.5e9))]
+    for label, cluster in searches:
+        sized = nodes_needed(w, cluster, times, TARGET_P99_SECONDS, prices)
+        if sized.nodes is None or sized.outcome is None or sized.capacity is None:
+            hottest = w.reads / w.window_seconds * float(zipf_top(w))
+            print(f"| {label}: nodes for p99 <= {TARGET_P99_SECONDS:g} s | none up to 1,024 | - | - | device | - | - "
+                  f"| the hottest document alone needs {hottest * times.reuse_seconds:.1f} devices on its one "
+                  f"home node (it has {cluster.devices_per_node}) | - | - |")
+            continue
+        final = replace(cluster, nodes=sized.nodes)
+        print(capacity_row(f"{label}: nodes for p99 <= {TARGET_P99_SECONDS:g} s", final, sized.outcome,
+                           sized.capacity, w, prices))
+    print()
+
+
+def zipf_top(w: Workload) -> float:
+    from kvmart.economics.simulation import zipf_pmf
+
+    return float(zipf_pmf(w.documents, w.zipf_s)[0])
 
 
 def scale() -> None:
-    w = Workload()
+    w, prices = Workload(), Prices()
     print(f"## {w.agents / 1e6:.0f}M agents x {w.reads_per_agent:g} read over {w.window_seconds / 3600:.0f} h; "
           f"{w.documents:,} documents of {w.document_tokens:,} tokens, Zipf s={w.zipf_s}; {w.model} {w.dtype}\n")
+    print("### capacity: enough nodes, and too few\n")
+    print(f"Each node: 8 devices of the paper's kind (each serves one read at a time), 128 GiB RAM, 2 TB NVMe at "
+          f"5 GB/s, 10 GbE to the shared tier, a queue of 64 reads (kvmart serve's --max-queue; beyond it: HTTP "
+          f"429). Nodes needed: the fewest with p99 TTFT <= {TARGET_P99_SECONDS:g} s, no station at rho >= 1 and "
+          f"nothing refused. Fleet: every device for 24 h at ${prices.device_usd_per_hour}/h, busy or not; margin: "
+          f"revenue of the reads served less the fleet, prefills and storage.\n")
+    for times in (roofline_times(w, prices), paper_times()):
+        capacity_table(w, times, prices)
+    print("### the tier mix (the model without capacity, as before)\n")
     print(HEADER)
     clusters = [
         ("1 node, 128 GiB RAM, 2 TB disk", Cluster(nodes=1)),
@@ -59,8 +136,9 @@ def scale() -> None:
     ]
     for label, cluster in clusters:
         print(row(label, analytic(w, cluster)))
-    print("\n### agents sweep: 16 nodes, 32 GiB RAM, no disk, shared TTL\n")
-    print("| agents | TTL | RAM | shared | prefill | TTFT p99 s | margin $ |\n|---|---|---|---|---|---|---|")
+    print("\n#### agents sweep: 16 nodes, 32 GiB RAM, no disk, shared TTL\n")
+    print("| agents | TTL | RAM | shared | prefill | unloaded TTFT p99 s | margin on busy time $ |\n"
+          "|---|---|---|---|---|---|---|")
     for agents in (1_000_000, 10_000_000, 80_000_000):
         for ttl in (300, 3600):
             o = analytic(replace(w, agents=agents), Cluster(ram_bytes=32 * GIB, disk_bytes=0, shared_ttl_seconds=ttl))
@@ -119,85 +197,40 @@ def check(num_reads: int) -> None:
     print()
 
 
-def validate(num_documents: int, num_reads: int) -> None:
-    """Two real nodes over a real Redis; every read routed by the router's own affinity order."""
-    from kvmart.cluster.local import KvmartNode, RedisServer
-    from kvmart.cluster.router import node_order
-    from kvmart.reuse.samples import sample_text
+def validate(documents: int, reads: int, clients: int, routers: list[str]) -> None:
+    """The real cluster, once per router, against the model's prediction for it."""
+    from kvmart.economics.validation import ValidationConfig, run
 
-    root = Path(tempfile.mkdtemp(prefix="kvmart-cdn-"))
-    redis = RedisServer(root / "redis").start()
-    kv_bytes_per_token = 512  # builtin:tiny: 2 layers x 2 (K, V) x 2 KV heads x 16 dims x 4 bytes
-    ram_docs = 3
-    text = sample_text("mpl-2.0")
-    texts = [f"Document {i}.\n{text[i * 40:i * 40 + 2400]}" for i in range(num_documents)]
-    nodes = []
-    try:
-        sizes_guess = 700 * kv_bytes_per_token
-        models = root / "models"
-        models.mkdir()
-        for name in ("a", "b"):  # one after the other: the first builds builtin:tiny into models/
-            nodes.append(KvmartNode(name, root, models, redis.url, "--ram-cache-bytes", str(ram_docs * sizes_guess),
-                                    ledger_url=f"sqlite:///{root / 'ledger.sqlite'}", admin_key="kvm_cdn_sim_admin"))
-            nodes[-1].start()
-        a, b = nodes
-        published = [a.publish(t).json() for t in texts]  # everything published on node A (it is on A's disk)
-        ids = [d["id"] for d in published]
-        sizes = [d["num_tokens"] * kv_bytes_per_token for d in published]
-        w = Workload(documents=num_documents, agents=num_reads, window_seconds=600, model="qwen3-0.6b")
-        docs, times = sample_reads(w, num_reads, seed=3)
-        urls = [n.url for n in nodes]
-        route = [urls.index(node_order(ids[d], urls)[0]) for d in docs.tolist()]
+    print("## validation: a real cluster on this machine against the model\n")
+    for router in routers:
+        config = ValidationConfig(documents=documents, reads=reads, clients=clients, router=router,
+                                  calibration_reads=max(20, reads // 20))
+        root = Path(tempfile.mkdtemp(prefix=f"kvmart-cdn-{router}-"))
         with Progress(transient=True) as bar:
-            task = bar.add_task("real reads", total=num_reads)
-            for d, k in zip(docs.tolist(), route, strict=True):
-                nodes[k].ask(ids[d], "What is this?", max_tokens=1)
-                bar.advance(task)
-        measured = measure(nodes, num_reads)
-        cluster = Cluster(nodes=2, ram_bytes=ram_docs * sizes_guess, disk_bytes=None, published_on=0)
-        replay = simulate(w, cluster, docs, times, sizes=sizes, nodes_of=route)
-        print(f"## validation: {num_reads} reads of {num_documents} documents (Zipf s={w.zipf_s}), 2 real nodes, "
-              f"redis-server, builtin:tiny, hot tier {ram_docs} documents, all published on node A\n")
-        print("| source | RAM | disk | shared (Redis) | prefill |\n|---|---|---|---|---|")
-        print("| measured (2 kvmart serve nodes) | " + " | ".join(f"{measured[t]:.1%}" for t in TIERS) + " |")
-        print("| replay of the same reads | " + " | ".join(f"{replay.fractions[t]:.1%}" for t in TIERS) + " |")
-        model = analytic(replace(w, artifact_bytes=sum(sizes) // len(sizes)), cluster)
-        print("| analytic model | " + " | ".join(f"{model.fractions[t]:.1%}" for t in TIERS) + " |\n")
-    finally:
-        for node in nodes:
-            if node.process is not None:
-                node.stop()
-        redis.stop()
-
-
-def measure(nodes, num_reads: int) -> dict[str, float]:
-    counts = dict.fromkeys(TIERS, 0.0)
-    for node in nodes:
-        metrics = node.http.get("/metrics").text
-        counts["ram"] += float(re.search(r"^kvmart_hot_hits_total (\S+)", metrics, re.M).group(1))
-        health = node.health()["store"]
-        tiers = {t["name"]: t for t in health["tiers"]}
-        counts["disk"] += tiers["disk"]["hits"]
-        counts["shared"] += tiers["redis"]["hits"]
-        counts["prefill"] += health["misses"]
-    return {t: counts[t] / num_reads for t in TIERS}
+            task = bar.add_task(f"{router}: reads", total=reads - config.calibration_reads)
+            report = run(config, root, progress=lambda task=task: bar.advance(task))
+        print(report.markdown())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check-reads", type=int, default=200_000)
-    parser.add_argument("--validate", action="store_true", help="also run the real two-node validation")
-    parser.add_argument("--documents", type=int, default=12)
-    parser.add_argument("--reads", type=int, default=200)
+    parser.add_argument("--validate", action="store_true", help="also run the real cluster")
+    parser.add_argument("--documents", type=int, default=300)
+    parser.add_argument("--reads", type=int, default=3000)
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--router", default="kvmart", help="kvmart, nginx, or both: kvmart,nginx")
+    parser.add_argument("--no-scale", action="store_true", help="skip the 80M tables and the check")
     parser.add_argument("--plot", type=Path, help="also draw the scale plot (PNG)")
     args = parser.parse_args()
     started = time.perf_counter()
-    scale()
-    if args.plot:
-        plot(args.plot)
-    check(args.check_reads)
+    if not args.no_scale:
+        scale()
+        if args.plot:
+            plot(args.plot)
+        check(args.check_reads)
     if args.validate:
-        validate(args.documents, args.reads)
+        validate(args.documents, args.reads, args.clients, [r.strip() for r in args.router.split(",") if r.strip()])
     print(f"(ran in {time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
 

@@ -69,7 +69,7 @@ def least_squares(xs: list[float], ys: list[float], columns) -> list[float]:
 def run_length(model: Model, store, shape, ids: list[int], n: int, q: int, repeats: int) -> dict:
     doc, question = ids[:n], ids[n:n + q]
     pre = core.precompute_ids(model, store, doc, title="bench-economics")
-    on_disk = store.object_path(pre.entry.cache_id).stat().st_size
+    on_disk = sum(store.object_path(key).stat().st_size for key in core.chunk_keys_of(store, pre.entry.cache_id))
     m = measure(model, store, doc, question, repeats)  # finds the artifact stored above; deletes it at the end
     p_flops, r_flops = prefill_flops(shape, n + q), reuse_flops(shape, n, q)
     return {"tokens": n, "question_tokens": q, "prefill_seconds": m["prefill"], "reuse_seconds": m["warm_compute"],

@@ -83,22 +83,23 @@ def timed(fn) -> tuple[float, object]:
 
 def measure(model: Model, store, doc: list[int], question: list[int], repeats: int) -> dict[str, float]:
     cid = core.precompute_ids(model, store, doc, title="bench").entry.cache_id
-    path = store.object_path(cid)
+    paths = [store.object_path(key) for key in core.chunk_keys_of(store, cid)]  # the document's chunks
     rows: dict[str, list[float]] = {"prefill": [], "hot": [], "warm_load": [], "warm_compute": [], "cold_load": [],
                                     "cold_compute": [], "cold_resident": []}
     for _ in range(repeats):
         rows["prefill"].append(timed(lambda: model.continue_from(None, doc + question))[0])
         for mode in ("warm", "cold"):
             if mode == "cold":
-                rows["cold_resident"].append(evict(path))
+                rows["cold_resident"].append(statistics.mean(evict(path) for path in paths))
             else:
-                path.read_bytes()  # make sure it is in the page cache
+                for path in paths:
+                    path.read_bytes()  # make sure it is in the page cache
             load_s, loaded = timed(lambda: core.load(model, store, cid))
-            compute_s, step = timed(lambda kv=loaded.kv: model.continue_from(kv, question))
+            compute_s, step = timed(lambda kv=loaded.prefix: model.continue_from(kv, question))
             rows[f"{mode}_load"].append(load_s)
             rows[f"{mode}_compute"].append(compute_s)
             if mode == "warm":
-                rows["hot"].append(timed(lambda kv=loaded.kv: model.continue_from(kv, question))[0])
+                rows["hot"].append(timed(lambda kv=loaded.prefix: model.continue_from(kv, question))[0])
             del loaded, step  # the step's cache maps the artifact: while it lives, its pages cannot be evicted
     store.delete(cid)
     return {k: statistics.median(v) for k, v in rows.items()}

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from kvmart.cluster.state import RedisState, state_config
 from kvmart.config import Settings
 from kvmart.ledger import Ledger
 from kvmart.runtime.model import Model
 from kvmart.server.app import add_middleware, build_api
 from kvmart.server.config import ServerSettings
+from kvmart.server.limits import limiter_for, signin_limiter_for
 from kvmart.server.pipeline.services import build_services
 from kvmart.store import Store
 from kvmart.web import mount_web
@@ -20,15 +22,18 @@ from kvmart.web.sessions import COOKIE as SESSION_COOKIE
 def create_app(settings: Settings, server: ServerSettings | None = None, model: Model | None = None,
                store: Store | None = None, ledger: Ledger | None = None) -> FastAPI:
     """The API and the web page over the model, store and ledger named by `settings` (or given)."""
-    services = build_services(settings, server or ServerSettings(), model, store, ledger)
+    server = server or ServerSettings()
+    services = build_services(settings, server, model, store, ledger)
     app = build_api(services)
-    sessions = mount_web(app)  # the market's web page at /
+    config = state_config(server.shared_state, settings.store_url)  # limits and sessions: cluster-wide in Redis?
+    state = RedisState(config) if config is not None else None
+    sessions = mount_web(app, signin_limiter_for(server, state), state)  # the market's web page at /
 
     def session_key(token: str) -> str | None:
         session = sessions.get(token)
         return None if session is None else session.api_key
 
-    add_middleware(app, services, SESSION_COOKIE, session_key)
+    add_middleware(app, services, limiter_for(server, state), SESSION_COOKIE, session_key)
     return app
 
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from kvmart.codec import DEFAULT_CODEC, parse_spec
+from kvmart.errors import ConfigError
 
 SHARED_STORE_SCHEMES = ("redis", "rediss", "s3")  # stores other nodes share (kvmart.store.SHARED_SCHEMES)
 SIGNING_KEY_ENV = "KVMART_SIGNING_KEY"  # a secret, so not a Settings field: read by kvmart/format/signing.py at each use
-from kvmart.errors import ConfigError
+CHUNK_ALIGN_TOKENS = 8  # chunk sizes are multiples of this (kvmart/format/keys.py)
 
 DTYPES = ("float32", "bfloat16")
 ENGINES = ("transformers", "vllm")  # kvmart serve --engine: kvmart/engines
@@ -47,6 +48,9 @@ class Settings:
     store: str = ""  # empty: the local disk store under data_dir/store
     ledger: str = ""  # empty: the SQLite ledger data_dir/ledger.sqlite; or postgresql://USER@HOST:PORT/DB
     codec: str = ""  # how new artifacts' tensors are encoded: NAME or NAME:LEVEL (kvmart.codec); empty: auto
+    # tokens per chunk of a chunk chain (kvmart/reuse/chunks.py): documents are stored, and prompts reused, in chunks
+    # of this size cut from each segment's start. The CLI and every node of a cluster must agree on it.
+    chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,6 +63,9 @@ class Settings:
             raise ConfigError("model must not be empty")
         if self.codec:
             parse_spec(self.codec)
+        if self.chunk_tokens < CHUNK_ALIGN_TOKENS or self.chunk_tokens % CHUNK_ALIGN_TOKENS:
+            raise ConfigError(f"chunk_tokens must be a positive multiple of {CHUNK_ALIGN_TOKENS} "
+                              f"(got {self.chunk_tokens})")
 
     @property
     def store_url(self) -> str:
@@ -91,8 +98,13 @@ ENV = {f.name: "KVMART_" + f.name.upper() for f in fields(Settings)}
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Settings from the environment (KVMART_DATA_DIR, KVMART_MODEL, KVMART_DTYPE, KVMART_ATTENTION, KVMART_STORE,
-    KVMART_LEDGER, KVMART_CODEC)."""
+    KVMART_LEDGER, KVMART_CODEC, KVMART_CHUNK_TOKENS)."""
     env = os.environ if environ is None else environ
     values: dict[str, object] = {name: env[var] for name, var in ENV.items() if env.get(var)}
     values["data_dir"] = Path(str(values.get("data_dir") or default_data_dir())).expanduser()
-    return Settings(**values)  # type: ignore[arg-type]
+    if "chunk_tokens" in values:
+        try:
+            values["chunk_tokens"] = int(str(values["chunk_tokens"]))
+        except ValueError as e:
+            raise ConfigError(f"{ENV['chunk_tokens']}={values['chunk_tokens']!r} is not an integer") from e
+    return Settings(**values)  # type: ignore[arg-type]  # values converted above, checked in __post_init__

@@ -29,10 +29,14 @@ class LiveServer:
     ledger (SQLite in `data_dir`) has a funded `publisher` and a funded `agent`; `http` sends the agent's key and
     `publish` the publisher's."""
 
-    def __init__(self, model: Model, data_dir: Path, **server: object) -> None:
-        settings = Settings(data_dir=data_dir, model=model.spec, dtype=model.dtype_name, attention=model.attention)
-        base = ServerSettings(port=0, log_level="warning", rate_limit_per_minute=0, max_concurrent_per_key=0)
-        self.app = create_app(settings, base.with_overrides(**server), model)  # per-key limits: off unless asked
+    def __init__(self, model: Model, data_dir: Path, store: str = "", chunk_tokens: int = 256,
+                 **server: object) -> None:
+        """`store`: the store URL (default: a disk store in `data_dir`); `server`: ServerSettings overrides."""
+        settings = Settings(data_dir=data_dir, model=model.spec, dtype=model.dtype_name, attention=model.attention,
+                            store=store, chunk_tokens=chunk_tokens)
+        base = ServerSettings(port=0, log_level="warning", rate_limit_per_minute=0, max_concurrent_per_key=0,
+                              signin_attempts_per_minute=0)
+        self.app = create_app(settings, base.with_overrides(**server), model)  # limits: off unless asked
         self.publisher_key = self.account("publisher", "publisher")
         self.agent_key = self.account("agent", "agent")
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",

@@ -97,7 +97,7 @@ def test_artifact_is_a_valid_safetensors_file(model_f32, made, tmp_path: Path):
         assert torch.equal(tensors[name], t), name
     with safe_open(str(path), framework="pt") as f:
         manifest = json.loads(f.metadata()["kvmart"])
-    assert manifest["format"] == "kvmart-kv" and manifest["format_version"] == 2
+    assert manifest["format"] == "kvmart-kv" and manifest["format_version"] == 3
     assert manifest["token_ids"] == made.token_ids
     assert made.header_bytes % 64 == 0  # tensor data starts 64-byte aligned
 
@@ -168,7 +168,8 @@ def test_every_single_bit_flip_in_the_header_raises_artifact_error(made):
 def test_corrupt_file_in_a_store_is_refused_by_load(model_f32, kvmart_data_dir: Path):
     store = DiskStore(kvmart_data_dir / "store")
     entry = core.precompute(model_f32, store, TEXT).entry
-    path = store.object_path(entry.cache_id)
+    chunk = next(e for e in store.entries() if e.kind == "chunk")
+    path = store.object_path(chunk.cache_id)
     data = path.read_bytes()
     path.write_bytes(flip(data, len(data) - 10))
     with pytest.raises(ArtifactError, match="checksum"):
@@ -224,7 +225,7 @@ def test_rewrite_helper_changes_nothing_by_itself(made):
     assert manifest.token_ids == made.token_ids and torch.equal(kv.keys[0], made.kv.keys[0])
 
 
-@pytest.mark.parametrize("version", [0, 3, "2", None, True])
+@pytest.mark.parametrize("version", [0, 4, "2", None, True])
 def test_unsupported_format_version_is_refused(made, version):
     message = refused(rewrite(made.data, lambda m: m.update(format_version=version)), made.fingerprint)
     assert f"format_version {version!r} is not supported" in message

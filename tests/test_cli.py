@@ -51,11 +51,12 @@ def precomputed_id(result: Result) -> str:
 # -- the core loop -----------------------------------------------------------------------------------------------
 def test_precompute_prints_id_tokens_and_bytes(kvmart_cli, doc: Path, model_f32, kvmart_data_dir: Path):
     result = kvmart_cli("precompute", str(doc))
-    cid = precomputed_id(result)
+    precomputed_id(result)
     expected_tokens = len(document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), doc.read_text()))
     assert re.search(rf"^tokens    {expected_tokens:,}$", result.stdout, re.M), result.stdout
-    size = DiskStore(kvmart_data_dir / "store").object_path(cid).stat().st_size
-    assert re.search(rf"^bytes     {size:,}$", result.stdout, re.M), result.stdout
+    store = DiskStore(kvmart_data_dir / "store")
+    size = sum(store.object_path(e.cache_id).stat().st_size for e in store.entries() if e.kind == "chunk")
+    assert re.search(rf"^bytes     {size:,}$", result.stdout, re.M), result.stdout  # its chunks' bytes
     assert "(computed)" in result.stdout
 
 
@@ -64,11 +65,11 @@ def test_precompute_again_computes_nothing(kvmart_cli, doc: Path, kvmart_data_di
     again = kvmart_cli("precompute", str(doc))
     assert precomputed_id(again) == first
     assert "already stored, nothing computed" in again.stdout
-    assert len(DiskStore(kvmart_data_dir / "store").entries()) == 1
+    assert len([e for e in DiskStore(kvmart_data_dir / "store").entries() if e.is_document]) == 1
 
 
 def test_ls(kvmart_cli, doc: Path):
-    assert "no artifacts stored" in kvmart_cli("ls").stdout
+    assert "no documents stored" in kvmart_cli("ls").stdout
     cid = precomputed_id(kvmart_cli("precompute", str(doc)))
     listing = kvmart_cli("ls")
     assert listing.exit_code == 0
@@ -93,7 +94,7 @@ def test_ask_with_a_file_precomputes_it_first(kvmart_cli, doc: Path, kvmart_data
     result = kvmart_cli("ask", str(doc), QUESTION, "--max-tokens", "4")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() and "tokens from cache" in result.stderr
-    assert len(DiskStore(kvmart_data_dir / "store").entries()) == 1
+    assert len([e for e in DiskStore(kvmart_data_dir / "store").entries() if e.is_document]) == 1
 
 
 def test_verify_is_bit_exact_in_float32(kvmart_cli, doc: Path):
@@ -105,11 +106,12 @@ def test_verify_is_bit_exact_in_float32(kvmart_cli, doc: Path):
     assert "24/24 greedy tokens identical" in result.stdout
 
 
-def test_rm(kvmart_cli, doc: Path):
+def test_rm(kvmart_cli, doc: Path, kvmart_data_dir: Path):
     cid = precomputed_id(kvmart_cli("precompute", str(doc)))
     removed = kvmart_cli("rm", cid[:12])
-    assert removed.exit_code == 0 and f"removed {cid}" in removed.stdout
-    assert "no artifacts stored" in kvmart_cli("ls").stdout
+    assert removed.exit_code == 0 and f"removed {cid}" in removed.stdout and "chunks" in removed.stdout
+    assert "no documents stored" in kvmart_cli("ls").stdout
+    assert DiskStore(kvmart_data_dir / "store").entries() == []  # its chunks, shared with nothing, went too
     again = kvmart_cli("rm", cid[:12])
     assert again.exit_code == 3 and "no artifact with cache id" in again.stderr
 

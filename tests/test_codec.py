@@ -3,8 +3,10 @@ included); malformed or corrupt encoded data is refused with CodecError, never d
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import struct
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from kvmart import codec
-from kvmart.codec.planes import PlanesCodec, cluster
+from kvmart.codec import huffman
+from kvmart.codec import raw as _raw  # noqa: F401  (codec.raw below)
+from kvmart.codec.clusters import cluster
+from kvmart.codec.huffman import HuffmanCodec
 from kvmart.errors import CodecError, ConfigError
 
 WIDTH = {torch.float32: (np.uint32, np.int32, torch.int32), torch.bfloat16: (np.uint16, np.int16, torch.int16),
@@ -27,7 +32,7 @@ SPECIAL = {
     torch.bfloat16: [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81, 0x0001, 0x807F, 0x7F7F, 0xFF7F],
     torch.float16: [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7C01, 0x0001, 0x83FF, 0x7BFF, 0xFBFF],
 }
-CODEC_SPECS = ["raw", "zstd", "zstd:19", "kvmart", "kvmart:1"]
+CODEC_SPECS = ["raw", "zstd", "zstd:19", "kvmart"]
 
 
 def from_bits(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -72,14 +77,40 @@ def test_round_trip_is_bit_exact(spec: str, t: torch.Tensor):
     assert_bit_equal(codec.unpack(codec.pack(t, spec)), t)
 
 
+@pytest.mark.parametrize("options", [{"max_models": 1}, {"symbol_mantissa_bits": 0}, {"symbol_mantissa_bits": 3},
+                                     {"table_log": 9}, {"table_log": 12}])
 @settings(max_examples=30, deadline=None)
 @given(t=tensors())
-def test_round_trip_with_one_cluster(t: torch.Tensor):
-    planes = PlanesCodec(max_groups=1)
-    data, params = planes.encode(t.contiguous())
+def test_round_trip_with_other_encoder_choices(options: dict, t: torch.Tensor):
+    """The decoder follows what the bitstream says: one code, other symbol widths, other table sizes."""
+    coder = HuffmanCodec(**options)
+    data, params = coder.encode(t.contiguous())
     out = torch.empty_like(t)
-    planes.decode(memoryview(data), params, out)
+    coder.decode(memoryview(data), params, out)
     assert_bit_equal(out, t)
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=tensors(), repeats=st.lists(st.integers(0, 8), max_size=12))
+def test_repeated_token_rows_round_trip_and_are_stored_once(t: torch.Tensor, repeats: list[int]):
+    """Token rows copied from earlier ones (as layer 0's values repeat for a repeated token) come back exactly."""
+    if t.dim() < 2 or t.shape[-2] < 2 or t.numel() == 0:
+        return
+    t = t.clone()
+    T = t.shape[-2]
+    for i, r in enumerate(repeats):
+        dst = 1 + i % (T - 1)
+        t[..., dst, :] = t[..., r % dst, :]
+    assert_bit_equal(codec.decode(codec.encode(t, "kvmart")), t)
+
+
+def test_repeated_rows_shrink_the_encoding():
+    base = kv_like(torch.bfloat16, tokens=64)
+    repeated = base.clone()
+    repeated[..., 32:, :] = base[..., :32, :]
+    size = lambda x: len(codec.encode(x, "kvmart").data)  # noqa: E731
+    assert size(repeated) < 0.6 * size(base)
+    assert_bit_equal(codec.decode(codec.encode(repeated, "kvmart")), repeated)
 
 
 def kv_like(dtype: torch.dtype, tokens: int = 512, heads: int = 4, head_dim: int = 64) -> torch.Tensor:
@@ -89,12 +120,17 @@ def kv_like(dtype: torch.dtype, tokens: int = 512, heads: int = 4, head_dim: int
     return (torch.randn(1, heads, tokens, head_dim, generator=g, dtype=torch.float64) * scales).to(dtype)
 
 
+def header(data: bytes) -> dict:
+    names = ["version", "shift", "zero_bits", "table_log", "codes", "symbols", "copies", "side_bytes"]
+    return dict(zip(names, huffman.HEADER.unpack_from(data), strict=False))
+
+
 @pytest.mark.parametrize("dtype", list(WIDTH))
 def test_kv_like_tensors_cluster_shrink_and_round_trip(dtype):
     t = kv_like(dtype)
     encoded = codec.encode(t, "kvmart")
-    groups = struct.unpack("<H", encoded.data[:2])[0]
-    assert groups > 1  # channels of different scales are modelled apart
+    assert encoded.params == {"version": 2} and header(encoded.data)["version"] == 2
+    assert header(encoded.data)["codes"] > 1  # channels of different scales are modelled apart
     assert len(encoded.data) < t.numel() * t.element_size()
     assert len(encoded.data) < len(codec.encode(t, "zstd").data)
     assert_bit_equal(codec.decode(encoded), t)
@@ -102,9 +138,13 @@ def test_kv_like_tensors_cluster_shrink_and_round_trip(dtype):
 
 def test_cluster_separates_channels_of_different_distributions():
     rng = np.random.default_rng(0)
-    top = np.concatenate([rng.integers(100, 104, (8, 4096)), rng.integers(120, 124, (8, 4096))]).astype(np.uint8)
-    labels = cluster(top[rng.permutation(16)])
+    hist = np.zeros((16, 32))
+    for c in range(16):
+        np.add.at(hist[c], rng.integers(0, 4, 4096) + (0 if c < 8 else 20), 1)
+    order = rng.permutation(16)
+    labels = cluster(hist[order], 16)
     assert len(set(labels.tolist())) == 2
+    assert len(set(labels[order < 8].tolist())) == 1
 
 
 def test_float32_holding_bfloat16_values_shrinks_far_more():
@@ -112,6 +152,7 @@ def test_float32_holding_bfloat16_values_shrinks_far_more():
     full = kv_like(torch.float32)
     size = lambda t: len(codec.encode(t, "kvmart").data)  # noqa: E731
     assert size(upcast) < 0.6 * size(full)
+    assert header(codec.encode(upcast, "kvmart").data)["zero_bits"] == 16  # the low half is zero: not stored
 
 
 def test_decode_into_a_preallocated_tensor():
@@ -140,7 +181,7 @@ def test_unsupported_dtype_is_refused():
         codec.encode(torch.arange(4), "kvmart")
 
 
-@pytest.mark.parametrize("spec", ["lzma", "zstd:0", "zstd:23", "raw:3", "kvmart:x", ""])
+@pytest.mark.parametrize("spec", ["lzma", "zstd:0", "zstd:23", "raw:3", "kvmart:x", "kvmart:3", ""])
 def test_unknown_codec_spec_is_refused_listing_the_known(spec):
     with pytest.raises(ConfigError, match="raw"):
         codec.parse_spec(spec)
@@ -173,18 +214,43 @@ def test_trailing_bytes_are_refused(spec):
 
 def test_malformed_params_are_refused():
     encoded = codec.encode(kv_like(torch.bfloat16, tokens=16), "kvmart")
-    for params in ({}, {"rotate": True, "level": 3}, {"level": 3, "extra": 1}):
+    for params in ({}, {"rotate": True, "level": 3}, {"version": 2, "extra": 1}, {"version": 3}):
         with pytest.raises(CodecError, match="params"):
             codec.decode(codec.Encoded("kvmart", params, encoded.dtype, encoded.shape, encoded.data))
 
 
+def test_a_newer_format_is_refused_saying_so():
+    data = bytearray(codec.encode(kv_like(torch.bfloat16, tokens=16), "kvmart").data)
+    data[0] = 3
+    with pytest.raises(CodecError, match="format 3 is not supported"):
+        codec.decode(codec.Encoded("kvmart", {"version": 2}, "bfloat16", (1, 4, 16, 64), bytes(data)))
+
+
 def test_cluster_labels_out_of_range_are_refused():
-    encoded = codec.encode(kv_like(torch.bfloat16), "kvmart")
-    groups = struct.unpack("<H", encoded.data[:2])[0]
+    t = kv_like(torch.bfloat16)
+    encoded = codec.encode(t, "kvmart")
+    fields = header(encoded.data)
     data = bytearray(encoded.data)
-    data[2] = groups  # a channel in a cluster that does not exist
-    with pytest.raises(CodecError):
+    data[huffman.HEADER.size + 2 * fields["symbols"]] = fields["codes"]  # a channel with a code that does not exist
+    with pytest.raises(CodecError, match="out of range"):
         codec.decode(codec.Encoded("kvmart", encoded.params, encoded.dtype, encoded.shape, bytes(data)))
+
+
+def test_every_single_bit_flip_of_the_header_is_refused():
+    """The fixed header's every field is checked against the shape and the sizes of what follows, so no flip of it
+    decodes to other numbers: it is refused, or changes nothing (a table_log that still covers every code). A flip
+    in the tables, planes or streams may decode to other numbers: the checksums refuse those (see
+    test_packed_corruption_anywhere_is_refused)."""
+    t = kv_like(torch.bfloat16, tokens=32, heads=2, head_dim=16)
+    encoded = codec.encode(t, "kvmart")
+    for position in range(huffman.HEADER.size):
+        for bit in range(8):
+            data = bytearray(encoded.data)
+            data[position] ^= 1 << bit
+            with contextlib.suppress(CodecError):
+                out = codec.decode(codec.Encoded("kvmart", encoded.params, encoded.dtype, encoded.shape, bytes(data)))
+                assert position == 3, f"byte {position} bit {bit} of the header was not refused"
+                assert_bit_equal(out, t)
 
 
 @pytest.mark.parametrize("spec", ["raw", "zstd", "kvmart"])
@@ -202,6 +268,7 @@ def test_packed_corruption_anywhere_is_refused(spec):
 
 
 SMALL_ENCODED = codec.encode(kv_like(torch.bfloat16, tokens=16, heads=2, head_dim=8), "kvmart").data
+SMALL_FLOAT32 = codec.encode(kv_like(torch.float32, tokens=16, heads=2, head_dim=8), "kvmart").data
 
 
 @settings(max_examples=200, deadline=None)
@@ -211,12 +278,38 @@ def test_garbage_never_escapes_as_anything_but_codec_error(data: bytes, flips: l
     CodecError or decodes something (a flip it cannot detect: what checksums are for), never crashes or reads out of
     bounds."""
     shape = (1, 2, 16, 8)
-    real = bytearray(SMALL_ENCODED)
-    for position in flips:
-        real[position % len(real)] ^= 0xFF
-    for blob in (data, bytes(real)):
-        with contextlib.suppress(CodecError):
-            codec.decode(codec.Encoded("kvmart", {"level": 3}, "bfloat16", shape, blob))
+    for dtype, encoded in (("bfloat16", SMALL_ENCODED), ("float32", SMALL_FLOAT32)):
+        real = bytearray(encoded)
+        for position in flips:
+            real[position % len(real)] ^= 0xFF
+        for blob in (data, bytes(real), bytes(data[:1]) + bytes(real[1:])):
+            for params in ({"version": 2}, {"level": 3}):  # format 2 and format 1's decoder
+                with contextlib.suppress(CodecError):
+                    codec.decode(codec.Encoded("kvmart", params, dtype, shape, blob))
+
+
+LEGACY = json.loads((Path(__file__).parent / "data" / "codec_v1.json").read_text())["tensors"]
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY))
+def test_format_1_tensors_written_by_kvmart_0_1_still_decode(name: str):
+    """Tensors encoded by kvmart 0.1's own codec (fixtures made by its encoder) decode bit for bit."""
+    case = LEGACY[name]
+    encoded = codec.Encoded("kvmart", case["params"], case["dtype"], tuple(case["shape"]),
+                            base64.b64decode(case["encoded"]))
+    assert case["params"].keys() == {"level"}
+    out = codec.decode(encoded)
+    assert bytes(codec.raw.byte_view(out)) == base64.b64decode(case["raw"])
+
+
+def test_a_corrupt_format_1_tensor_is_refused():
+    case = LEGACY["bf16_clusters"]
+    data = bytearray(base64.b64decode(case["encoded"]))
+    data[len(data) // 3] ^= 0x10
+    with pytest.raises(CodecError):
+        out = codec.decode(codec.Encoded("kvmart", case["params"], case["dtype"], tuple(case["shape"]), bytes(data)))
+        if bytes(codec.raw.byte_view(out)) != base64.b64decode(case["raw"]):
+            raise CodecError("decoded to other numbers (what the checksums are for)")
 
 
 def test_settings_codec_is_validated(tmp_path):

@@ -179,6 +179,36 @@ def test_cost_prints_the_paper_table():
         assert text in result.output
 
 
+def test_cost_defaults_are_a_roofline_estimate_and_say_so():
+    """The defaults do not reproduce the paper's measured 49.7x: the table, its title, the JSON and --help say they
+    are an analytic (roofline) estimate."""
+    result = run("--reads", "80e6")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "104.7x" in flat and "$14,494" in flat and "49.7x" not in flat
+    assert "times: roofline estimate" in flat
+    data = json.loads(run("--reads", "80e6", "--json").output)
+    assert data["seconds"]["source"].startswith("analytic")
+    help_text = " ".join(run("--help").output.split())
+    assert "roofline estimate" in help_text and "--preset paper" in help_text and "reproduce" not in help_text
+
+
+def test_cost_preset_paper_prices_the_papers_measured_times():
+    result = run("--preset", "paper", "--reads", "80e6")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "49.7x" in flat and "$30,258" in flat and "$1.50M" in flat and "times: taken from the paper" in flat
+    data = json.loads(run("--preset", "paper", "--reads", "80e6", "--json").output)
+    assert (data["seconds"]["prefill"], data["seconds"]["reuse"]) == (14.71, 0.296)
+    assert data["seconds"]["source"].startswith("taken from the paper")
+    assert rel(Decimal(data["fleet_usd"]["reuse_hosted"]), 0.03e6) < 0.01
+    short = json.loads(run("--preset", "paper", "--tokens", "255", "--json").output)
+    assert short["speedup"] == pytest.approx(8.6, abs=0.05)
+    for args in (("--tokens", "1000"), ("--model", "Qwen3-8B"), ("--prefill-seconds", "1", "--reuse-seconds", "0.1")):
+        refused = run("--preset", "paper", *args)
+        assert refused.exit_code == 2, (args, refused.output)
+
+
 def test_cost_json():
     result = run("--model", "Qwen3-4B", "--reads", "80e6", "--json")
     assert result.exit_code == 0, result.output
@@ -228,6 +258,6 @@ def test_formula_agrees_with_the_loaded_model_and_its_artifact(model_f32, model_
     tiny = ec.lookup_shape("builtin:tiny")
     assert ec.kv_bytes_per_token(tiny, "float32") == model_f32.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
     assert ec.kv_bytes_per_token(tiny, "bfloat16") == model_bf16.kv_bytes_per_token
-    entry = core.precompute_ids(model_f32, MemoryStore(), list(range(40))).entry
-    header = entry.artifact_bytes - ec.artifact_bytes(tiny, 40, "float32")
+    entry = core.precompute_ids(model_f32, MemoryStore(), list(range(40))).entry  # one chunk
+    header = entry.kv_bytes - ec.artifact_bytes(tiny, 40, "float32")
     assert 0 < header < 4096  # the manifest: token ids, checksums, shapes

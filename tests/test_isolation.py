@@ -11,8 +11,8 @@ from server_support import LiveServer
 
 from kvmart.errors import ArtifactError
 from kvmart.reuse import core
+from kvmart.reuse.catalog import first_chunk_key
 from kvmart.reuse.samples import sample_text
-from kvmart.runtime.chat import document_ids, layout_for
 
 SECRET = "Tenant A's merger plan, strictly private.\n\n" + sample_text("bsd-3-clause")
 DECOY = "Tenant C's unrelated notes, never published.\n\n" + sample_text("bsd-3-clause")
@@ -20,7 +20,7 @@ DECOY = "Tenant C's unrelated notes, never published.\n\n" + sample_text("bsd-3-
 
 @pytest.fixture(scope="module")
 def live(model_f32, tmp_path_factory):
-    with LiveServer(model_f32, tmp_path_factory.mktemp("isolation"), min_prefix_tokens=8) as server:
+    with LiveServer(model_f32, tmp_path_factory.mktemp("isolation")) as server:
         yield server
 
 
@@ -33,20 +33,21 @@ def ask(live, key: str, content: str) -> dict:
 
 
 def test_another_tenants_private_prefix_is_never_a_candidate(live):
-    owner, other = live.account("owner", "publisher"), live.account("other-tenant", "agent")
+    owner = live.account("owner", "publisher")
     doc = live.publish(SECRET, key=owner, licence="private").json()
     prefix = SECRET[:200]  # a guessed prefix, as an attacker probing for a hit would send
-    for content in (SECRET + "\n\nSummarize.", prefix):
-        probing = ask(live, other, content)
+    for n, content in enumerate((SECRET + "\n\nSummarize.", prefix)):
+        prober = live.account(f"other-tenant-{n}", "agent")  # a first request: no prefix of its own cached yet
+        probing = ask(live, prober, content)
         assert probing["cached_tokens"] == 0 and probing["document"] is None and probing["cache"] == "none"
-    baseline = ask(live, other, DECOY + "\n\nSummarize.")  # never published: the same path, the same work
+    baseline = ask(live, live.account("decoy-tenant", "agent"), DECOY + "\n\nSummarize.")  # the same path, work
     assert (baseline["cache"], baseline["cached_tokens"]) == ("none", 0)
-    owners = ask(live, owner, SECRET + "\n\nSummarize.")
-    assert owners["document"] == doc["id"] and owners["cached_tokens"] > 0
-    services = live.services
-    readable = services.ledger.readable(services.ledger.account("other-tenant"))
-    ids = document_ids(services.model.tokenize, layout_for(services.model.tokenizer), SECRET)
-    assert services.catalog.longest_prefix(ids + [5], 1, readable) is None  # not even considered
+    named = live.http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {owner}"}, json={
+        "model": "builtin:tiny", "messages": [{"role": "user", "content": "Summarize."}], "max_tokens": 2,
+        "temperature": 0, "documents": [doc["id"]]}).json()["usage"]["kvmart"]
+    assert named["document"] == doc["id"] and named["cached_tokens"] == doc["num_tokens"]  # its readers name it
+    document = live.services.catalog.get(doc["id"])
+    assert first_chunk_key(live.services.model.fingerprint.digest, document) is None  # not indexed for pasting
 
 
 def test_the_salt_is_the_servers_never_the_clients(live):
@@ -73,11 +74,21 @@ def test_a_private_artifact_cannot_be_read_without_its_tenants_salt(live, model_
             core.load(model_f32, store, first["cache_id"], wrong)
 
 
-def test_the_engine_refuses_to_match_private_documents_it_is_not_given(live):
+def test_the_planner_refuses_private_documents_it_is_not_given(live):
+    """Named by another tenant, a private document is the same 404 as a missing one; pasted, it is never matched,
+    for anyone: it is only ever read when named by an account that may read it."""
+    from kvmart.errors import UnknownDocumentError
+    from kvmart.reuse.prompt import ChatMessage, ChatPrompt
+    from kvmart.server.pipeline.plan import Caller, GenerationRequest, Sampling
+
     owner = live.account("engine-owner", "publisher")
     text = "Engine-level secret.\n\n" + SECRET
-    live.publish(text, key=owner, licence="private")
-    services = live.services
-    ids = document_ids(services.model.tokenize, layout_for(services.model.tokenizer), text) + [5, 6]
-    assert services.engine.match(ids, [], frozenset()) is None
-    assert services.engine.match(ids, [], None) is not None  # the admin (None: all) sees it: the filter hides it
+    doc = live.publish(text, key=owner, licence="private").json()
+    planner = live.services.planner
+    named = GenerationRequest(ChatPrompt((ChatMessage("user", "Q?"),), (doc["id"],)), Sampling(max_tokens=1))
+    with pytest.raises(UnknownDocumentError):
+        planner.plan(named, Caller(None, frozenset(), "stranger-salt"))
+    assert planner.plan(named, Caller(None, frozenset({doc["cache_id"]}), "owner-salt")).documents[0].id == doc["id"]
+    pasted = GenerationRequest(ChatPrompt((ChatMessage("user", text + "\n\nQ?"),)), Sampling(max_tokens=1))
+    for readable in (frozenset(), frozenset({doc["cache_id"]}), None):
+        assert planner.plan(pasted, Caller(None, readable, "any-salt")).documents == ()

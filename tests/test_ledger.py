@@ -320,7 +320,7 @@ def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path
     old.deposit("kept", Decimal(1))
     old.open_hold(old.account("kept"), 5, None, "h")
     old.run(lambda conn: responses.drop(conn))  # as a ledger made before 0002 was
-    for ddl in ("DROP INDEX ix_holds_node", "ALTER TABLE holds DROP COLUMN node",  # and before 0006
+    for ddl in ("DROP INDEX ix_holds_node", "ALTER TABLE holds DROP COLUMN node",  # and before 0007
                 "ALTER TABLE holds DROP COLUMN expires_at"):
         old.run(lambda conn, ddl=ddl: conn.execute(text(ddl)))
     old.run(lambda conn: conn.execute(delete(schema_migrations).where(schema_migrations.c.name != "0001_initial")))
@@ -333,7 +333,8 @@ def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path
     assert hold.node == "" and hold.expires_at == hold.created_at + 3600  # an old hold keeps the hour it had
     names = new.read(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
     assert sorted(names) == ["0001_initial", "0002_stored_responses", "0003_receipt_keys", "0004_ownership",
-                            "0005_uploads", "0006_hold_leases", "0007_pending_publications"]
+                            "0005_uploads", "0006_charge_reads", "0007_hold_leases",
+                            "0008_pending_publications"]
     new.close()
 
 

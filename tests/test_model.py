@@ -1,7 +1,8 @@
 """The model adapter's exactness contract, on the seeded tiny model in float32 and bfloat16.
 
-Claim 1 (asserted, both dtypes): continuing from a stored-and-reloaded artifact is bit-identical to a from-scratch
-two-step run (prefill the document, then continue with the question): logits, KV and greedy generation.
+Claim 1 (asserted, both dtypes): continuing from a stored-and-reloaded document (its chunks) is bit-identical to a
+from-scratch run of the same steps (prefill the document chunk by chunk, then continue with the question): logits,
+KV and greedy generation.
 Claim 2 (asserted in float32 only): greedy tokens agree with a single-pass prefill of document + question. In
 bfloat16 the agreement is measured and recorded, never asserted."""
 
@@ -29,10 +30,15 @@ QUESTIONS = (
 )
 GREEDY_TOKENS = 24
 ROOM_TOKENS = 128  # room left after the document for a question and the generated tokens
+CHUNK = 256  # Settings.chunk_tokens' default: documents are stored in chunks of this size
 
 
 def clone(kv: KV) -> KV:
     return KV(tuple(t.clone() for t in kv.keys), tuple(t.clone() for t in kv.values))
+
+
+def clone_prefix(prefix: tuple[KV, ...]) -> tuple[KV, ...]:
+    return tuple(clone(kv) for kv in prefix)
 
 
 def assert_kv_equal(a: KV, b: KV) -> None:
@@ -41,6 +47,16 @@ def assert_kv_equal(a: KV, b: KV) -> None:
     for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values), strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert torch.equal(x, y)
+
+
+def assert_prefix_equal(a: tuple[KV, ...], b: tuple[KV, ...]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert_kv_equal(x, y)
+
+
+def pieces(ids: list[int], chunk_tokens: int = CHUNK) -> list[list[int]]:
+    return [ids[s:s + chunk_tokens] for s in range(0, len(ids), chunk_tokens)]
 
 
 def fitting_text(model: Model, name: str) -> str:
@@ -53,7 +69,7 @@ def fitting_text(model: Model, name: str) -> str:
 
 
 class Prepared:
-    """One document for one dtype: its ids, the KV reloaded from a disk store, and a fresh prefill."""
+    """One document for one dtype: its ids, its chunks reloaded from a disk store, and a fresh chunked prefill."""
 
     def __init__(self, model: Model, store: DiskStore, name: str) -> None:
         text = fitting_text(model, name)
@@ -62,7 +78,7 @@ class Prepared:
         stored = core.precompute(model, store, text, title=name)
         assert stored.is_new and stored.entry.num_tokens == len(self.doc_ids)
         self.loaded = core.load(model, store, stored.entry.cache_id)
-        self.fresh = model.prefill(self.doc_ids)
+        self.fresh = model.prefill_pieces(pieces(self.doc_ids))
 
     def question(self, q: str) -> list[int]:
         return question_ids(self.model.tokenize, layout_for(self.model.tokenizer), q)
@@ -87,10 +103,11 @@ def prepare(load_tiny, tmp_path_factory):
 def test_reloaded_artifact_equals_fresh_prefill(prepare, dtype, doc):
     p = prepare(dtype, doc)
     assert p.loaded.token_ids == p.doc_ids
-    assert p.loaded.kv.num_tokens == len(p.doc_ids) > 400
-    assert p.loaded.kv.dtype == p.model.dtype
-    assert p.loaded.kv.keys[0].shape == (1, p.model.kv_heads, len(p.doc_ids), p.model.head_dim)
-    assert_kv_equal(p.loaded.kv, p.fresh)
+    assert p.loaded.num_tokens == len(p.doc_ids) > 400 and len(p.loaded.prefix) == len(pieces(p.doc_ids)) > 1
+    assert all(kv.dtype == p.model.dtype for kv in p.loaded.prefix)
+    assert [kv.keys[0].shape for kv in p.loaded.prefix] == [(1, p.model.kv_heads, len(c), p.model.head_dim)
+                                                            for c in pieces(p.doc_ids)]
+    assert_prefix_equal(p.loaded.prefix, p.fresh)
 
 
 @pytest.mark.parametrize("question", QUESTIONS, ids=["q0", "q1", "q2"])
@@ -99,15 +116,15 @@ def test_reloaded_artifact_equals_fresh_prefill(prepare, dtype, doc):
 def test_continue_from_artifact_is_bit_exact(prepare, dtype, doc, question):
     p = prepare(dtype, doc)
     q = p.question(question)
-    before = clone(p.loaded.kv)
-    reused = p.model.continue_from(p.loaded.kv, q, all_logits=True)
-    two_step = p.model.continue_from(p.model.prefill(p.doc_ids), q, all_logits=True)
+    before = clone_prefix(p.loaded.prefix)
+    reused = p.model.continue_from(p.loaded.prefix, q, all_logits=True)
+    two_step = p.model.continue_from(p.model.prefill_pieces(pieces(p.doc_ids)), q, all_logits=True)
 
     assert reused.logits.shape == (len(q), p.model.hf_model.config.vocab_size)
     assert torch.equal(reused.logits, two_step.logits)
     assert reused.kv.num_tokens == len(p.doc_ids) + len(q)
     assert_kv_equal(reused.kv, two_step.kv)
-    assert_kv_equal(p.loaded.kv, before)  # the KV passed in is never modified
+    assert_prefix_equal(p.loaded.prefix, before)  # the KV passed in is never modified
 
 
 @pytest.mark.parametrize("question", QUESTIONS, ids=["q0", "q1", "q2"])
@@ -116,8 +133,8 @@ def test_continue_from_artifact_is_bit_exact(prepare, dtype, doc, question):
 def test_greedy_generation(prepare, record_agreement, dtype, doc, question):
     p = prepare(dtype, doc)
     q = p.question(question)
-    before = clone(p.loaded.kv)
-    reused = p.model.generate(p.loaded.kv, q, GREEDY_TOKENS)
+    before = clone_prefix(p.loaded.prefix)
+    reused = p.model.generate(p.loaded.prefix, q, GREEDY_TOKENS)
     two_step = p.model.generate(p.fresh, q, GREEDY_TOKENS)
     single = p.model.generate(None, p.doc_ids + q, GREEDY_TOKENS)
 
@@ -125,7 +142,7 @@ def test_greedy_generation(prepare, record_agreement, dtype, doc, question):
     assert reused.token_ids == two_step.token_ids
     assert len(reused.logits) == len(two_step.logits) == GREEDY_TOKENS
     assert all(torch.equal(a, b) for a, b in zip(reused.logits, two_step.logits, strict=True))
-    assert_kv_equal(p.loaded.kv, before)
+    assert_prefix_equal(p.loaded.prefix, before)
 
     matching = next((i for i, (a, b) in enumerate(zip(reused.token_ids, single.token_ids, strict=True)) if a != b), GREEDY_TOKENS)
     if dtype == "float32":
@@ -139,29 +156,33 @@ def test_exactness_checks_are_sensitive(prepare):
     """A control: one ulp of change in one stored key changes the logits, so the equalities above can fail."""
     p = prepare("float32", "bsd-3-clause")
     q = p.question(QUESTIONS[0])
-    keys = list(clone(p.loaded.kv).keys)
+    first = p.loaded.prefix[0]
+    keys = list(clone(first).keys)
     keys[0][0, 0, 5, 3] = torch.nextafter(keys[0][0, 0, 5, 3], torch.tensor(float("inf")))
-    nudged = KV(tuple(keys), p.loaded.kv.values)
-    assert not torch.equal(p.model.continue_from(nudged, q).logits, p.model.continue_from(p.loaded.kv, q).logits)
+    nudged = (KV(tuple(keys), first.values), *p.loaded.prefix[1:])
+    reused = p.model.continue_from(p.loaded.prefix, q).logits
+    assert not torch.equal(p.model.continue_from(nudged, q).logits, reused)
     other = p.question(QUESTIONS[1])
-    assert not torch.equal(p.model.continue_from(p.loaded.kv, other).logits,
-                           p.model.continue_from(p.loaded.kv, q).logits)
+    assert not torch.equal(p.model.continue_from(p.loaded.prefix, other).logits, reused)
+    # and cutting the same tokens at other chunk boundaries is another computation: not bit-identical
+    merged = p.model.prefill_pieces(pieces(p.doc_ids, 2 * CHUNK))
+    assert not torch.equal(p.model.continue_from(merged, q).logits, reused)
 
 
 def test_greedy_text_is_not_degenerate(prepare):
     """The seeded weights are meant to give varied greedy text; a constant stream would make agreement trivial."""
     p = prepare("float32", "apache-2.0")
-    tokens = p.model.generate(p.loaded.kv, p.question(QUESTIONS[0]), GREEDY_TOKENS).token_ids
+    tokens = p.model.generate(p.loaded.prefix, p.question(QUESTIONS[0]), GREEDY_TOKENS).token_ids
     assert len(set(tokens)) >= GREEDY_TOKENS // 3
 
 
 def test_sampling_is_reproducible_and_differs_from_greedy(prepare):
     p = prepare("float32", "bsd-3-clause")
     q = p.question(QUESTIONS[0])
-    greedy = p.model.generate(p.loaded.kv, q, 16).token_ids
-    runs = {seed: p.model.generate(p.loaded.kv, q, 16, temperature=1.0, seed=seed).token_ids for seed in range(4)}
+    greedy = p.model.generate(p.loaded.prefix, q, 16).token_ids
+    runs = {seed: p.model.generate(p.loaded.prefix, q, 16, temperature=1.0, seed=seed).token_ids for seed in range(4)}
     for seed, tokens in runs.items():
-        assert p.model.generate(p.loaded.kv, q, 16, temperature=1.0, seed=seed).token_ids == tokens
+        assert p.model.generate(p.loaded.prefix, q, 16, temperature=1.0, seed=seed).token_ids == tokens
     assert any(tokens != greedy for tokens in runs.values())
     assert len({tuple(t) for t in runs.values()}) > 1  # the seed matters
 
@@ -169,8 +190,8 @@ def test_sampling_is_reproducible_and_differs_from_greedy(prepare):
 def test_tiny_top_p_keeps_only_the_top_token(prepare):
     p = prepare("float32", "bsd-3-clause")
     q = p.question(QUESTIONS[0])
-    greedy = p.model.generate(p.loaded.kv, q, 8).token_ids
-    assert p.model.generate(p.loaded.kv, q, 8, temperature=1.0, top_p=1e-6, seed=3).token_ids == greedy
+    greedy = p.model.generate(p.loaded.prefix, q, 8).token_ids
+    assert p.model.generate(p.loaded.prefix, q, 8, temperature=1.0, top_p=1e-6, seed=3).token_ids == greedy
 
 
 def test_prefill_reports_progress_up_to_done(model_f32):
@@ -207,21 +228,21 @@ def test_document_longer_than_context(model_f32, kvmart_data_dir: Path):
 
 def test_question_and_generation_overflow_after_cached_document(prepare):
     p = prepare("float32", "mpl-2.0")
-    model, kv = p.model, p.loaded.kv
+    model, kv, cached = p.model, p.loaded.prefix, p.loaded.num_tokens
     q = p.question(QUESTIONS[0])
-    room = model.context_tokens - kv.num_tokens - len(q)
+    room = model.context_tokens - cached - len(q)
     assert room > 0
 
     next(model.stream(kv, q, room))  # exactly full: allowed
     with pytest.raises(ContextOverflowError) as e:
         model.generate(kv, q, room + 5)
     assert e.value.over_tokens == 5
-    assert e.value.num_tokens == kv.num_tokens + len(q) + room + 5
+    assert e.value.num_tokens == cached + len(q) + room + 5
 
     long_q = q * (room // len(q) + 2)
     with pytest.raises(ContextOverflowError) as e:
         model.continue_from(kv, long_q)
-    assert e.value.over_tokens == kv.num_tokens + len(long_q) - model.context_tokens
+    assert e.value.over_tokens == cached + len(long_q) - model.context_tokens
 
 
 # -- the same claims on other configurations (one short document, to stay fast) ---------------------------------

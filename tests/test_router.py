@@ -44,3 +44,56 @@ def test_affinity_keys():
     for body in (b"", b"not json", b"[1, 2]", json.dumps({"documents": []}).encode(),
                  json.dumps({"documents": [3]}).encode()):
         assert affinity_key("POST", "/v1/chat/completions", body) is None
+
+
+def test_the_affinity_header_wins_over_the_body():
+    """A client's x-kvmart-document header is the key kvmart route hashes (as nginx does): two real upstreams, and
+    every request goes to the header's first node, whatever its body names."""
+    import threading
+
+    import httpx
+    import uvicorn
+    from infra_support import wait_for
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from kvmart.cluster.router import AFFINITY_HEADER, create_router
+
+    def serve(app) -> tuple[uvicorn.Server, str]:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        wait_for(lambda: server.started, "a test server to start")
+        return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    def upstream(name: str) -> Starlette:
+        async def answer(request):
+            return JSONResponse({"node": name})
+
+        return Starlette(routes=[Route("/{path:path}", answer, methods=["POST"])])
+
+    (a, url_a), (b, url_b) = serve(upstream("a")), serve(upstream("b"))
+    router, router_url = serve(create_router([url_a, url_b]))
+    try:
+        with httpx.Client(base_url=router_url, timeout=30) as client:
+            for i in range(12):
+                key, named = f"key-{i}", f"doc_{i % 3}"
+                response = client.post("/v1/chat/completions", json={"documents": [named]},
+                                       headers={AFFINITY_HEADER: key})
+                assert response.headers["x-kvmart-node"] == node_order(key, [url_a, url_b])[0]
+            without = client.post("/v1/chat/completions", json={"documents": ["doc_1"]})
+            assert without.headers["x-kvmart-node"] == node_order("doc_1", [url_a, url_b])[0]  # the body's key
+    finally:
+        for server in (a, b, router):
+            server.should_exit = True
+
+
+def test_the_nginx_configuration_in_docs_is_the_one_generated_and_tested():
+    """docs/SCALE.md shows `nginx_config` for three nodes verbatim; tests/test_cdn_validation.py runs it."""
+    from pathlib import Path
+
+    from kvmart.cluster.nginx import nginx_config
+
+    doc = (Path(__file__).parents[1] / "docs" / "SCALE.md").read_text()
+    generated = nginx_config([f"http://10.0.0.{i}:8000" for i in (1, 2, 3)], "80")
+    assert f"```nginx\n{generated}```" in doc

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from kvmart.errors import UnknownDocumentError
 from kvmart.reuse import core
 from kvmart.reuse.catalog import Catalog, common_prefix_tokens, document_id
-from kvmart.reuse.core import Loaded
 from kvmart.reuse.samples import sample_text
 from kvmart.runtime.kv import KV
 from kvmart.server.pipeline.hot import HotTier
-from kvmart.store import Entry, open_store
+from kvmart.store import open_store
 
 
 @pytest.mark.parametrize("a, b, expected", [([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2), ([1, 2], [2, 1], 0),
@@ -31,12 +32,46 @@ def test_catalogue_sees_what_the_cli_stored_and_forgets_what_it_removed(model_f3
     stored = core.precompute(model_f32, store, sample_text("bsd-3-clause")).entry
     doc_id = document_id(stored.cache_id)
     assert doc_id == "doc_" + stored.cache_id[:24]
-    found = catalog.get(doc_id)  # not known yet: get refreshes
-    assert found.token_list() == core.load(model_f32, store, stored.cache_id).token_ids
-    store.delete(stored.cache_id)
+    with pytest.raises(UnknownDocumentError):  # a request never makes the catalogue look: its refresh does
+        catalog.get(doc_id)
     catalog.refresh()
+    found = catalog.get(doc_id)
+    assert found.token_list() == core.load(model_f32, store, stored.cache_id).token_ids
+    assert [n for n, _ in found.chunks] == [256] * (found.num_tokens // 256) + [found.num_tokens % 256]
+    store.delete(stored.cache_id)
+    assert not catalog.still_stored(found)  # a deletion is seen at the document's next use
     with pytest.raises(UnknownDocumentError, match=doc_id):
         catalog.get(doc_id)
+
+
+def test_the_refresher_picks_up_documents_on_its_own(model_f32, store):
+    catalog = Catalog(store, model_f32.fingerprint.digest)
+    catalog.start_refresher(0.05)
+    try:
+        stored = core.precompute(model_f32, store, sample_text("bsd-3-clause")).entry
+        for _ in range(600):  # waits on the catalogue itself (a deadline against a hang, not a timing)
+            if catalog.documents():
+                break
+            time.sleep(0.05)
+        assert [d.cache_id for d in catalog.documents()] == [stored.cache_id]
+    finally:
+        catalog.stop_refresher()
+
+
+def test_a_pasted_document_is_found_by_its_first_chunk_in_whole_chunks(model_f32, store):
+    from kvmart.format.keys import chain_key
+
+    stored = core.precompute(model_f32, store, sample_text("bsd-3-clause")).entry
+    catalog = Catalog(store, model_f32.fingerprint.digest)
+    catalog.refresh()
+    (document,) = catalog.documents()
+    ids = document.token_list()
+    keys = {n: chain_key("", model_f32.fingerprint.digest, "", ids[:n]) for n in catalog.first_chunk_lengths()}
+    assert catalog.pasted_at_start(ids + [7, 8], keys) == [(document, len(ids))]
+    cut = ids[:300] + [7, 8]  # the first chunk whole, the second not
+    assert catalog.pasted_at_start(cut, keys) == [(document, 256)]
+    assert catalog.pasted_at_start([7, 8] + ids, keys) == []
+    assert document.cache_id == stored.cache_id
 
 
 def test_other_models_artifacts_are_not_listed(model_f32, store):
@@ -60,19 +95,18 @@ def test_longest_prefix_prefers_the_longest_match_then_the_shorter_document(mode
     assert catalog.longest_prefix([9, 9], 1) is None
 
 
-def loaded_of(cache_id: str, num_bytes: int) -> Loaded:
+def kv_of(num_bytes: int) -> KV:
     tensor = torch.zeros(num_bytes // 8, dtype=torch.float32)  # keys + values: num_bytes in all
-    entry = Entry(cache_id, "", "", "m", "f", 1, num_bytes, 0.0, 0.0)
-    return Loaded(entry, KV((tensor,), (tensor.clone(),)), [1], 0.0)
+    return KV((tensor,), (tensor.clone(),))
 
 
 def test_hot_tier_evicts_the_least_recently_used_within_its_budget():
     hot = HotTier(budget_bytes=1000)
     for name in "abc":
-        assert hot.put(loaded_of(name, 400))
+        assert hot.put(name, kv_of(400))
     assert "a" not in hot and "b" in hot and "c" in hot  # 3 x 400 > 1000: a went first
     assert hot.get("b") is not None  # b is now the most recently used
-    hot.put(loaded_of("d", 400))
+    hot.put("d", kv_of(400))
     assert "c" not in hot and "b" in hot and "d" in hot
     assert hot.get("a") is None
     stats = hot.stats()
@@ -81,10 +115,10 @@ def test_hot_tier_evicts_the_least_recently_used_within_its_budget():
 
 def test_hot_tier_never_keeps_what_cannot_fit_and_can_be_disabled():
     hot = HotTier(budget_bytes=1000)
-    assert not hot.put(loaded_of("huge", 1008))
+    assert not hot.put("huge", kv_of(1008))
     assert hot.stats().entries == 0
     disabled = HotTier(budget_bytes=0)
-    assert not disabled.put(loaded_of("a", 8))
-    hot.put(loaded_of("a", 400))
+    assert not disabled.put("a", kv_of(8))
+    hot.put("a", kv_of(400))
     hot.discard("a")
     assert hot.stats().bytes == 0 and "a" not in hot

@@ -24,7 +24,7 @@ BSD = sample_text("bsd-3-clause")
 
 @pytest.fixture(scope="module")
 def live(model_f32, tmp_path_factory):
-    with LiveServer(model_f32, tmp_path_factory.mktemp("serve-market"), min_prefix_tokens=16,
+    with LiveServer(model_f32, tmp_path_factory.mktemp("serve-market"),
                     claim_allow_loopback=True) as server:
         yield server
 

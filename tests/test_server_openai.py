@@ -16,7 +16,7 @@ QUESTION = "Who holds the copyright?"
 
 @pytest.fixture(scope="module")
 def live(model_f32, tmp_path_factory):
-    with LiveServer(model_f32, tmp_path_factory.mktemp("serve-openai"), min_prefix_tokens=16) as server:
+    with LiveServer(model_f32, tmp_path_factory.mktemp("serve-openai")) as server:
         yield server
 
 

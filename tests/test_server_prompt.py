@@ -6,11 +6,13 @@ import pytest
 
 from kvmart.errors import RequestError, UnsupportedParameterError
 from kvmart.reuse.prompt import (
+    DOCUMENTS_TURN,
     ChatMessage,
     ChatPrompt,
     TextPrompt,
     chat_message,
     chat_token_ids,
+    lay_out_chat,
     render_parts,
     text_token_ids,
 )
@@ -58,15 +60,31 @@ def test_a_document_published_with_the_requests_system_prompt_stays_a_prefix(mod
     assert ids_of(model_f32, prompt, [doc]) == doc + question_ids(model_f32.tokenize, layout, QUESTION)
 
 
-def test_another_system_prompt_still_reads_the_document_text(model_f32):
+def test_another_system_prompt_comes_after_the_documents_so_they_stay_a_prefix(model_f32):
+    """An agent framework's own system prompt must not cost the document's reuse: the documents come first, as a
+    user turn of their own, then the request's messages as the template renders them."""
     default = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), DOC)
+    messages = (ChatMessage("system", "Other."), ChatMessage("user", QUESTION))
+    laid = lay_out_chat(model_f32.tokenize, model_f32.tokenizer, ChatPrompt(messages, ("doc_x",)), [default],
+                        document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), ""))
+    assert laid.token_ids[:len(default)] == default and laid.documents == ((0, len(default)),)
+    assert laid.layout == DOCUMENTS_TURN
+    rest = model_f32.decode(laid.token_ids[len(default):])
+    assert rest == "\nsystem\nOther.\nuser\n" + QUESTION + "\nassistant\n"  # special tokens are not decoded
+    # segments start at each message's content: the system prompt is a segment of its own, reusable next time
+    starts = [a for a, _ in laid.spans()]
+    assert model_f32.decode(laid.token_ids[starts[1]:starts[2]]).startswith("Other.")
+    assert laid.boundaries[-1] == len(laid.token_ids)
+
+
+def test_segments_start_at_each_messages_content_so_a_next_turn_shares_them(model_f32):
+    first = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"))
+    second = first + (ChatMessage("assistant", "Hello!"), ChatMessage("user", QUESTION))
     header = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), "")
-    prompt = ChatPrompt((ChatMessage("system", "Other."), ChatMessage("user", QUESTION)), ("doc_x",))
-    ids = ids_of(model_f32, prompt, [default])
-    text_ids = default[len(header):]
-    assert ids[:len(default)] != default  # no longer a prefix: the system turn comes first
-    start = next(i for i in range(len(ids)) if ids[i:i + len(text_ids)] == text_ids)
-    assert model_f32.decode(ids[:start]).endswith("Other.\nuser\n")
+    a, b = (lay_out_chat(model_f32.tokenize, model_f32.tokenizer, ChatPrompt(m), [], header) for m in (first, second))
+    segments = [a.token_ids[s:e] for s, e in a.spans()]
+    assert segments == [b.token_ids[s:e] for s, e in b.spans()][:len(segments)]  # every segment of turn 1 reused
+    assert b.token_ids[:len(a.token_ids)] == a.token_ids
 
 
 def test_several_documents_are_separated_by_blank_lines(model_f32):
@@ -101,3 +119,19 @@ def test_completion_prompt_is_the_document_ids_then_the_prompt(model_f32):
         text_token_ids(model_f32.tokenize, TextPrompt(token_ids=(vocab,)), [], vocab)
     with pytest.raises(RequestError, match="empty"):
         text_token_ids(model_f32.tokenize, TextPrompt(""), [], vocab)
+
+
+def test_an_explicit_cache_point_cuts_a_message_into_segments_there(model_f32):
+    """Anthropic's cache_control on a content block: the content is tokenized in pieces cut at the block's end, and a
+    segment ends there, so the chunk ending at the marker is stored whatever follows it."""
+    header = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), "")
+    long_context = "Background: " + "the licence terms. " * 20
+    marked = ChatMessage("user", long_context + "\nWhat is this?", (len(long_context),))
+    laid = lay_out_chat(model_f32.tokenize, model_f32.tokenizer, ChatPrompt((marked,)), [], header)
+    plain = lay_out_chat(model_f32.tokenize, model_f32.tokenizer, ChatPrompt((ChatMessage("user", marked.content),)),
+                         [], header)
+    cut = next(b for b in laid.boundaries if b not in plain.boundaries)
+    assert model_f32.decode(laid.token_ids[:cut]).endswith(long_context)
+    other = ChatMessage("user", long_context + "\nSomething else entirely?", (len(long_context),))
+    again = lay_out_chat(model_f32.tokenize, model_f32.tokenizer, ChatPrompt((other,)), [], header)
+    assert again.token_ids[:cut] == laid.token_ids[:cut] and cut in again.boundaries

@@ -5,6 +5,7 @@ with ArtifactError and never used. With no key, unsigned artifacts are read as b
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -92,7 +93,7 @@ def test_signed_artifact_round_trips_between_nodes(model_f32, shared_url, tmp_pa
     made = core.precompute_ids(model_f32, node(shared_url, tmp_path / "a"), ids, codec="kvmart")
     other = node(shared_url, tmp_path / "b")  # an empty disk: the artifact comes from the shared tier
     loaded = core.load(model_f32, other, made.entry.cache_id)
-    assert other.tiers[1].hits == 1
+    assert other.tiers[1].hits == 2  # the document's index and its one chunk
     expected = model_f32.prefill(ids)
     assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), expected.tensors().values(), strict=True))
 
@@ -139,13 +140,17 @@ def test_local_disk_artifacts_are_not_checked(model_f32, tmp_path, monkeypatch):
     assert loaded.kv.num_tokens == len(ids)
 
 
-def test_the_engine_recomputes_a_document_whose_shared_artifact_is_forged(model_f32, kvmart_data_dir, redis_server,
-                                                                           tmp_path, monkeypatch):
-    """A node that lost its own copy finds a forgery in the shared tier: it is refused, the document recomputed from
-    its token ids (the same KV a fresh prefill gives, bit for bit) and the node's disk gets the genuine artifact."""
+def test_the_pipeline_recomputes_a_chunk_whose_shared_artifact_is_forged(model_f32, kvmart_data_dir, redis_server,
+                                                                          tmp_path, monkeypatch):
+    """A node that lost its own copy of a document's chunk finds a forgery in the shared tier: it is refused, the
+    chunk recomputed from its token ids (the same KV a fresh prefill gives, bit for bit), the answer what a
+    from-scratch run gives, and the node's store gets the genuine chunk back."""
     from kvmart.config import Settings
-    from kvmart.reuse.catalog import Match
+    from kvmart.reuse.prompt import ChatMessage, ChatPrompt
+    from kvmart.runtime.chat import document_ids, layout_for
     from kvmart.server.config import ServerSettings
+    from kvmart.server.pipeline.engine import Computed, PublishJob
+    from kvmart.server.pipeline.plan import Caller, GenerationRequest, Sampling
     from kvmart.server.pipeline.services import build_services
 
     url = f"{redis_server.url}?prefix=sign{next(_counter)}"
@@ -153,18 +158,33 @@ def test_the_engine_recomputes_a_document_whose_shared_artifact_is_forged(model_
     store = node(url, tmp_path / "node")
     services = build_services(Settings(data_dir=kvmart_data_dir, model=model_f32.spec),
                               ServerSettings(ram_cache_bytes=0), model_f32, store=store)
-    (published,) = services.engine.publish(TEXT, "doc", "", None)
-    doc, ids = published.document, published.document.token_list()
+    ids = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), TEXT)
+    (published,) = services.engine.publish(PublishJob(ids, "doc", ""), "raw")
+    doc = services.engine.register(published)
+    ((n, key),) = doc.chunks
     for tier in store.tiers:
-        tier.store.delete(doc.cache_id)
+        tier.store.delete(key)
     monkeypatch.delenv("KVMART_SIGNING_KEY")
-    assert plant(open_shared(url), model_f32, ids, forged(model_f32, ids)) == doc.cache_id
+    forgery = io.BytesIO()
+    encode_artifact(model_f32.prefill([(t + 1) % model_f32.vocab_size for t in ids]), ids, model_f32.fingerprint,
+                    codec="raw", cache_id=key).write(forgery)
+    open_shared(url).put(Entry(cache_id=key, title="forged", source="", model="", fingerprint=model_f32.fingerprint.digest,
+                               num_tokens=n, artifact_bytes=0, prefill_seconds=0.0, created_at=time.time(),
+                               kind="chunk"), lambda f: f.write(forgery.getvalue()))
     monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
-    kv, reuse = services.engine.acquire(Match(doc, len(ids)), False)
-    assert reuse.tier == "recomputed"
-    expected = model_f32.prefill(ids)
-    assert all(torch.equal(a, b) for a, b in zip(kv.tensors().values(), expected.tensors().values(), strict=True))
-    assert core.load(model_f32, DiskStore(tmp_path / "node"), doc.cache_id).entry.cache_id == doc.cache_id
+    request = GenerationRequest(ChatPrompt((ChatMessage("user", "Q?"),), (doc.id,)), Sampling(max_tokens=4,
+                                                                                              temperature=0.0))
+
+    def answer(bypass: bool) -> list:
+        plan = services.planner.plan(dataclasses.replace(request, bypass=bypass), Caller(None, None, "s"))
+        loaded = services.loader.load(plan)
+        return [loaded.num_tokens] + [e for e in services.engine.execute(plan, loaded) if not isinstance(e, Computed)]
+
+    cached, fresh = answer(False), answer(True)
+    assert cached[0] == 0 and cached[1:] == fresh[1:]  # the forged chunk was refused, not read
+    services.engine.close()
+    stored = core.load(model_f32, DiskStore(tmp_path / "node"), doc.cache_id)
+    assert stored.kv.equal(model_f32.prefill(ids))
 
 
 # -- the signature binds an artifact to its cache id and entry; a loader checks the id it asked for ----------------

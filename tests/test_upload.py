@@ -56,7 +56,8 @@ def test_an_honest_upload_verifies_every_chunk(model_f32):
     ids = ids_of(model_f32, BSD)
     verified = verify_upload(model_f32, compute_upload(model_f32, ids, CHUNK), ids, CHUNK)
     assert verified.chunks == -(-len(ids) // CHUNK) > 2 and verified.checked == tuple(range(verified.chunks))
-    assert all(torch.equal(a, b) for a, b in zip(verified.kv.keys, upload_prefill(model_f32, ids, CHUNK).keys, strict=True))
+    whole = KV.concat(list(verified.pieces))
+    assert all(torch.equal(a, b) for a, b in zip(whole.keys, upload_prefill(model_f32, ids, CHUNK).keys, strict=True))
 
 
 @pytest.mark.parametrize("model_name", ["model_f32", "model_bf16"])
@@ -99,7 +100,7 @@ def test_the_sample_always_holds_chunk_0_and_the_asked_share():
 
 @pytest.fixture
 def live(model_f32, tmp_path):
-    with LiveServer(model_f32, tmp_path / "data", upload_chunk_tokens=CHUNK) as server:
+    with LiveServer(model_f32, tmp_path / "data", chunk_tokens=CHUNK) as server:
         yield server
 
 

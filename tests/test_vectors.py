@@ -24,7 +24,7 @@ from kvmart.format.keys import cache_id, chunk_keys
 from kvmart.runtime.fingerprint import ModelFingerprint
 
 VECTORS = Path(__file__).parent / "vectors"
-CASES = sorted(p.stem for p in VECTORS.glob("*.json") if p.name != "model.json")
+CASES = sorted(p.stem for p in VECTORS.glob("*.json") if p.name != "model.json" and not p.name.endswith(".chain.json"))
 
 
 def load_reader():
@@ -124,3 +124,19 @@ def test_floats_are_written_as_the_spec_says():
                         (math.pi, "3.141592653589793")):
         assert reader.spaced_float(value) == text == json.dumps(value)
     assert np.dtype("<u2") == reader.NUMPY_DTYPES["bfloat16"]
+
+
+def test_the_independent_reader_follows_a_documents_chunk_chain():
+    """A document stored as a chunk chain (docs/FORMAT.md "What is stored"): the reader checks the index (its cache id,
+    and its chunk keys chained over its token ids), then each chunk under the key it derived, and kvmart's own
+    loader gives the same tensors, bit for bit."""
+    expected = json.loads((VECTORS / "chain.chain.json").read_text())
+    index = reader.read(VECTORS / expected["index"], expected["salt"])
+    assert index.manifest["cache_id"] == expected["cache_id"] and index.tensors == {}
+    assert [k for _, k in index.manifest["chunks"]] == [c["key"] for c in expected["chunks"]]
+    assert len(expected["chunks"]) == 2 and [len(c["token_ids"]) for c in expected["chunks"]] == [8, 3]
+    for chunk in expected["chunks"]:
+        read = reader.read(VECTORS / chunk["artifact"], expected["salt"], expected_key=chunk["key"])
+        assert read.manifest["token_ids"] == chunk["token_ids"] and len(read.tensors) == 2 * read.manifest["num_layers"]
+        with pytest.raises(reader.FormatError, match="key its reader derived"):
+            reader.read(VECTORS / chunk["artifact"], expected["salt"], expected_key="0" * 64)

@@ -14,7 +14,7 @@ from kvmart.ledger import Terms, open_ledger
 from kvmart.web import charts, stats
 from kvmart.web.formatting import price, size, usd
 from kvmart.web.provider import Samples, endpoints, quantile
-from kvmart.web.sessions import Sessions
+from kvmart.web.sessions import MemorySessions, Sessions
 
 
 def test_charts_escape_labels_and_scale_bars():
@@ -63,15 +63,35 @@ def test_samples_read_from_a_registry_and_quantiles():
 
 
 def test_sessions_are_fresh_bounded_and_expire():
-    sessions = Sessions(max_sessions=2, idle_seconds=3600)
-    a, b = sessions.new(), sessions.new("kvm_key")
+    sessions = Sessions(MemorySessions(max_sessions=2, idle_seconds=3600))
+    a, b = sessions.new("kvm_a"), sessions.new("kvm_key")
     assert a.token != b.token and a.csrf != b.csrf and "kvm_key" not in repr(b)
     assert sessions.get(a.token) is a and a.csrf_matches(a.csrf) and not a.csrf_matches(b.csrf)
     assert not a.csrf_matches("") and not a.csrf_matches(None)
-    sessions.new()  # over the bound: the least recently used (b) goes
-    assert sessions.get(b.token) is None and sessions.get(a.token) is a and len(sessions) == 2
-    expired = Sessions(idle_seconds=-1)
-    assert expired.get(expired.new().token) is None
+    sessions.new("kvm_c")  # over the bound: the least recently used (b) goes
+    assert sessions.get(b.token) is None and sessions.get(a.token) is a and len(sessions.store) == 2
+    expired = Sessions(MemorySessions(idle_seconds=-1))
+    assert expired.get(expired.new("kvm_x").token) is None
+
+
+def test_anonymous_sessions_store_nothing_and_their_csrf_is_bound_to_the_cookie():
+    """Anonymous visitors cost the server nothing (issue 30: 10,050 anonymous GETs evicted a signed-in publisher):
+    their CSRF token is an HMAC of the cookie's nonce, recomputed, never stored; a forged or foreign cookie gets no
+    session, and another process (another secret) does not accept this one's tokens."""
+    store = MemorySessions(max_sessions=2)
+    sessions = Sessions(store)
+    signed_in = sessions.new("kvm_publisher")
+    visitors = [sessions.anonymous() for _ in range(50)]
+    assert len(store) == 1 and sessions.get(signed_in.token) is signed_in
+    first = visitors[0]
+    again = sessions.get(first.token)
+    assert again is not None and again.is_anonymous and again.api_key is None and again.csrf == first.csrf
+    assert len({v.csrf for v in visitors}) == 50 and not first.csrf_matches(visitors[1].csrf)
+    for forged in ("anon.", "anon.short", "anon." + "!" * 43, "anon." + first.token[5:-1] + "/"):
+        assert sessions.get(forged) is None
+    assert Sessions().get(first.token).csrf != first.csrf  # another node without a shared secret
+    sessions.drop(first.token)  # nothing to drop: still valid, still nothing stored
+    assert sessions.get(first.token) is not None and len(store) == 1
 
 
 def test_reads_and_savings_over_time_from_real_charges(ledger_url, tmp_path):

@@ -87,17 +87,18 @@ def read_document(path: str) -> tuple[str, str]:
     return core.decode_utf8(p.read_bytes(), path), p.name
 
 
-def precompute_document(model: Model, store: Store, path: str, codec: str) -> core.Precomputed:
+def precompute_document(model: Model, store: Store, path: str, settings: Settings) -> core.Precomputed:
     text, title = read_document(path)
     with Bars() as bars:
         return core.precompute(model, store, text, title=title, source=path,
-                                progress=bars.fraction(f"prefilling {title}"), codec=codec)
+                                progress=bars.fraction(f"prefilling {title}"), codec=settings.artifact_codec,
+                                chunk_tokens=settings.chunk_tokens)
 
 
-def resolve_document(model: Model, store: Store, doc: str, codec: str) -> str:
+def resolve_document(model: Model, store: Store, doc: str, settings: Settings) -> str:
     """A cache id (or unique prefix) or a file to precompute first -> cache id."""
     if doc.startswith("sample:") or Path(doc).is_file():
-        return precompute_document(model, store, doc, codec).entry.cache_id
+        return precompute_document(model, store, doc, settings).entry.cache_id
     return store.resolve(doc)
 
 
@@ -117,10 +118,11 @@ def precompute(settings: Settings, file: str, codec: str | None) -> None:
     """Prefill FILE once and store its KV cache. FILE may be `sample:NAME` for a bundled document."""
     settings = settings.with_overrides(codec=codec)
     model, store = load_model(settings), open_store(settings.store_url)
-    result = precompute_document(model, store, file, settings.artifact_codec)
+    result = precompute_document(model, store, file, settings)
     e = result.entry
-    state = "computed" if result.is_new else "already stored, nothing computed"
-    out.print(f"cache_id  {e.cache_id}\ntokens    {e.num_tokens:,}\nbytes     {e.artifact_bytes:,}\n"
+    state = (f"computed {result.computed_tokens:,} tokens, reused the rest" if 0 < result.computed_tokens <
+             e.num_tokens else "computed" if result.is_new else "already stored, nothing computed")
+    out.print(f"cache_id  {e.cache_id}\ntokens    {e.num_tokens:,}\nbytes     {e.kv_bytes or e.artifact_bytes:,}\n"
               f"seconds   {result.seconds:.2f} ({state})")
 
 
@@ -134,7 +136,7 @@ def precompute(settings: Settings, file: str, codec: str | None) -> None:
 def ask(settings: Settings, doc: str, question: str, max_tokens: int, temperature: float, seed: int | None) -> None:
     """Answer QUESTION about DOC (a cache id, or a file precomputed first) from its stored KV cache."""
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = core.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
+    loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     answer = core.ask(model, loaded, question, max_tokens, temperature, seed)
     out.print(answer.text.strip(), markup=False)
     console.print(f"[dim]tokens from cache {answer.cached_tokens:,} · computed {answer.computed_tokens:,} · "
@@ -152,7 +154,7 @@ def verify(settings: Settings, doc: str, question: str, tokens: int) -> None:
     from kvmart.reuse.verify import verify as run_verify
 
     model, store = load_model(settings), open_store(settings.store_url)
-    loaded = core.load(model, store, resolve_document(model, store, doc, settings.artifact_codec))
+    loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     q = question_ids(model.tokenize, layout_for(model.tokenizer), question)
     with console.status("comparing reuse against fresh prefills"):
         report = run_verify(model, loaded, q, tokens)
@@ -173,8 +175,8 @@ def print_report(r) -> None:
 @cli.command(name="ls")
 @common_options
 def list_(settings: Settings) -> None:
-    """List stored artifacts."""
-    entries = open_store(settings.store_url).entries()
+    """List stored documents (their chunks, shared between documents, are not listed)."""
+    entries = [e for e in open_store(settings.store_url).entries() if e.is_document]
     table = Table()
     table.add_column("cache_id", no_wrap=True, min_width=16)
     for name in ("title", "model"):
@@ -182,21 +184,21 @@ def list_(settings: Settings) -> None:
     for name in ("tokens", "bytes", "prefill s"):
         table.add_column(name, justify="right", no_wrap=True)
     for e in entries:
-        table.add_row(e.cache_id[:16], escape(e.title), escape(e.model), f"{e.num_tokens:,}", f"{e.artifact_bytes:,}",
-                      f"{e.prefill_seconds:.2f}")
-    out.print(table if entries else "no artifacts stored")
+        table.add_row(e.cache_id[:16], escape(e.title), escape(e.model), f"{e.num_tokens:,}",
+                      f"{e.kv_bytes or e.artifact_bytes:,}", f"{e.prefill_seconds:.2f}")
+    out.print(table if entries else "no documents stored")
 
 
 @cli.command()
 @click.argument("cache_ids", nargs=-1, required=True)
 @common_options
 def rm(settings: Settings, cache_ids: tuple[str, ...]) -> None:
-    """Delete stored artifacts by cache id (or unique prefix)."""
+    """Delete stored documents by cache id (or unique prefix), with their chunks no other document shares."""
     store = open_store(settings.store_url)
     for prefix in cache_ids:
         cid = store.resolve(prefix)
-        store.delete(cid)
-        out.print(f"removed {cid}")
+        chunks = core.remove(store, cid)
+        out.print(f"removed {cid}" + (f" and {chunks} chunks" if chunks else ""))
 
 
 @cli.command()
@@ -218,9 +220,9 @@ def demo(settings: Settings, sample: str, question: str | None, max_tokens: int)
 
     model, store = load_model(settings), open_store(settings.store_url)
     console.print(f"model {settings.model} ({settings.dtype}) · store {settings.store_url}")
-    result = precompute_document(model, store, f"sample:{sample}", settings.artifact_codec)
+    result = precompute_document(model, store, f"sample:{sample}", settings)
     e = result.entry
-    out.print(f"[bold]1. precompute[/bold] sample:{sample}: {e.num_tokens:,} tokens, {e.artifact_bytes / 1e6:.1f} MB, "
+    out.print(f"[bold]1. precompute[/bold] sample:{sample}: {e.num_tokens:,} tokens, {e.kv_bytes / 1e6:.1f} MB, "
               f"prefill {e.prefill_seconds:.2f}s{'' if result.is_new else ' (already stored)'} -> {e.cache_id[:16]}")
     question = question or SAMPLES[sample][1]
     loaded = core.load(model, store, e.cache_id)
@@ -290,6 +292,10 @@ def cost_shape(spec: str):
 @click.option("--reads", default="1", show_default=True, callback=_count, help="Reads of the document (80e6 works).")
 @click.option("--dtype", default="bfloat16", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16", "float8", "int8"]), help="KV and weight dtype.")
+@click.option("--preset", type=click.Choice(["roofline", "paper"]), default="roofline", show_default=True,
+              help="Where the times come from: `roofline`, the analytic estimate (from FLOPs, bytes and the device "
+                   "figures below; not a measurement), or `paper`, the paper's measured times (Qwen3-4B fp16 on an "
+                   "M1 Pro: 14.71 s / 0.296 s at 3,774 tokens, 0.67 s / 0.078 s at 255).")
 @click.option("--prefill-seconds", type=float, help="Measured prefill time (with --reuse-seconds): price it "
                                                     "instead of the roofline estimate.")
 @click.option("--reuse-seconds", type=float, help="Measured reuse time.")
@@ -307,12 +313,17 @@ def cost_shape(spec: str):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw savings vs length and cost vs reads (PNG).")
 @click.option("--measured", type=click.Path(exists=True, dir_okay=False),
               help="A bench/economics.py --json result to draw beside the analytic curves.")
-def cost(spec: str, tokens: int, question_tokens: int, reads: int, dtype: str, prefill_seconds: float | None,
-         reuse_seconds: float | None, usd_per_hour, flops, bandwidth, overhead, egress, storage, input_price,
-         cache_read_fraction, royalty_share, compression_ratio, as_json: bool, plot: str | None,
+def cost(spec: str, tokens: int, question_tokens: int, reads: int, dtype: str, preset: str,
+         prefill_seconds: float | None, reuse_seconds: float | None, usd_per_hour, flops, bandwidth, overhead, egress,
+         storage, input_price, cache_read_fraction, royalty_share, compression_ratio, as_json: bool, plot: str | None,
          measured: str | None) -> None:
     """The economics of one document: prefill vs reuse compute and dollars, egress vs hosting, N reads, and the
-    tariff split of a read. Defaults reproduce the paper's setup (docs/ECONOMICS.md); no model is loaded."""
+    tariff split of a read; no model is loaded.
+
+    By default the times are a roofline estimate (analytic: FLOPs over the paper's fitted FLOP/s, bytes over M1
+    Pro bandwidth), not a measurement: for the paper's Qwen3-4B at 3,774 tokens it gives 104.7x and $14,494 for
+    80M reads. `--preset paper` prices the paper's measured times instead (49.7x, ~$0.03M for 80M reads), and
+    --prefill-seconds/--reuse-seconds price your own. Prices default to the paper's setup (docs/ECONOMICS.md)."""
     import dataclasses
     import json
 
@@ -327,14 +338,17 @@ def cost(spec: str, tokens: int, question_tokens: int, reads: int, dtype: str, p
                  "compression_ratio": compression_ratio}
     try:
         prices = dataclasses.replace(Prices(), **{k: v for k, v in overrides.items() if v is not None})
-        e = analyse(cost_shape(spec), tokens, question_tokens, reads, prices, dtype, prefill_seconds, reuse_seconds)
+        times = cost_report.preset_times(preset, spec, tokens, prefill_seconds, reuse_seconds)
+        e = analyse(cost_shape(spec), tokens, question_tokens, reads, prices, dtype, times.prefill_seconds,
+                    times.reuse_seconds)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     if as_json:
-        click.echo(json.dumps(cost_report.as_json(e), indent=2))
+        click.echo(json.dumps(cost_report.as_json(e, times.source), indent=2))
     else:
-        table = Table("quantity", "value", "how", title=escape(cost_report.title(e)), title_justify="left")
-        for heading, rows in cost_report.sections(e):
+        table = Table("quantity", "value", "how", title=escape(cost_report.title(e, times.source)),
+                      title_justify="left")
+        for heading, rows in cost_report.sections(e, times.source):
             table.add_row(f"[bold]{escape(heading)}[/bold]", "", "")
             for row in rows:
                 table.add_row(*map(escape, row))  # a folder's name may hold [brackets]: text, not markup

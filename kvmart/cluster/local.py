@@ -1,5 +1,6 @@
-"""Local clusters on loopback, for the tests and the CDN benchmarks: a real `redis-server` (Debian's) and `kvmart
-serve` nodes as subprocesses, each on a free port with its own directory, started and stopped by the caller.
+"""Local clusters on loopback, for the tests and the CDN benchmarks: a real `redis-server` and PostgreSQL
+(Debian's), `kvmart serve` nodes and `kvmart route` as subprocesses, each on a free port with its own directory,
+started and stopped by the caller.
 
 A server is ready when it says so: `LogWatch` follows its output through a pipe and waits for the line it logs once
 it listens (uvicorn's "Uvicorn running on", redis' "Ready to accept connections"), or for its exit, which fails
@@ -9,13 +10,18 @@ never a failure. HANG_SECONDS only guards against a server that hangs without a 
 from __future__ import annotations
 
 import collections
+import glob
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import IO
 
@@ -156,6 +162,9 @@ class RedisServer:
         return redis.Redis(port=self.port)
 
 
+CATALOG_REFRESH_SECONDS = "0.2"  # local clusters' nodes learn of each other's documents quickly
+
+
 class KvmartNode:
     """`kvmart serve --model builtin:tiny` as a subprocess with its own data dir and port, over `store_url`.
     `models`: a models folder to link as DATA_DIR/models (shared by nodes, so the tiny model is built once)."""
@@ -178,10 +187,11 @@ class KvmartNode:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "KvmartNode":
-        paths = (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH"))  # this kvmart first
+        paths = (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH"))  # this kvmart first
         env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "KVMART_LOG_LEVEL": "info",  # its ready line (KVMART_READY) is logged at info
-               "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+               "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+               "KVMART_CATALOG_REFRESH_SECONDS": CATALOG_REFRESH_SECONDS}
         if self.ledger_url:
             env["KVMART_LEDGER"] = self.ledger_url
         if self.admin_key:
@@ -223,9 +233,141 @@ class KvmartNode:
     def publish(self, text: str, key: str | None = None) -> httpx.Response:
         return self.http.post("/v1/documents", json={"text": text}, headers=self._auth(key))
 
+    def knows(self, doc_id: str, key: str | None = None) -> bool:
+        """Whether the node's catalogue holds `doc_id` yet (one published on another node joins it at the next
+        catalogue refresh)."""
+        return self.http.get(f"/v1/documents/{doc_id}", headers=self._auth(key)).status_code == 200
+
     def ask(self, doc_id: str, question: str, max_tokens: int = 8, key: str | None = None) -> dict:
+        """Ask about `doc_id` once the node knows it (waiting on its catalogue, not on a clock)."""
+        wait_for(lambda: self.knows(doc_id, key), f"node {self.name} to learn of {doc_id}")
         response = self.http.post("/v1/chat/completions", json={
             "model": "builtin:tiny", "messages": [{"role": "user", "content": question}], "documents": [doc_id],
             "temperature": 0, "max_tokens": max_tokens}, headers=self._auth(key))
         assert response.status_code == 200, response.text
         return response.json()
+
+
+class RouterProcess:
+    """`kvmart route --node URL ...` as a subprocess on a free loopback port."""
+
+    def __init__(self, nodes: list[str], log_path: Path) -> None:
+        self.nodes, self.port, self.log_path = nodes, free_port(), log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "RouterProcess":
+        paths = (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH"))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        command = [sys.executable, "-c", "from kvmart.cli.main import main; main()", "route", "--port",
+                   str(self.port)]
+        for node in self.nodes:
+            command += ["--node", node]
+        self.log = open(self.log_path, "wb")  # noqa: SIM115  (written by the router until `stop`)
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.process is None or self.process.poll() is not None:
+                raise NodeDiedError(f"kvmart route exited: {self.log_path.read_text()[-2000:]}")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        wait_for(up, f"kvmart route to start (log: {self.log_path})")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(DEADLINE_SECONDS)
+        if self.process is not None:
+            self.log.close()
+        self.process = None
+
+
+START_SECONDS = 60.0
+SUPERUSER = "kvmart"
+
+
+def find_bin(name: str) -> str | None:
+    """`name` on PATH, else in Debian's /usr/lib/postgresql/<version>/bin (newest first)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]),
+                        reverse=True)
+    return candidates[0] if candidates else None
+
+
+class PostgresServer:
+    """A real PostgreSQL server: initdb in a temp dir, `postgres` on 127.0.0.1 at a free port, stopped and removed
+    at the end. PostgreSQL refuses to run as root, so as root both run as `nobody` (the temp dir is handed to it).
+    `with PostgresServer() as pg: pg.new_database()` -> a URL for a fresh, empty database."""
+
+    def __init__(self) -> None:
+        initdb, postgres = find_bin("initdb"), find_bin("postgres")
+        if not initdb or not postgres:
+            raise FileNotFoundError("PostgreSQL's initdb/postgres are not installed (Debian: apt-get install "
+                                    "postgresql)")
+        self.initdb, self.postgres = initdb, postgres
+        self.root = Path(tempfile.mkdtemp(prefix="kvmart-pg-"))
+        self.user = "nobody" if os.geteuid() == 0 else None
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def _run_as(self) -> dict:
+        return {"user": self.user, "group": pwd.getpwnam(self.user).pw_gid} if self.user else {}
+
+    def __enter__(self) -> "PostgresServer":
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        subprocess.run([self.initdb, "-D", str(self.root / "data"), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8",
+                        "--no-locale", "--no-sync"], check=True, capture_output=True, cwd=self.root, env=env,
+                       **self._run_as())
+        self.process = subprocess.Popen(
+            [self.postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "postgres.log", "w"), cwd=self.root, env=env,
+            **self._run_as())
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        import psycopg
+
+        end = time.monotonic() + START_SECONDS
+        while True:
+            try:
+                psycopg.connect(self.url("postgres"), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as e:
+                if self.process is None or self.process.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"postgres did not start: {(self.root / 'postgres.log').read_text()}") from e
+                time.sleep(0.1)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A URL for a new, empty database."""
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:16]
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: disconnects clients
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.root, ignore_errors=True)

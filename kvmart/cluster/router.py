@@ -6,9 +6,10 @@ document from the shared tier. The order is rendezvous (highest-random-weight) h
 sha256(key + node) and nodes are tried best first, so adding or removing a node only moves the documents that
 scored it highest (consistent hashing without a ring).
 
-The affinity key: the first of the body's `documents`; for a publish, the text (the same text lands on the same
-node, so two publishes of it race on one node, not two); the id in /v1/documents/{id}; otherwise none (requests
-are spread round-robin). An equivalent nginx/haproxy setup is in docs/SCALE.md."""
+The affinity key: the client's `x-kvmart-document` header when it sends one (AFFINITY_HEADER: what a proxy such as
+nginx hashes without reading the body, kvmart/cluster/nginx.py); else the first of the body's `documents`; for a
+publish, the text (the same text lands on the same node, so two publishes of it race on one node, not two); the
+id in /v1/documents/{id}; otherwise none (requests are spread round-robin). The nginx setup is in docs/SCALE.md."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from starlette.routing import Route
 log = logging.getLogger("kvmart.cluster.router")
 HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 RETRY_STATUSES = {502, 503, 504}
+AFFINITY_HEADER = "x-kvmart-document"  # a request's affinity key, set by the client (see the module docstring)
 
 
 def node_order(key: str | None, nodes: list[str], spread: int = 0) -> list[str]:
@@ -68,7 +70,7 @@ def create_router(nodes: list[str], timeout_seconds: float = 600.0) -> Starlette
 
     async def forward(request: Request):
         body = await request.body()
-        key = affinity_key(request.method, request.url.path, body)
+        key = request.headers.get(AFFINITY_HEADER) or affinity_key(request.method, request.url.path, body)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         last_error = "no node answered"
         order = node_order(key, nodes, next(counter))

@@ -2,10 +2,11 @@
 
     raw      the tensor's bytes as they are in memory
     zstd     zstd over the raw bytes (the general-purpose baseline)
-    kvmart   kvmart's own: exponent and sign modelled per cluster of channels and rANS-coded, the mantissa as byte
-             planes (planes.py, rans.py, docs/FORMAT.md)
+    kvmart   kvmart's own: sign, exponent and top mantissa bits Huffman-coded per cluster of channels, the rest of
+             the mantissa stored as it is, repeated token rows by reference (huffman.py, _kernels.c, compiled at
+             install; docs/FORMAT.md). Format 1 of kvmart 0.1 is still decoded (legacy.py)
 
-A codec name may carry a zstd level: `zstd:19`, `kvmart:3`. Decoding is bit-exact by contract: the decoded tensor
+`zstd` may carry a level: `zstd:19`. Decoding is bit-exact by contract: the decoded tensor
 is `torch.equal` to the encoded one, NaN payloads, infinities, subnormals and -0.0 included. Malformed or corrupt
 encoded data raises CodecError (an ArtifactError) and is never decoded into wrong numbers: `pack`/`unpack` and
 artifacts check an xxh3-128 checksum of the stored bytes before decoding and of the decoded bytes after.
@@ -34,10 +35,11 @@ DEFAULT_CODEC = "kvmart"
 CODECS: dict[str, tuple[str, str]] = {
     "raw": ("kvmart.codec.raw", "RawCodec"),
     "zstd": ("kvmart.codec.zstd", "ZstdCodec"),
-    "kvmart": ("kvmart.codec.planes", "PlanesCodec"),
+    "kvmart": ("kvmart.codec.huffman", "HuffmanCodec"),
 }
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_LEVEL = 22
+LEVELED = ("zstd",)  # the codecs that take a level
 
 
 class Codec(Protocol):
@@ -56,7 +58,7 @@ class Codec(Protocol):
 
 @dataclass(frozen=True)
 class Spec:
-    """A codec choice: a name from CODECS and an optional zstd level."""
+    """A codec choice: a name from CODECS and, for zstd, an optional level."""
 
     name: str
     level: int | None = None
@@ -66,23 +68,25 @@ class Spec:
 
 
 def parse_spec(text: str) -> Spec:
-    """`NAME` or `NAME:LEVEL` -> Spec; ConfigError naming the known codecs otherwise."""
+    """`NAME` or `zstd:LEVEL` -> Spec; ConfigError naming the known codecs otherwise."""
     name, sep, level = text.strip().partition(":")
     if name not in CODECS:
-        raise ConfigError(f"unknown codec {text!r}; known codecs: {', '.join(CODECS)} (optionally NAME:LEVEL)")
+        raise ConfigError(f"unknown codec {text!r}; known codecs: {', '.join(CODECS)} (and zstd:LEVEL)")
     if not sep:
         return Spec(name)
-    if name == "raw" or not level.isdigit() or not 1 <= int(level) <= MAX_LEVEL:
-        raise ConfigError(f"codec {text!r}: a level is a whole number from 1 to {MAX_LEVEL}, and raw takes none")
+    if name not in LEVELED or not level.isdigit() or not 1 <= int(level) <= MAX_LEVEL:
+        raise ConfigError(f"codec {text!r}: of the known codecs ({', '.join(CODECS)}) only {', '.join(LEVELED)} takes "
+                          f"a level, a whole number from 1 to {MAX_LEVEL} (kvmart's has none since its format 2)")
     return Spec(name, int(level))
 
 
 def get_codec(spec: str | Spec) -> Codec:
-    """The codec instance for `spec` (a name, `NAME:LEVEL`, or a Spec)."""
+    """The codec instance for `spec` (a name, `zstd:LEVEL`, or a Spec)."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     module, cls = CODECS[spec.name]
     factory = getattr(importlib.import_module(module), cls)
-    return factory() if spec.level is None else factory(level=spec.level)
+    codec: Codec = factory() if spec.level is None else factory(level=spec.level)
+    return codec
 
 
 def decoder(name: str) -> Codec:
@@ -107,7 +111,7 @@ class Encoded:
     params: dict
     dtype: str
     shape: tuple[int, ...]
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
     @property
     def decoded_bytes(self) -> int:

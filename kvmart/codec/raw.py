@@ -11,7 +11,7 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     """A contiguous tensor's memory as bytes, without a copy (bfloat16 included, which numpy lacks)."""
     if tensor.numel() == 0:  # an empty tensor may have stride 0, which cannot be viewed as bytes
         return memoryview(bytearray())
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 class RawCodec:

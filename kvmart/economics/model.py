@@ -38,8 +38,10 @@ TOKENS_PER_PRICE_UNIT = 10**6  # API input prices are quoted per 1M tokens
 
 @dataclass(frozen=True)
 class Prices:
-    """Every price and rate the cost model uses. Defaults are the paper's setup, so the default output reproduces
-    it; pass others for your hardware and cloud. Money is Decimal; rates are floats."""
+    """Every price and rate the cost model uses. Defaults are the paper's setup (its device price, and device
+    figures fitted to or taken from its hardware); the times they give are a roofline estimate, not the paper's
+    measurements (those are `PAPER_SECONDS`, `kvmart cost --preset paper`). Pass others for your hardware and
+    cloud. Money is Decimal; rates are floats."""
 
     # $ per device-hour. Implied by every dollar figure of the paper (1.5M$ = 80M x 14.71 s x 4.59 $/h / 3600).
     device_usd_per_hour: Decimal = Decimal("4.6")

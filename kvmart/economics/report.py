@@ -1,12 +1,16 @@
-"""What `kvmart cost` shows: an `Economics` as the paper-style table (rows of text), as JSON, and as a plot.
+"""What `kvmart cost` shows: an `Economics` as the paper-style table (rows of text), as JSON, and as a plot; and
+the named presets of its times.
 
-The rows and the JSON are pure; `plot` writes a PNG with matplotlib (the optional `plot` extra), imported lazily
-and used through its object API only, so no global backend or pyplot state is touched."""
+The times a table prices come from one of three places, and every table says which: the roofline estimate of
+`kvmart.economics.model` (the default: analytic, from FLOPs, bytes and the device figures), the paper's measured
+times (`--preset paper`: Qwen3-4B fp16 on an M1 Pro, at the two lengths it measured), or times the user measured
+and passed. The rows and the JSON are pure; `plot` writes a PNG with matplotlib (the optional `plot` extra),
+imported lazily and used through its object API only, so no global backend or pyplot state is touched."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,6 +18,43 @@ from kvmart.economics.model import GB, GIB, PAPER_MODEL, PAPER_SECONDS, Economic
 
 Row = tuple[str, str, str]  # quantity, value, how it is computed
 Section = tuple[str, list[Row]]
+
+PRESETS = ("roofline", "paper")
+ROOFLINE_NOTE = "analytic: a roofline estimate, not a measurement"
+PAPER_NOTE = f"taken from the paper: measured on {PAPER_MODEL} fp16, Apple M1 Pro"
+
+
+@dataclass(frozen=True)
+class Times:
+    """Where one table's seconds come from: both None for the roofline, or a measured pair with its source."""
+
+    prefill_seconds: float | None
+    reuse_seconds: float | None
+    source: str
+
+
+def preset_times(preset: str, model: str, document_tokens: int, prefill_seconds: float | None,
+                 reuse_seconds: float | None) -> Times:
+    """The times `kvmart cost` prices. `roofline` (default): the analytic estimate unless the user passed measured
+    times; `paper`: the paper's measured times for its model at a length it measured (ValueError otherwise: the
+    paper has no other measurement, and mixing its times with another model's shape would mean nothing)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if (prefill_seconds is None) != (reuse_seconds is None):
+        raise ValueError("give both measured times (prefill and reuse) or neither")
+    if preset == "paper":
+        if prefill_seconds is not None:
+            raise ValueError("--preset paper uses the paper's measured times: leave out --prefill/--reuse-seconds")
+        if model.lower().removeprefix("builtin:").removesuffix("-shape") != PAPER_MODEL.lower():
+            raise ValueError(f"--preset paper prices the paper's model, {PAPER_MODEL} (got --model {model})")
+        if document_tokens not in PAPER_SECONDS:
+            raise ValueError(f"the paper measured documents of {' and '.join(map(str, PAPER_SECONDS))} tokens "
+                             f"only (got --tokens {document_tokens})")
+        prefill, reuse = PAPER_SECONDS[document_tokens]
+        return Times(prefill, reuse, PAPER_NOTE)
+    if prefill_seconds is not None:
+        return Times(prefill_seconds, reuse_seconds, "measured: the times you passed")
+    return Times(None, None, ROOFLINE_NOTE)
 
 
 def usd(amount: Decimal) -> str:
@@ -33,12 +74,12 @@ def sci(x: float) -> str:
     return f"{x:.3g}"
 
 
-def sections(e: Economics) -> list[Section]:
-    """The table `kvmart cost` prints, section by section."""
+def sections(e: Economics, times_source: str | None = None) -> list[Section]:
+    """The table `kvmart cost` prints, section by section; `times_source` says where measured times came from."""
     p, r = e.prefill_flops, e.reuse_flops
     overhead = f"{e.prices.pass_overhead_seconds:.3g} s + " if e.prices.pass_overhead_seconds else ""
-    how = "measured (given)" if e.is_measured else (
-        f"roofline: {overhead}max(FLOPs / {e.prices.achieved_flops_per_second:.3g} FLOP/s, bytes read / "
+    how = (times_source or "measured (given)") if e.is_measured else (
+        f"{ROOFLINE_NOTE}: {overhead}max(FLOPs / {e.prices.achieved_flops_per_second:.3g} FLOP/s, bytes read / "
         f"{e.prices.memory_bytes_per_second / GB:.3g} GB/s)")
     n_star = e.break_even_reads
     compute = [
@@ -89,12 +130,13 @@ def sections(e: Economics) -> list[Section]:
             ("tariff, per read", tariff)]
 
 
-def title(e: Economics) -> str:
+def title(e: Economics, times_source: str | None = None) -> str:
+    times = (times_source or "measured") if e.is_measured else "roofline estimate"
     return (f"{e.shape.name} · {e.dtype} · {e.document_tokens:,}-token document + {e.question_tokens}-token "
-            f"question · {e.reads:,} reads")
+            f"question · {e.reads:,} reads · times: {times.split(':')[0]}")
 
 
-def as_json(e: Economics) -> dict:
+def as_json(e: Economics, times_source: str | None = None) -> dict:
     """Machine-readable: money as decimal strings (exact), everything else as numbers."""
     money = lambda x: str(x)  # noqa: E731
     prices = {k: (money(v) if isinstance(v, Decimal) else v) for k, v in asdict(e.prices).items()}
@@ -104,7 +146,8 @@ def as_json(e: Economics) -> dict:
         "flops": {"prefill": {"linear": e.prefill_flops.linear, "attention": e.prefill_flops.attention},
                   "reuse": {"linear": e.reuse_flops.linear, "attention": e.reuse_flops.attention},
                   "ratio": e.flop_ratio},
-        "seconds": {"prefill": e.prefill_seconds, "reuse": e.reuse_seconds, "is_measured": e.is_measured},
+        "seconds": {"prefill": e.prefill_seconds, "reuse": e.reuse_seconds, "is_measured": e.is_measured,
+                    "source": (times_source or "measured") if e.is_measured else ROOFLINE_NOTE},
         "speedup": e.speedup, "break_even_reads": e.break_even_reads,
         "bytes": {"kv_per_token": e.kv_bytes_per_token, "artifact": e.artifact_bytes},
         "usd": {"prefill": money(e.prefill_usd), "reuse": money(e.reuse_usd), "egress_per_load": money(e.egress_usd),

@@ -1,10 +1,15 @@
 """The prefill CDN at scale: an analytic model and a discrete-event simulation of agents reading a catalogue of
 documents (Zipf popularity) through K nodes with RAM -> disk -> shared tiers, priced by `kvmart.economics.model`.
-Pure functions, no I/O; bench/cdn_sim.py prints the tables (docs/SCALE.md).
+Pure functions, no I/O; bench/cdn_sim.py prints the tables (docs/SCALE.md). What this module answers is *where*
+each read is served from (the tier mix, per node); how long it waits for a device, a disk or a link at a given
+load is kvmart/economics/capacity.py's, on top of the per-node loads computed here.
 
 Analytic model (any scale: 80M agents in well under a second). Reads of document i arrive as a Poisson process
-of rate lambda_i = reads x p_i / window. With cache-affinity routing each document has one home node; with random
-routing every node sees lambda_i / K of it.
+of rate lambda_i = reads x p_i / window. Routing places each document's reads on nodes: `affinity` gives each
+document one home node (kvmart route, nginx `hash ... consistent`); `random` spreads every document over every
+node; `bounded` is affinity with a load bound (consistent hashing with bounded loads: a node takes reads up to
+`balance_factor` x the mean node load, the rest of a document's reads go to the next node in its order, as
+HAProxy's `hash-balance-factor` does), so the hottest documents are served by several nodes.
 - RAM, LRU (the server's hot tier): Che's approximation, hit_i = 1 - exp(-lambda_i T) with T solving
   sum_i (1 - exp(-lambda_i T)) = capacity in documents.
 - disk, cost-aware score (kvmart.store.policy): with one model and one document size, the score ranks by
@@ -34,6 +39,7 @@ from kvmart.store.policy import Placement
 
 MONTH_SECONDS = 30 * 86_400
 TIERS = ("ram", "disk", "shared", "prefill")
+ROUTINGS = ("affinity", "random", "bounded")
 EVICTION_SAMPLE = 16
 
 
@@ -65,14 +71,37 @@ class Cluster:
     ram_bytes: int = 128 * 2**30  # per node
     disk_bytes: int | None = 2 * 10**12  # per node; None: unbounded, 0: no disk tier
     shared_ttl_seconds: float = 0.0  # 0: published documents stay (pinned)
-    routing: str = "affinity"  # affinity | random
+    routing: str = "affinity"  # affinity | random | bounded (affinity with a load bound: see the docstring)
     disk_bytes_per_second: float = 5e9  # NVMe read
-    shared_bytes_per_second: float = 1.25e9  # 10 GbE from the Redis/S3 tier
+    shared_bytes_per_second: float = 1.25e9  # each node's link to the Redis/S3 tier: 10 GbE
     published_on: int | None = None  # node that published every document (its disk starts with them); None: home
+    # capacity (kvmart/economics/capacity.py): a node's devices, each serving one read at a time, and the reads
+    # that may wait for one (kvmart serve's --max-queue: beyond it, HTTP 429); None: an unbounded queue
+    devices_per_node: int = 8
+    max_queue_per_node: int | None = 64
+    shared_tier_bytes_per_second: float | None = None  # the shared tier's own egress, all nodes together; None: ample
+    balance_factor: float = 1.25  # `bounded` routing: a node's load is kept under this x the mean
 
     def __post_init__(self) -> None:
-        if self.nodes < 1 or self.routing not in ("affinity", "random"):
+        if self.nodes < 1 or self.routing not in ROUTINGS or self.devices_per_node < 1 or self.balance_factor < 1:
             raise ValueError(f"bad cluster: {self}")
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """One node's share of the work: the reads it serves per second and the fraction from each tier."""
+
+    reads_per_second: float
+    fractions: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """The documents one node serves, the rate of each there (reads/s), and whether each was published there."""
+
+    docs: np.ndarray
+    rates: np.ndarray
+    published_here: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -90,6 +119,7 @@ class Outcome:
     cost_usd: Decimal
     shared_transfer_bytes: float
     extra: dict = field(default_factory=dict)
+    nodes: tuple[NodeLoad, ...] = ()  # per node, in node order
 
     @property
     def margin_usd(self) -> Decimal:
@@ -133,35 +163,76 @@ def economics_of(workload: Workload, prices: Prices) -> Economics:
     return analyse(workload.shape, workload.document_tokens, workload.question_tokens, 1, prices, workload.dtype)
 
 
+def rendezvous_order(doc: int, nodes: int, home: int) -> list[int]:
+    """The nodes a document's reads go to when its home is full: home first, then the others by a hash of
+    (document, node) (splitmix64, vectorized: the router hashes with sha256; any fixed hash spreads alike)."""
+    with np.errstate(over="ignore"):
+        x = np.uint64(doc) * np.uint64(0x9E3779B97F4A7C15) + np.arange(nodes, dtype=np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    rest = [k for k in np.argsort(-x.astype(np.float64), kind="stable").tolist() if k != home]
+    return [home, *rest]
+
+
+def placements(workload: Workload, cluster: Cluster, rate: np.ndarray) -> list[Placed]:
+    """Where each document's reads go, node by node (see the module docstring for the three routings)."""
+    n, k_nodes = workload.documents, cluster.nodes
+    homes = home_nodes(n, k_nodes)
+    published = homes if cluster.published_on is None else np.full(n, cluster.published_on)
+    if cluster.routing == "affinity":
+        groups = [np.flatnonzero(homes == k) for k in range(k_nodes)]
+        return [Placed(d, rate[d], published[d] == k) for k, d in enumerate(groups)]
+    if cluster.routing == "random":
+        every = np.arange(n)
+        return [Placed(every, rate / k_nodes, published == k) for k in range(k_nodes)]
+    cap = cluster.balance_factor * rate.sum() / k_nodes
+    loads = np.zeros(k_nodes)
+    picked: list[list[tuple[int, float]]] = [[] for _ in range(k_nodes)]
+    for doc in np.argsort(-rate, kind="stable").tolist():  # the hottest first: they are the ones that spill
+        remaining, home = float(rate[doc]), int(homes[doc])
+        order = [home] if loads[home] + remaining <= cap else rendezvous_order(doc, k_nodes, home)
+        for k in order:
+            take = min(remaining, max(0.0, cap - loads[k]))
+            if take > 0:
+                picked[k].append((doc, take))
+                loads[k] += take
+                remaining -= take
+            if remaining <= 1e-12:
+                break
+    out = []
+    for k, pairs in enumerate(picked):
+        docs = np.array([d for d, _ in pairs], dtype=np.int64)
+        out.append(Placed(docs, np.array([r for _, r in pairs]), published[docs] == k))
+    return out
+
+
 def analytic(workload: Workload, cluster: Cluster, prices: Prices | None = None) -> Outcome:
     prices = prices or Prices()
     e = economics_of(workload, prices)
     size = workload.artifact_bytes or e.artifact_bytes
     p = zipf_pmf(workload.documents, workload.zipf_s)
     rate = workload.reads * p / workload.window_seconds
-    homes = home_nodes(workload.documents, cluster.nodes)
     ram_cap = cluster.ram_bytes // size
     disk_cap = workload.documents if cluster.disk_bytes is None else cluster.disk_bytes // size
     ram, disk = np.zeros(workload.documents), np.zeros(workload.documents)
     shared_rate = np.zeros(workload.documents)
-    groups = ([np.flatnonzero(homes == k) for k in range(cluster.nodes)] if cluster.routing == "affinity"
-              else [np.arange(workload.documents)] * cluster.nodes)
-    share = 1.0 if cluster.routing == "affinity" else 1.0 / cluster.nodes
-    for k, docs in enumerate(groups):
-        r = rate[docs] * share
+    per_node = []  # (placed, local RAM and disk hit ratios there)
+    for placed in placements(workload, cluster, rate):
+        docs, r = placed.docs, placed.rates
         h_ram = -np.expm1(-r * che_time(r, ram_cap)) if len(docs) else r
         in_disk = np.zeros(len(docs), dtype=bool)
         in_disk[np.argsort(-r, kind="stable")[:int(disk_cap)]] = True
         n = r * workload.window_seconds
         first = np.where(n > 1e-12, -np.expm1(-n) / np.maximum(n, 1e-300), 1.0)
-        if cluster.published_on == k or (cluster.published_on is None and cluster.routing == "affinity"):
-            first = np.where(in_disk, 0.0, first)  # published here: the first read finds it on disk
+        first = np.where(placed.published_here & in_disk, 0.0, first)  # published here: found on disk at once
         local_ram = (1 - first) * h_ram
         local_disk = (1 - first) * (1 - h_ram) * in_disk
         weight = r / np.maximum(rate[docs], 1e-300)  # this node's share of each document's reads
-        ram[docs] += weight * local_ram
-        disk[docs] += weight * local_disk
-        shared_rate[docs] += r * (1 - local_ram - local_disk)
+        np.add.at(ram, docs, weight * local_ram)
+        np.add.at(disk, docs, weight * local_disk)
+        np.add.at(shared_rate, docs, r * (1 - local_ram - local_disk))
+        per_node.append((placed, local_ram, local_disk))
     to_shared = 1 - ram - disk
     miss = np.exp(-shared_rate * cluster.shared_ttl_seconds) if cluster.shared_ttl_seconds else np.zeros_like(p)
     fractions = {"ram": float(p @ ram), "disk": float(p @ disk), "shared": float(p @ (to_shared * (1 - miss))),
@@ -170,7 +241,19 @@ def analytic(workload: Workload, cluster: Cluster, prices: Prices | None = None)
         resident = float(np.sum(-np.expm1(-shared_rate * cluster.shared_ttl_seconds)))
     else:
         resident = float(workload.documents)
-    return price(workload, cluster, prices, fractions, resident * size, e)
+    loads = tuple(node_load(placed, local_ram, local_disk, miss) for placed, local_ram, local_disk in per_node)
+    return replace(price(workload, cluster, prices, fractions, resident * size, e), nodes=loads)
+
+
+def node_load(placed: Placed, local_ram: np.ndarray, local_disk: np.ndarray, miss: np.ndarray) -> NodeLoad:
+    r = placed.rates
+    total = float(r.sum())
+    if total <= 0:
+        return NodeLoad(0.0, {"ram": 1.0, "disk": 0.0, "shared": 0.0, "prefill": 0.0})
+    remote = r * (1 - local_ram - local_disk)
+    m = miss[placed.docs]
+    return NodeLoad(total, {"ram": float(r @ local_ram) / total, "disk": float(r @ local_disk) / total,
+                            "shared": float(remote @ (1 - m)) / total, "prefill": float(remote @ m) / total})
 
 
 def price(workload: Workload, cluster: Cluster, prices: Prices, fractions: dict[str, float],
@@ -251,9 +334,14 @@ def sample_reads(workload: Workload, num_reads: int, seed: int = 0) -> tuple[np.
 
 
 def simulate(workload: Workload, cluster: Cluster, docs: np.ndarray, times: np.ndarray,
-             sizes: list[int] | None = None, prices: Prices | None = None, nodes_of: list[int] | None = None) -> Outcome:
+             sizes: list[int] | None = None, prices: Prices | None = None, nodes_of: list[int] | None = None,
+             trace: list[str] | None = None) -> Outcome:
     """Replay reads (document indices at times) through the cluster. `sizes`: bytes of each document (default:
-    the workload's artifact size); `nodes_of`: the node each read goes to (default: home or random routing)."""
+    the workload's artifact size); `nodes_of`: the node each read goes to (default: home or random routing;
+    `bounded` routing depends on live loads, so it needs `nodes_of`); `trace`: a list to append each read's tier
+    to."""
+    if cluster.routing == "bounded" and nodes_of is None:
+        raise ValueError("a replay of bounded routing needs the node of each read (nodes_of)")
     prices = prices or Prices()
     e = economics_of(workload, prices)
     sizes = sizes or [workload.artifact_bytes or e.artifact_bytes] * workload.documents
@@ -269,11 +357,12 @@ def simulate(workload: Workload, cluster: Cluster, docs: np.ndarray, times: np.n
         nodes[cluster.published_on if cluster.published_on is not None else int(homes[i])].disk_put(entry)
     last_read = np.full(workload.documents, 0.0)
     counts = dict.fromkeys(TIERS, 0)
+    per_node = [dict.fromkeys(TIERS, 0) for _ in nodes]
     rng = np.random.default_rng(1)
     for n, (doc, t) in enumerate(zip(docs.tolist(), times.tolist(), strict=True)):
         clock[0] = t
         k = nodes_of[n] if nodes_of is not None else (
-            int(homes[doc]) if cluster.routing == "affinity" else int(rng.integers(cluster.nodes)))
+            int(homes[doc]) if cluster.routing != "random" else int(rng.integers(cluster.nodes)))
         node, entry = nodes[k], entries[doc]
         if entry.cache_id in node.ram:
             node.ram.move_to_end(entry.cache_id)
@@ -290,7 +379,12 @@ def simulate(workload: Workload, cluster: Cluster, docs: np.ndarray, times: np.n
         if tier != "ram" and tier != "disk":
             last_read[doc] = t
         counts[tier] += 1
+        per_node[k][tier] += 1
+        if trace is not None:
+            trace.append(tier)
     total = max(1, len(docs))
     fractions = {tier: counts[tier] / total for tier in TIERS}
     run = replace(workload, agents=len(docs), reads_per_agent=1.0)
-    return price(run, cluster, prices, fractions, float(sum(sizes)), e)
+    loads = tuple(NodeLoad(sum(c.values()) / workload.window_seconds,
+                           {t: c[t] / max(1, sum(c.values())) for t in TIERS}) for c in per_node)
+    return replace(price(run, cluster, prices, fractions, float(sum(sizes)), e), nodes=loads)

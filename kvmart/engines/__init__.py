@@ -21,7 +21,7 @@ def open_engine(name: str, settings: Settings, **options: object) -> Engine:
     if name == "vllm":
         from kvmart.engines.vllm import VllmEngine, VllmOptions
 
-        return VllmEngine.open(settings, VllmOptions(**options))  # type: ignore[arg-type]
+        return VllmEngine.open(settings, VllmOptions(**options))  # type: ignore[arg-type]  # options come from the CLI's typed flags
     raise ConfigError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
 
 

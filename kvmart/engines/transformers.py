@@ -1,6 +1,6 @@
 """The `transformers` engine: kvmart's own path (kvmart/runtime/model.py), the embedded default and the exactness
-reference. Reusing a stored document is bit-identical to prefilling it and then the rest of the prompt in two
-steps (README, "Exactness")."""
+reference. Reusing a stored document's chunks is bit-identical to prefilling them chunk by chunk and then the rest
+of the prompt (README, "Exactness")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from kvmart.config import Settings
 from kvmart.engines.base import Completion, Engine
 from kvmart.reuse import core
 from kvmart.reuse.catalog import Catalog
+from kvmart.reuse.chunks import ChunkStore
 from kvmart.reuse.core import Precomputed
+from kvmart.runtime.kv import KV
 from kvmart.runtime.model import Model
 from kvmart.store import Store, open_store
 
@@ -50,16 +52,22 @@ class TransformersEngine(Engine):
 
     def complete(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
                  bypass: bool = False) -> Completion:
+        """Reuse the leading chunks of the longest published document the prompt starts with (whole chunks only:
+        a chunk is reused as computed, never cut), or compute them in the same steps when `bypass`."""
         start = time.perf_counter()
         self.catalog.refresh()
         match = self.catalog.longest_prefix(prompt_ids[:-1], self.min_prefix_tokens)  # one token left to compute
-        kv, cached, document = None, 0, None
+        prefix: tuple[KV, ...] = ()
+        cached, document = 0, None
         if match is not None:
             document = match.document.entry
-            full = (self.model.prefill(match.document.token_list()) if bypass
-                    else core.load(self.model, self.store, document.cache_id).kv)
-            kv, cached = full.slice(0, match.num_tokens), 0 if bypass else match.num_tokens
-        generation = self.model.generate(kv, prompt_ids[kv.num_tokens if kv else 0:], max_new_tokens, temperature,
-                                         seed=seed)
+            chunks = core.read_document(self.model, self.store, document.cache_id)[1]
+            usable = [c for c in chunks if c.end <= match.num_tokens]
+            if usable:
+                prefix = (self.model.prefill_pieces([list(c.token_ids) for c in usable]) if bypass
+                          else tuple(ChunkStore(self.store, self.model.fingerprint).read_run(usable)))
+                cached = 0 if bypass else sum(kv.num_tokens for kv in prefix)
+        done = sum(kv.num_tokens for kv in prefix)
+        generation = self.model.generate(prefix, prompt_ids[done:], max_new_tokens, temperature, seed=seed)
         return Completion(generation.token_ids, len(prompt_ids), cached, document, time.perf_counter() - start,
                           "store" if cached else "none")

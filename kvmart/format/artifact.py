@@ -6,7 +6,12 @@ The header's `__metadata__["kvmart"]` holds the manifest (format version, cache 
 shapes, codec, per-tensor codec, params and checksums, manifest hash). A raw tensor is stored as its dtype and shape;
 an encoded one (kvmart.codec) as a U8 vector, so the file stays valid safetensors either way. Reading verifies
 everything before a single tensor is handed out: a truncated, bit-flipped, foreign or mismatched file raises
-ArtifactError saying why, and is never used. Version 1 artifacts (raw only) are still read."""
+ArtifactError saying why, and is never used. Version 1 artifacts (raw only) and 2 are still read.
+
+Version 3 adds the document index: a manifest with no tensors that lists the chunks a document's KV is stored as
+(`chunks`: [num_tokens, key] in order, each key chained over the chunks before it, kvmart/format/keys.py) and the
+document's licence terms (`terms`, part of its cache id). Each chunk is an ordinary KV artifact whose cache id is its
+chained key. A KV artifact of a whole document (version 1 and 2 documents) is a one-chunk document."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import torch
 
@@ -29,14 +34,15 @@ from kvmart.canonical import spaced
 from kvmart.codec.raw import byte_view
 from kvmart.errors import ArtifactError, FingerprintMismatchError
 from kvmart.format.keys import cache_id as make_cache_id
+from kvmart.format.keys import chain_keys, is_cache_id
 from kvmart.format.signing import SIGNATURE_FIELD, cluster_key, sign
 from kvmart.format.signing import check as check_signature
 from kvmart.runtime.fingerprint import ModelFingerprint
 from kvmart.runtime.kv import KV, large_buffer, mapped_file
 
 FORMAT = "kvmart-kv"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: raw tensors only, `tensors` maps names to checksums
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: raw tensors only, `tensors` maps names to checksums; 3: document indexes
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # encoded tensors of a mapped artifact decode in parallel
 MAX_HEADER_BYTES = 64 << 20  # token ids of a 1M-token document fit easily
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -76,6 +82,8 @@ class Manifest:
     tensors: dict[str, TensorRecord]
     created_by: dict[str, str]
     salt_hash: str = ""
+    chunks: tuple[tuple[int, str], ...] = ()  # a document index: its chunks (tokens, chained key), in order
+    terms: str = ""  # a document's licence terms, canonical (part of its cache id)
     # set when read: the recorded hash of the body, and the cluster's signature of it (kvmart/format/signing.py)
     manifest_sha256: str = field(default="", compare=False)
     signature: str = field(default="", compare=False)
@@ -84,13 +92,19 @@ class Manifest:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def is_index(self) -> bool:
+        """A document index (chunks listed, no tensors of its own), not KV."""
+        return bool(self.chunks)
+
     def body(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "cache_id": self.cache_id,
                 "fingerprint": self.fingerprint, "fingerprint_digest": self.fingerprint_digest,
                 "token_ids": self.token_ids, "num_layers": self.num_layers, "kv_heads": self.kv_heads,
                 "head_dim": self.head_dim, "dtype": self.dtype, "codec": self.codec,
                 "tensors": {name: record.as_json() for name, record in self.tensors.items()},
-                "created_by": self.created_by, "salt_hash": self.salt_hash}
+                "created_by": self.created_by, "salt_hash": self.salt_hash,
+                "chunks": [[n, key] for n, key in self.chunks], "terms": self.terms}
 
 
 def runtime_versions() -> dict[str, str]:
@@ -100,19 +114,61 @@ def runtime_versions() -> dict[str, str]:
 
 
 def manifest_for(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint, salt: str = "",
-                 codec: str = "raw", tensors: dict[str, TensorRecord] | None = None) -> Manifest:
-    """The manifest of `kv`: raw tensors unless `tensors` records how each was encoded."""
+                 codec: str = "raw", tensors: dict[str, TensorRecord] | None = None,
+                 cache_id: str | None = None) -> Manifest:
+    """The manifest of `kv`: raw tensors unless `tensors` records how each was encoded. `cache_id`: a chunk's
+    chained key (kvmart/format/keys.py); by default the cache id of `token_ids` alone."""
     if kv.num_tokens != len(token_ids):
         raise AssertionError(f"KV holds {kv.num_tokens} tokens but {len(token_ids)} token ids were given")
     k0 = kv.keys[0]
     return Manifest(
-        cache_id=make_cache_id(fingerprint.digest, token_ids, salt),
+        cache_id=cache_id or make_cache_id(fingerprint.digest, token_ids, salt),
         fingerprint=fingerprint.as_dict(), fingerprint_digest=fingerprint.digest, token_ids=list(token_ids),
         num_layers=kv.num_layers, kv_heads=k0.shape[1], head_dim=k0.shape[3], dtype=str(kv.dtype).removeprefix("torch."),
         codec=codec, created_by=runtime_versions(),
         tensors=tensors or {name: TensorRecord(checksum(t)) for name, t in kv.tensors().items()},
         salt_hash=hashlib.sha256(salt.encode()).hexdigest() if salt else "",
     )
+
+
+def index_manifest(token_ids: list[int], chunks: list[tuple[int, str]], fingerprint: ModelFingerprint,
+                   shape: tuple[int, int, int], dtype: str, salt: str = "", terms: str = "") -> Manifest:
+    """The index of a document stored as `chunks` ([num_tokens, chained key] in order; the keys are checked
+    against the token ids when read). `shape`: (num_layers, kv_heads, head_dim) of the chunks' KV."""
+    if sum(n for n, _ in chunks) != len(token_ids) or not chunks:
+        raise AssertionError(f"chunks of {[n for n, _ in chunks]} tokens do not cover {len(token_ids)} token ids")
+    num_layers, kv_heads, head_dim = shape
+    return Manifest(
+        cache_id=make_cache_id(fingerprint.digest, token_ids, salt, terms), fingerprint=fingerprint.as_dict(),
+        fingerprint_digest=fingerprint.digest, token_ids=list(token_ids), num_layers=num_layers, kv_heads=kv_heads,
+        head_dim=head_dim, dtype=dtype, codec="raw", tensors={}, created_by=runtime_versions(),
+        salt_hash=hashlib.sha256(salt.encode()).hexdigest() if salt else "", chunks=tuple(chunks), terms=terms)
+
+
+def write_index(f: BinaryIO, manifest: Manifest) -> int:
+    """Write a document index (a header with no tensors); returns bytes written."""
+    assert manifest.is_index and not manifest.tensors, "write_index writes document indexes only"
+    return f.write(_header(manifest, []))
+
+
+def read_index(f: BinaryIO, size_bytes: int, fingerprint: ModelFingerprint, salt: str = "") -> Manifest:
+    """Read and verify what a document is stored as: an index (its chunks' keys checked against its token ids,
+    model and salt) or, for a document stored whole (versions 1 and 2), its KV artifact's manifest as a one-chunk
+    index. ArtifactError (or FingerprintMismatchError) on any problem."""
+    manifest, _ = read_manifest(f, size_bytes)
+    check_model(manifest, fingerprint)
+    if manifest.cache_id != make_cache_id(fingerprint.digest, manifest.token_ids, salt, manifest.terms):
+        raise ArtifactError(f"document {manifest.cache_id[:16]}: its cache id does not match its tokens, model and "
+                            "terms")
+    if not manifest.is_index:
+        return replace(manifest, chunks=((manifest.num_tokens, manifest.cache_id),))
+    pieces, start = [], 0
+    for n, _ in manifest.chunks:
+        pieces.append(manifest.token_ids[start:start + n])
+        start += n
+    if [key for _, key in manifest.chunks] != chain_keys(fingerprint.digest, pieces, salt):
+        raise ArtifactError(f"document {manifest.cache_id[:16]}: its chunk keys do not match its tokens")
+    return manifest
 
 
 def tensor_names(num_layers: int) -> list[str]:
@@ -143,28 +199,32 @@ class EncodedArtifact:
 
 def encode_artifact(kv: KV, token_ids: list[int], fingerprint: ModelFingerprint, salt: str = "",
                     codec: str | codecs.Spec = codecs.DEFAULT_CODEC,
-                    progress: Callable[[float], None] | None = None) -> EncodedArtifact:
+                    progress: Callable[[float], None] | None = None, cache_id: str | None = None) -> EncodedArtifact:
     """Encode every tensor of `kv` with `codec` (a tensor it does not shrink is kept raw) and build the artifact.
     Holds the encoded tensors in memory until written (for raw: views of `kv`, no copy)."""
     spec = codecs.parse_spec(codec) if isinstance(codec, str) else codec
     records, blobs, entries = {}, [], []
     named = kv.tensors()
     for i, (name, t) in enumerate(named.items()):
-        t = t.contiguous()
-        raw, digest = byte_view(t), checksum(t)
-        encoded = codecs.encode(t, spec) if spec.name != "raw" else None
-        if encoded is None or len(encoded.data) >= len(raw):
-            records[name], blob = TensorRecord(digest, "raw", {}, digest), raw
-            entries.append((name, SAFETENSORS_DTYPES[t.dtype], list(t.shape), len(raw)))
-        else:
-            blob = encoded.data
-            records[name] = TensorRecord(digest, encoded.codec, encoded.params, codecs.checksum(blob))
-            entries.append((name, "U8", [len(blob)], len(blob)))
+        records[name], blob, entry = store_tensor(name, t.contiguous(), spec)
         blobs.append(blob)
+        entries.append(entry)
         if progress:
             progress((i + 1) / len(named))
-    manifest = manifest_for(kv, token_ids, fingerprint, salt, spec.name, records)
+    manifest = manifest_for(kv, token_ids, fingerprint, salt, spec.name, records, cache_id)
     return EncodedArtifact(manifest, _header(manifest, entries), tuple(blobs))
+
+
+def store_tensor(name: str, t: torch.Tensor, spec: codecs.Spec,
+                 digest: str = "") -> tuple[TensorRecord, bytes | memoryview, tuple[str, str, list[int], int]]:
+    """How the contiguous tensor `t` is stored with `spec`: (record, stored bytes, header entry). A tensor the
+    codec does not shrink is stored raw (its bytes are then a view of `t`). `digest`: its checksum, if known."""
+    raw, digest = byte_view(t), digest or checksum(t)
+    encoded = codecs.encode(t, spec) if spec.name != "raw" else None
+    if encoded is None or len(encoded.data) >= len(raw):
+        return TensorRecord(digest, "raw", {}, digest), raw, (name, SAFETENSORS_DTYPES[t.dtype], list(t.shape), len(raw))
+    record = TensorRecord(digest, encoded.codec, encoded.params, codecs.checksum(encoded.data))
+    return record, encoded.data, (name, "U8", [len(encoded.data)], len(encoded.data))
 
 
 def _manifest_json(manifest: Manifest) -> dict:
@@ -229,7 +289,8 @@ def read_manifest(f: BinaryIO, size_bytes: int) -> tuple[Manifest, dict]:
     if not isinstance(signature, str):
         raise ArtifactError(f"corrupt artifact: its {SIGNATURE_FIELD} is not a string")
     manifest = replace(_parse_manifest(body), signature=signature)
-    table = {name: header.get(name) for name in tensor_names(manifest.num_layers)}
+    names = [] if manifest.is_index else tensor_names(manifest.num_layers)
+    table = {name: header.get(name) for name in names}
     if set(table) != set(manifest.tensors):
         raise ArtifactError("corrupt artifact: the manifest's tensor list does not match its layer count")
     expected = 8 + header_len + _data_bytes(table)
@@ -240,7 +301,8 @@ def read_manifest(f: BinaryIO, size_bytes: int) -> tuple[Manifest, dict]:
 
 _FIELD_TYPES = {"cache_id": str, "fingerprint": dict, "fingerprint_digest": str, "token_ids": list, "num_layers": int,
                 "kv_heads": int, "head_dim": int, "dtype": str, "codec": str, "tensors": dict, "created_by": dict,
-                "salt_hash": str}
+                "salt_hash": str, "chunks": list, "terms": str}
+_OPTIONAL_FIELDS = ("salt_hash", "chunks", "terms")  # absent from older versions
 
 
 def _parse_manifest(body: object) -> Manifest:
@@ -262,7 +324,7 @@ def _parse_manifest(body: object) -> Manifest:
     codec = body.get("codec")
     if not (isinstance(codec, str) and codec in (("raw",) if version == 1 else codecs.CODECS)):
         raise ArtifactError(f"artifact codec {codec!r} is not supported by this kvmart")
-    missing = [k for k in _FIELD_TYPES if k not in body and k != "salt_hash"]
+    missing = [k for k in _FIELD_TYPES if k not in body and k not in _OPTIONAL_FIELDS]
     if missing:
         raise ArtifactError(f"corrupt artifact: its manifest lacks {', '.join(missing)}")
     wrong = [k for k, kind in _FIELD_TYPES.items() if k in body and not _is(body[k], kind)]
@@ -272,8 +334,24 @@ def _parse_manifest(body: object) -> Manifest:
     if body["dtype"] not in SAFETENSORS_BY_NAME:
         raise ArtifactError(f"corrupt artifact: dtype {body['dtype']!r} is not one kvmart writes")
     fields = {k: body[k] for k in _FIELD_TYPES if k in body}
+    fields["chunks"] = _parse_chunks(body.get("chunks", []), len(body["token_ids"]))
+    if fields["chunks"] and body["tensors"]:
+        raise ArtifactError("corrupt artifact: a document index holds tensors")
     return Manifest(**{**fields, "tensors": {n: _parse_record(n, r, version) for n, r in body["tensors"].items()},
                        "manifest_sha256": recorded})
+
+
+def _parse_chunks(chunks: list, num_tokens: int) -> tuple[tuple[int, str], ...]:
+    """A document index's chunk list: [positive token count, 64 hex digits] pairs covering every token."""
+    parsed = []
+    for item in chunks:
+        if not (isinstance(item, list) and len(item) == 2 and _is(item[0], int) and item[0] > 0
+                and is_cache_id(item[1])):
+            raise ArtifactError(f"corrupt artifact: a chunk of its index is malformed: {item!r:.100}")
+        parsed.append((item[0], item[1]))
+    if parsed and sum(n for n, _ in parsed) != num_tokens:
+        raise ArtifactError("corrupt artifact: its chunks do not cover its token ids")
+    return tuple(parsed)
 
 
 _RECORD_FIELDS = {"checksum": str, "codec": str, "params": dict, "stored_checksum": str}
@@ -338,7 +416,9 @@ def read_artifact(f: BinaryIO, size_bytes: int, fingerprint: ModelFingerprint, s
     manifest, table = read_manifest(f, size_bytes)
     check_requested(manifest, requested_cache_id)
     check_model(manifest, fingerprint)
-    expected = expected_cache_id or make_cache_id(fingerprint.digest, manifest.token_ids, salt)
+    if manifest.is_index:
+        raise ArtifactError(f"artifact {manifest.cache_id[:16]} is a document index, not KV (read its chunks)")
+    expected = expected_cache_id or make_cache_id(fingerprint.digest, manifest.token_ids, salt, manifest.terms)
     if expected != manifest.cache_id:
         raise ArtifactError(f"artifact {manifest.cache_id[:16]}: its cache id does not match its tokens and model")
     tensors = _read_tensors(f, table, manifest)
@@ -375,7 +455,7 @@ def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> di
     if all(r.codec == "raw" for r in manifest.tensors.values()):
         if source is None:
             source = large_buffer(total)
-            if f.readinto(memoryview(source.numpy())) != total:
+            if _readinto(f, source.numpy().data) != total:
                 raise ArtifactError("truncated artifact: the tensor data is cut short")
         out, scratch = source, None
     else:
@@ -383,7 +463,11 @@ def _read_tensors(f: BinaryIO, table: dict[str, dict], manifest: Manifest) -> di
             max(e["data_offsets"][1] - e["data_offsets"][0] for e in table.values()))
     def one(i: int, name: str, entry: dict) -> torch.Tensor:
         start, end = entry["data_offsets"]
-        stored = memoryview(source[start:end].numpy()) if source is not None else _read_exact(f, scratch, end - start)
+        if source is not None:
+            stored = source[start:end].numpy().data
+        else:
+            assert scratch is not None  # set whenever the file is not mapped
+            stored = _read_exact(f, scratch, end - start)
         record = manifest.tensors[name]
         if codecs.checksum(stored) != record.stored_checksum:
             raise ArtifactError(f"corrupt artifact: tensor {name} does not match its checksum (bit flip or tampering)")
@@ -414,9 +498,14 @@ def _check_entry(name: str, entry: dict, record: TensorRecord, shape: list[int],
 
 def _read_exact(f: BinaryIO, scratch: bytearray, n: int) -> memoryview:
     view = memoryview(scratch)[:n]
-    if f.readinto(view) != n:
+    if _readinto(f, view) != n:
         raise ArtifactError("truncated artifact: the tensor data is cut short")
     return view
+
+
+def _readinto(f: BinaryIO, view: memoryview) -> int | None:
+    """typing.BinaryIO declares no readinto, though every binary file (open(..., "rb"), BytesIO) has one."""
+    return cast(io.BufferedIOBase, f).readinto(view)
 
 
 def _decode_into(name: str, stored: memoryview, record: TensorRecord, target: torch.Tensor) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
 from kvmart.canonical import canonical
+from kvmart.config import CHUNK_ALIGN_TOKENS
 from kvmart.errors import InvalidIdError
 
-ALIGN_TOKENS = 8  # chunk sizes are multiples of this (vector-friendly shapes; exactness comes from chunked prefill)
+ALIGN_TOKENS = CHUNK_ALIGN_TOKENS  # chunk sizes are multiples of this (vector-friendly shapes)
 DEFAULT_CHUNK_TOKENS = 256
 CACHE_ID_HEX_DIGITS = 64  # a sha256, as `cache_id` and `chain_key` write it
 _CACHE_ID = re.compile(f"[0-9a-f]{{{CACHE_ID_HEX_DIGITS}}}")
@@ -34,6 +36,7 @@ def parse_cache_id(value: object, where: str = "cache id") -> str:
 
 
 def is_cache_id(value: object) -> bool:
+    """Whether `value` passes `parse_cache_id` (a cache id or a chunk's chain key: both are 64 hex digits)."""
     return isinstance(value, str) and _CACHE_ID.fullmatch(value) is not None
 
 
@@ -56,16 +59,26 @@ def chunk_keys(fingerprint_digest: str, token_ids: list[int], chunk_tokens: int 
                salt: str = "") -> list[str]:
     """One key per full chunk of `token_ids`, in order."""
     check_chunk_tokens(chunk_tokens)
-    keys, parent = [], ""
-    for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
-        parent = chain_key(parent, fingerprint_digest, salt, list(token_ids[start:start + chunk_tokens]))
+    full = len(token_ids) // chunk_tokens * chunk_tokens
+    return chain_keys(fingerprint_digest, [token_ids[s:s + chunk_tokens] for s in range(0, full, chunk_tokens)], salt)
+
+
+def chain_keys(fingerprint_digest: str, chunks: Sequence[Sequence[int]], salt: str = "", parent: str = ""
+               ) -> list[str]:
+    """The chained keys of consecutive chunks (of any lengths), continuing the chain after `parent`."""
+    keys = []
+    for ids in chunks:
+        parent = chain_key(parent, fingerprint_digest, salt, list(ids))
         keys.append(parent)
     return keys
 
 
-def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str = "") -> str:
-    """The content address of a KV artifact: sha256 over the model fingerprint, the token ids and an optional
-    tenant salt (set by the server from the authenticated account, never by a client)."""
+def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str = "", terms: str = "") -> str:
+    """The content address of a document (or of a whole-sequence KV artifact): sha256 over the model fingerprint,
+    the token ids, an optional tenant salt (set by the server from the authenticated account, never by a client) and
+    the document's licence terms in canonical form (kvmart.ledger.Terms.canonical; empty for a public document with
+    no price, which keeps every such id what it was before terms were part of it). A document republished under
+    other terms is another document, with another id; its chunks (chained keys, which hold no terms) are shared."""
     h = hashlib.sha256()
     h.update(b"kvmart-cache-v1\0")
     h.update(fingerprint_digest.encode())
@@ -73,4 +86,7 @@ def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str = "") -> s
     h.update(salt.encode())
     h.update(b"\0")
     h.update(canonical(list(token_ids)))  # "[1,2,3]": docs/FORMAT.md "Cache id"
+    if terms:
+        h.update(b"\0terms\0")
+        h.update(terms.encode())
     return h.hexdigest()

@@ -12,9 +12,9 @@ point; `Ledger` the one object the server and the CLI use.
 
 from kvmart.ledger.accounts import Account
 from kvmart.ledger.api import Health, Ledger, open_ledger
-from kvmart.ledger.charges import Charge, Hold
+from kvmart.ledger.charges import Charge, Hold, Read
 from kvmart.ledger.licences import KINDS, Licence, Terms
 from kvmart.ledger.tariffs import Quote, Tariff, load_tariff, parse_money, quote, usd_text
 
-__all__ = ["Account", "Charge", "Health", "Hold", "KINDS", "Ledger", "Licence", "Quote", "Tariff", "Terms",
+__all__ = ["Account", "Charge", "Health", "Hold", "KINDS", "Ledger", "Licence", "Quote", "Read", "Tariff", "Terms",
            "load_tariff", "open_ledger", "parse_money", "quote", "usd_text"]

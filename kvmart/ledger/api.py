@@ -3,9 +3,10 @@ nothing) and is safe to call from any thread, and from several processes on one 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +18,7 @@ from kvmart.errors import AccountError, AuthenticationError, LedgerError
 from kvmart.ledger import accounts as acc
 from kvmart.ledger import charges, entries, escrow, keys, licences, ownership, receipts, reports
 from kvmart.ledger.accounts import Account
-from kvmart.ledger.charges import Charge, Hold
+from kvmart.ledger.charges import Charge, Hold, Read
 from kvmart.ledger.db import in_transaction, ledger_url, open_engine, redact
 from kvmart.ledger.entries import HOLD_LEASE_SECONDS
 from kvmart.ledger.licences import Licence, Terms
@@ -26,6 +27,7 @@ from kvmart.ledger.migrations import migrate
 from kvmart.ledger.tariffs import Quote, Tariff, load_tariff, precompute_cost, quote, to_nanousd
 
 ADMIN_KEY_ENV = "KVMART_ADMIN_KEY"
+LICENCE_TTL_SECONDS = 5.0
 SECRET_ENV = "KVMART_LEDGER_SECRET"
 ESCROW_DAYS_ENV = "KVMART_ESCROW_DAYS"
 T = TypeVar("T")
@@ -58,6 +60,10 @@ class Ledger(Market):
         self._secret = b""
         self._salts: dict[str, str] = {}
         self.node = ""  # the server node this object serves (`start_node`); its holds carry the name
+        # licences looked up by requests, kept LICENCE_TTL_SECONDS: a document's terms are part of its cache id and
+        # change only by a verified owner's claim (this process forgets at once; another node's, within the TTL);
+        # a charge reads the licence afresh when it settles, so royalties always go where the licence says then
+        self._licences: dict[str, tuple[float, Licence]] = {}
         self.keyring = keys.Keyring()  # the provider's Ed25519 keys (receipts, statements)
         self.escrow_seconds = escrow_seconds  # how long escrow holds an unclaimed royalty before refunding it
 
@@ -126,7 +132,31 @@ class Ledger(Market):
         return self.read(lambda conn: licences.readable_private(conn, account))
 
     def licence(self, cache_id: str) -> Licence | None:
-        return self.read(lambda conn: licences.find_licence(conn, cache_id))
+        """The licence of `cache_id` (None: public, no publisher), remembered for LICENCE_TTL_SECONDS."""
+        kept = self._licences.get(cache_id)
+        if kept is not None and time.monotonic() - kept[0] < LICENCE_TTL_SECONDS:
+            return kept[1]
+        found = self.read(lambda conn: licences.find_licence(conn, cache_id))
+        if found is not None:
+            self._licences[cache_id] = (time.monotonic(), found)
+        return found
+
+    def forget_licences(self) -> None:
+        """Drop the remembered licences (after a claim changed who owns what)."""
+        self._licences.clear()
+
+    def request_context(self, account: Account, idempotency_key: str | None, request_hash: str
+                        ) -> tuple[frozenset[str] | None, str | None]:
+        """In one read: the private documents `account` may read (`readable`) and the stored answer of an
+        idempotent retry (`stored_response`; None without a key or a stored answer)."""
+
+        def work(conn: Connection) -> tuple[frozenset[str] | None, str | None]:
+            readable = licences.readable_private(conn, account)
+            if idempotency_key is None or account.is_admin:
+                return readable, None
+            return readable, charges.stored_response(conn, account.id, idempotency_key, request_hash)
+
+        return self.read(work)
 
     def salt_of(self, cache_id: str) -> str:
         """The tenant salt a private cache id was made with ('' if its licence is not recorded). Remembered once
@@ -155,20 +185,29 @@ class Ledger(Market):
         recording its licence) and of any whose lease lapsed: for the start-up repair."""
         return self.read(lambda conn: licences.interrupted_publications(conn, self.node))
 
+    def precompute_fee(self, publisher: Account, num_tokens: int) -> int:
+        """What publishing a document of `num_tokens` costs `publisher`, in nano-dollars (the admin: nothing)."""
+        return 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
+
     def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int,
-                source: str = "", publication_id: int | None = None) -> int | None:
+                source: str = "", hold: Hold | None = None, publication_id: int | None = None) -> int | None:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
-        the fee in nano-dollars. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
-        None, with nothing recorded or charged, if the document already has a licence: the first publisher keeps
-        it, whether another node published the same text at the same moment or the artifact was deleted or
-        evicted (`kvmart rm`, a shared tier's TTL) and computed again (a verified owner may still take it over:
-        `claim_document`). A `source` on an origin the publisher has verified makes it the document's verified owner
-        (docs/LEDGER.md "Owners, not first comers")."""
-        fee = 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
+        the fee in nano-dollars. `hold`: the fee held before the document was computed, spent (and dropped) by
+        this charge. `publication_id`: the note `begin_publication` made, deleted in the same transaction (the
+        licence and the note: both or neither). InsufficientFundsError (nothing recorded) if the publisher cannot
+        pay it.
+        None, with nothing recorded or charged (and the hold dropped), if the document already has a licence: the
+        first publisher keeps it, whether another node published the same text at the same moment or the artifact
+        was deleted or evicted (`kvmart rm`, a shared tier's TTL) and computed again (a verified owner may still
+        take it over: `claim_document`). A `source` on an origin the publisher has verified makes it the document's
+        verified owner (docs/LEDGER.md "Owners, not first comers")."""
+        fee = self.precompute_fee(publisher, num_tokens)
 
         def work(conn: Connection) -> int | None:
             if publication_id is not None:  # the note goes with the licence: both or neither
                 licences.end_publication(conn, publication_id)
+            if hold is not None:
+                charges.release(conn, hold.id)
             if licences.find_licence(conn, cache_id) is not None:
                 return None
             verified = int(time.time()) if source and ownership.is_verified_origin(conn, publisher.id, source) else None
@@ -187,6 +226,7 @@ class Ledger(Market):
 
     def forget(self, cache_id: str) -> None:
         self.run(lambda conn: licences.forget(conn, cache_id))
+        self._licences.pop(cache_id, None)
 
     # -- charges -------------------------------------------------------------------------------------------------
     def quote(self, licence: Licence | None, cached_tokens: int, computed_tokens: int, output_tokens: int) -> Quote:
@@ -199,19 +239,44 @@ class Ledger(Market):
         return self.run(lambda conn: charges.open_hold(conn, account, amount_nanousd, idempotency_key,
                                                        request_hash, self.node))
 
+    def quote_reads(self, reads: Sequence[tuple[str | None, Licence | None, int]], computed_tokens: int,
+                    output_tokens: int) -> tuple[Quote, list[Read]]:
+        """The charge of a request that read `reads` ((document cache id, its licence, tokens) each; a None cache id
+        is the caller's own prefix cache, read at the default tariff with no royalty) and computed and generated the
+        rest, and each document's share of it."""
+        total = quote(self.tariff, 0, computed_tokens, output_tokens, has_publisher=False)
+        lines = []
+        for cache_id, licence, tokens in reads:
+            part = self.quote(licence, tokens, 0, 0)
+            total = total + part
+            if cache_id is not None:
+                lines.append(Read(cache_id, licence.publisher_id if licence else None, tokens, part.royalty_nanousd))
+        return total, lines
+
     def settle(self, hold: Hold, charged: Quote, licence: Licence | None, cache_id: str | None) -> Charge:
-        """Post the charge, its royalty to the publisher or, for an open document whose owner is not verified, to
-        escrow (kvmart/ledger/escrow.py); the receipt signed with the current key."""
+        """Settle a request that read at most one document (`settle_reads` for any number)."""
+        reads = [Read(cache_id, licence.publisher_id if licence else None, charged.cached_tokens,
+                      charged.royalty_nanousd)] if cache_id is not None else []
+        return self.settle_reads(hold, charged, reads)
+
+    def settle_reads(self, hold: Hold, charged: Quote, reads: Sequence[Read]) -> Charge:
+        """Post the charge; each document's royalty goes to its publisher or, for an open document whose owner is
+        not verified, to escrow (kvmart/ledger/escrow.py), as its licence stands now (a verified owner may have
+        taken it over since the hold); the receipt signed with the current key."""
 
         def work(conn: Connection) -> Charge:
-            fresh = licences.find_licence(conn, cache_id) if licence is not None and cache_id else None
-            current = fresh or licence  # as it is now (a verified owner may have taken it over since the hold)
-            royalty_to, escrowed = escrow.royalty_account(conn, current)
+            routed, escrowed = [], []
+            for read in reads:
+                current = licences.find_licence(conn, read.cache_id) if read.publisher_id is not None else None
+                to, held = escrow.royalty_account(conn, current)
+                routed.append(dataclasses.replace(read, publisher_id=current.publisher_id if current else None,
+                                                  royalty_to=to))
+                if held and read.royalty_nanousd:
+                    escrowed.append(read)
             self.keyring.current(conn)  # lock the key (shared) before the charge takes its date: statements.py
-            charge = charges.settle(conn, hold, charged, cache_id, royalty_to, self._secret, self.keyring,
-                                    current.publisher_id if current else None)
-            if escrowed and charged.royalty_nanousd and cache_id is not None:
-                escrow.hold(conn, charge.transaction_id, cache_id, hold.account_id, charged.royalty_nanousd,
+            charge = charges.settle(conn, hold, charged, routed, self._secret, self.keyring)
+            for read in escrowed:
+                escrow.hold(conn, charge.transaction_id, read.cache_id, hold.account_id, read.royalty_nanousd,
                             charge.receipt["created_at"], self.escrow_seconds)
             return charge
 

@@ -17,6 +17,7 @@ never comes back its holds lapse with their lease: they reserve nothing and bloc
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select, update
@@ -27,7 +28,7 @@ from kvmart.ledger.accounts import PROVIDER, Account, account_by_id, get_account
 from kvmart.ledger.entries import HOLD_LEASE_SECONDS, check_covers, post
 from kvmart.ledger.keys import Keyring
 from kvmart.ledger.receipts import issue, rebuild, sign
-from kvmart.ledger.schema import charges, holds, responses
+from kvmart.ledger.schema import charge_reads, charges, holds, responses
 from kvmart.ledger.tariffs import Quote
 
 
@@ -41,8 +42,26 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class Read:
+    """The tokens one request read from one document, and the royalty they earned: `publisher_id` is the document's
+    publisher (None: no publisher, a document the operator's CLI precomputed), `royalty_to` the account the royalty
+    is paid to (the publisher, or escrow: kvmart/ledger/escrow.py; None: the publisher)."""
+
+    cache_id: str
+    publisher_id: int | None
+    cached_tokens: int
+    royalty_nanousd: int
+    royalty_to: int | None = None
+
+    @property
+    def paid_to(self) -> int | None:
+        return self.royalty_to if self.royalty_to is not None else self.publisher_id
+
+
+@dataclass(frozen=True)
 class Charge:
-    """A settled charge; `receipt` is its signed receipt, `replayed` True when an idempotent retry found it."""
+    """A settled charge; `receipt` is its signed receipt, `replayed` True when an idempotent retry found it.
+    `cache_id` and `publisher_id` (where its royalty went) name its first document read, if any; `reads` every one."""
 
     transaction_id: int
     quote: Quote
@@ -50,6 +69,7 @@ class Charge:
     publisher_id: int | None
     receipt: dict
     replayed: bool = False
+    reads: tuple[Read, ...] = ()
 
 
 def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempotency_key: str | None,
@@ -79,29 +99,38 @@ def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempoten
     check_covers(conn, locked, -amount_nanousd)
     hold_id = conn.execute(insert(holds).values(account_id=account.id, amount_nanousd=amount_nanousd,
                                                 idempotency_key=idempotency_key, created_at=now, node=node,
-                                                expires_at=now + lease_seconds)).inserted_primary_key[0]
+                                                expires_at=now + lease_seconds)
+                           .returning(holds.c.id)).scalar_one()
     return Hold(int(hold_id), account.id, amount_nanousd, idempotency_key, request_hash)
 
 
-def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, publisher_id: int | None,
-           secret: bytes, keyring: Keyring, licensee_id: int | None = None) -> Charge:
-    """Post the charge of a held request and drop its hold. The charge never exceeds the hold, so it is always
-    covered; InsufficientFundsError only if the hold was released meanwhile and the money spent. `publisher_id`
-    is the account the royalty goes to (the publisher, or escrow: kvmart/ledger/escrow.py), `licensee_id` the
-    publisher of the document read; the receipt is signed with the ledger's current key (receipts.py)."""
+def settle(conn: Connection, hold: Hold, quote: Quote, reads: Sequence[Read], secret: bytes,
+           keyring: Keyring) -> Charge:
+    """Post the charge of a held request and drop its hold: the agent pays the total, each document read its
+    royalty (to its publisher, or escrow: kvmart/ledger/escrow.py), the provider the rest. The charge never exceeds
+    the hold, so it is always covered; InsufficientFundsError only if the hold was released meanwhile and the money
+    spent. The receipt is signed with the ledger's current key (receipts.py)."""
     if quote.total_nanousd > hold.amount_nanousd:
         raise AssertionError(f"charge {quote.total_nanousd} exceeds its hold {hold.amount_nanousd}")
+    if sum(r.royalty_nanousd for r in reads) != quote.royalty_nanousd:
+        raise AssertionError("the reads' royalties do not add up to the quote's")
     agent = account_by_id(conn, hold.account_id)
     provider = get_account(conn, PROVIDER)
-    royalty_to = publisher_id if quote.royalty_nanousd else None
+    first = reads[0] if reads else None
+    cache_id = first.cache_id if first else None
+    royalty_to = first.paid_to if first and first.royalty_nanousd else None
     legs = [(agent.id, -quote.total_nanousd), (provider.id, quote.provider_nanousd)]
-    if royalty_to is not None:
-        legs.append((royalty_to, quote.royalty_nanousd))
+    legs += [(r.paid_to, r.royalty_nanousd) for r in reads if r.paid_to is not None and r.royalty_nanousd]
     txn_id = post(conn, "charge", legs, memo=cache_id or "", hold_exempt=hold.id)
     conn.execute(delete(holds).where(holds.c.id == hold.id))
     now = int(time.time())
-    payload = receipt_payload(txn_id, agent.name, cache_id, quote, now)
+    payload = receipt_payload(txn_id, agent.name, cache_id, quote, now, documents_json(conn, reads))
     receipt = issue(conn, keyring, payload, account_by_id(conn, royalty_to).name if royalty_to is not None else None)
+    if reads:
+        conn.execute(insert(charge_reads), [
+            {"transaction_id": txn_id, "position": i, "cache_id": r.cache_id, "licensee_id": r.publisher_id,
+             "royalty_to": r.paid_to if r.royalty_nanousd else None, "cached_tokens": r.cached_tokens,
+             "royalty_nanousd": r.royalty_nanousd} for i, r in enumerate(reads)])
     conn.execute(insert(charges).values(
         transaction_id=txn_id, account_id=agent.id, idempotency_key=hold.idempotency_key,
         request_hash=hold.request_hash, cache_id=cache_id, publisher_id=royalty_to,
@@ -109,8 +138,22 @@ def settle(conn: Connection, hold: Hold, quote: Quote, cache_id: str | None, pub
         total_nanousd=quote.total_nanousd, computed_nanousd=quote.computed_nanousd,
         cache_read_nanousd=quote.cache_read_nanousd, output_nanousd=quote.output_nanousd,
         royalty_nanousd=quote.royalty_nanousd, saved_nanousd=quote.saved_nanousd, signature=sign(secret, payload),
-        created_at=now, key_id=receipt["key_id"], receipt_signature=receipt["signature"], licensee_id=licensee_id))
-    return Charge(txn_id, quote, cache_id, royalty_to, receipt)
+        created_at=now, key_id=receipt["key_id"], receipt_signature=receipt["signature"],
+        licensee_id=first.publisher_id if first else None))
+    return Charge(txn_id, quote, cache_id, royalty_to, receipt, reads=tuple(reads))
+
+
+def documents_json(conn: Connection, reads: Sequence[Read]) -> list[dict]:
+    """The documents a charge read as its receipt lists them: where each royalty went by account name."""
+    return [{"cache_id": r.cache_id, "cached_tokens": r.cached_tokens, "royalty_nanousd": r.royalty_nanousd,
+             "royalty_to": account_by_id(conn, r.paid_to).name if r.paid_to is not None and r.royalty_nanousd
+             else None} for r in reads]
+
+
+def stored_reads(conn: Connection, transaction_id: int) -> tuple[Read, ...]:
+    rows = conn.execute(select(charge_reads).where(charge_reads.c.transaction_id == transaction_id)
+                        .order_by(charge_reads.c.position))
+    return tuple(Read(r.cache_id, r.licensee_id, r.cached_tokens, r.royalty_nanousd, r.royalty_to) for r in rows)
 
 
 def remember_response(conn: Connection, account_id: int, idempotency_key: str, body: str) -> None:
@@ -164,8 +207,10 @@ def release_stale(conn: Connection) -> int:
     return conn.execute(delete(holds).where(holds.c.expires_at < int(time.time()))).rowcount
 
 
-def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote: Quote, created_at: int) -> dict:
+def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote: Quote, created_at: int,
+                    documents: list[dict]) -> dict:
     return {"receipt": f"rcpt_{txn_id}", "account": account_name, "document_cache_id": cache_id,
+            "documents": documents,
             "tokens": {"cached": quote.cached_tokens, "computed": quote.computed_tokens, "output": quote.output_tokens},
             "nanousd": {"total": quote.total_nanousd, "cache_read": quote.cache_read_nanousd,
                         "computed": quote.computed_nanousd, "output": quote.output_nanousd,
@@ -177,10 +222,12 @@ def charge_of(conn: Connection, row: Row, account_name: str, secret: bytes, repl
     """A stored charge, its receipt rebuilt from the stored row exactly as it was issued."""
     quote = Quote(row.cached_tokens, row.computed_tokens, row.output_tokens, row.computed_nanousd,
                   row.cache_read_nanousd, row.output_nanousd, row.royalty_nanousd, row.saved_nanousd)
-    payload = receipt_payload(row.transaction_id, account_name, row.cache_id, quote, row.created_at)
+    reads = stored_reads(conn, row.transaction_id)
+    payload = receipt_payload(row.transaction_id, account_name, row.cache_id, quote, row.created_at,
+                              documents_json(conn, reads))
     royalty_to = account_by_id(conn, row.publisher_id).name if row.publisher_id is not None else None
     return Charge(row.transaction_id, quote, row.cache_id, row.publisher_id, rebuild(row, payload, royalty_to, secret),
-                  replayed)
+                  replayed, reads)
 
 
 def recent_charges(conn: Connection, account: Account, limit: int, secret: bytes) -> list[Charge]:

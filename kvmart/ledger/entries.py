@@ -43,7 +43,7 @@ def post(conn: Connection, kind: str, legs: list[Leg], memo: str = "", hold_exem
     for account_id, amount in net.items():
         check_covers(conn, locked[account_id], amount, hold_exempt)
     txn_id = conn.execute(insert(transactions).values(kind=kind, memo=memo, created_at=int(time.time()))
-                          ).inserted_primary_key[0]
+                          .returning(transactions.c.id)).scalar_one()
     rows = [{"transaction_id": txn_id, "account_id": a, "amount_nanousd": n} for a, n in net.items() if n]
     if rows:  # a free request (zero prices) is a transaction without entries
         conn.execute(insert(entries), rows)

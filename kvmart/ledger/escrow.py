@@ -18,10 +18,11 @@ the ledger's health check)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 
 from kvmart.ledger.accounts import ESCROW, get_account
 from kvmart.ledger.entries import post
@@ -59,19 +60,19 @@ def hold(conn: Connection, transaction_id: int, cache_id: str, payer_id: int, am
 
 def release_to_owner(conn: Connection, cache_id: str, owner_id: int, now: int) -> Payout:
     """Pay every open escrow row of `cache_id` to its verified owner, in one transaction."""
-    open_rows = conn.execute(select(rows.c.transaction_id, rows.c.amount_nanousd)
+    open_rows = conn.execute(select(rows.c.transaction_id, rows.c.cache_id, rows.c.amount_nanousd)
                              .where(rows.c.cache_id == cache_id, rows.c.settled_at.is_(None))).all()
     total = sum(r.amount_nanousd for r in open_rows)
     if not open_rows:
         return Payout(None, 0, 0)
     txn = post(conn, "escrow_release", [(get_account(conn, ESCROW).id, -total), (owner_id, total)], memo=cache_id)
-    _settle(conn, [r.transaction_id for r in open_rows], now, "owner", owner_id, txn)
+    _settle(conn, open_rows, now, "owner", owner_id, txn)
     return Payout(txn, total, len(open_rows))
 
 
 def refund_due(conn: Connection, now: int) -> Payout:
     """Refund every open row whose period has ended to the reader who paid it (one transaction per reader)."""
-    due = conn.execute(select(rows.c.transaction_id, rows.c.payer_id, rows.c.amount_nanousd)
+    due = conn.execute(select(rows.c.transaction_id, rows.c.cache_id, rows.c.payer_id, rows.c.amount_nanousd)
                        .where(rows.c.settled_at.is_(None), rows.c.release_after <= now)).all()
     by_payer: dict[int, list] = defaultdict(list)
     for row in due:
@@ -80,14 +81,16 @@ def refund_due(conn: Connection, now: int) -> Payout:
     for payer_id, owed in sorted(by_payer.items()):
         amount = sum(r.amount_nanousd for r in owed)
         last = post(conn, "escrow_refund", [(escrow_id, -amount), (payer_id, amount)])
-        _settle(conn, [r.transaction_id for r in owed], now, "refunded", payer_id, last)
+        _settle(conn, owed, now, "refunded", payer_id, last)
         total += amount
     return Payout(last, total, len(due))
 
 
-def _settle(conn: Connection, transaction_ids: list[int], now: int, outcome: str, paid_to: int, txn: int) -> None:
-    conn.execute(update(rows).where(rows.c.transaction_id.in_(transaction_ids))
-                 .values(settled_at=now, outcome=outcome, paid_to=paid_to, settlement_id=txn))
+def _settle(conn: Connection, settled: Sequence[Row], now: int, outcome: str, paid_to: int, txn: int) -> None:
+    """Mark escrow rows (their transaction_id and cache_id: a charge that read several documents has several)."""
+    for row in settled:
+        conn.execute(update(rows).where(rows.c.transaction_id == row.transaction_id, rows.c.cache_id == row.cache_id)
+                     .values(settled_at=now, outcome=outcome, paid_to=paid_to, settlement_id=txn))
 
 
 def open_nanousd(conn: Connection, cache_id: str | None = None) -> int:

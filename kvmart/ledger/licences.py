@@ -11,6 +11,7 @@ is public and has no publisher: no royalty is paid on it."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -51,6 +52,19 @@ class Terms:
     def is_private(self) -> bool:
         return self.kind == "private"
 
+    def canonical(self) -> str:
+        """These terms as part of a document's identity (kvmart/format/keys.py cache_id): '' for a public licence
+        at the default price and share, else sorted compact JSON with decimals in plain notation."""
+        if self == Terms():
+            return ""
+        return json.dumps({"kind": self.kind, "readers": sorted(self.readers),
+                           "cache_read_usd_per_mtok": _plain(self.cache_read_usd_per_mtok),
+                           "royalty_share": _plain(self.royalty_share)}, sort_keys=True, separators=(",", ":"))
+
+
+def _plain(value: Decimal | None) -> str | None:
+    return None if value is None else format(value.normalize(), "f")
+
 
 @dataclass(frozen=True)
 class Licence:
@@ -83,6 +97,10 @@ class Licence:
     def tariff(self, base: Tariff) -> Tariff:
         return base.with_overrides(cache_read_usd_per_mtok=self.cache_read_usd_per_mtok,
                                    royalty_share=self.royalty_share)
+
+    def read_usd_per_mtok(self, base: Tariff) -> Decimal:
+        """What one million tokens read from this document cost."""
+        return self.tariff(base).read_usd_per_mtok
 
 
 def decimal_or_none(text: str | None) -> Decimal | None:

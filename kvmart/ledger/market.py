@@ -28,6 +28,7 @@ class Market:
     escrow_seconds: int
     run: Callable
     read: Callable
+    forget_licences: Callable[[], None]
 
     # -- keys ----------------------------------------------------------------------------------------------------
     def public_keys(self) -> list[keys.PublicKey]:
@@ -69,7 +70,9 @@ class Market:
     def mark_claim_verified(self, claim: Claim) -> list[tuple[str, Payout]]:
         """Record a claim whose token the provider found (kvmart/server/fetch.py did the fetching): the account's
         documents with a source on the origin become owner-verified and escrow pays them what it held."""
-        return self.run(lambda conn: ownership.mark_verified(conn, claim, int(time.time())))
+        paid = self.run(lambda conn: ownership.mark_verified(conn, claim, int(time.time())))
+        self.forget_licences()
+        return paid
 
     def claim_document(self, cache_id: str, owner: Account, terms: Terms, source: str) -> Payout | None:
         """A verified owner publishing a text already published: take the licence over (ownership.take_over)."""
@@ -80,7 +83,9 @@ class Market:
                 return None
             return ownership.take_over(conn, found, owner, terms, source, int(time.time()))
 
-        return self.run(work)
+        paid = self.run(work)
+        self.forget_licences()
+        return paid
 
     def refund_due_escrow(self, now: int | None = None) -> Payout:
         """Refund every escrowed royalty whose period has ended to the reader who paid it."""

@@ -210,7 +210,7 @@ def ownership(conn: Connection) -> None:
     Table(
         "escrow", md,
         Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),  # the charge
-        Column("cache_id", String(64), nullable=False, index=True),
+        Column("cache_id", String(64), primary_key=True, index=True),  # one row per document the charge read
         Column("payer_id", Integer, ForeignKey("accounts.id"), nullable=False),
         Column("amount_nanousd", BigInteger, nullable=False),
         Column("created_at", BigInteger, nullable=False),
@@ -256,6 +256,25 @@ def uploads(conn: Connection) -> None:
         md.tables[name].create(conn, checkfirst=True)
 
 
+def charge_reads(conn: Connection) -> None:
+    """Every document a charge read, with the royalty paid on it and where it went (a request may read several
+    documents) (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    Table("transactions", md, Column("id", Integer, primary_key=True))
+    Table(
+        "charge_reads", md,
+        Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+        Column("position", Integer, primary_key=True),
+        Column("cache_id", String(64), nullable=False, index=True),
+        Column("licensee_id", Integer, ForeignKey("accounts.id"), nullable=True, index=True),
+        Column("royalty_to", Integer, ForeignKey("accounts.id"), nullable=True),
+        Column("cached_tokens", Integer, nullable=False),
+        Column("royalty_nanousd", BigInteger, nullable=False),
+    )
+    md.tables["charge_reads"].create(conn, checkfirst=True)
+
+
 def hold_leases(conn: Connection) -> None:
     """Holds name their node and carry a lease (as released): a restarted node releases its own holds at once, and
     no hold outlives its lease. Holds made before keep the hour they were given."""
@@ -292,8 +311,9 @@ MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0003_receipt_keys", receipt_keys),
     ("0004_ownership", ownership),
     ("0005_uploads", uploads),
-    ("0006_hold_leases", hold_leases),
-    ("0007_pending_publications", pending_publications),
+    ("0006_charge_reads", charge_reads),
+    ("0007_hold_leases", hold_leases),
+    ("0008_pending_publications", pending_publications),
 )
 
 

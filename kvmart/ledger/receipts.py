@@ -1,7 +1,8 @@
 """Signed receipts: every charge comes with a receipt that anyone can verify with the provider's public key.
 
 Version 2 (every receipt issued now): the charge's fields, `version: 2`, where its royalty went (`royalty_to`: the
-publisher's account name, `escrow`, or null) and the signing key's id, signed with Ed25519 (kvmart/ledger/keys.py)
+publisher's account name, `escrow`, or null: the first document's), every document it read (`documents`: cache id,
+cached tokens, royalty in nano-dollars and where it went, in the order read) and the signing key's id, signed with Ed25519 (kvmart/ledger/keys.py)
 over `DOMAIN + canonical(receipt without "signature")` (kvmart/canonical.py). `verify_public` needs only the
 published keys (GET /.well-known/kvmart.json): `kvmart ledger verify RECEIPT --keys kvmart.json` works offline.
 
@@ -28,19 +29,20 @@ from kvmart.ledger.schema import meta
 SECRET_KEY = "receipt_secret"
 FIELDS = ("receipt", "account", "document_cache_id", "tokens", "nanousd", "created_at")
 VERSION = 2
-FIELDS_V2 = (*FIELDS, "version", "royalty_to", "key_id", "signature")
+FIELDS_V2 = (*FIELDS, "version", "royalty_to", "key_id", "signature", "documents")
 DOMAIN = b"kvmart-receipt-v2\x00"  # a signature made for anything else (a statement) never verifies as a receipt
 
 
 def sign(secret: bytes, payload: dict) -> str:
-    """The hex HMAC-SHA256 of the payload's version 1 fields (the signature itself excluded)."""
+    """The hex HMAC-SHA256 of the payload's version 1 fields (the signature itself excluded; `documents`, which
+    version 1 did not have, is covered by version 2's public-key signature)."""
     body = {k: payload[k] for k in FIELDS}
     return hmac.new(secret, canonical(body), hashlib.sha256).hexdigest()
 
 
 def signed(secret: bytes, payload: dict) -> dict:
-    """A version 1 receipt: the payload and its HMAC."""
-    return {**payload, "signature": sign(secret, payload)}
+    """A version 1 receipt: the payload's version 1 fields and their HMAC."""
+    return {**{k: payload[k] for k in FIELDS}, "signature": sign(secret, payload)}
 
 
 def verify(secret: bytes, receipt: object) -> bool:

@@ -111,7 +111,8 @@ def usage(conn: Connection, account: Account) -> Usage:
     royalties += conn.execute(select(func.coalesce(func.sum(escrow.c.amount_nanousd), 0))
                               .where(escrow.c.outcome == "owner", escrow.c.paid_to == account.id)).scalar_one()
     held = conn.execute(select(func.coalesce(func.sum(escrow.c.amount_nanousd), 0))
-                        .join(charges, charges.c.transaction_id == escrow.c.transaction_id)
+                        .join(charges, (charges.c.transaction_id == escrow.c.transaction_id)
+                              & (charges.c.cache_id == escrow.c.cache_id))
                         .where(escrow.c.settled_at.is_(None), charges.c.licensee_id == account.id)).scalar_one()
     fresh = conn.execute(select(accounts.c.balance_nanousd).where(accounts.c.id == account.id)).scalar_one()
     return Usage(account.name, account.role, int(fresh), held_nanousd(conn, account.id), int(spent[0]),

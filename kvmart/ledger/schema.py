@@ -95,6 +95,19 @@ charges = Table(
     Index("ix_charges_cache", "cache_id"),
 )
 
+# every document one charge read, in order (0006): its tokens, its publisher then (licensee), and where the royalty
+# on them went (the publisher, or escrow)
+charge_reads = Table(
+    "charge_reads", metadata,
+    Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("cache_id", String(64), nullable=False, index=True),
+    Column("licensee_id", Integer, ForeignKey("accounts.id"), nullable=True, index=True),
+    Column("royalty_to", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("royalty_nanousd", BigInteger, nullable=False),
+)
+
 # money reserved for a request in flight (its largest possible charge); settled or released when it ends
 holds = Table(
     "holds", metadata,
@@ -103,8 +116,8 @@ holds = Table(
     Column("amount_nanousd", BigInteger, nullable=False),
     Column("idempotency_key", String(255), nullable=True),
     Column("created_at", BigInteger, nullable=False),
-    Column("node", String(128), nullable=False, server_default=""),  # the node whose request it is (0006)
-    Column("expires_at", BigInteger, nullable=False, server_default="0"),  # its lease: renewed while it runs (0006)
+    Column("node", String(128), nullable=False, server_default=""),  # the node whose request it is (0007)
+    Column("expires_at", BigInteger, nullable=False, server_default="0"),  # its lease: renewed while it runs (0007)
     UniqueConstraint("account_id", "idempotency_key", name="uq_holds_idempotency"),
     Index("ix_holds_node", "node"),
 )
@@ -146,7 +159,7 @@ origin_claims = Table(
 escrow = Table(
     "escrow", metadata,
     Column("transaction_id", Integer, ForeignKey("transactions.id"), primary_key=True),  # the charge
-    Column("cache_id", String(64), nullable=False, index=True),
+    Column("cache_id", String(64), primary_key=True, index=True),  # one row per document the charge read
     Column("payer_id", Integer, ForeignKey("accounts.id"), nullable=False),
     Column("amount_nanousd", BigInteger, nullable=False),
     Column("created_at", BigInteger, nullable=False),
@@ -177,7 +190,7 @@ upload_refusals = Table(
 )
 
 # a publication in progress: written before its artifact is stored, deleted with its licence in one transaction;
-# one left behind names an artifact that may be stored, public and unpaid: removed at start-up (0007)
+# one left behind names an artifact that may be stored, public and unpaid: removed at start-up (0008)
 publications = Table(
     "publications", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

@@ -65,7 +65,8 @@ def royalty_state(publisher_id: int, royalty_to_id: int | None, held) -> str:
 def reads(conn: Connection, publisher: Account, start: int, end: int, secret: bytes) -> list[Read]:
     """The publisher's reads of [start, end), in receipt order."""
     query = (select(charges, escrow.c.outcome, escrow.c.paid_to, escrow.c.transaction_id.label("held"))
-             .outerjoin(escrow, escrow.c.transaction_id == charges.c.transaction_id)
+             .outerjoin(escrow, (escrow.c.transaction_id == charges.c.transaction_id)
+                        & (escrow.c.cache_id == charges.c.cache_id))  # the charge's first document's row
              .where(charges.c.created_at >= start, charges.c.created_at < end,
                     or_(charges.c.licensee_id == publisher.id, escrow.c.paid_to == publisher.id))
              .order_by(charges.c.transaction_id))

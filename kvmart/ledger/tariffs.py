@@ -92,6 +92,10 @@ class Quote:
     def provider_nanousd(self) -> int:
         return self.total_nanousd - self.royalty_nanousd
 
+    def __add__(self, other: "Quote") -> "Quote":
+        """Two parts of one request's charge (reads from two documents, say) as one."""
+        return Quote(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Quote)))
+
 
 def whole(amount: Decimal) -> int:
     """Rounded half-even to an integer."""

@@ -1,26 +1,32 @@
-"""The document catalogue: the store's artifacts for the loaded model, by document id, with their token ids in RAM
-so that any request's prompt can be matched against every stored prefix.
+"""The document catalogue: the store's documents for the loaded model, by document id, each with its token ids and
+the chunks its KV is stored as (its index, kvmart/format/artifact.py), so that requests naming a document are laid
+out without touching the store.
 
 A document id is `doc_` + the first 24 hex digits of its cache id: stable, so the CLI and the server (one store)
-agree on it, and publishing the same text twice gives the same id. Matching is on token ids: the longest common
-prefix of a prompt with any stored document. The first k positions of a longer document's KV are a valid prefix
-KV (attention is causal: position i never saw a later token). They are not bit-identical to prefilling those k
-tokens alone (the matrix shapes differ, so rounding does), which is why `"cache": "bypass"` prefills the whole
-matched document and slices it, computing exactly what the cached path reuses."""
+agree on it, and publishing the same text under the same terms twice gives the same id (the terms are part of the
+cache id: republished under other terms, a document gets a new id).
+
+The catalogue learns of documents published elsewhere (the CLI, other nodes) by `refresh`, which a timer runs
+(`start_refresher`), never a request: a request naming an unknown id is a 404 at once. A request naming a known
+document checks that it is still stored (`still_stored`, one lookup), so a deletion anywhere is seen at once.
+Documents pasted into a prompt without being named are found by `pasted_at_start`: one lookup by the key of the
+prompt's first chunk, whatever the catalogue's size."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from kvmart.errors import ArtifactError, UnknownDocumentError
 from kvmart.format.artifact import check_requested, read_manifest
+from kvmart.format.keys import chain_key
 from kvmart.store import Entry, Store
 
-log = logging.getLogger("kvmart.server")
+log = logging.getLogger("kvmart.catalog")
 ID_PREFIX = "doc_"
 ID_HEX_DIGITS = 24
 
@@ -38,8 +44,10 @@ Readable = frozenset[str] | None
 @dataclass(frozen=True)
 class Document:
     entry: Entry
-    token_ids: torch.Tensor  # int64, 1-D: the artifact's token ids
+    token_ids: torch.Tensor  # int64, 1-D: the document's token ids
+    chunks: tuple[tuple[int, str], ...]  # (tokens, chained key) of each chunk; a whole artifact: (all, its cache id)
     is_salted: bool = False  # made with a tenant salt: a private document
+    terms: str = ""  # the licence terms it was published under (canonical; part of its cache id)
 
     def visible_to(self, readable: Readable) -> bool:
         return readable is None or not self.is_salted or self.cache_id in readable
@@ -74,57 +82,117 @@ def common_prefix_tokens(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 class Catalog:
-    """Thread-safe. Holds every artifact of the store made by the model with fingerprint `fingerprint_digest`.
-    Artifacts written by other processes (the CLI) appear at the next `refresh`, which `get` and listing do."""
+    """Thread-safe. Holds every document of the store made by the model with fingerprint `fingerprint_digest`."""
 
     def __init__(self, store: Store, fingerprint_digest: str) -> None:
         self.store, self.fingerprint_digest = store, fingerprint_digest
         self._lock = threading.Lock()
         self._documents: dict[str, Document] = {}  # by document id
+        self._by_first_chunk: dict[str, list[Document]] = {}  # public documents by their first chunk's key
+        self._first_lengths: Counter[int] = Counter()  # how many of those have a first chunk of each length
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
+    # -- learning what is stored ---------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Pick up artifacts added or removed by anyone since the last look."""
-        entries = {document_id(e.cache_id): e for e in self.store.entries() if e.fingerprint == self.fingerprint_digest}
+        """Pick up documents added or removed by anyone since the last look (one listing of the store)."""
+        entries = {document_id(e.cache_id): e for e in self.store.entries()
+                   if e.is_document and e.fingerprint == self.fingerprint_digest}
         with self._lock:
-            for gone in set(self._documents) - set(entries):
-                del self._documents[gone]
+            gone = set(self._documents) - set(entries)
             known = set(self._documents)
+        for doc_id in gone:
+            self.remove(doc_id)
         for doc_id, entry in entries.items():
             if doc_id not in known:
                 self._add_readable(entry)
 
+    def start_refresher(self, interval_seconds: float) -> None:
+        """Refresh every `interval_seconds` on a thread of its own until `stop_refresher` (0: never)."""
+        if interval_seconds <= 0 or self._thread is not None:
+            return
+
+        def run() -> None:
+            while not self._stop.wait(interval_seconds):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001  (a store hiccup must not end the refresher; the next look retries)
+                    log.exception("catalogue refresh failed")
+
+        self._thread = threading.Thread(target=run, name="kvmart-catalogue", daemon=True)
+        self._thread.start()
+
+    def stop_refresher(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     def add(self, entry: Entry) -> Document:
-        """Register a stored artifact (its token ids come from its manifest)."""
+        """Register a stored document (its token ids and chunks come from its index's manifest)."""
         with self.store.open_head(entry.cache_id) as (f, size):  # the header only: no tensors are fetched
             manifest, _ = read_manifest(f, size)
         check_requested(manifest, entry.cache_id)
-        document = Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64), bool(manifest.salt_hash))
+        if manifest.is_index:  # an index is small: read it whole, so a tiered store keeps a copy on this node
+            with self.store.open(entry.cache_id):  # (it answers for the document while a shared tier is down)
+                pass
+        chunks = manifest.chunks or ((manifest.num_tokens, manifest.cache_id),)
+        return self.insert(Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64), chunks,
+                                    bool(manifest.salt_hash), manifest.terms))
+
+    def insert(self, document: Document) -> Document:
+        """Hold `document` (already read from its index)."""
+        first = first_chunk_key(self.fingerprint_digest, document)
         with self._lock:
+            if document.id in self._documents:
+                self._forget(document.id)
             self._documents[document.id] = document
+            if first is not None:
+                self._by_first_chunk.setdefault(first, []).append(document)
+                self._first_lengths[document.chunks[0][0]] += 1
         return document
 
     def _add_readable(self, entry: Entry) -> None:
         try:
             self.add(entry)
         except ArtifactError as e:  # one bad artifact must not hide the others; loading it would refuse it too
-            log.warning("skipping artifact %s: %s", entry.cache_id[:16], e)
+            log.warning("skipping document %s: %s", entry.cache_id[:16], e)
 
     def remove(self, doc_id: str) -> None:
         with self._lock:
-            self._documents.pop(doc_id, None)
+            self._forget(doc_id)
 
+    def _forget(self, doc_id: str) -> None:
+        """Drop a document (the lock held)."""
+        gone = self._documents.pop(doc_id, None)
+        first = first_chunk_key(self.fingerprint_digest, gone) if gone is not None else None
+        if gone is None or first is None:
+            return
+        kept = [d for d in self._by_first_chunk.get(first, ()) if d.id != doc_id]
+        if kept:
+            self._by_first_chunk[first] = kept
+        else:
+            self._by_first_chunk.pop(first, None)
+        self._first_lengths[gone.chunks[0][0]] -= 1
+        if not self._first_lengths[gone.chunks[0][0]]:
+            del self._first_lengths[gone.chunks[0][0]]
+
+    # -- finding documents ---------------------------------------------------------------------------------------
     def get(self, doc_id: str, readable: Readable = None) -> Document:
-        """The document `doc_id`; UnknownDocumentError if neither the catalogue nor the store has it, or if it is
-        private and not `readable` by the caller (another tenant's: the same 404)."""
+        """The document `doc_id`; UnknownDocumentError if the catalogue does not have it, or if it is private and
+        not `readable` by the caller (another tenant's: the same 404). Never touches the store."""
         with self._lock:
             found = self._documents.get(doc_id)
-        if found is None:
-            self.refresh()
-            with self._lock:
-                found = self._documents.get(doc_id)
         if found is None or not found.visible_to(readable):
             raise UnknownDocumentError(doc_id)
         return found
+
+    def still_stored(self, document: Document) -> bool:
+        """Whether `document` is still in the store (one lookup); a deleted one is dropped from the catalogue."""
+        if self.store.entry(document.cache_id) is not None:
+            return True
+        self.remove(document.id)
+        return False
 
     def documents(self, readable: Readable = None) -> list[Document]:
         """Every document the caller may see, newest first."""
@@ -132,13 +200,48 @@ class Catalog:
             docs = [d for d in self._documents.values() if d.visible_to(readable)]
         return sorted(docs, key=lambda d: (-d.entry.created_at, d.id))
 
+    def pasted_at_start(self, token_ids: list[int], first_keys: dict[int, str]) -> list[tuple[Document, int]]:
+        """The public documents the prompt `token_ids` starts with, found by the key of their first chunk, each with
+        how many of its tokens the prompt repeats in whole chunks (leaving at least one prompt token after them),
+        most first. `first_keys`: the prompt's first-chunk key for each length a public document's first chunk may
+        have (`first_chunk_lengths`)."""
+        ids = torch.tensor(token_ids, dtype=torch.int64)
+        with self._lock:
+            candidates = {d.id: d for key in first_keys.values() for d in self._by_first_chunk.get(key, ())}
+        found = []
+        for document in candidates.values():
+            common = min(common_prefix_tokens(ids, document.token_ids), len(token_ids) - 1)
+            whole, end = 0, 0
+            for n, _ in document.chunks:
+                if end + n > common:
+                    break
+                end += n
+                whole = end
+            if whole:
+                found.append((document, whole))
+        return sorted(found, key=lambda f: (-f[1], f[0].entry.created_at, f[0].id))
+
+    def first_chunk_lengths(self) -> set[int]:
+        """The lengths of public documents' first chunks (a chunk size, and any document shorter than one)."""
+        with self._lock:
+            return set(self._first_lengths)
+
     def longest_prefix(self, token_ids: list[int], min_tokens: int, readable: Readable = None) -> Match | None:
         """The document sharing the longest prefix with `token_ids`, if at least `min_tokens` long, among those the
-        caller may see (so another tenant's private cache is never reused, nor its existence revealed by a
-        cache hit). Ties go to the shorter document (less to load), then to the smaller id."""
+        caller may see. A scan of the whole catalogue: used only by the vLLM engine's connector, which reuses
+        whole stored documents (docs/VLLM.md); kvmart's own path looks chunks up by key."""
         ids = torch.tensor(token_ids, dtype=torch.int64)
         with self._lock:
             docs = [d for d in self._documents.values() if d.visible_to(readable)]
         matches = [Match(doc, common_prefix_tokens(ids, doc.token_ids)) for doc in docs]
         usable = [m for m in matches if m.num_tokens >= max(min_tokens, 1)]
         return min(usable, key=lambda m: (-m.num_tokens, m.document.num_tokens, m.document.id), default=None)
+
+
+def first_chunk_key(fingerprint_digest: str, document: Document) -> str | None:
+    """The chained key of a public document's first chunk (None for a private one: pasted text never matches
+    another tenant's chunks, and a document stored whole has no chunk keys to share)."""
+    if document.is_salted or document.chunks[0][1] == document.cache_id:
+        return None
+    n = document.chunks[0][0]
+    return chain_key("", fingerprint_digest, "", document.token_ids[:n].tolist())

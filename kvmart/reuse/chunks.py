@@ -1,136 +1,149 @@
-"""Prefix-shared caches: a document's KV stored as fixed-size token chunks under chained keys (kvmart/format/keys.py),
-so documents that share a prefix (a common system prompt, a versioned document changed at the end) share those
-chunks, and a prompt whose first k chunks match reuses exactly those k chunks.
+"""Chunk chains: how a token sequence's KV is cut, keyed and stored, so that anything computed once (a published
+document, an agent's system prompt, a conversation so far) is reused by every later prompt that starts the same.
 
-Each chunk is an ordinary kvmart artifact (kvmart/format/artifact.py: manifest, per-tensor checksums, the codec the
-artifact format applies) holding the chunk's KV positions and its own token ids, with its chained key as cache id;
-reading one checks that key against the key the reader derives from its own prompt. A chunk store should be a
-store of its own (or its own prefix of a shared one): its entries are chunks, not documents.
+A prompt is a run of *segments* (a document, a message: kvmart/reuse/prompt.py lays them out), each with the salt
+its chunks are keyed under ('' for public documents, a tenant's server-side salt for anything private). Each segment
+is cut into chunks of `chunk_tokens` from its start, the last one shorter; so a chunk never spans two segments and
+a document's chunks are the same wherever it is laid out after the same prefix. Chunk i's key chains the key of
+chunk i-1, the model fingerprint, chunk i's salt and its token ids (kvmart/format/keys.py): two prompts share a key
+exactly when they share every token up to the end of that chunk, under the same model and salts.
 
-Exactness: chunks are computed by *chunked prefill*: chunk 0 is prefilled, each next chunk continues from the KV of
-the chunks before it. A chunk's KV is then a function of its prefix's tokens only, computed with the same shapes
-whoever computes it, so reusing k stored chunks and continuing is bit-identical to a chunked prefill of those
-k x C tokens from scratch and continuing (tests/test_chunks.py, torch.equal, both dtypes). Why not slices of a
-whole-document prefill: CPU SDPA's blocking depends on the sequence length, so the first k positions of a longer
-prefill are not always bit-identical to prefilling k tokens, even with k a multiple of 8 or 256 (measured: float32
-differs at k = 8, 256 and 768 of 1,100 tokens from layer 1 on). Chunked prefill also saves compute: a document
-whose first chunks are stored computes only the rest."""
+Exactness: a chunk's KV is computed by one forward pass continuing from the KVs of the chunks before it, held as
+separate pieces (kvmart/runtime/kv.py `Prefix`), never merged. So a chunk's KV is a function of its prefix's tokens
+and of the chunk boundaries only, computed with the same shapes whoever computes it: reusing k stored chunks and
+continuing is bit-identical to computing those k chunks from scratch in the same steps and continuing
+(tests/test_chunks.py, torch.equal, both dtypes). Why not slices of one long prefill: CPU SDPA's blocking depends
+on the sequence length, so the first k positions of a longer prefill are not always bit-identical to prefilling k
+tokens (measured: float32 differs at k = 8, 256 and 768 of 1,100 tokens from layer 1 on).
+
+Each stored chunk is an ordinary kvmart artifact (kvmart/format/artifact.py) holding the chunk's KV and its own
+token ids, with its chained key as cache id and an entry of kind `chunk`; reading one checks that key and those ids
+against the reader's own prompt, so a chunk stored under the wrong key is refused, never used."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvmart.errors import ArtifactError
-from kvmart.format.artifact import manifest_for, read_artifact, write_artifact
-from kvmart.format.keys import DEFAULT_CHUNK_TOKENS, check_chunk_tokens, chunk_keys
+from kvmart.format.artifact import encode_artifact, read_artifact
+from kvmart.format.keys import chain_key, check_chunk_tokens
+from kvmart.runtime.fingerprint import ModelFingerprint
 from kvmart.runtime.kv import KV
-from kvmart.runtime.model import Model
 from kvmart.store import Entry, Store
 
-log = logging.getLogger("kvmart.reuse.chunks")
+log = logging.getLogger("kvmart.chunks")
 
 
 @dataclass(frozen=True)
-class ChunkReport:
-    """What storing one document's chunks did. `shared_bytes`: bytes not written because another document (or an
-    earlier version) had already stored those chunks, i.e. the bytes saved by sharing."""
+class Segment:
+    """A run of a prompt's token ids that ends at a boundary (a document's or a message's end)."""
 
-    chunks: int
-    new_chunks: int
-    stored_bytes: int
-    shared_bytes: int
-    tail_tokens: int  # tokens after the last full chunk (not stored as a chunk; recomputed by a reader)
+    token_ids: tuple[int, ...]
+    salt: str = ""  # keys its chunks: '' public, else a tenant's server-side salt (never a client's)
 
 
 @dataclass(frozen=True)
-class PrefixHit:
-    kv: KV | None  # the reused prefix, None if no chunk matched
-    chunks: int
-    num_tokens: int
-    load_seconds: float
+class Chunk:
+    """One chunk of a prompt: where it starts, its token ids, the salt and chained key it is stored under."""
+
+    start: int
+    token_ids: tuple[int, ...]
+    salt: str
+    key: str
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
 
 
-def extend(model: Model, kv: KV | None, chunk_ids: list[int]) -> KV:
-    """One step of chunked prefill: the KV of everything so far plus `chunk_ids`."""
-    return model.prefill(chunk_ids) if kv is None else model.continue_from(kv, chunk_ids).kv
-
-
-def chunked_prefill(model: Model, token_ids: list[int], chunk_tokens: int) -> KV:
-    """The KV of the full chunks of `token_ids`, computed chunk by chunk from nothing: the reference a reuse of
-    stored chunks is bit-identical to."""
+def cut(segments: Sequence[Segment], chunk_tokens: int) -> list[tuple[tuple[int, ...], str]]:
+    """The (token ids, salt) of each chunk: every segment cut every `chunk_tokens` from its start."""
     check_chunk_tokens(chunk_tokens)
-    kv = None
-    for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
-        kv = extend(model, kv, list(token_ids[start:start + chunk_tokens]))
-    if kv is None:
-        raise ValueError(f"{len(token_ids)} tokens hold no full chunk of {chunk_tokens}")
-    return kv
+    pieces = []
+    for segment in segments:
+        ids = segment.token_ids
+        pieces += [(ids[s:s + chunk_tokens], segment.salt) for s in range(0, len(ids), chunk_tokens)]
+    return pieces
+
+
+def chain(fingerprint_digest: str, pieces: Sequence[tuple[Sequence[int], str]], parent: str = "",
+          start: int = 0) -> list[Chunk]:
+    """Key consecutive pieces ((ids, salt) each), continuing the chain after `parent` at position `start`."""
+    chunks = []
+    for ids, salt in pieces:
+        parent = chain_key(parent, fingerprint_digest, salt, list(ids))
+        chunks.append(Chunk(start, tuple(ids), salt, parent))
+        start += len(ids)
+    return chunks
+
+
+def chunks_of(fingerprint_digest: str, segments: Sequence[Segment], chunk_tokens: int) -> list[Chunk]:
+    """A prompt's chunks, keyed."""
+    return chain(fingerprint_digest, cut(segments, chunk_tokens))
 
 
 class ChunkStore:
-    """Chunks of one model's documents in `store`. Thread-safe as its store is."""
+    """The chunks of one model in `store`, beside its documents (entries of kind `chunk`). Thread-safe as its store
+    is. Reading a chunk checks its artifact in full (kvmart/format/artifact.py), its key and its token ids."""
 
-    def __init__(self, store: Store, model: Model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
-        self.store, self.model, self.chunk_tokens = store, model, check_chunk_tokens(chunk_tokens)
+    def __init__(self, store: Store, fingerprint: ModelFingerprint, codec: str = "raw") -> None:
+        self.store, self.fingerprint, self.codec = store, fingerprint, codec
 
-    def keys(self, token_ids: list[int], salt: str = "") -> list[str]:
-        return chunk_keys(self.model.fingerprint.digest, token_ids, self.chunk_tokens, salt)
+    def entry(self, key: str) -> Entry | None:
+        """The stored chunk's entry, or None: one lookup, whatever the catalogue's size."""
+        found = self.store.entry(key)
+        return found if found is not None and found.kind == "chunk" else None
 
-    def precompute(self, token_ids: list[int], salt: str = "", title: str = "") -> ChunkReport:
-        """Store a document's full chunks, computing only those not stored yet (a chunked prefill continued from
-        the longest stored run of leading chunks)."""
-        self.model.check_fits("the document", len(token_ids))
-        keys, c = self.keys(token_ids, salt), self.chunk_tokens
-        hit = self.longest_prefix(token_ids, salt)
-        shared = sum(e.artifact_bytes for e in (self.store.entry(k) for k in keys[:hit.chunks]) if e is not None)
-        kv, new, stored = hit.kv, 0, 0
-        for i in range(hit.chunks, len(keys)):
-            kv = extend(self.model, kv, list(token_ids[i * c:(i + 1) * c]))
-            existing = self.store.entry(keys[i])
-            if existing is not None:  # stored meanwhile (another writer) or beyond a missing chunk
-                shared += existing.artifact_bytes
-                continue
-            stored += self._put(keys[i], i, len(keys), list(token_ids[i * c:(i + 1) * c]),
-                                kv.slice(i * c, (i + 1) * c), salt, title)
-            new += 1
-        return ChunkReport(len(keys), new, stored, shared, len(token_ids) - len(keys) * c)
+    def put(self, chunk: Chunk, kv: KV, owner: str = "", title: str = "", compute_seconds: float = 0.0) -> Entry:
+        """Store `kv` as `chunk` (nothing is written if it is already stored: same key, same KV). `owner`: the
+        document that stores it first, whose licence prices automatic reads of it ('' for an agent's own cache)."""
+        existing = self.entry(chunk.key)
+        if existing is not None:
+            return existing
+        artifact = encode_artifact(kv, list(chunk.token_ids), self.fingerprint, codec=self.codec, cache_id=chunk.key)
+        entry = Entry(cache_id=chunk.key, title=title, source=f"chunk at {chunk.start}", model="",
+                      fingerprint=self.fingerprint.digest, num_tokens=chunk.num_tokens,
+                      artifact_bytes=artifact.nbytes, prefill_seconds=compute_seconds, created_at=time.time(),
+                      kind="chunk", owner=owner)
+        return self.store.put(entry, artifact.write)
 
-    def _put(self, key: str, index: int, count: int, ids: list[int], part: KV, salt: str, title: str) -> int:
-        manifest = dataclasses.replace(manifest_for(part, ids, self.model.fingerprint, salt), cache_id=key)
-        entry = Entry(cache_id=key, title=f"{title} chunk {index}", source=f"chunk {index} of {count}",
-                      model=self.model.spec, fingerprint=self.model.fingerprint.digest, num_tokens=len(ids),
-                      artifact_bytes=0, prefill_seconds=0.0, created_at=time.time())
-        return self.store.put(entry, lambda f: write_artifact(f, manifest, part)).artifact_bytes
-
-    def longest_prefix(self, token_ids: list[int], salt: str = "") -> PrefixHit:
-        """The KV of the prompt's longest run of stored leading chunks. A chunk that is missing or fails its checks
-        ends the run there: the rest is computed, never served partially."""
-        start, parts = time.perf_counter(), []
-        c = self.chunk_tokens
-        for i, key in enumerate(self.keys(token_ids, salt)):
-            part = self._read(key, list(token_ids[i * c:(i + 1) * c]), salt)
-            if part is None:
-                break
-            parts.append(part)
-        kv = KV.concat(parts) if parts else None
-        return PrefixHit(kv, len(parts), len(parts) * c, time.perf_counter() - start)
-
-    def _read(self, key: str, ids: list[int], salt: str) -> KV | None:
-        opened = self.store._open(key)
-        if opened is None:
-            return None
-        f, size = opened
+    def read(self, chunk: Chunk, strict: bool = False) -> KV | None:
+        """The stored KV of `chunk`, or None if it is not stored. A chunk that fails its checks (corrupt,
+        foreign, other tokens than its key says) is refused, logged and dropped: it will be computed again; with
+        `strict`, the refusal is raised (ArtifactError saying why) instead of answered None."""
         try:
+            opened = self.store._open(chunk.key)  # a shared tier checks the cluster's signature here
+            if opened is None:
+                return None
+            f, size = opened
             with f:
-                manifest, kv = read_artifact(f, size, self.model.fingerprint, salt, expected_cache_id=key)
+                manifest, kv = read_artifact(f, size, self.fingerprint, expected_cache_id=chunk.key)
         except ArtifactError as e:
-            log.warning("prefix chunk %s refused and dropped (it will be recomputed): %s", key[:16], e)
-            self.store.delete(key)
+            log.warning("chunk %s refused and dropped (it will be computed again): %s", chunk.key[:16], e)
+            self.store.delete(chunk.key)
+            if strict:
+                raise
             return None
-        if manifest.token_ids != ids:
-            log.warning("prefix chunk %s holds other tokens than its key says; refused", key[:16])
+        if tuple(manifest.token_ids) != chunk.token_ids:
+            log.warning("chunk %s holds other tokens than its key says; refused", chunk.key[:16])
+            if strict:
+                raise ArtifactError(f"chunk {chunk.key[:16]} holds other tokens than its key says")
             return None
         return kv
+
+    def read_run(self, chunks: Sequence[Chunk]) -> list[KV]:
+        """The KVs of the longest run of `chunks`, from the first, that are stored and pass their checks."""
+        found = []
+        for chunk in chunks:
+            kv = self.read(chunk)
+            if kv is None:
+                break
+            found.append(kv)
+        return found

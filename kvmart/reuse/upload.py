@@ -2,10 +2,11 @@
 provider can trust them: an uploaded artifact is accepted only if its KV is what the loaded model computes for
 the document's tokens, checked bit for bit.
 
-The contract: the publisher computes the KV by *chunked prefill* with the provider's `chunk_tokens` (chunk 0
-prefilled, each next chunk, the last partial one included, continued from the KV before it; `compute_upload`).
-Then chunk i's KV is a function of the tokens and of chunks 0..i-1 only, so the provider can recompute any chunk
-alone from the uploaded prefix and compare it with `torch.equal` (kvmart/reuse/chunks.py, docs/SCALE.md "Exactness").
+The contract: the publisher computes the KV by *chunked prefill* with the provider's `chunk_tokens`, exactly as
+the provider stores documents (kvmart/reuse/chunks.py: chunk 0 prefilled, each next chunk, the last partial one
+included, continued from the chunks before it, held as separate pieces; `compute_upload`), and uploads their
+concatenation. Then chunk i's KV is a function of the tokens and of chunks 0..i-1 only, so the provider can
+recompute any chunk alone from the uploaded prefix and compare it with `torch.equal` (docs/SCALE.md "Exactness").
 A sample of chunks (chunk 0 always, so a KV of another text is caught) or all of them are recomputed. Checking
 chunk i against the uploaded prefix proves the chain link by link: with every chunk checked, the whole KV is
 exactly the model's; with a sample, a forgery confined to unchecked chunks escapes with the probability of not
@@ -31,7 +32,7 @@ import torch
 
 from kvmart.errors import ArtifactError, ArtifactRejectedError, ForgedArtifactError
 from kvmart.format.artifact import manifest_for, read_artifact, write_artifact
-from kvmart.runtime.kv import KV
+from kvmart.runtime.kv import KV, Prefix
 from kvmart.runtime.model import Model
 
 FORGED_SHARE = 0.1  # a forgery touching at least this share of the chunks after chunk 0...
@@ -99,7 +100,7 @@ def plan(num_chunks: int, percent: int | None) -> CheckPlan:
 
 @dataclass(frozen=True)
 class Verified:
-    kv: KV
+    pieces: Prefix  # the uploaded KV cut into its chunks, as the store keeps them
     chunks: int
     checked: tuple[int, ...]  # the chunk indices recomputed and found equal
     plan: CheckPlan | None = None
@@ -112,12 +113,8 @@ def chunk_spans(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
 
 def upload_prefill(model: Model, token_ids: list[int], chunk_tokens: int) -> KV:
     """The KV an uploaded artifact must hold: chunked prefill of every chunk, the last partial one included."""
-    kv: KV | None = None
-    for start, end in chunk_spans(len(token_ids), chunk_tokens):
-        chunk = list(token_ids[start:end])
-        kv = model.prefill(chunk) if kv is None else model.continue_from(kv, chunk).kv
-    assert kv is not None, "no tokens"
-    return kv
+    spans = chunk_spans(len(token_ids), chunk_tokens)
+    return KV.concat(list(model.prefill_pieces([list(token_ids[s:e]) for s, e in spans])))
 
 
 def compute_upload(model: Model, token_ids: list[int], chunk_tokens: int) -> bytes:
@@ -156,20 +153,18 @@ def verify_upload(model: Model, data: bytes | BinaryIO, token_ids: list[int], ch
             f"tokens; the text tokenizes to {len(token_ids):,}, first difference at position "
             f"{_first_difference(manifest.token_ids, token_ids):,})")
     spans = chunk_spans(len(token_ids), chunk_tokens)
+    pieces = tuple(kv.slice(start, end) for start, end in spans)
     checked = sample_chunks(len(spans), percent, rng or random.SystemRandom())
     for index in checked:
         start, end = spans[index]
         chunk = list(token_ids[start:end])
-        if start == 0:
-            recomputed = model.prefill(chunk)
-        else:
-            recomputed = model.continue_from(kv.slice(0, start), chunk).kv.slice(start, end)
-        if not _equal(recomputed, kv.slice(start, end)):
+        recomputed = model.continue_from(pieces[:index], chunk).new_kv
+        if not _equal(recomputed, pieces[index]):
             raise ForgedArtifactError(
                 f"the uploaded artifact's KV is not what {model.spec} computes for this document: chunk {index} "
                 f"(tokens {start:,}-{end:,}) differs when recomputed (chunked prefill of {chunk_tokens} tokens; "
                 "a KV of another text, other weights or a tampered file)")
-    return Verified(kv, len(spans), tuple(checked), plan(len(spans), percent))
+    return Verified(pieces, len(spans), tuple(checked), plan(len(spans), percent))
 
 
 def _equal(a: KV, b: KV) -> bool:

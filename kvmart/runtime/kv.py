@@ -64,6 +64,11 @@ class KV:
         return KV(tuple(t[:, :, start:end].contiguous() for t in self.keys),
                   tuple(t[:, :, start:end].contiguous() for t in self.values))
 
+    def clone(self) -> "KV":
+        """A copy of its own (contiguous), holding no reference to the tensors it was made from."""
+        return KV(tuple(t.clone(memory_format=torch.contiguous_format) for t in self.keys),
+                  tuple(t.clone(memory_format=torch.contiguous_format) for t in self.values))
+
     @staticmethod
     def concat(parts: "list[KV]") -> "KV":
         """The KVs of consecutive token runs joined along the token axis (the part itself if there is one)."""
@@ -73,11 +78,34 @@ class KV:
         return KV(tuple(torch.cat([p.keys[i] for p in parts], dim=-2) for i in layers),
                   tuple(torch.cat([p.values[i] for p in parts], dim=-2) for i in layers))
 
+    @property
+    def kv_heads(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys[0].shape[3]
+
     def equal(self, other: "KV") -> bool:
         """Bit-for-bit equality of every tensor."""
         return self.num_layers == other.num_layers and all(
             torch.equal(a, b) for a, b in zip((*self.keys, *self.values), (*other.keys, *other.values), strict=True)
         )
+
+
+# A cached prefix: the KVs of consecutive pieces, in order (empty: nothing cached).
+Prefix = tuple[KV, ...]
+
+
+def as_prefix(kv: "KV | Prefix | None") -> Prefix:
+    """`kv` as a prefix: one KV is a one-piece prefix, None an empty one."""
+    if kv is None:
+        return ()
+    return (kv,) if isinstance(kv, KV) else tuple(kv)
+
+
+def prefix_tokens(prefix: Prefix) -> int:
+    return sum(kv.num_tokens for kv in prefix)
 
 
 def large_buffer(num_bytes: int) -> torch.Tensor:
@@ -117,21 +145,26 @@ def mapped_file(f: BinaryIO, size_bytes: int) -> torch.Tensor | None:
         return torch.frombuffer(region, dtype=torch.uint8)
 
 
+Segment = tuple[torch.Tensor, torch.Tensor]  # one piece's keys and values in one layer: [1, kv_heads, n, head_dim]
+
+
 class WorkingLayer(CacheLayerMixin):
-    """One layer: an optional read-only prefix, and buffers for new tokens written in place by `update`."""
+    """One layer: the read-only segments of the prefix (segmented mode), and buffers for new tokens written in place
+    by `update`."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor, values: torch.Tensor,
-                 length: int, segmented: bool) -> None:
+    def __init__(self, segments: tuple[Segment, ...], keys: torch.Tensor, values: torch.Tensor, copied_tokens: int,
+                 segmented: bool) -> None:
+        """`copied_tokens`: prefix tokens already in the buffers (contiguous mode); new tokens are written after."""
         super().__init__()
-        self.prefix, self.keys, self.values, self.length, self.segmented = prefix, keys, values, length, segmented
+        self.segments, self.segmented = segments, segmented
+        self.key_buffer, self.value_buffer = keys, values  # typed: the mixin declares keys/values Optional
+        self.keys, self.values = keys, values  # what transformers' code reads
+        self.copied_tokens = self.length = copied_tokens
+        self.prefix_tokens = sum(k.shape[-2] for k, _ in segments)  # referenced (segmented mode), not copied
         self.is_initialized = True
-
-    @property
-    def prefix_tokens(self) -> int:
-        return self.prefix[0].shape[-2] if self.prefix is not None else 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise AssertionError("a WorkingLayer is created initialized")
@@ -139,59 +172,75 @@ class WorkingLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new tokens; return the new-token segment (segmented) or everything so far (contiguous)."""
         end = self.length + key_states.shape[-2]
-        if end > self.keys.shape[-2]:
-            raise AssertionError(f"working cache capacity {self.keys.shape[-2]} exceeded ({end})")
-        self.keys[:, :, self.length:end].copy_(key_states)
-        self.values[:, :, self.length:end].copy_(value_states)
+        if end > self.key_buffer.shape[-2]:
+            raise AssertionError(f"working cache capacity {self.key_buffer.shape[-2]} exceeded ({end})")
+        self.key_buffer[:, :, self.length:end].copy_(key_states)
+        self.value_buffer[:, :, self.length:end].copy_(value_states)
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.length + (self.prefix_tokens if self.segmented else 0)
+        return self.length + self.prefix_tokens
 
     def get_max_length(self) -> int:
-        return self.keys.shape[-2] + (self.prefix_tokens if self.segmented else 0)
+        return self.key_buffer.shape[-2] + self.prefix_tokens
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything so far as two tensors (a copy when segmented and a prefix exists)."""
-        k, v = self.keys[:, :, :self.length], self.values[:, :, :self.length]
-        if self.segmented and self.prefix is not None:
-            return torch.cat([self.prefix[0], k], dim=-2), torch.cat([self.prefix[1], v], dim=-2)
+        k, v = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        if self.segments:
+            return (torch.cat([s[0] for s in self.segments] + [k], dim=-2),
+                    torch.cat([s[1] for s in self.segments] + [v], dim=-2))
         return k, v
+
+    def new_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens written by `update` (after the prefix, in contiguous mode): views of the buffers."""
+        return self.key_buffer[:, :, self.copied_tokens:self.length], self.value_buffer[:, :, self.copied_tokens:self.length]
 
 
 class WorkingCache(Cache):
-    """The cache of one request. Not thread-safe: one request owns it. The KV it was built from is never written."""
+    """The cache of one request. Not thread-safe: one request owns it. The KVs it was built from are never written."""
 
     def __init__(self, layers: list[WorkingLayer]) -> None:
-        super().__init__(layers=layers)
+        super().__init__(layers=layers)  # type: ignore[arg-type]  # WorkingLayer is a CacheLayerMixin
+        self.working_layers = layers
 
     @classmethod
-    def build(cls, kv: KV | None, num_layers: int, kv_heads: int, head_dim: int, new_tokens: int,
+    def build(cls, prefix: Prefix, num_layers: int, kv_heads: int, head_dim: int, new_tokens: int,
               dtype: torch.dtype, segmented: bool) -> "WorkingCache":
-        """Room for `new_tokens` after `kv`: referenced when segmented, copied into the buffers otherwise."""
-        prefix_tokens = kv.num_tokens if kv is not None else 0
-        capacity = new_tokens if segmented else prefix_tokens + new_tokens
+        """Room for `new_tokens` after `prefix`: its pieces referenced when segmented, copied into the buffers
+        otherwise."""
+        cached = prefix_tokens(prefix)
+        capacity = new_tokens if segmented else cached + new_tokens
         shape = (1, kv_heads, capacity, head_dim)
         layers = []
         for i in range(num_layers):
             keys, values = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-            prefix = (kv.keys[i], kv.values[i]) if kv is not None else None
-            if prefix is not None and not segmented:
-                keys[:, :, :prefix_tokens].copy_(prefix[0])
-                values[:, :, :prefix_tokens].copy_(prefix[1])
-                prefix = None
-            length = 0 if segmented else prefix_tokens
-            layers.append(WorkingLayer(prefix, keys, values, length, segmented))
+            segments = tuple((kv.keys[i], kv.values[i]) for kv in prefix)
+            if not segmented:
+                start = 0
+                for k, v in segments:
+                    end = start + k.shape[-2]
+                    keys[:, :, start:end].copy_(k)
+                    values[:, :, start:end].copy_(v)
+                    start = end
+                segments = ()
+            layers.append(WorkingLayer(segments, keys, values, 0 if segmented else cached, segmented))
         return cls(layers)
 
     @property
     def num_tokens(self) -> int:
-        return self.layers[0].get_seq_length()
+        return self.working_layers[0].get_seq_length()
 
     def to_kv(self) -> KV:
-        pairs = [layer.keys_values() for layer in self.layers]
+        """Everything so far as one KV (a copy of the prefix's pieces, when there are any)."""
+        pairs = [layer.keys_values() for layer in self.working_layers]
+        return KV(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))
+
+    def new_kv(self) -> KV:
+        """The tokens this cache's forward passes added, as one KV of views into its buffers (no copy)."""
+        pairs = [layer.new_keys_values() for layer in self.working_layers]
         return KV(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))

@@ -1,11 +1,14 @@
-"""The model adapter: loads a causal LM from a folder with transformers and runs the three operations kvmart is
-built on, on the CPU: `prefill` (tokens -> KV), `continue_from` (KV + tokens -> logits + KV) and generation from a
-KV. Every forward pass goes through `_forward` with a preallocated `WorkingCache`, so the cached and the uncached
-paths run the very same computation, step for step."""
+"""The model adapter: loads a causal LM from a folder with transformers and runs the operations kvmart is built on,
+on the CPU: `prefill` (tokens -> KV), `continue_from` (a prefix + tokens -> logits + the tokens' KV),
+`prefill_pieces` (tokens cut into pieces, each continuing from the ones before) and generation after a prefix.
+A prefix is one KV or the tuple of its pieces' KVs (kvmart/runtime/kv.py). Every forward pass goes through
+`_forward` with a preallocated `WorkingCache`, so the cached and the uncached paths run the very same computation,
+step for step."""
 
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from kvmart.errors import ContextOverflowError, InputError, ModelLoadError, Mode
 from kvmart.runtime import attention
 from kvmart.runtime.builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins, gguf_folder
 from kvmart.runtime.fingerprint import ModelFingerprint, model_fingerprint
-from kvmart.runtime.kv import KV, WorkingCache
+from kvmart.runtime.kv import KV, Prefix, WorkingCache, as_prefix, prefix_tokens
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -34,6 +37,11 @@ class Step:
     def kv(self) -> KV:
         """The KV of everything so far (assembled on demand: with a long prefix this is a large copy)."""
         return self.cache.to_kv()
+
+    @property
+    def new_kv(self) -> KV:
+        """The KV of the tokens this step computed, without the prefix (views of the step's buffers, no copy)."""
+        return self.cache.new_kv()
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,10 @@ class Model:
         self.context_tokens: int = config.max_position_embeddings
         self.eos_ids: frozenset[int] = _eos_ids(hf_model, tokenizer)
         self._cache_kwarg = _cache_kwarg(hf_model)  # once: inspecting the signature costs more than a dict lookup
+        # the Rust tokenizer behind a fast tokenizer raises "Already borrowed" when two threads use it at once; the
+        # server tokenizes prompts off the model thread, so every use goes through this lock
+        self._text_lock = threading.Lock()
+        self.forward_passes = 0  # every forward pass this model ran (the server exports it: kvmart_forward_passes_total)
 
     @classmethod
     def load(cls, settings: Settings, progress: Progress | None = None) -> "Model":
@@ -110,11 +122,14 @@ class Model:
 
     # -- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` exactly, with no special tokens added."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Token ids of `text` exactly, with no special tokens added. Thread-safe."""
+        with self._text_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """Thread-safe."""
+        with self._text_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # -- forward passes -----------------------------------------------------------------------------------------
     def check_fits(self, what: str, num_tokens: int) -> None:
@@ -122,23 +137,35 @@ class Model:
             raise ContextOverflowError(what, num_tokens, self.context_tokens)
 
     def prefill(self, token_ids: list[int], progress: Callable[[float], None] | None = None) -> KV:
-        """The KV of `token_ids` computed from scratch."""
+        """The KV of `token_ids` computed from scratch, in one forward pass."""
         if not token_ids:
             raise InputError("cannot prefill an empty token sequence")
         self.check_fits("the document", len(token_ids))
-        cache = self._cache(None, len(token_ids))
+        cache = self._cache((), len(token_ids))
         self._forward(cache, token_ids, logits_to_keep=1, progress=progress)
-        return cache.to_kv()
+        return cache.new_kv()
 
-    def continue_from(self, kv: KV | None, token_ids: list[int], all_logits: bool = False) -> Step:
-        """Append `token_ids` after `kv` (never modified). Logits of the last position, or of every new position."""
+    def prefill_pieces(self, pieces: list[list[int]], prefix: KV | Prefix | None = None,
+                       progress: Callable[[float], None] | None = None) -> Prefix:
+        """The KVs of `pieces`, each computed by one forward pass continuing from `prefix` and the pieces before it:
+        the from-scratch reference that reusing any stored run of these pieces is bit-identical to."""
+        done, total = as_prefix(prefix), sum(len(p) for p in pieces)
+        computed: list[KV] = []
+        for ids in pieces:
+            computed.append(self.continue_from(done + tuple(computed), ids).new_kv)
+            if progress:
+                progress(sum(kv.num_tokens for kv in computed) / total)
+        return tuple(computed)
+
+    def continue_from(self, prefix: KV | Prefix | None, token_ids: list[int], all_logits: bool = False) -> Step:
+        """Append `token_ids` after `prefix` (never modified). Logits of the last position, or of every new one."""
         if not token_ids:
             raise InputError("nothing to continue with: no tokens given")
-        cache = self._cache(kv, len(token_ids))
+        cache = self._cache(as_prefix(prefix), len(token_ids))
         logits = self._forward(cache, token_ids, logits_to_keep=0 if all_logits else 1)
         return Step(logits, cache)
 
-    def generate(self, kv: KV | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+    def generate(self, kv: KV | Prefix | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Generation:
         start = time.perf_counter()
         tokens, logits = [], []
@@ -147,37 +174,45 @@ class Model:
             logits.append(step_logits)
         return Generation(tokens, logits, time.perf_counter() - start)
 
-    def stream(self, kv: KV | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True
-               ) -> Iterator[tuple[int, torch.Tensor]]:
+    def stream(self, kv: KV | Prefix | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+               on_prompt: Callable[[KV], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (token, logits that chose it) one by one: greedy at temperature 0, else sampled with top-p.
-        Stops after `max_new_tokens`, or after an end-of-sequence token when `stop_at_eos`."""
+        Stops after `max_new_tokens`, or after an end-of-sequence token when `stop_at_eos`.
+
+        `token_ids` are computed by one `continue_from` after the prefix, exactly as a chunk is, so their KV (given
+        to `on_prompt` before the first token) is the same whether they end a prompt or are a chunk in the middle
+        of a later one; the generated tokens then go into a working cache of their own after them."""
         if not token_ids:
             raise InputError("generation needs at least one prompt token after the cached prefix")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        prefix = kv.num_tokens if kv is not None else 0
+        prefix = as_prefix(kv)
         # prompt + generated tokens <= context, as OpenAI and vLLM count (the last token is never fed back)
-        self.check_fits("the prompt plus the tokens to generate", prefix + len(token_ids) + max_new_tokens)
-        cache = self._cache(kv, len(token_ids) + max_new_tokens)
+        self.check_fits("the prompt plus the tokens to generate",
+                        prefix_tokens(prefix) + len(token_ids) + max_new_tokens)
+        step = self.continue_from(prefix, token_ids)
+        if on_prompt is not None:
+            on_prompt(step.new_kv)
+        logits = step.logits[-1]
+        cache = self._cache(prefix + (step.new_kv,), max_new_tokens - 1) if max_new_tokens > 1 else None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        logits = self._forward(cache, token_ids, logits_to_keep=1)[-1]
         for i in range(max_new_tokens):
             token = choose_token(logits, temperature, top_p, generator)
             yield token, logits
-            if (stop_at_eos and token in self.eos_ids) or i == max_new_tokens - 1:
+            if (stop_at_eos and token in self.eos_ids) or cache is None or i == max_new_tokens - 1:
                 return
             logits = self._forward(cache, [token], logits_to_keep=1)[-1]
 
-    def _cache(self, kv: KV | None, num_new_tokens: int) -> WorkingCache:
-        prefix = kv.num_tokens if kv is not None else 0
-        self.check_fits("the prompt", prefix + num_new_tokens)
-        return WorkingCache.build(kv, self.num_layers, self.kv_heads, self.head_dim, num_new_tokens, self.dtype,
+    def _cache(self, prefix: Prefix, num_new_tokens: int) -> WorkingCache:
+        self.check_fits("the prompt", prefix_tokens(prefix) + num_new_tokens)
+        return WorkingCache.build(prefix, self.num_layers, self.kv_heads, self.head_dim, num_new_tokens, self.dtype,
                                   segmented=self.attention == attention.NAME)
 
     @torch.inference_mode()
     def _forward(self, cache: WorkingCache, token_ids: list[int], logits_to_keep: int,
                  progress: Callable[[float], None] | None = None) -> torch.Tensor:
+        self.forward_passes += 1
         start = cache.num_tokens
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
         hooks = _layer_progress_hooks(self.hf_model, progress) if progress else []

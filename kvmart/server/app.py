@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmart.errors import AuthenticationError, KvmartError, LedgerError, RequestError
 from kvmart.ledger.entries import LEASE_RENEW_SECONDS
+from kvmart.reuse import core
 from kvmart.server.api import accounts, anthropic, claims, documents, market, openai
 from kvmart.server.auth import api_key
 from kvmart.server.errors import HttpError, http_error
-from kvmart.server.limits import KeyLimits, limiter_for
+from kvmart.server.limits import KeyLimits, Limiter
 from kvmart.server.pipeline.services import Services
 from kvmart.server.publish_body import UploadSlots
 
@@ -45,9 +46,8 @@ def build_api(services: Services) -> FastAPI:
         released = await asyncio.to_thread(services.ledger.start_node, services.node)
         if released:
             log.warning("released %d holds left by requests that never finished", released)
-        await asyncio.to_thread(repair_publications, services)
-        services.catalog.refresh()
-        services.worker.start()
+        await asyncio.to_thread(repair_publications, services)  # before the catalogue first looks at the store
+        await asyncio.to_thread(services.start)
         leases = asyncio.create_task(renew_leases(services))
         sweeper = asyncio.create_task(refund_due_escrow(services))
         try:
@@ -55,7 +55,7 @@ def build_api(services: Services) -> FastAPI:
         finally:
             leases.cancel()
             sweeper.cancel()
-            await asyncio.to_thread(services.worker.stop)  # requests in flight are done: uvicorn waited
+            await asyncio.to_thread(services.stop)  # requests in flight are done: uvicorn waited
             close = getattr(services.model, "close", None)  # an engine with processes of its own (vllm)
             if close is not None:
                 close()
@@ -86,15 +86,15 @@ async def renew_leases(services: Services) -> None:
 
 
 def repair_publications(services: Services) -> None:
-    """At start-up, finish what a killed publish left: an artifact stored without its licence (a kill between
-    the two) is deleted, never left public and unpaid; the publisher may publish it again. Covers this node's
-    own interrupted publications and any other node's whose lease lapsed."""
+    """At start-up, finish what a killed publish left: a document stored without its licence (a kill between
+    the two) is deleted, its index and the chunks no other document lists, never left public and unpaid; the
+    publisher may publish it again (its fee was only held: the hold went with the node, `start_node`). Covers this
+    node's own interrupted publications and any other node's whose lease lapsed."""
     for note, cache_id in services.ledger.interrupted_publications():
         if services.ledger.licence(cache_id) is None and services.store.entry(cache_id) is not None:
-            log.warning("a publication of %s was interrupted before its licence was recorded: its artifact is "
-                        "deleted (nothing was charged; it can be published again)", cache_id[:16])
-            services.store.delete(cache_id)
-            services.hot.discard(cache_id)
+            log.warning("a publication of %s was interrupted before its licence was recorded: it is deleted "
+                        "(nothing was charged; it can be published again)", cache_id[:16])
+            core.remove(services.store, cache_id)
         services.ledger.end_publication(note)
 
 
@@ -139,11 +139,12 @@ async def refund_due_escrow(services: Services) -> None:
         await asyncio.sleep(ESCROW_SWEEP_SECONDS)
 
 
-def add_middleware(app: FastAPI, services: Services, session_cookie: str,
+def add_middleware(app: FastAPI, services: Services, limiter: Limiter, session_cookie: str,
                    session_key: Callable[[str], str | None]) -> None:
-    """Per-key rate and concurrency limits (429), for the API and the web page alike (a web session counts against
-    the API key it signed in with: `session_key` maps a session cookie to it), and request metrics outermost."""
-    app.add_middleware(KeyLimits, limiter=limiter_for(services.server), respond=error_response,
+    """Per-key rate and concurrency limits (429) by `limiter` (this node's, or the cluster's in Redis), for the API
+    and the web page alike (a web session counts against the API key it signed in with: `session_key` maps a
+    session cookie to it), and request metrics outermost."""
+    app.add_middleware(KeyLimits, limiter=limiter, respond=error_response,
                        on_reject=services.metrics.rate_limited.inc, session_cookie=session_cookie,
                        session_key=session_key)
     app.add_middleware(RequestMetrics, services=services)
@@ -155,17 +156,20 @@ def error_response(path: str, error: HttpError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-async def kvmart_error(request: Request, exc: KvmartError) -> JSONResponse:
+async def kvmart_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KvmartError)  # registered for KvmartError (Starlette types every handler's exc as Exception)
     return error_response(request.url.path, http_error(exc))
 
 
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # registered for it
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"][1:]) or None
     return error_response(request.url.path, http_error(RequestError(f"invalid {where}: {first['msg']}", where)))
 
 
-async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # registered for it
     kind = {404: "not_found", 405: "invalid_request"}.get(exc.status_code, "invalid_request")
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return error_response(request.url.path, HttpError(exc.status_code, kind, message))

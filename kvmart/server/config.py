@@ -25,17 +25,19 @@ class ServerSettings:
     max_queue: int = 64  # requests waiting beyond those; more get HTTP 429
     max_body_bytes: int = 32 * 2**20  # larger request bodies get HTTP 413
     default_max_tokens: int = 256  # when a request names no max_tokens (never beyond the context)
-    min_prefix_tokens: int = 64  # shortest automatic prefix match reused (a named document always is)
     log_level: str = "info"
     engine: str = "transformers"  # transformers (kvmart's own path) | vllm (vLLM with kvmart's KV connector)
     # limits (docs/SECURITY.md); 0 turns a per-key limit off
     rate_limit_per_minute: int = 600  # requests one API key may start per minute (beyond: HTTP 429, Retry-After)
     rate_limit_burst: int = 60  # requests one key may send at once before the per-minute rate applies
     max_concurrent_per_key: int = 16  # requests of one key in flight at once (beyond: HTTP 429)
+    signin_attempts_per_minute: int = 10  # web sign-ins one client address may try per minute (beyond: HTTP 429)
+    # where per-key limits and web sessions live: `auto` (in the store's Redis when the store is redis://, shared by
+    # every node; else this node's memory), `local` (this node's memory), or a redis:// URL (docs/SCALE.md)
+    shared_state: str = "auto"
     max_document_tokens: int = 0  # longest document one may publish (beyond: HTTP 413); 0: the model's context
     max_artifact_bytes: int = 2**30  # largest artifact published or uploaded (beyond: HTTP 413); 1 GiB holds
     # SmolLM2's whole 8,192-token context in float32 (377 MB) and a 3,774-token Qwen3-0.6B-shape document (866 MB)
-    upload_chunk_tokens: int = 256  # an uploaded artifact is a chunked prefill with chunks of this many tokens
     # how much of an upload the provider recomputes (chunk 0 always; kvmart/reuse/upload.py): `bound`, the fewest
     # chunks that meet the stated escape bound; `percent`, upload_verify_percent of the others (100: all)
     upload_verify: str = "bound"
@@ -48,12 +50,16 @@ class ServerSettings:
     # names this node in the ledger: its holds carry it, so the node releases its own when it starts again; unique
     # among live nodes (empty: host, port and data directory, `node_name`)
     node_name: str = ""
+    # how often the catalogue looks for documents published or deleted elsewhere (the CLI, other nodes); requests
+    # never trigger a look, and a named document is checked to be still stored when used
+    catalog_refresh_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
-        for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "min_prefix_tokens", "rate_limit_per_minute",
-                     "rate_limit_burst", "max_concurrent_per_key", "max_document_tokens", "max_artifact_bytes"):
+        for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "rate_limit_per_minute",
+                     "rate_limit_burst", "max_concurrent_per_key", "max_document_tokens", "max_artifact_bytes",
+                     "signin_attempts_per_minute"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
         for name in ("max_active", "default_max_tokens", "max_concurrent_uploads"):
@@ -61,11 +67,14 @@ class ServerSettings:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.rate_limit_per_minute and self.rate_limit_burst < 1:
             raise ConfigError("rate_limit_burst must be at least 1 when rate_limit_per_minute is set")
-        if self.upload_chunk_tokens < 1 or not 1 <= self.upload_verify_percent <= 100:
-            raise ConfigError(f"upload_chunk_tokens must be at least 1 and upload_verify_percent 1-100 (got "
-                              f"{self.upload_chunk_tokens}, {self.upload_verify_percent})")
+        if not 1 <= self.upload_verify_percent <= 100:
+            raise ConfigError(f"upload_verify_percent must be 1-100 (got {self.upload_verify_percent})")
+        if self.shared_state not in ("auto", "local") and not self.shared_state.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"shared_state must be auto, local or a redis:// URL (got {self.shared_state!r})")
         if self.upload_verify not in ("bound", "percent"):
             raise ConfigError(f"upload_verify must be bound or percent (got {self.upload_verify!r})")
+        if self.catalog_refresh_seconds < 0:
+            raise ConfigError(f"catalog_refresh_seconds must not be negative (got {self.catalog_refresh_seconds})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not a TCP port")
 
@@ -108,7 +117,7 @@ def load_server_settings(environ: dict[str, str] | None = None) -> ServerSetting
             values[f.name] = _convert(f.name, raw, type(getattr(ServerSettings, f.name)))
     if "upload_verify_percent" in values:  # a percent set on its own means: use it
         values.setdefault("upload_verify", "percent")
-    return ServerSettings(**values)  # type: ignore[arg-type]
+    return ServerSettings(**values)  # type: ignore[arg-type]  # values converted per field above, checked in __post_init__
 
 
 def _convert(name: str, raw: str, kind: type) -> object:
@@ -121,6 +130,6 @@ def _convert(name: str, raw: str, kind: type) -> object:
     if name.endswith("_bytes"):
         return parse_bytes(raw)
     try:
-        return int(raw)
+        return float(raw) if kind is float else int(raw)
     except ValueError as e:
-        raise ConfigError(f"{ENV[name]}={raw!r} is not an integer") from e
+        raise ConfigError(f"{ENV[name]}={raw!r} is not a{' number' if kind is float else 'n integer'}") from e

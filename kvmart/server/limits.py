@@ -6,27 +6,55 @@ costs the node almost nothing and cannot starve other keys of the model worker's
 Applied as ASGI middleware to /v1 requests that carry a key (a request without one is refused as 401 anyway),
 and to the web page's POSTs by their session;
 keys are told apart by their sha256, so an unknown key is limited like a known one (no free brute force). A
-request is in flight until its response is complete, streams included."""
+request is in flight until its response is complete, streams included.
+
+Where the limits live: in this node's memory (`KeyLimiter`: with N nodes a key gets N times its limit), or, when
+the cluster has a Redis tier, in Redis (`SharedKeyLimiter`, kvmart/cluster/state.py: one limit across the
+cluster). A node that cannot reach Redis falls back to its own memory until Redis answers again (it logs so):
+limits loosen to per-node, they never refuse everything."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from typing import Protocol
 
 from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import Send
 
-from kvmart.errors import RateLimitedError
+from kvmart.cluster.state import RedisState
+from kvmart.errors import RateLimitedError, StoreUnavailableError
 from kvmart.server.auth import api_key
 from kvmart.server.config import ServerSettings
 from kvmart.server.errors import HttpError, http_error
 
+log = logging.getLogger("kvmart.server")
 DRAIN_LIMIT_BYTES = 1 << 20  # a refused request's body is read up to this, to keep its connection usable
+RETRY_SECONDS = 2.0  # a Redis that failed is tried again after this long (meanwhile: this node's memory)
 MAX_TRACKED_KEYS = 100_000  # idle keys beyond this are forgotten (a full bucket and nothing in flight: no state)
+
+
+Release = Callable[[], None]
+
+
+class Limiter(Protocol):
+    """Admits requests of a key (its sha256 digest) or refuses them."""
+
+    @property
+    def is_active(self) -> bool: ...
+
+    def admit(self, key: str) -> Release:
+        """RateLimitedError, or a function to call once when the admitted request ends."""
+        ...
 
 
 @dataclass
@@ -72,6 +100,10 @@ class KeyLimiter:
                 state.tokens -= 1
             state.in_flight += 1
 
+    def admit(self, key: str) -> Release:
+        self.acquire(key)
+        return lambda: self.release(key)
+
     def release(self, key: str) -> None:
         with self._lock:
             state = self._keys.get(key)
@@ -88,15 +120,65 @@ class KeyLimiter:
                 del self._keys[key]
 
 
-def limiter_for(settings: ServerSettings) -> KeyLimiter:
+class SharedKeyLimiter:
+    """The limits of a KeyLimiter, kept in Redis for the whole cluster (one atomic script per admission). While
+    Redis cannot be reached, `local` (this node's own KeyLimiter with the same limits) admits instead."""
+
+    def __init__(self, state: RedisState, local: KeyLimiter, per_minute: int, burst: int, max_concurrent: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.state, self.local, self.clock = state, local, clock
+        self.per_minute, self.burst, self.max_concurrent = per_minute, burst, max_concurrent
+        self._down_until: float | None = None  # Redis failed: admit locally until then, then try it again
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self.per_minute or self.max_concurrent)
+
+    def admit(self, key: str) -> Release:
+        if not self.is_active:
+            return lambda: None  # no limit to keep: no round trip
+        if self._down_until is not None and self.clock() < self._down_until:
+            return self.local.admit(key)  # no request waits on a down Redis' timeouts
+        try:
+            request_id = self.state.admit(key, self.per_minute, self.burst, self.max_concurrent)
+        except StoreUnavailableError as e:
+            if self._down_until is None:
+                log.warning("per-key limits fall back to this node's memory (per node, not per cluster): %s", e)
+            self._down_until = self.clock() + RETRY_SECONDS
+            return self.local.admit(key)
+        if self._down_until is not None:
+            log.warning("per-key limits are cluster-wide again (redis answers)")
+            self._down_until = None
+
+        def release() -> None:
+            with contextlib.suppress(StoreUnavailableError):  # else the lease expires by itself
+                self.state.release(key, request_id)
+
+        return release
+
+
+def limiter_for(settings: ServerSettings, state: RedisState | None = None) -> Limiter:
+    """The per-key limiter of `settings`: in Redis when the cluster shares `state`, else in this node's memory."""
     per_minute = settings.rate_limit_per_minute
-    return KeyLimiter(per_minute, settings.rate_limit_burst if per_minute else 0, settings.max_concurrent_per_key)
+    burst = settings.rate_limit_burst if per_minute else 0
+    local = KeyLimiter(per_minute, burst, settings.max_concurrent_per_key)
+    if state is None:
+        return local
+    return SharedKeyLimiter(state, local, per_minute, burst, settings.max_concurrent_per_key)
+
+
+def signin_limiter_for(settings: ServerSettings, state: RedisState | None = None) -> Limiter:
+    """Sign-in attempts per client address (a rate, no concurrency limit): a guesser gets
+    `signin_attempts_per_minute` tries a minute, however many nodes or keys it tries."""
+    per_minute = settings.signin_attempts_per_minute
+    local = KeyLimiter(per_minute, per_minute, 0)
+    return local if state is None else SharedKeyLimiter(state, local, per_minute, per_minute, 0)
 
 
 class KeyLimits:
     """ASGI middleware applying a KeyLimiter to /v1 requests; `respond(path, error)` writes the 429."""
 
-    def __init__(self, app, limiter: KeyLimiter, respond: Callable[[str, HttpError], object],
+    def __init__(self, app, limiter: Limiter, respond: Callable[[str, HttpError], Response],
                  on_reject: Callable[[], None] = lambda: None, session_cookie: str | None = None,
                  session_key: Callable[[str], str | None] = lambda token: None) -> None:
         """`session_cookie`, `session_key`: the web page's cookie, and the API key its session token signed in
@@ -115,13 +197,14 @@ class KeyLimits:
             return None if token is None else self.session_key(token.value)
         return None
 
-    async def __call__(self, scope, receive, send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(self, scope, receive, send: Send) -> None:
         key = self.key_of(scope) if scope["type"] == "http" and self.limiter.is_active else None
         if key is None:
             return await self.app(scope, receive, send)
         digest = hashlib.sha256(key.encode()).hexdigest()
+        in_memory = isinstance(self.limiter, KeyLimiter)  # else a network round trip: off the event loop
         try:
-            self.limiter.acquire(digest)
+            release = self.limiter.admit(digest) if in_memory else await asyncio.to_thread(self.limiter.admit, digest)
         except RateLimitedError as e:
             self.on_reject()
             response = self.respond(scope["path"], http_error(e))
@@ -131,7 +214,10 @@ class KeyLimits:
         try:
             await self.app(scope, receive, send)
         finally:
-            self.limiter.release(digest)
+            if in_memory:
+                release()
+            else:
+                await asyncio.to_thread(release)
 
 
 async def _drain(receive, limit_bytes: int = DRAIN_LIMIT_BYTES) -> bool:

@@ -73,7 +73,8 @@ class ServerMetrics:
     `read_*` callbacks give the live values of the queue, the hot tier and the catalogue."""
 
     def __init__(self, read_active: Callable[[], float], read_waiting: Callable[[], float],
-                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[bool], float]) -> None:
+                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[bool], float],
+                 read_forward_passes: Callable[[], float] = lambda: 0.0) -> None:
         """`read_documents(full)`: how many documents there are, all of them if `full` (the admin's scrape), else
         the public ones only (/metrics needs no key: private documents are not counted for just anyone)."""
         r = self.registry = CollectorRegistry()
@@ -111,9 +112,11 @@ class ServerMetrics:
         self.published = Counter(r, "kvmart_documents_published_total", "POST /v1/documents by outcome: computed, "
                                  "uploaded (verified), already stored, or refused.", ("outcome",))
         r.register(ReadAtScrape(lambda: {"documents": read_documents(_FULL_VIEW.get()), "active": read_active(),
-                                         "waiting": read_waiting()}, (
+                                         "waiting": read_waiting(), "forward_passes": read_forward_passes()}, (
             ("kvmart_documents", "Documents in the catalogue for the loaded model: the public ones (every one when "
              "scraped with the admin key).", "documents", "gauge"),
+            ("kvmart_forward_passes_total", "Forward passes the model has run (prompt chunks, decode steps, "
+             "prefills of published documents).", "forward_passes", "counter"),
             ("kvmart_queue_active", "Requests the model worker is running.", "active", "gauge"),
             ("kvmart_queue_waiting", "Requests waiting for the model worker.", "waiting", "gauge"))))
         r.register(ReadAtScrape(read_hot, (

@@ -27,6 +27,13 @@ class Entry:
     artifact_bytes: int
     prefill_seconds: float
     created_at: float
+    kind: str = "document"  # document: a document's index (or its whole KV); chunk: one chunk of a chunk chain
+    owner: str = ""  # a chunk's first document (its cache id), whose licence prices automatic reads of it
+    kv_bytes: int = 0  # a document's chunks' bytes when it was stored (its own artifact is only an index)
+
+    @property
+    def is_document(self) -> bool:
+        return self.kind == "document"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +107,7 @@ class Store(ABC):
         """The one cache id starting with `prefix` (at least 6 hex chars); UnknownCacheError otherwise."""
         if len(prefix) < 6:
             raise UnknownCacheError(f"cache id {prefix!r} is too short: give at least 6 characters")
-        matches = [e.cache_id for e in self.entries() if e.cache_id.startswith(prefix)]
+        matches = [e.cache_id for e in self.entries() if e.is_document and e.cache_id.startswith(prefix)]
         if len(matches) > 1:
             raise UnknownCacheError(f"cache id {prefix!r} is ambiguous: it matches {len(matches)} artifacts")
         if not matches:

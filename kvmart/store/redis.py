@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import xxhash
 
@@ -138,7 +138,8 @@ class RedisStore(Store):
         data = bytearray()
         with self._reach():
             for start in range(0, len(keys), FETCH_BATCH):
-                for i, blob in enumerate(self._client.mget(keys[start:start + FETCH_BATCH]), start):
+                blobs = cast(list[bytes | None], self._client.mget(keys[start:start + FETCH_BATCH]))
+                for i, blob in enumerate(blobs, start):
                     if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][i]:
                         self._drop_broken(cache_id, i, "missing" if blob is None else "corrupt")
                         return None
@@ -156,7 +157,7 @@ class RedisStore(Store):
         if index is None:
             return None
         with self._reach():
-            blob = self._client.get(self._key("chunk", cache_id, index["nonce"], "0"))
+            blob = cast(bytes | None, self._client.get(self._key("chunk", cache_id, index["nonce"], "0")))
         if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][0]:
             return self._open(cache_id)  # let the full read find and report the damage
         if len(blob) < 8 or 8 + struct.unpack("<Q", blob[:8])[0] > len(blob):
@@ -191,7 +192,8 @@ class RedisStore(Store):
         """Every readable entry; members of the catalogue that are not cache ids, and indexes that are malformed
         or not signed with the cluster's key, are skipped and logged."""
         with self._reach():
-            members = [m.decode(errors="replace") for m in self._client.smembers(self._key("catalog"))]
+            members = [m.decode(errors="replace")
+                       for m in cast(set[bytes], self._client.smembers(self._key("catalog")))]
         ids = []
         for member in sorted(members):
             if parse_listed_id(member, "redis") is None:

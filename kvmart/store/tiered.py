@@ -1,6 +1,9 @@
 """Tiers behind the one store interface: per-node RAM and disk in front of a shared tier (Redis or S3).
 
-    read:   the fastest tier holding the artifact answers; a hit on a slower tier fills the faster ones
+    read:   the fastest tier holding the artifact answers; a hit on a slower tier fills the faster ones, and what
+            comes from a shared tier encoded (the `kvmart` codec) is decoded once and kept raw on the local tiers,
+            so that every later load on this node maps it in place (kvmart/format/transcode.py: same cache id,
+            same decoded-tensor checksums)
     write:  through to the shared tier first (it decides who published first: stored once), then the local tiers
     budget: a local tier with a byte budget evicts by `Placement` score (cost-aware, pins kept) to make room
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import BinaryIO, TypeVar
 
-from kvmart.errors import StoreUnavailableError
+from kvmart.errors import ArtifactError, StoreUnavailableError
 from kvmart.store.base import Entry, Store, Writer
 from kvmart.store.policy import Placement
 
@@ -169,11 +172,14 @@ class TieredStore(Store):
             f, size = opened
             with f:
                 data = f.read()
+            if tier.is_shared:
+                data = _decoded(data)
+                entry = Entry(**{**entry.as_dict(), "artifact_bytes": len(data)})
             for faster in self.tiers[:i]:
                 if not faster.is_shared and self._put_local(faster, entry, data):
                     with self._lock:
                         faster.fills += 1
-            return io.BytesIO(data), size
+            return io.BytesIO(data), len(data)
         with self._lock:
             self.misses += 1
         return None
@@ -246,3 +252,21 @@ class TieredStore(Store):
 
 def _writer(data: bytes) -> Writer:
     return lambda f: f.write(data)
+
+
+def _decoded(data: bytes) -> bytes:
+    """`data` with every encoded tensor decoded (the same artifact, stored raw); `data` itself if nothing is encoded,
+    or if it is no valid artifact (the reader then refuses it, saying why)."""
+    from kvmart.format.artifact import read_manifest
+    from kvmart.format.transcode import transcode
+
+    try:
+        manifest, _ = read_manifest(io.BytesIO(data), len(data))
+        if all(record.codec == "raw" for record in manifest.tensors.values()):
+            return data
+        decoded = io.BytesIO()
+        transcode(data, "raw").write(decoded)
+    except ArtifactError as e:
+        log.warning("kept a fetched artifact as it came, it could not be decoded: %s", e)
+        return data
+    return decoded.getvalue()

@@ -19,7 +19,7 @@ from kvmart.server.body import read_body
 from kvmart.server.errors import http_error
 from kvmart.server.pipeline.services import Services
 from kvmart.web.formatting import FILTERS
-from kvmart.web.sessions import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, Sessions
+from kvmart.web.sessions import ANONYMOUS_PREFIX, COOKIE, CSRF_FIELD, CSRF_HEADER, Session, Sessions
 
 HERE = Path(__file__).parent
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -54,12 +54,14 @@ def sessions_of(request: Request) -> Sessions:
 
 
 async def viewer_of(request: Request) -> Viewer:
-    """The request's session (a new one at the first visit) and its account, re-checked against the ledger: a
-    revoked key signs the session out."""
+    """The request's session (a new anonymous one, stored nowhere, at the first visit) and its account, re-checked
+    against the ledger: a revoked key signs the session out."""
     sessions = sessions_of(request)
-    session = sessions.get(request.cookies.get(COOKIE))
+    token = request.cookies.get(COOKIE)
+    session = sessions.get(token) if token is None or token.startswith(ANONYMOUS_PREFIX) else (
+        await run_in_threadpool(sessions.get, token))  # a signed-in session may be in Redis: off the event loop
     if session is None:
-        return Viewer(sessions.new(), None, True)
+        return Viewer(sessions.anonymous(), None, True)
     account = None
     if session.api_key is not None:
         try:

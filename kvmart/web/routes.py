@@ -6,6 +6,7 @@ the two fetch endpoints, the JSON error body every other path answers)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,7 @@ from kvmart.server.auth import request_hash, require_role
 from kvmart.server.body import parse
 from kvmart.server.errors import http_error
 from kvmart.server.pipeline.billing import Payer
-from kvmart.server.pipeline.engine import GenerationRequest, Sampling
+from kvmart.server.pipeline.plan import GenerationRequest, Sampling
 from kvmart.server.pipeline.runs import Run, start_generation
 from kvmart.web.access import visible_document
 from kvmart.web.pages import (
@@ -92,7 +93,7 @@ async def _answer(run: Run):
             if delta.text:
                 yield json.dumps({"text": delta.text}) + "\n"
         usage = run.usage
-        yield json.dumps({"done": True, "finish_reason": run.finished.finish_reason,
+        yield json.dumps({"done": True, "finish_reason": run.ended.finish_reason,
                           "usage": {"prompt_tokens": usage.prompt_tokens, **kvmart_usage(usage)}}) + "\n"
     except KvmartError as e:
         yield json.dumps({"error": http_error(e).message}) + "\n"  # a 5xx's own message stays in the log
@@ -115,19 +116,26 @@ async def signin_form(request: Request):
 
 @router.post("/signin")
 async def signin(request: Request):
-    """The API key comes in the form's body only; the session that signs in is replaced by a new one."""
+    """The API key comes in the form's body only; the session that signs in is replaced by a new one, the first
+    one stored for this visitor. Attempts are limited per client address (`signin_attempts_per_minute`, across the
+    cluster when it shares Redis): 429 beyond."""
     viewer = await viewer_of(request)
     try:
         fields = await form_fields(request)
         require_csrf(request, viewer, fields)
+        address = request.client.host if request.client else "unknown"
+        release = await run_in_threadpool(request.app.state.signin_limiter.admit,
+                                          hashlib.sha256(f"signin\0{address}".encode()).hexdigest())
+        release()  # a rate, not a concurrency limit
         account = await run_in_threadpool(services_of(request).ledger.authenticate, fields.get("api_key", "").strip())
+        sessions = sessions_of(request)
+        sessions.drop(viewer.session.token)
+        session = await run_in_threadpool(sessions.new, fields["api_key"].strip())
     except AuthenticationError:
         return render(request, viewer, "signin.html", status=401, failed="that API key is unknown or revoked")
     except KvmartError as e:
         return error_page(request, viewer, e)
-    sessions = sessions_of(request)
-    sessions.drop(viewer.session.token)
-    signed_in = Viewer(sessions.new(fields["api_key"].strip()), account, True)
+    signed_in = Viewer(session, account, True)
     target = "/provider" if account.is_admin else "/publisher"
     return with_session(RedirectResponse(target, status_code=303), request, signed_in)
 
@@ -140,9 +148,9 @@ async def signout(request: Request):
     except KvmartError as e:
         return error_page(request, viewer, e)
     sessions = sessions_of(request)
-    sessions.drop(viewer.session.token)
+    await run_in_threadpool(sessions.drop, viewer.session.token)
     return with_session(RedirectResponse("/", status_code=303), request,
-                        Viewer(sessions.new(), None, True))
+                        Viewer(sessions.anonymous(), None, True))
 
 
 @router.get("/publisher")

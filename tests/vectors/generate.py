@@ -74,15 +74,45 @@ def write_case(name: str, model: Model, salt: str, num_tokens: int, codec: str) 
     print(f"{stem.name}: {len(data.getvalue()):,} bytes, cache id {manifest.cache_id[:16]}", file=sys.stderr)
 
 
+def write_chain(model: Model, salt: str, num_tokens: int, chunk_tokens: int) -> None:
+    """A document stored as a chunk chain: its index (chain.index.kvm) and its chunks (chain.chunk-N.kvm, raw),
+    with chain.chain.json saying what a reader must find (docs/FORMAT.md "What is stored")."""
+    from kvmart.reuse import core
+    from kvmart.store.memory import MemoryStore
+
+    ids = model.tokenize(TEXT)[:num_tokens]
+    store = MemoryStore()
+    entry = core.precompute_ids(model, store, ids, "chain", salt=salt, chunk_tokens=chunk_tokens).entry
+    with store.open(entry.cache_id) as (f, _):
+        (HERE / "chain.index.kvm").write_bytes(f.read())
+    chunks = core.document_chunks(model, ids, salt, chunk_tokens)
+    files = []
+    for n, chunk in enumerate(chunks):
+        with store.open(chunk.key) as (f, _):
+            data = f.read()
+        (HERE / f"chain.chunk-{n}.kvm").write_bytes(data)
+        files.append({"artifact": f"chain.chunk-{n}.kvm", "key": chunk.key, "token_ids": list(chunk.token_ids)})
+    expected = {"index": "chain.index.kvm", "salt": salt, "cache_id": entry.cache_id, "token_ids": ids,
+                "chunk_tokens": chunk_tokens, "chunks": files}
+    (HERE / "chain.chain.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
+    print(f"chain: {len(chunks)} chunks, cache id {entry.cache_id[:16]}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codec", action="append", help="codecs to write (default: raw and zstd)")
+    parser.add_argument("--codec", action="append", help="codecs to write (default: raw, zstd and kvmart)")
+    parser.add_argument("--chain-only", action="store_true", help="write only the chunk-chain vector")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
+        if args.chain_only:
+            write_chain(Model.load(Settings(data_dir=Path(data_dir), model="builtin:tiny")), "", 11, CHUNK_TOKENS)
+            return
         for name, dtype, salt, num_tokens in CASES:
             model = Model.load(Settings(data_dir=Path(data_dir), model="builtin:tiny", dtype=dtype))
-            for codec in args.codec or ["raw", "zstd"]:
+            for codec in args.codec or ["raw", "zstd", "kvmart"]:
                 write_case(name, model, salt, num_tokens, codec)
+            if dtype == "float32":
+                write_chain(model, "", num_tokens, CHUNK_TOKENS)
         folder = next(Path(data_dir, "models").glob("builtin-tiny-*"))
         (HERE / "model.json").write_text(json.dumps(model_vector(model, folder), indent=2, sort_keys=True) + "\n")
 

@@ -105,9 +105,20 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str) -> str:
+def cache_id(fingerprint_digest: str, token_ids: list[int], salt: str, terms: str = "") -> str:
     return sha256_hex(b"kvmart-cache-v1\x00" + fingerprint_digest.encode() + b"\x00" + salt.encode("utf-8")
-                      + b"\x00" + canonical_int_list(token_ids))
+                      + b"\x00" + canonical_int_list(token_ids)
+                      + (b"\x00terms\x00" + terms.encode("utf-8") if terms else b""))
+
+
+def chained_keys(fingerprint_digest: str, pieces: list[list[int]], salt: str) -> list[str]:
+    """The chained keys of consecutive chunks of any lengths (a document index's chunks)."""
+    keys, parent = [], ""
+    for ids in pieces:
+        parent = sha256_hex(b"kvmart-chunk-v1\x00" + parent.encode() + b"\x00" + fingerprint_digest.encode()
+                            + b"\x00" + salt.encode("utf-8") + b"\x00" + canonical_int_list(ids))
+        keys.append(parent)
+    return keys
 
 
 def chunk_keys(fingerprint_digest: str, token_ids: list[int], chunk_tokens: int, salt: str) -> list[str]:
@@ -186,27 +197,42 @@ def xxh3_128(data: bytes) -> str | None:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def read(path: Path, salt: str = "") -> Artifact:
-    """Read and check an artifact; FormatError saying what breaks the format."""
+def read(path: Path, salt: str = "", expected_key: str | None = None) -> Artifact:
+    """Read and check an artifact (`expected_key`: a chunk's chained key, which is its cache id); FormatError saying
+    what breaks the format."""
     data = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n].decode("utf-8"))
     body = data[8 + n:]
     manifest = json.loads(header["__metadata__"]["kvmart"])
-    if manifest.get("format") != "kvmart-kv" or manifest.get("format_version") not in (1, 2):
+    if manifest.get("format") != "kvmart-kv" or manifest.get("format_version") not in (1, 2, 3):
         raise FormatError("not a kvmart artifact of a version this reader knows")
     unhashed = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     if sha256_hex(spaced(unhashed)) != manifest["manifest_sha256"]:
         raise FormatError("the manifest hash does not match")
     if fingerprint_digest(manifest["fingerprint"]) != manifest["fingerprint_digest"]:
         raise FormatError("the fingerprint digest does not match its components")
-    if cache_id(manifest["fingerprint_digest"], manifest["token_ids"], salt) != manifest["cache_id"]:
+    chunks = manifest.get("chunks", [])  # version 3: a document index lists its chunks and holds no tensors
+    if not chunks and expected_key is not None:
+        if manifest["cache_id"] != expected_key:
+            raise FormatError("the chunk's cache id is not the key its reader derived")
+    elif cache_id(manifest["fingerprint_digest"], manifest["token_ids"], salt, manifest.get("terms", "")) \
+            != manifest["cache_id"]:
         raise FormatError("the cache id does not match (wrong salt?)")
+    if chunks:
+        pieces, at = [], 0
+        for n, _ in chunks:
+            pieces.append(manifest["token_ids"][at:at + n])
+            at += n
+        if at != len(manifest["token_ids"]) or [k for _, k in chunks] != chained_keys(
+                manifest["fingerprint_digest"], pieces, salt):
+            raise FormatError("the index's chunk keys do not chain over its token ids")
     if manifest["salt_hash"] != (sha256_hex(salt.encode("utf-8")) if salt else ""):
         raise FormatError("the salt hash does not match")
     dtype = manifest["dtype"]
     shape = (1, manifest["kv_heads"], len(manifest["token_ids"]), manifest["head_dim"])
-    names = [f"layers.{i}.{kind}" for i in range(manifest["num_layers"]) for kind in ("keys", "values")]
+    names = [] if chunks else [f"layers.{i}.{kind}" for i in range(manifest["num_layers"])
+                                for kind in ("keys", "values")]
     tensors, offset, checked = {}, 0, True
     for name in names:
         entry, record = header[name], manifest["tensors"][name]

@@ -57,7 +57,7 @@ def usage_json(u: Usage, tariff: Tariff, recent: list[Charge]) -> dict:
             "royalties_usd": usd_text(u.royalties_nanousd),
             "royalties_in_escrow_usd": usd_text(u.royalties_in_escrow_nanousd),
             "documents": [document_report_json(d) for d in u.documents], "tariff": tariff_json(tariff),
-            "charges": [{"id": f"rcpt_{c.transaction_id}", **charge_json(c)} for c in recent]}
+            "charges": [{"id": f"rcpt_{c.transaction_id}", **(charge_json(c) or {})} for c in recent]}
 
 
 @router.get("/v1/usage")

@@ -1,7 +1,10 @@
 """Anthropic-compatible endpoint: POST /v1/messages, with `stream`, so the official `anthropic` client works
 unchanged. Documents are named with the extra body field `documents`; `usage` reports `cache_read_input_tokens`
 (tokens read from a stored cache) and `cache_creation_input_tokens` (always 0: answering never writes a cache;
-documents are published with POST /v1/documents). `cache_control` markers are accepted and ignored."""
+documents are published with POST /v1/documents). Every prompt is cached automatically at each message's content
+(docs/SERVER.md); a `cache_control` marker on a content block is honoured as an explicit cache point: the prompt is
+cut at the end of that block too, so the chunk ending there is stored and a later prompt that shares everything up to
+it reuses it, whatever follows."""
 
 from __future__ import annotations
 
@@ -10,20 +13,17 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmart.errors import KvmartError, UnsupportedParameterError
 from kvmart.reuse.prompt import ChatMessage, ChatPrompt, chat_message
-from kvmart.server.api.openai import SSE_HEADERS, check_model
+from kvmart.server.api.generation import Opened, open_generation, read_price_cap
 from kvmart.server.api.params import AnthropicTemperature, NoClientSalt, TopP
 from kvmart.server.api.usage import anthropic_usage
-from kvmart.server.auth import caller, idempotency_key, request_hash
-from kvmart.server.body import parse, read_json
 from kvmart.server.errors import HttpError, http_error
-from kvmart.server.pipeline.billing import Payer, kept_stream, remember_response, replayed_response
-from kvmart.server.pipeline.engine import Finished, GenerationRequest, Sampling
-from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.server.pipeline.engine import Finished
+from kvmart.server.pipeline.plan import GenerationRequest, Sampling
+from kvmart.server.pipeline.runs import Run
 from kvmart.server.pipeline.services import Services
 
 router = APIRouter()
@@ -65,6 +65,7 @@ class MessagesRequest(NoClientSalt):
     thinking: Any = None
     documents: list[str] = []
     cache: Literal["default", "bypass"] = "default"
+    max_cache_read_usd_per_mtok: str | float | int | None = None  # the most a document not named may cost
 
 
 def error_body(error: HttpError) -> dict:
@@ -76,12 +77,22 @@ def event(name: str, data: dict) -> str:
 
 
 def blocks_text(content: str | list[Block]) -> str:
+    return blocks_message("user", content).content
+
+
+def blocks_message(role: str, content: str | list[Block]) -> ChatMessage:
+    """A message from text blocks, joined by newlines; a block marked with `cache_control` ends a cache point."""
     if isinstance(content, str):
-        return content
+        return chat_message(role, content)
     for block in content:
         if block.type != "text":
             raise UnsupportedParameterError("messages", f"content blocks of type {block.type!r} (text only)")
-    return "\n".join(block.text or "" for block in content)
+    text, breaks = "", []
+    for n, block in enumerate(content):
+        text += ("\n" if n else "") + (block.text or "")
+        if (block.model_extra or {}).get("cache_control") and n < len(content) - 1:
+            breaks.append(len(text))
+    return ChatMessage(chat_message(role, text).role, text, tuple(breaks))
 
 
 def messages_request(req: MessagesRequest) -> GenerationRequest:
@@ -91,12 +102,12 @@ def messages_request(req: MessagesRequest) -> GenerationRequest:
         raise UnsupportedParameterError("thinking", "extended thinking is not implemented")
     if req.top_k is not None:
         raise UnsupportedParameterError("top_k", "top-k sampling is not implemented (use top_p)")
-    system = [ChatMessage("system", blocks_text(req.system))] if req.system else []
-    messages = tuple(system + [chat_message(m.role, blocks_text(m.content)) for m in req.messages])
+    system = [blocks_message("system", req.system)] if req.system else []
+    messages = tuple(system + [blocks_message(m.role, m.content) for m in req.messages])
     prompt = ChatPrompt(messages, tuple(req.documents), continue_final=req.messages[-1].role == "assistant")
     sampling = Sampling(max_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                         top_p=req.top_p or 1.0, stop=tuple(req.stop_sequences or ()))
-    return GenerationRequest(prompt, sampling, req.cache == "bypass")
+    return GenerationRequest(prompt, sampling, req.cache == "bypass", read_price_cap(req.max_cache_read_usd_per_mtok))
 
 
 def stop_reason(finished: Finished) -> str:
@@ -111,26 +122,17 @@ def message_head(services: Services, message_id: str) -> dict:
 
 @router.post("/v1/messages")
 async def messages(request: Request):
-    services: Services = request.app.state.services
-    account = await caller(request)
-    body = await read_json(request, services.server.max_body_bytes)
-    req = parse(MessagesRequest, body)
-    check_model(services, req.model)
-    payer = Payer(account, idempotency_key(request), request_hash("/v1/messages", body))
-    if replay := await replayed_response(services, payer):
-        return replay
-    run = await start_generation(services, messages_request(req), "messages", payer)
+    opened = await open_generation(request, MessagesRequest, messages_request, "messages")
+    if not isinstance(opened, Opened):
+        return opened
+    req, run = opened.req, opened.run
     message_id = f"msg_{uuid.uuid4().hex}"
     if req.stream:
-        events = message_stream(run, message_head(services, message_id))
-        return StreamingResponse(kept_stream(services, payer, run.bill, events), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return opened.stream(message_stream(run, message_head(opened.services, message_id)))
     text = "".join(d.text for d in await run.collect())
-    answer = {**message_head(services, message_id), "content": [{"type": "text", "text": text}],
-              "stop_reason": stop_reason(run.finished), "stop_sequence": run.finished.stop_sequence,
-              "usage": anthropic_usage(run.usage)}
-    await remember_response(services, payer, run.bill, answer)
-    return JSONResponse(answer)
+    return await opened.answer({**message_head(opened.services, message_id), "content": [{"type": "text", "text": text}],
+                                "stop_reason": stop_reason(run.ended), "stop_sequence": run.ended.stop_sequence,
+                                "usage": anthropic_usage(run.usage)})
 
 
 async def message_stream(run: Run, head: dict):
@@ -143,8 +145,8 @@ async def message_stream(run: Run, head: dict):
             if d.text:
                 yield event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": d.text}})
         yield event("content_block_stop", {"index": 0})
-        yield event("message_delta", {"delta": {"stop_reason": stop_reason(run.finished),
-                                                "stop_sequence": run.finished.stop_sequence},
+        yield event("message_delta", {"delta": {"stop_reason": stop_reason(run.ended),
+                                                "stop_sequence": run.ended.stop_sequence},
                                       "usage": anthropic_usage(run.usage)})
         yield event("message_stop", {})
     except KvmartError as e:

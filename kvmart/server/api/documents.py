@@ -1,7 +1,8 @@
 """The documents API: publish a text under a licence (the provider tokenizes and prefills it itself, once, and
 charges the publisher the precompute fee), list the catalogue, read one entry, delete one (its publisher only).
-Publishing goes through `cache.precompute`, as `kvmart precompute` does, into the same store: the CLI and the
-server see the same public documents under the same ids. A private document is stored under its publisher's
+Publishing goes through `core.precompute_ids`, as `kvmart precompute` does, into the same store, as a chunk chain
+(kvmart/reuse/chunks.py): the CLI and the server see the same public documents under the same ids, and documents
+that share a prefix share its chunks. A private document is stored under its publisher's
 tenant salt and is invisible (404) to accounts it does not list."""
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kvmart.errors import (
-    ArtifactRejectedError,
-    ForbiddenError,
-    ForgedArtifactError,
-    InsufficientFundsError,
-    LedgerError,
-    RequestError,
-)
-from kvmart.ledger import Account, Licence, Terms, parse_money, usd_text
+from kvmart.errors import ArtifactRejectedError, ForbiddenError, ForgedArtifactError, RequestError, TooLargeError
+from kvmart.format.keys import cache_id as make_cache_id
+from kvmart.ledger import Account, Hold, Licence, Terms, parse_money, usd_text
+from kvmart.reuse import core
 from kvmart.reuse.catalog import Document
-from kvmart.reuse.upload import chunk_spans, plan
+from kvmart.reuse.upload import chunk_spans, plan, upload_size
+from kvmart.runtime.chat import document_ids, layout_for
 from kvmart.server.auth import caller, require_role
 from kvmart.server.body import parse
-from kvmart.server.pipeline.engine import Published
+from kvmart.server.pipeline.engine import Published, PublishJob
+from kvmart.server.pipeline.plan import MAX_CHARS_PER_TOKEN
 from kvmart.server.pipeline.runs import first_event, submit
 from kvmart.server.pipeline.services import Services
 from kvmart.server.publish_body import read_publish_body
@@ -97,7 +95,11 @@ async def publish_as(services: Services, account: Account, req: PublishRequest,
                      upload: bytes | BinaryIO | None = None) -> tuple[dict, bool]:
     """Publish `req` for `account` (the API and the web page both come here): the document's JSON, and whether it
     was computed now. `upload`: the artifact read from the body (else `req.artifact`, base64). ForbiddenError for
-    an agent, TariffError/AccountError for bad terms, 402 for the fee."""
+    an agent, TariffError/AccountError for bad terms, 413 for a document beyond the limits or one no request could
+    use, 402 for the fee: each before any forward pass (the fee is held first, charged once the document is
+    stored, released if it is not). The publication is noted in the ledger before anything is stored and the note
+    deleted with the licence, in one transaction: a node killed between the two is repaired when it starts again
+    (kvmart/server/app.py `repair_publications`), so a document is never left public and unpaid."""
     require_role(account, "publisher")
     terms = req.terms()
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
@@ -107,54 +109,108 @@ async def publish_as(services: Services, account: Account, req: PublishRequest,
         raise ForbiddenError(f"account {account.name!r} had an upload refused as a forgery and may not upload "
                              "artifacts until the operator allows it (kvmart accounts allow-uploads); publish the "
                              "text instead, and the provider computes it")
-    notes: list[int] = []  # the ledger's note of this publication, written before its artifact is stored
-
-    def before_store(cache_id: str) -> None:  # on the model worker's thread, just before the artifact is written
-        notes.append(services.ledger.begin_publication(cache_id, account))
-
-    ticket = submit(services, services.engine.publish(req.text, req.title, req.source, req.system, salt, upload,
-                                                      before_store))
+    job = await run_in_threadpool(publish_job, services, req, salt, terms.canonical(), upload)
+    existing = await run_in_threadpool(stored_document, services, job)
+    if existing is not None:  # already stored: nothing computed, nothing charged (an upload is not needed)
+        services.metrics.published.inc(outcome="already_stored")
+        claimed = None
+        if req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
+            claimed = await run_in_threadpool(services.ledger.claim_document, existing.cache_id, account, terms,
+                                              req.source)
+        return await document_body(services, existing, False, 0.0, 0, claimed), False
+    hold = await run_in_threadpool(hold_fee, services, account, len(job.token_ids))
+    note = None  # the ledger's note of this publication, written before anything of it is stored
     try:
-        try:
-            published = await first_event(ticket)
-        except ArtifactRejectedError as e:
-            services.metrics.published.inc(outcome="refused")
-            log.warning("upload by %s refused: %s", account.name, e)
-            if isinstance(e, ForgedArtifactError):  # one strike: a sample must not be retried until it misses
-                await run_in_threadpool(services.ledger.record_forged_upload, account, str(e))
-            raise
+        note = await run_in_threadpool(services.ledger.begin_publication, job_cache_id(services, job), account)
+        ticket = submit(services, services.engine.publish(job, services.settings.artifact_codec))
+        published = await first_event(ticket)
         assert isinstance(published, Published), published
+        doc = await run_in_threadpool(services.engine.register, published)
         outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
         services.metrics.published.inc(outcome=outcome)
-        doc, fee, claimed = published.document, 0, None
+        fee: int | None = 0
         if published.is_new:  # None: another node published the same text first; its licence stands
-            charged: int | None = await run_in_threadpool(record_publication, services, doc, account, terms, salt,
-                                                          req.source, notes[0] if notes else None)
-            fee = charged or 0
+            fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, hold, req.source,
+                                          note)
             if upload is not None:
                 await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
                                         upload_check_json(services, doc.num_tokens))
-        elif req.source and not terms.is_private:  # a verified owner outranks whoever published the text first
-            claimed = await run_in_threadpool(services.ledger.claim_document, doc.cache_id, account, terms,
-                                              req.source)
+        else:
+            release_hold(services, hold)
+    except ArtifactRejectedError as e:
+        release_hold(services, hold)
+        services.metrics.published.inc(outcome="refused")
+        log.warning("upload by %s refused: %s", account.name, e)
+        if isinstance(e, ForgedArtifactError):  # one strike: a sample must not be retried until it misses
+            await run_in_threadpool(services.ledger.record_forged_upload, account, str(e))
+        raise
+    except BaseException:
+        release_hold(services, hold)
+        raise
     finally:  # a note not ended with its licence (already stored, refused, failed): the publication is over
-        for note in notes:
+        if note is not None:
             await run_in_threadpool(services.ledger.end_publication, note)
+    return await document_body(services, doc, published.is_new, published.seconds, fee or 0), published.is_new
+
+
+def publish_job(services: Services, req: PublishRequest, salt: str, terms: str, upload: bytes | BinaryIO | None
+                ) -> PublishJob:
+    """The document's token ids (laid out as requests will lay it out; the text's length bounded before it is
+    tokenized), checked against the server's limits (a document no request could use is refused here too)."""
+    model, engine = services.model, services.engine
+    text = core.check_text(req.text)
+    bound = model.context_tokens * MAX_CHARS_PER_TOKEN
+    if len(text) > bound:
+        raise TooLargeError(f"the document is {len(text):,} characters: it cannot fit the model's context of "
+                            f"{model.context_tokens:,} tokens", "text")
+    layout = layout_for(model.tokenizer, req.system) if req.system else layout_for(model.tokenizer)
+    ids = document_ids(model.tokenize, layout, text)
+    engine.check_limits(len(ids), upload_size(upload) if upload is not None else None, layout)
+    return PublishJob(ids, req.title, req.source, salt, terms, upload)
+
+
+def job_cache_id(services: Services, job: PublishJob) -> str:
+    """The cache id `job` is stored under (its ids, salt and terms)."""
+    return make_cache_id(services.model.fingerprint.digest, job.token_ids, job.salt, job.terms)
+
+
+def stored_document(services: Services, job: PublishJob) -> Document | None:
+    """The document if these ids, salt and terms are stored already."""
+    entry = services.store.entry(job_cache_id(services, job))
+    return services.catalog.add(entry) if entry is not None and entry.is_document else None
+
+
+def hold_fee(services: Services, account: Account, num_tokens: int) -> Hold | None:
+    """Hold the precompute fee before anything is computed: InsufficientFundsError (402) if it is not covered."""
+    fee = services.ledger.precompute_fee(account, num_tokens)
+    if not fee:
+        return None
+    return services.ledger.open_hold(account, fee, None, f"publish:{num_tokens}")
+
+
+def release_hold(services: Services, hold: Hold | None) -> None:
+    if hold is not None:
+        services.ledger.release(hold)
+
+
+async def document_body(services: Services, doc: Document, is_new: bool, seconds: float, fee: int,
+                        claimed=None) -> dict:
+    """The document's JSON as a publish answers it: its licence, ownership, upload check and what it cost."""
     licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
-    body = {**document_json(doc), "licence": licence_json(licence), "computed": published.is_new,
-            "seconds": published.seconds, "precompute_charge_usd": usd_text(fee),
+    body = {**document_json(doc), "licence": licence_json(licence), "computed": is_new, "seconds": seconds,
+            "precompute_charge_usd": usd_text(fee),
             "ownership": await run_in_threadpool(ownership_json, services, licence),
             "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
     if claimed is not None:
         body["ownership"]["claimed_now"] = True
         body["ownership"]["escrow_paid_usd"] = usd_text(claimed.amount_nanousd)
-    return body, published.is_new
+    return body
 
 
 def upload_check_json(services: Services, num_tokens: int) -> dict:
     """How much of an upload of `num_tokens` the provider recomputed under its settings, and what that buys
     (kvmart/reuse/upload.py `plan`): recorded on the document."""
-    chunk_tokens = services.server.upload_chunk_tokens
+    chunk_tokens = services.settings.chunk_tokens
     checked = plan(len(chunk_spans(num_tokens, chunk_tokens)), services.server.upload_sample_percent).as_json()
     return {**checked, "chunk_tokens": chunk_tokens}
 
@@ -180,22 +236,23 @@ def decode_artifact(encoded: str | None) -> bytes | None:
 
 
 def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str,
-                       source: str = "", note: int | None = None) -> int | None:
-    """The licence and the publisher's fee, together, ending the publication's `note`; if they cannot be recorded
-    (the publisher cannot pay: 402; the ledger fails), the new artifact is deleted again: never public and unpaid.
-    (A node killed before this is repaired at its next start: kvmart/server/app.py `repair_publications`.)"""
+                       hold: Hold | None, source: str = "", note: int | None = None) -> int | None:
+    """The licence and the publisher's fee (spending its hold), together, ending the publication's `note`; if
+    they cannot be recorded (the publisher cannot pay: 402; the ledger fails), the new document is deleted again:
+    never public and unpaid. (A node killed before this is repaired at its next start: kvmart/server/app.py
+    `repair_publications`.)"""
     try:
-        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source,
-                                       publication_id=note)
-    except (InsufficientFundsError, LedgerError):
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source, hold, note)
+    except BaseException:
         remove(services, doc)
+        release_hold(services, hold)
         raise
 
 
 def remove(services: Services, doc: Document) -> None:
+    """Delete a document (its index: its chunks stay, shared with others, until the store evicts them)."""
     services.store.delete(doc.cache_id)
     services.catalog.remove(doc.id)
-    services.hot.discard(doc.cache_id)
 
 
 @router.get("/v1/documents")

@@ -11,23 +11,21 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvmart.errors import KvmartError, RequestError, UnknownModelError, UnsupportedParameterError
+from kvmart.errors import KvmartError, RequestError, UnsupportedParameterError
 from kvmart.reuse.prompt import ChatPrompt, TextPrompt, chat_message
+from kvmart.server.api.generation import Opened, check_model, open_generation, read_price_cap
 from kvmart.server.api.params import NoClientSalt, OpenAITemperature, Seed, TopP
 from kvmart.server.api.usage import openai_usage
-from kvmart.server.auth import caller, idempotency_key, request_hash
-from kvmart.server.body import parse, read_json
+from kvmart.server.auth import caller
 from kvmart.server.errors import HttpError, http_error
-from kvmart.server.pipeline.billing import Payer, kept_stream, remember_response, replayed_response
-from kvmart.server.pipeline.engine import Delta, GenerationRequest, Sampling, TokenLogprob
-from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.server.pipeline.engine import Delta, TokenLogprob
+from kvmart.server.pipeline.plan import GenerationRequest, Sampling
+from kvmart.server.pipeline.runs import Run
 from kvmart.server.pipeline.services import Services
 
 router = APIRouter()
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERROR_TYPES = {"invalid_request": "invalid_request_error", "permission": "permission_error",
                "authentication": "authentication_error", "payment": "insufficient_quota",
                "conflict": "invalid_request_error",
@@ -70,6 +68,7 @@ class Common(NoClientSalt):
     logit_bias: dict[str, float] | None = None
     documents: list[str] = []
     cache: Literal["default", "bypass"] = "default"
+    max_cache_read_usd_per_mtok: str | float | int | None = None  # the most a document not named may cost
 
 
 class ChatCompletionRequest(Common):
@@ -103,11 +102,6 @@ def error_body(error: HttpError) -> dict:
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def check_model(services: Services, requested: str) -> None:
-    if requested != services.model_id:
-        raise UnknownModelError(requested, services.model_id)
 
 
 def check_common(req: Common) -> None:
@@ -154,8 +148,10 @@ def sampling(req: Common, max_tokens: int | None, top_logprobs: int | None) -> S
 def chat_request(req: ChatCompletionRequest) -> GenerationRequest:
     messages = tuple(chat_message(m.role, content_text(m.content)) for m in req.messages)
     top = (req.top_logprobs or 0) if req.logprobs else None
+    check_chat(req)
     return GenerationRequest(ChatPrompt(messages, tuple(req.documents)),
-                             sampling(req, req.max_completion_tokens or req.max_tokens, top), req.cache == "bypass")
+                             sampling(req, req.max_completion_tokens or req.max_tokens, top), req.cache == "bypass",
+                             read_price_cap(req.max_cache_read_usd_per_mtok))
 
 
 def completion_request(req: CompletionRequest) -> GenerationRequest:
@@ -168,9 +164,16 @@ def completion_request(req: CompletionRequest) -> GenerationRequest:
         if len(prompt) != 1:
             raise UnsupportedParameterError("prompt", "one prompt per request")
         prompt = prompt[0]
-    text = TextPrompt(text=prompt) if isinstance(prompt, str) else TextPrompt(token_ids=tuple(prompt))
+    if isinstance(prompt, str):
+        text = TextPrompt(text=prompt)
+    else:
+        ids = tuple(t for t in prompt if isinstance(t, int) and not isinstance(t, bool))
+        if len(ids) != len(prompt):
+            raise RequestError("prompt must be a string or a list of token ids", "prompt")
+        text = TextPrompt(token_ids=ids)
     text = TextPrompt(text.text, text.token_ids, tuple(req.documents))
-    return GenerationRequest(text, sampling(req, req.max_tokens, req.logprobs), req.cache == "bypass")
+    return GenerationRequest(text, sampling(req, req.max_tokens, req.logprobs), req.cache == "bypass",
+                             read_price_cap(req.max_cache_read_usd_per_mtok))
 
 
 def _token_entry(t: TokenLogprob) -> dict:
@@ -209,30 +212,20 @@ class Reply:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    services: Services = request.app.state.services
-    account = await caller(request)
-    body = await read_json(request, services.server.max_body_bytes)
-    req = parse(ChatCompletionRequest, body)
-    check_model(services, req.model)
-    check_chat(req)
-    payer = Payer(account, idempotency_key(request), request_hash("/v1/chat/completions", body))
-    if replay := await replayed_response(services, payer):
-        return replay
-    run = await start_generation(services, chat_request(req), "chat", payer)
-    reply = Reply(services, "chatcmpl")
+    opened = await open_generation(request, ChatCompletionRequest, chat_request, "chat")
+    if not isinstance(opened, Opened):
+        return opened
+    req, run = opened.req, opened.run
+    reply = Reply(opened.services, "chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = chat_stream(run, reply, include_usage, bool(req.logprobs))
-        return StreamingResponse(kept_stream(services, payer, run.bill, events), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return opened.stream(chat_stream(run, reply, include_usage, bool(req.logprobs)))
     deltas = await run.collect()
     choice = {"index": 0, "message": {"role": "assistant", "content": "".join(d.text for d in deltas),
                                       "refusal": None},
               "logprobs": chat_logprobs(deltas) if req.logprobs else None,
-              "finish_reason": run.finished.finish_reason}
-    answer = {**reply.head("chat.completion"), "choices": [choice], "usage": openai_usage(run.usage)}
-    await remember_response(services, payer, run.bill, answer)
-    return JSONResponse(answer)
+              "finish_reason": run.ended.finish_reason}
+    return await opened.answer({**reply.head("chat.completion"), "choices": [choice], "usage": openai_usage(run.usage)})
 
 
 async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):
@@ -247,7 +240,7 @@ async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: boo
         async for d in run.deltas():
             if d.text or (logprobs and d.logprob is not None):
                 yield chunk({"content": d.text}, lp=chat_logprobs([d]) if logprobs else None)
-        yield chunk({}, run.finished.finish_reason)
+        yield chunk({}, run.ended.finish_reason)
         if include_usage:
             yield sse({**head, "choices": [], "usage": openai_usage(run.usage)})
     except KvmartError as e:
@@ -257,28 +250,19 @@ async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: boo
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    services: Services = request.app.state.services
-    account = await caller(request)
-    body = await read_json(request, services.server.max_body_bytes)
-    req = parse(CompletionRequest, body)
-    check_model(services, req.model)
-    payer = Payer(account, idempotency_key(request), request_hash("/v1/completions", body))
-    if replay := await replayed_response(services, payer):
-        return replay
-    run = await start_generation(services, completion_request(req), "completions", payer)
-    reply = Reply(services, "cmpl")
+    opened = await open_generation(request, CompletionRequest, completion_request, "completions")
+    if not isinstance(opened, Opened):
+        return opened
+    req, run = opened.req, opened.run
+    reply = Reply(opened.services, "cmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = completion_stream(run, reply, include_usage, req.logprobs is not None)
-        return StreamingResponse(kept_stream(services, payer, run.bill, events), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return opened.stream(completion_stream(run, reply, include_usage, req.logprobs is not None))
     deltas = await run.collect()
     choice = {"index": 0, "text": "".join(d.text for d in deltas),
               "logprobs": completion_logprobs(deltas) if req.logprobs is not None else None,
-              "finish_reason": run.finished.finish_reason}
-    answer = {**reply.head("text_completion"), "choices": [choice], "usage": openai_usage(run.usage)}
-    await remember_response(services, payer, run.bill, answer)
-    return JSONResponse(answer)
+              "finish_reason": run.ended.finish_reason}
+    return await opened.answer({**reply.head("text_completion"), "choices": [choice], "usage": openai_usage(run.usage)})
 
 
 async def completion_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):
@@ -291,7 +275,7 @@ async def completion_stream(run: Run, reply: Reply, include_usage: bool, logprob
                 yield sse({**head, "choices": [{"index": 0, "text": d.text, "logprobs": lp, "finish_reason": None}]})
             offset += len(d.text)
         yield sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                        "finish_reason": run.finished.finish_reason}]})
+                                        "finish_reason": run.ended.finish_reason}]})
         if include_usage:
             yield sse({**head, "choices": [], "usage": openai_usage(run.usage)})
     except KvmartError as e:

@@ -2,10 +2,11 @@
 block, so the ledger (charges, receipts) extends `Usage` and these functions, not the endpoints.
 
 OpenAI: `prompt_tokens` counts the whole prompt, `prompt_tokens_details.cached_tokens` the part read from cache
-(always present, 0 without a hit, as OpenAI reports it). Anthropic: `input_tokens` counts only the tokens computed,
-`cache_read_input_tokens` those read from cache; kvmart never writes a cache while answering (documents are
-published explicitly), so `cache_creation_input_tokens` is 0. Both carry `kvmart`: tokens by kind, and the
-request's charge (what it paid, the publisher's royalty, what it saved against re-prefilling, a signed receipt)."""
+(always present, 0 without a hit, as OpenAI reports it). Anthropic: `cache_read_input_tokens` counts the tokens read
+from cache, `cache_creation_input_tokens` those computed and kept for later requests (every computed chunk is kept,
+unless the request bypassed the cache), `input_tokens` the rest. Both carry `kvmart`: tokens by kind, where the
+cached ones came from (documents, the caller's own prefix cache; RAM or the store), and the request's charge (what
+it paid, the publishers' royalties, what it saved against re-prefilling, a signed receipt)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ def charge_json(charge: Charge | None) -> dict | None:
 def kvmart_usage(u: Usage) -> dict:
     """kvmart's own accounting, added beside each API's standard fields."""
     return {
-        "cached_tokens": u.cached_tokens, "computed_tokens": u.computed_tokens, "cache": u.tier,
-        "document": u.document_id, "cache_id": u.cache_id, "prefix_tokens": u.prefix_tokens,
+        "cached_tokens": u.cached_tokens, "computed_tokens": u.computed_tokens,
+        "cache_creation_tokens": u.cache_creation_tokens, "cache": u.tier, "document": u.document_id,
+        "cache_id": u.cache_id, "documents": [{"id": d.document_id, "cache_id": d.cache_id,
+                                               "cached_tokens": d.cached_tokens} for d in u.documents],
+        "own_cached_tokens": u.own_cached_tokens, "layout": u.layout or None,
         "load_seconds": round(u.load_seconds, 6), "prefill_seconds_saved": round(u.prefill_seconds_saved, 6),
         "tokens": {"cached": u.cached_tokens, "computed": u.computed_tokens, "output": u.completion_tokens},
         "metered": u.is_metered, "charge": charge_json(u.charge),
@@ -49,8 +53,8 @@ def openai_usage(u: Usage) -> dict:
 
 def anthropic_usage(u: Usage) -> dict:
     return {
-        "input_tokens": u.computed_tokens, "output_tokens": u.completion_tokens,
-        "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0,
-        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "input_tokens": u.computed_tokens - u.cache_creation_tokens, "output_tokens": u.completion_tokens,
+        "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": u.cache_creation_tokens,
+        "cache_creation": {"ephemeral_5m_input_tokens": u.cache_creation_tokens, "ephemeral_1h_input_tokens": 0},
         "kvmart": kvmart_usage(u),
     }

@@ -1,16 +1,19 @@
-"""Metering one generation: hold its largest possible charge once its prompt is resolved (402 before any token
-if the agent cannot cover it), charge what it actually used when it is complete, charge what was sent if the
-client hangs up, release the hold if it fails (nothing charged). The admin is never charged. With an
-Idempotency-Key, a completed request's answer is kept (a stream as its events) and replayed to its retries, as
-a stream for a stream; a key charged without a kept answer is refused, never computed again for free. See
-kvmart/ledger/charges.py."""
+"""Metering one generation: hold its largest possible charge once it is planned (402 before any forward pass if
+the agent cannot cover it), charge what it actually used when it is complete, charge what was sent if the client
+hangs up, release the hold if it fails (nothing charged). The admin is never charged. With an Idempotency-Key, a
+completed request's answer is kept (a stream as its events) and replayed to its retries, as a stream for a stream;
+a key charged without a kept answer is refused, never computed again for free. See kvmart/ledger/charges.py.
+
+A request may read several documents (named together) and its own prefix cache: each document's tokens are
+priced by its licence and earn its publisher's royalty; the caller's own cached tokens are read at the list price
+with no royalty (docs/SERVER.md "Billing")."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -18,10 +21,11 @@ from starlette.concurrency import run_in_threadpool
 from kvmart.errors import InsufficientFundsError, LedgerError
 from kvmart.ledger import Account, Charge, Hold, Licence
 from kvmart.ledger.tariffs import NANO_PER_USD
-from kvmart.server.pipeline.engine import Started
+from kvmart.server.pipeline.plan import Plan
 from kvmart.server.pipeline.services import Services
 
 log = logging.getLogger("kvmart.server")
+Reads = list[tuple[str | None, Licence | None, int]]  # (document cache id or None for one's own cache, licence, tokens)
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,8 @@ class Bill:
     """One request's money. `charge` is set once settled."""
 
     payer: Payer
-    licence: Licence | None = None
-    cache_id: str | None = None  # the document read from cache, if any
+    reads: Reads = field(default_factory=list)
+    computed_tokens: int = 0
     hold: Hold | None = None
     charge: Charge | None = None
 
@@ -48,17 +52,16 @@ class Bill:
         return not self.payer.account.is_admin
 
 
-async def open_bill(services: Services, payer: Payer, started: Started) -> Bill:
-    """Hold the most this request can cost; InsufficientFundsError (402) or IdempotencyConflictError (409)."""
-    bill = Bill(payer)
+def reads_of(plan: Plan) -> Reads:
+    return [(s.document.cache_id if s.document else None, s.licence, s.num_tokens) for s in plan.sources]
+
+
+async def open_bill(services: Services, payer: Payer, plan: Plan) -> Bill:
+    """Hold the most `plan` can cost; InsufficientFundsError (402) or IdempotencyConflictError (409)."""
+    bill = Bill(payer, reads_of(plan), plan.computed_tokens)
     if not bill.is_metered:
         return bill
-    reuse = started.reuse
-    if reuse.document is not None and reuse.cached_tokens > 0:
-        bill.cache_id = reuse.document.cache_id
-        bill.licence = await run_in_threadpool(services.ledger.licence, bill.cache_id)
-    most = services.ledger.quote(bill.licence, reuse.cached_tokens, started.prompt_tokens - reuse.cached_tokens,
-                                 started.max_new_tokens)
+    most, _ = services.ledger.quote_reads(bill.reads, bill.computed_tokens, plan.max_new_tokens)
     try:
         bill.hold = await run_in_threadpool(services.ledger.open_hold, payer.account, most.total_nanousd,
                                             payer.idempotency_key, payer.request_hash)
@@ -68,14 +71,14 @@ async def open_bill(services: Services, payer: Payer, started: Started) -> Bill:
     return bill
 
 
-async def settle(services: Services, bill: Bill, cached_tokens: int, computed_tokens: int, output_tokens: int
-                 ) -> None:
-    """Charge what the request used (one transaction: entries, receipt, hold dropped)."""
+async def settle(services: Services, bill: Bill, output_tokens: int) -> None:
+    """Charge what the request used (one transaction: entries, receipt, hold dropped). The prompt is billed as
+    planned: a cached chunk found gone when loaded is computed again at the provider's cost, not the agent's."""
     if bill.hold is None:
         return
-    used = services.ledger.quote(bill.licence, cached_tokens, computed_tokens, output_tokens)
+    used, reads = services.ledger.quote_reads(bill.reads, bill.computed_tokens, output_tokens)
     hold, bill.hold = bill.hold, None
-    bill.charge = await run_in_threadpool(services.ledger.settle, hold, used, bill.licence, bill.cache_id)
+    bill.charge = await run_in_threadpool(services.ledger.settle_reads, hold, used, reads)
     m = services.metrics
     m.charges.inc(outcome="charged")
     m.charged_usd.inc(used.total_nanousd / NANO_PER_USD)  # a float for Prometheus only; the ledger keeps integers
@@ -85,15 +88,12 @@ async def settle(services: Services, bill: Bill, cached_tokens: int, computed_to
 STREAM_OBJECT = "kvmart.stream"  # a kept streamed answer: {"object": STREAM_OBJECT, "events": [SSE event, ...]}
 
 
-async def replayed_response(services: Services, payer: Payer) -> Response | None:
-    """The kept answer to an idempotent request already charged (the same text, usage and receipt, its charge
-    marked `replayed`): a JSON body for a JSON request, the same events as a stream for a streamed one; or None.
-    Nothing is computed or charged. IdempotencyConflictError (409) if the key was charged for another request (or
-    on another endpoint: the endpoint is part of the request hash) or charged with no complete answer kept."""
-    if payer.idempotency_key is None or payer.account.is_admin:
-        return None
-    stored = await run_in_threadpool(services.ledger.stored_response, payer.account, payer.idempotency_key,
-                                     payer.request_hash)
+def replayed_response(services: Services, stored: str | None) -> Response | None:
+    """The kept answer (`stored`, from the ledger's request context) of an idempotent request already charged: the
+    same text, usage and receipt, its charge marked `replayed`: a JSON body for a JSON request, the same events as
+    a stream for a streamed one; None if there is none. Nothing is computed or charged. (The ledger raised
+    IdempotencyConflictError (409) already if the key was charged for another request, or on another endpoint:
+    the endpoint is part of the request hash, or charged with no complete answer kept.)"""
     if stored is None:
         return None
     body = _marked_replayed(json.loads(stored))
@@ -147,19 +147,18 @@ async def kept_stream(services: Services, payer: Payer, bill: Bill, events: Asyn
     await remember_response(services, payer, bill, {"object": STREAM_OBJECT, "events": kept})
 
 
-def settle_cut_off(services: Services, bill: Bill, cached_tokens: int, computed_tokens: int, sent_tokens: int
-                   ) -> None:
-    """Charge a request whose client hung up for what was sent: its prompt (read or computed: that work was done)
-    and the `sent_tokens` handed to the connection; the rest of its hold is released with it (settling drops the
+def settle_cut_off(services: Services, bill: Bill, sent_tokens: int) -> None:
+    """Charge a request whose client hung up for what was sent: its prompt as planned (read or computed: that work
+    was done, or is the provider's to redo) and the `sent_tokens` handed to the connection; the rest of its hold is released with it (settling drops the
     hold, and the charge never exceeds it). Synchronous, as `release`: it runs while the request's task is being
     cancelled, when awaiting is no longer possible. Nothing is kept for an Idempotency-Key: its retries are refused
     (kvmart/ledger/charges.py `stored_response`)."""
     if bill.hold is None:
         return
-    used = services.ledger.quote(bill.licence, cached_tokens, computed_tokens, sent_tokens)
+    used, reads = services.ledger.quote_reads(bill.reads, bill.computed_tokens, sent_tokens)
     hold, bill.hold = bill.hold, None
     try:
-        bill.charge = services.ledger.settle(hold, used, bill.licence, bill.cache_id)
+        bill.charge = services.ledger.settle_reads(hold, used, reads)
     except LedgerError:  # the hold lapses with its lease: the request goes uncharged, nothing is lost
         log.exception("could not charge the cut-off request of hold %d", hold.id)
         return

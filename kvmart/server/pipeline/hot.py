@@ -1,8 +1,10 @@
-"""The hot tier: decoded KV caches kept in RAM, least recently used evicted first, within a byte budget. A hit
-costs nothing; a miss is a load from the store (read + verify), after which the KV is kept here.
+"""The hot tier: chunks' KV kept in RAM by chained key (kvmart/reuse/chunks.py), least recently used evicted first,
+within a byte budget. A hit costs nothing; a miss is a load from the store (read + verify) or a forward pass, after
+which the chunk is kept here. Besides published documents' chunks, it holds the automatic prefix cache: chunks
+computed while serving a request (a system prompt, a conversation so far), under the requesting tenant's salt.
 
 Sharing one KV between concurrent requests is safe: a KV is immutable and every request builds its own
-WorkingCache around it."""
+WorkingCache around the chunks it reads."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvmart.reuse.core import Loaded
+from kvmart.runtime.kv import KV
 
 
 @dataclass(frozen=True)
@@ -24,51 +26,51 @@ class HotStats:
 
 
 class HotTier:
-    """Thread-safe LRU of `Loaded` documents by cache id. A KV larger than the whole budget is never kept."""
+    """Thread-safe LRU of chunk KVs by key. A KV larger than the whole budget is never kept."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._lock = threading.Lock()
-        self._items: OrderedDict[str, Loaded] = OrderedDict()
+        self._items: OrderedDict[str, KV] = OrderedDict()
         self._bytes = self._hits = self._misses = self._evictions = 0
 
-    def get(self, cache_id: str) -> Loaded | None:
-        """The loaded document, now the most recently used; None (a miss) if it is not in RAM."""
+    def get(self, key: str) -> KV | None:
+        """The chunk's KV, now the most recently used; None (a miss) if it is not in RAM."""
         with self._lock:
-            loaded = self._items.get(cache_id)
-            if loaded is None:
+            kv = self._items.get(key)
+            if kv is None:
                 self._misses += 1
                 return None
-            self._items.move_to_end(cache_id)
+            self._items.move_to_end(key)
             self._hits += 1
-            return loaded
+            return kv
 
-    def put(self, loaded: Loaded) -> bool:
-        """Keep `loaded`, evicting the least recently used until it fits; False if it cannot fit at all."""
-        size = loaded.kv.nbytes
+    def put(self, key: str, kv: KV) -> bool:
+        """Keep `kv` under `key`, evicting the least recently used until it fits; False if it cannot fit at all."""
+        size = kv.nbytes
         if size > self.budget_bytes:
             return False
         with self._lock:
-            previous = self._items.pop(loaded.entry.cache_id, None)
+            previous = self._items.pop(key, None)
             if previous is not None:
-                self._bytes -= previous.kv.nbytes
+                self._bytes -= previous.nbytes
             while self._bytes + size > self.budget_bytes:
                 _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.kv.nbytes
+                self._bytes -= evicted.nbytes
                 self._evictions += 1
-            self._items[loaded.entry.cache_id] = loaded
+            self._items[key] = kv
             self._bytes += size
             return True
 
-    def discard(self, cache_id: str) -> None:
+    def discard(self, key: str) -> None:
         with self._lock:
-            loaded = self._items.pop(cache_id, None)
-            if loaded is not None:
-                self._bytes -= loaded.kv.nbytes
+            kv = self._items.pop(key, None)
+            if kv is not None:
+                self._bytes -= kv.nbytes
 
-    def __contains__(self, cache_id: str) -> bool:
+    def __contains__(self, key: str) -> bool:
         with self._lock:
-            return cache_id in self._items
+            return key in self._items
 
     def stats(self) -> HotStats:
         with self._lock:

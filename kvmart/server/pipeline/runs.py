@@ -1,11 +1,12 @@
-"""One request's life on the event loop: submit its job to the model worker, wait for the first event (so every
-error that can be reported as an HTTP status is), hold its charge, stream the rest, charge it and record its
-metrics once, at the end."""
+"""One request's life on the event loop, in one direction: plan it (off the model thread: prompt laid out and
+chunked, cached chunks found, the quote), hold its largest charge (402 here, before any work), load its cached
+chunks (off the model thread), queue its compute on the model worker, stream the result, then charge what it used
+and record its metrics once, at the end. Every generation endpoint (chat, completions, messages, the web page)
+starts a request through `start_generation`."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -13,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from kvmart.errors import KvmartError, QueueFullError
 from kvmart.server.pipeline.billing import Bill, Payer, open_bill, release, settle, settle_cut_off
-from kvmart.server.pipeline.engine import Delta, Finished, GenerationRequest, Started
+from kvmart.server.pipeline.engine import Delta, Finished
+from kvmart.server.pipeline.plan import Caller, GenerationRequest, Loaded, Plan
 from kvmart.server.pipeline.services import Services
 from kvmart.server.pipeline.usage import Usage, usage_of
 from kvmart.server.pipeline.worker import Ticket
@@ -40,10 +42,10 @@ async def first_event(ticket: Ticket) -> object:
 class Run:
     """A generation in progress. Iterate `deltas()` once; `usage` is complete after it ends."""
 
-    def __init__(self, services: Services, ticket: Ticket, started: Started, endpoint: str, began: float,
-                 bill: Bill) -> None:
-        self.services, self.ticket, self.started, self.endpoint, self.began = services, ticket, started, endpoint, began
-        self.bill = bill
+    def __init__(self, services: Services, ticket: Ticket, plan: Plan, loaded: Loaded, endpoint: str,
+                 began: float, bill: Bill) -> None:
+        self.services, self.ticket, self.plan, self.loaded = services, ticket, plan, loaded
+        self.endpoint, self.began, self.bill = endpoint, began, bill
         self.finished: Finished | None = None
         self.failed = False
         self.sent_tokens = 0  # generated tokens handed to the consumer (what a client that hangs up is charged)
@@ -51,7 +53,14 @@ class Run:
 
     @property
     def usage(self) -> Usage:
-        return usage_of(self.started, self.finished, self.bill)
+        return usage_of(self.plan, self.loaded, self.finished, self.bill)
+
+    @property
+    def ended(self) -> Finished:
+        """How the generation ended; only once `deltas()` has run to its end."""
+        if self.finished is None:
+            raise AssertionError("the run has not finished: iterate deltas() to its end first")
+        return self.finished
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """The generated text, piece by piece, then the charge is settled. If the job fails, its hold is released:
@@ -73,11 +82,8 @@ class Run:
             if self.failed:
                 release(self.services, self.bill)
             elif self.finished is None:  # cut off by its client: not free (a client could hang up at the last token)
-                usage = self.usage
-                settle_cut_off(self.services, self.bill, usage.cached_tokens, usage.computed_tokens,
-                               self.sent_tokens)
-        usage = self.usage
-        await settle(self.services, self.bill, usage.cached_tokens, usage.computed_tokens, usage.completion_tokens)
+                settle_cut_off(self.services, self.bill, self.sent_tokens)
+        await settle(self.services, self.bill, self.ended.completion_tokens)
 
     async def collect(self) -> list[Delta]:
         return [delta async for delta in self.deltas()]
@@ -97,32 +103,43 @@ class Run:
             m.cancelled.inc()
 
 
-async def start_generation(services: Services, request: GenerationRequest, endpoint: str, payer: Payer) -> Run:
-    """Queue `request` (hiding what `payer` may not read) and wait until its prompt is resolved and its charge
-    held: unknown documents, a prompt too long, a full queue and insufficient funds raise here, before any
-    response is sent."""
+async def start_generation(services: Services, request: GenerationRequest, endpoint: str, payer: Payer,
+                           caller: Caller | None = None) -> Run:
+    """Plan `request` for `payer` (hiding what it may not read: `caller`, read from the ledger unless given), hold
+    its charge, load its cached chunks and queue its compute. Unknown documents, a prompt too long, insufficient
+    funds and a full queue raise here, before any response is sent and before any forward pass."""
     began = time.perf_counter()
-    readable = await run_in_threadpool(services.ledger.readable, payer.account)
-    ticket = submit(services, services.engine.generate(dataclasses.replace(request, readable=readable)))
-    started = await first_event(ticket)
-    assert isinstance(started, Started), started
+    if caller is None:
+        caller = await run_in_threadpool(caller_of, services, payer)
+    plan = await run_in_threadpool(services.planner.plan, request, caller)
+    bill = await open_bill(services, payer, plan)
     try:
-        bill = await open_bill(services, payer, started)
+        loaded = await run_in_threadpool(services.loader.load, plan)
+        ticket = submit(services, services.engine.execute(plan, loaded))
     except BaseException:
-        ticket.cancel()
+        release(services, bill)
         raise
-    _record_reuse(services, started)
-    return Run(services, ticket, started, endpoint, began, bill)
+    record_reuse(services, plan, loaded)
+    return Run(services, ticket, plan, loaded, endpoint, began, bill)
 
 
-def _record_reuse(services: Services, started: Started) -> None:
-    m, reuse = services.metrics, started.reuse
-    if reuse.tier in ("ram", "store"):
-        m.cache_hits.inc(tier=reuse.tier)
-        m.saved_seconds.inc(reuse.saved_seconds)
-    elif reuse.tier == "bypass":
+def caller_of(services: Services, payer: Payer) -> Caller:
+    """What the paying account may read and the salt of its own prefixes (one ledger read, cached by account)."""
+    account = payer.account
+    return Caller(account, services.ledger.readable(account), account.tenant_salt)
+
+
+def record_reuse(services: Services, plan: Plan, loaded: Loaded) -> None:
+    m = services.metrics
+    cached = loaded.num_tokens
+    if plan.request.bypass:
         m.cache_bypass.inc()
+    elif loaded.from_store:
+        m.cache_hits.inc(tier="store")
+    elif loaded.from_ram:
+        m.cache_hits.inc(tier="ram")
     else:
         m.cache_misses.inc()
-    m.prompt_tokens.inc(reuse.cached_tokens, source="cache")
-    m.prompt_tokens.inc(started.prompt_tokens - reuse.cached_tokens, source="computed")
+    m.saved_seconds.inc(usage_of(plan, loaded, None).prefill_seconds_saved)
+    m.prompt_tokens.inc(cached, source="cache")
+    m.prompt_tokens.inc(plan.prompt_tokens - cached, source="computed")

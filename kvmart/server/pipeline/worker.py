@@ -155,7 +155,7 @@ class Worker:
     def _step(self, job: _Job) -> bool:
         """Advance `job` by one unit of work; False when it is over."""
         if job.ticket.is_cancelled:
-            job.events.close()  # type: ignore[attr-defined]
+            job.events.close()  # type: ignore[attr-defined]  # a generator has close(); Iterator does not say so
             self.cancelled_jobs += 1
             job.ticket.deliver(_END)
             return False

@@ -1,4 +1,7 @@
-"""kvmart's own lossless codec for float KV tensors (`kvmart`).
+"""Rejected candidate, kept for bench/codec.py: kvmart 0.1's codec (format 1), with its numba encoder and decoder.
+kvmart itself now only decodes format 1, in C (kvmart/codec/legacy.py). Needs numba (`pip install 'kvmart[bench]'`).
+
+kvmart 0.1's lossless codec for float KV tensors (`kvmart`).
 
 Why it beats zstd on raw bytes: in a float tensor only the exponent is predictable; sign and low mantissa bits are
 close to random. General-purpose compressors see interleaved bytes and can model neither. This codec:
@@ -25,11 +28,11 @@ from __future__ import annotations
 import math
 import struct
 
+import codec_rans_coder as rans  # noqa: I001  (bench/ is on the path when bench/codec.py runs)
 import numpy as np
 import torch
 from numba import njit
 
-from kvmart.codec import rans
 from kvmart.codec.zstd import compress, decompress_into
 from kvmart.errors import CodecError
 
