@@ -201,7 +201,7 @@ def test_no_store_builds_a_path_or_key_from_a_non_id(store, tmp_path: Path, bad:
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[]", b'{"cache_id": 1}', b"",
-                                     b'"a string"', "wrong types"])
+                                     b'"a string"', "wrong types", "unknown kind"])
 def test_an_unreadable_entry_file_is_quarantined_and_never_fails_a_listing(tmp_path: Path, caplog, content):
     store = DiskStore(tmp_path / "store")
     good, bad = cid("aa"), cid("bb")
@@ -210,6 +210,8 @@ def test_an_unreadable_entry_file_is_quarantined_and_never_fails_a_listing(tmp_p
     path = store.root / "entries" / f"{bad}.json"
     if content == "wrong types":  # valid JSON, every field there, one of the wrong type
         content = json.dumps({**entry(bad).as_dict(), "num_tokens": "3"}).encode()
+    if content == "unknown kind":
+        content = json.dumps({**entry(bad).as_dict(), "kind": "../../x"}).encode()
     path.write_bytes(content)
     (store.root / "entries" / "not-an-id.json").write_text(json.dumps(entry(good).as_dict()))
     assert [e.cache_id for e in store.entries()] == [good]  # listed without the bad ones, no error
@@ -218,6 +220,18 @@ def test_an_unreadable_entry_file_is_quarantined_and_never_fails_a_listing(tmp_p
     quarantined = sorted(p.name.split(".json")[0] for p in (store.root / "quarantine").iterdir())
     assert quarantined == [bad, "not-an-id"]
     assert "unreadable" in caplog.text and "quarantine" in caplog.text
+
+
+def test_an_entry_file_written_before_format_3_is_read_not_quarantined(tmp_path: Path):
+    """Entries of kvmart 0.1 have no kind, owner or kv_bytes: they are documents stored whole, still readable."""
+    store = DiskStore(tmp_path / "store")
+    old = cid("cc")
+    store.put(entry(old), writer(b"old"))
+    before = {k: v for k, v in entry(old).as_dict().items() if k not in ("kind", "owner", "kv_bytes")}
+    (store.root / "entries" / f"{old}.json").write_text(json.dumps(before))
+    assert store.entry(old) == entry(old) and store.entry(old).is_document
+    assert [e.cache_id for e in store.entries()] == [old]
+    assert not (store.root / "quarantine").exists() or not any((store.root / "quarantine").iterdir())
 
 
 def test_an_entry_file_describing_another_artifact_is_quarantined(tmp_path: Path):

@@ -6,7 +6,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import BinaryIO
 
 from kvmart.errors import InvalidIdError, StoreError, UnknownCacheError
@@ -44,11 +44,16 @@ class Entry:
         StoreError saying what is wrong (a field missing, of the wrong type, or another artifact's id)."""
         if not isinstance(data, dict):
             raise StoreError(f"the entry of {cache_id[:16]} is a JSON {type(data).__name__}, not an object")
-        if set(data) != set(ENTRY_TYPES):
-            raise StoreError(f"the entry of {cache_id[:16]} has fields {sorted(data)}, expected {sorted(ENTRY_TYPES)}")
-        wrong = [k for k, kinds in ENTRY_TYPES.items() if isinstance(data[k], bool) or not isinstance(data[k], kinds)]
+        if not REQUIRED_FIELDS <= set(data) <= set(ENTRY_TYPES):
+            raise StoreError(f"the entry of {cache_id[:16]} has fields {sorted(data)}, expected "
+                             f"{sorted(REQUIRED_FIELDS)} and any of {sorted(set(ENTRY_TYPES) - REQUIRED_FIELDS)}")
+        wrong = [k for k, kinds in ENTRY_TYPES.items()
+                 if k in data and (isinstance(data[k], bool) or not isinstance(data[k], kinds))]
         if wrong:
             raise StoreError(f"the entry of {cache_id[:16]} has fields of the wrong type: {', '.join(wrong)}")
+        if data.get("kind", "document") not in ENTRY_KINDS:
+            raise StoreError(f"the entry of {cache_id[:16]} is of kind {str(data['kind'])[:20]!r}, not one of "
+                             f"{', '.join(ENTRY_KINDS)}")
         if data["cache_id"] != cache_id:
             raise StoreError(f"the entry stored as {cache_id[:16]} describes another artifact "
                              f"({str(data['cache_id'])[:16]!r})")
@@ -57,6 +62,9 @@ class Entry:
 
 _KINDS: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
 ENTRY_TYPES: dict[str, type | tuple[type, ...]] = {f.name: _KINDS[str(f.type)] for f in fields(Entry)}
+# entries written before format 3 have no kind, owner or kv_bytes (their defaults apply): they stay readable
+REQUIRED_FIELDS = frozenset(f.name for f in fields(Entry) if f.default is MISSING)
+ENTRY_KINDS = ("document", "chunk")
 
 
 Writer = Callable[[BinaryIO], int]
