@@ -274,3 +274,24 @@ def test_an_index_signed_but_an_unsigned_artifact_is_still_refused(model_f32, sh
     cid = plant(open_shared(shared_url), model_f32, ids, data)  # the index is signed (the key is set now)
     with pytest.raises(ArtifactError, match=r"artifact \w+ is not signed by this cluster's key"):
         core.load(model_f32, node(shared_url, tmp_path / "node"), cid)
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["signing key", "no key"])
+def test_a_chunk_copied_under_another_chunks_key_is_refused(model_f32, shared_url, tmp_path, monkeypatch, with_key):
+    """Format 3 stores a document as chunks under their chained keys: document X's chunk, correctly signed, copied
+    under the key of document Y's chunk (its index entry rewritten and, with a key, re-signed by a key holder) is
+    refused by a fresh node: its header's signature names X's key, and the reader derives Y's key from Y's tokens
+    and finds another in the manifest. Never served as Y's KV."""
+    if with_key:
+        monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    writer = node(shared_url, tmp_path / "a")
+    x = core.precompute_ids(model_f32, writer, model_f32.tokenize(TEXT), codec="raw").entry.cache_id
+    y = core.precompute_ids(model_f32, writer, model_f32.tokenize(OTHER_TEXT), codec="raw").entry.cache_id
+    (x_chunk,) = core.chunk_keys_of(writer, x)
+    (y_chunk,) = core.chunk_keys_of(writer, y)
+    assert x_chunk not in (x, y) and y_chunk not in (x, y)
+    copy_under(shared_url, x_chunk, y_chunk, rewrite_entry=True, sign_with=KEY if with_key else None)
+    fresh = node(shared_url, tmp_path / "b")
+    with pytest.raises(ArtifactError, match="returned artifact|does not match"):
+        core.load(model_f32, fresh, y)
+    assert DiskStore(tmp_path / "b").entry(y_chunk) is None  # refused, and dropped: it will be computed again

@@ -385,27 +385,49 @@ def test_ids_from_a_shared_tier_are_never_paths_and_malformed_indexes_are_skippe
 
 def test_a_malformed_shared_index_makes_the_engine_recompute_never_fail(model_f32, kvmart_data_dir, redis_server,
                                                                          tmp_path: Path):
-    """The document's index in Redis is replaced by one with a field of the wrong type and the node lost its own
-    copy: a request that matches the document gets its KV recomputed (bit-exact), not an error."""
-    import torch
+    """A chunk's index in Redis is replaced by one with a field of the wrong type and the node lost its own copy: a
+    request that reads the document gets that chunk recomputed (its answer what a from-scratch run gives), not an
+    error. The same damage to the document's own index makes it absent: a clean 404, never a 500."""
+    import dataclasses
 
     from kvmart.config import Settings
-    from kvmart.reuse.catalog import Match
+    from kvmart.errors import UnknownDocumentError
+    from kvmart.reuse.prompt import ChatMessage, ChatPrompt
+    from kvmart.runtime.chat import document_ids, layout_for
     from kvmart.server.config import ServerSettings
+    from kvmart.server.pipeline.engine import Computed, PublishJob
+    from kvmart.server.pipeline.plan import Caller, GenerationRequest, Sampling
     from kvmart.server.pipeline.services import build_services
 
     url = f"{redis_server.url}?prefix={fresh_prefix()}"
     store = TieredStore([Tier("disk", DiskStore(tmp_path / "node")), Tier("redis", open_shared(url), is_shared=True)])
     services = build_services(Settings(data_dir=kvmart_data_dir, model=model_f32.spec),
                               ServerSettings(ram_cache_bytes=0), model_f32, store=store)
-    (published,) = services.engine.publish("A document whose shared index will be broken.", "doc", "", None)
-    doc = published.document
+    ids = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer),
+                       "A document whose shared index will be broken.")
+    (published,) = services.engine.publish(PublishJob(ids, "doc", ""), "raw")
+    doc = services.engine.register(published)
     shared = store.tiers[1].store
-    index = json.loads(shared._client.get(shared._key("index", doc.cache_id)))
-    shared._client.set(shared._key("index", doc.cache_id),
-                       json.dumps({**index, "entry": {**index["entry"], "num_tokens": "many"}}))
-    store.tiers[0].store.delete(doc.cache_id)
-    kv, reuse = services.engine.acquire(Match(doc, doc.num_tokens), False)
-    assert reuse.tier == "recomputed"
-    expected = model_f32.prefill(doc.token_list())
-    assert all(torch.equal(a, b) for a, b in zip(kv.tensors().values(), expected.tensors().values(), strict=True))
+
+    def break_index(cache_id: str) -> None:
+        index = json.loads(shared._client.get(shared._key("index", cache_id)))
+        shared._client.set(shared._key("index", cache_id),
+                           json.dumps({**index, "entry": {**index["entry"], "num_tokens": "many"}}))
+        store.tiers[0].store.delete(cache_id)
+
+    ((_, key),) = doc.chunks
+    break_index(key)
+    request = GenerationRequest(ChatPrompt((ChatMessage("user", "Q?"),), (doc.id,)),
+                                Sampling(max_tokens=4, temperature=0.0))
+
+    def answer(bypass: bool) -> list:
+        plan = services.planner.plan(dataclasses.replace(request, bypass=bypass), Caller(None, None, "s"))
+        loaded = services.loader.load(plan)
+        return [loaded.num_tokens] + [e for e in services.engine.execute(plan, loaded) if not isinstance(e, Computed)]
+
+    cached, fresh = answer(False), answer(True)
+    assert cached[0] == 0 and cached[1:] == fresh[1:]  # the chunk read as absent and was computed again
+    break_index(doc.cache_id)
+    with pytest.raises(UnknownDocumentError):
+        services.planner.plan(request, Caller(None, None, "s"))
+    services.engine.close()

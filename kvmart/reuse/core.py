@@ -130,12 +130,16 @@ def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str 
 def read_document(model: Model, store: Store, cache_id: str, salt: str = "") -> tuple[Entry, list[Chunk]]:
     """A stored document's entry and chunks (its index verified against its tokens, model and salt; a document
     stored whole by older versions is one chunk). UnknownCacheError if absent, ArtifactError if refused."""
-    entry = store.entry(cache_id)
-    if entry is None or not entry.is_document:
-        raise UnknownCacheError(f"no document with cache id {cache_id[:16]!r} in this store (see `kvmart ls`)")
-    with store.open(cache_id) as (f, size):
+    absent = UnknownCacheError(f"no document with cache id {cache_id[:16]!r} in this store (see `kvmart ls`)")
+    entry = store.entry(cache_id)  # None too for an entry a shared tier refuses: opening it then says why
+    if entry is not None and not entry.is_document:
+        raise absent
+    with store.open(cache_id) as (f, size):  # a shared tier refuses an index not signed for this id here
         manifest = read_index(f, size, model.fingerprint, salt)
     check_requested(manifest, cache_id)  # another document's index copied under this id is refused, never served
+    entry = entry or store.entry(cache_id)
+    if entry is None or not entry.is_document:  # its entry quarantined or removed meanwhile: as good as absent
+        raise absent
     chunks, begin = [], 0
     for n, key in manifest.chunks:  # keys checked against the tokens by read_index (a whole artifact: its own id)
         chunks.append(Chunk(begin, tuple(manifest.token_ids[begin:begin + n]), salt, key))
@@ -158,12 +162,16 @@ def load(model: Model, store: Store, cache_id: str, salt: str = "") -> Loaded:
 
 
 def remove(store: Store, cache_id: str) -> int:
-    """Delete a document and those of its chunks no other stored document lists; how many chunks went. (A chunk
-    of the automatic prefix cache is in no document's index: the store's placement evicts those.)"""
-    mine = set(chunk_keys_of(store, cache_id))
+    """Delete a document and those of its chunks no other stored document lists; how many chunks went. Its chunks
+    are the ones its index lists and the ones stored as its own (`owner`): a publication cut off before its index
+    was written leaves only those. (A chunk of the automatic prefix cache belongs to no document: the store's
+    placement evicts those.)"""
+    entries = store.entries()
+    mine = set(chunk_keys_of(store, cache_id)) | {e.cache_id for e in entries if e.kind == "chunk"
+                                                  and e.owner == cache_id}
     store.delete(cache_id)
-    for entry in store.entries():
-        if entry.is_document and mine:
+    for entry in entries:
+        if entry.is_document and entry.cache_id != cache_id and mine:
             mine -= set(chunk_keys_of(store, entry.cache_id))
     return sum(store.delete(key) for key in mine if key != cache_id)
 

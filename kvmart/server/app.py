@@ -91,10 +91,10 @@ def repair_publications(services: Services) -> None:
     publisher may publish it again (its fee was only held: the hold went with the node, `start_node`). Covers this
     node's own interrupted publications and any other node's whose lease lapsed."""
     for note, cache_id in services.ledger.interrupted_publications():
-        if services.ledger.licence(cache_id) is None and services.store.entry(cache_id) is not None:
-            log.warning("a publication of %s was interrupted before its licence was recorded: it is deleted "
-                        "(nothing was charged; it can be published again)", cache_id[:16])
-            core.remove(services.store, cache_id)
+        if services.ledger.licence(cache_id) is None:  # killed before its licence: nothing of it may stay
+            chunks = core.remove(services.store, cache_id)  # its index, if written, and the chunks it stored
+            log.warning("a publication of %s was interrupted before its licence was recorded: what it stored is "
+                        "deleted (%d chunks; nothing was charged; it can be published again)", cache_id[:16], chunks)
         services.ledger.end_publication(note)
 
 
