@@ -8,7 +8,10 @@
 
 Both name the cache id, so an artifact or an index copied under another id (document X's signed chunks and index
 written under document Y's key) fails its check there, and a loader also checks the id it asked for against the
-one it got. When a key is configured, an artifact fetched from a shared tier, which anyone with access to that
+one it got. A document is stored as a chunk chain (docs/FORMAT.md, format 3): its document index is an artifact
+under the document's cache id, each chunk one under its chained key, so each is signed for its own id; and the
+index's manifest hash covers its chunks' keys, so a signed index names exactly the chunks it is made of (and a
+reader checks each chunk's key against the tokens it reads them for). When a key is configured, an artifact fetched from a shared tier, which anyone with access to that
 tier could have written, is refused with ArtifactError unless both signatures match; the caller treats it as
 corrupt (never used; recomputed). The node's own disk needs no check: only the node writes it. With no key,
 nothing is signed or checked (a single node, or a cluster that trusts its shared tier)."""
@@ -17,9 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 
+from kvmart.canonical import compact
 from kvmart.config import SIGNING_KEY_ENV
 from kvmart.errors import ArtifactError
 
@@ -55,8 +58,7 @@ def check(key: bytes, manifest_sha256: str, signature: str, cache_id: str) -> No
 
 def sign_index(key: bytes, cache_id: str, index: dict) -> str:
     """The hex HMAC-SHA256 of a shared tier's index (without its signature), for the id it is stored under."""
-    body = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(key, INDEX_DOMAIN + cache_id.encode() + b"\0" + body, hashlib.sha256).hexdigest()
+    return hmac.new(key, INDEX_DOMAIN + cache_id.encode() + b"\0" + compact(index), hashlib.sha256).hexdigest()
 
 
 def check_index(key: bytes, cache_id: str, index: dict, signature: object) -> None:
