@@ -87,3 +87,22 @@ def test_the_shutdown_probe_counts_a_server_closing_mid_response_as_stopped():
     finally:
         thread.join()
         listener.close()
+
+
+def test_a_postgres_that_fails_to_start_fails_at_once_and_leaves_nothing_behind():
+    """PostgreSQL is ready when it logs so (no wall-clock allowance); one that exits first fails at once with its
+    output, and its directory (and process) are gone, not left for the session's end."""
+    import os
+    from pathlib import Path
+
+    from pg_support import postgres_or_missing
+
+    server = postgres_or_missing()
+    fake = Path(server.root) / "fake-postgres"
+    fake.write_text("#!/bin/sh\necho 'FATAL:  could not create lock file: the test says no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    server.initdb, server.postgres = "/bin/true", str(fake)
+    with pytest.raises(NodeDiedError, match="the test says no"):
+        server.__enter__()
+    assert server.process is not None and server.process.poll() == 1
+    assert not os.path.exists(server.root)

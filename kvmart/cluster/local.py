@@ -3,9 +3,11 @@
 started and stopped by the caller.
 
 A server is ready when it says so: `LogWatch` follows its output through a pipe and waits for the line it logs once
-it listens (uvicorn's "Uvicorn running on", redis' "Ready to accept connections"), or for its exit, which fails
-at once with its last lines. No wall-clock allowance decides readiness: a loaded machine makes a start slower,
-never a failure. HANG_SECONDS only guards against a server that hangs without a word."""
+it listens (uvicorn's "Uvicorn running on", redis' "Ready to accept connections", PostgreSQL's "database system
+is ready to accept connections"), or for its exit, which fails at once with its last lines; `kvmart route` and
+nginx are ready when their port accepts a connection. No wall-clock allowance decides readiness: a loaded machine
+makes a start slower, never a failure. HANG_SECONDS only guards against a server that hangs without a word. A
+start that fails stops what it started before it raises."""
 
 from __future__ import annotations
 
@@ -275,7 +277,11 @@ class RouterProcess:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
 
-        wait_for(up, f"kvmart route to start (log: {self.log_path})")
+        try:
+            wait_for(up, f"kvmart route to start (log: {self.log_path})")
+        except BaseException:
+            self.stop()  # never left running by a start that failed
+            raise
         return self
 
     def stop(self) -> None:
@@ -287,8 +293,8 @@ class RouterProcess:
         self.process = None
 
 
-START_SECONDS = 60.0
 SUPERUSER = "kvmart"
+POSTGRES_READY = "database system is ready to accept connections"
 
 
 def find_bin(name: str) -> str | None:
@@ -316,39 +322,37 @@ class PostgresServer:
         self.user = "nobody" if os.geteuid() == 0 else None
         self.port = free_port()
         self.process: subprocess.Popen | None = None
+        self.log: IO[bytes] | None = None
 
     def _run_as(self) -> dict:
         return {"user": self.user, "group": pwd.getpwnam(self.user).pw_gid} if self.user else {}
 
     def __enter__(self) -> "PostgresServer":
+        """Start it; return once it logs that it accepts connections (through a pipe: no wall-clock allowance).
+        If it cannot start, it is stopped and its directory removed before the error is raised."""
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.user:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}  # its ready line in English
         subprocess.run([self.initdb, "-D", str(self.root / "data"), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8",
                         "--no-locale", "--no-sync"], check=True, capture_output=True, cwd=self.root, env=env,
                        **self._run_as())
+        self.log = open(self.root / "postgres.log", "wb")  # noqa: SIM115  (written until __exit__ closes it)
         self.process = subprocess.Popen(
             [self.postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
              "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "postgres.log", "w"), cwd=self.root, env=env,
-            **self._run_as())
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        import psycopg
-
-        end = time.monotonic() + START_SECONDS
-        while True:
-            try:
-                psycopg.connect(self.url("postgres"), connect_timeout=2).close()
-                return
-            except psycopg.OperationalError as e:
-                if self.process is None or self.process.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"postgres did not start: {(self.root / 'postgres.log').read_text()}") from e
-                time.sleep(0.1)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root, env=env, **self._run_as())
+        assert self.process.stderr is not None
+        LogWatch(self.process.stderr, POSTGRES_READY, self.log).wait_ready("postgres")
 
     def url(self, database: str) -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
@@ -366,8 +370,10 @@ class PostgresServer:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # fast shutdown: disconnects clients
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(DEADLINE_SECONDS)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.log is not None:
+            self.log.close()
         shutil.rmtree(self.root, ignore_errors=True)
