@@ -134,7 +134,10 @@ def read_document(model: Model, store: Store, cache_id: str, salt: str = "") -> 
     entry = store.entry(cache_id)  # None too for an entry a shared tier refuses: opening it then says why
     if entry is not None and not entry.is_document:
         raise absent
-    with store.open(cache_id) as (f, size):  # a shared tier refuses an index not signed for this id here
+    # the head only, from the fastest tier that has it, filling nothing: the index is checked against its tokens
+    # whatever tier it comes from, and a document stored whole is read (and kept on the local tiers) as its chunk;
+    # a shared tier refuses a head not signed for this id here
+    with store.open_head(cache_id) as (f, size):
         manifest = read_index(f, size, model.fingerprint, salt)
     check_requested(manifest, cache_id)  # another document's index copied under this id is refused, never served
     entry = entry or store.entry(cache_id)
