@@ -178,6 +178,41 @@ def test_a_stream_cut_off_by_its_client_is_charged_for_what_was_sent(live):
     assert usage_of(live, cutter)["requests"] == 1 and ledger.health().is_sound
 
 
+def test_a_stream_closed_before_its_first_delta_is_settled_not_left_holding(live):
+    """A client that hangs up after the stream's opening event, before any delta was asked for (the role chunk is
+    sent first): the job is cancelled and the request charged as cut off, for its prompt and nothing generated;
+    its hold is gone at once, not renewed for as long as the node runs."""
+    import asyncio
+
+    from server_support import wait_until
+
+    from kvmart.reuse.prompt import ChatMessage, ChatPrompt
+    from kvmart.server.api.openai import Reply, chat_stream
+    from kvmart.server.pipeline.billing import Payer
+    from kvmart.server.pipeline.plan import GenerationRequest, Sampling
+    from kvmart.server.pipeline.runs import guarded, start_generation
+
+    key = live.account("early", "agent", usd="1")
+    services = live.services
+    payer = Payer(services.ledger.account("early"), None, "early-hang-up")
+    request = GenerationRequest(ChatPrompt((ChatMessage("user", "Who holds the copyright?"),)),
+                                Sampling(max_tokens=200, temperature=0.0))
+
+    async def hang_up_after_the_first_event() -> str:
+        run = await start_generation(services, request, "chat", payer)
+        stream = guarded(run, chat_stream(run, Reply(services, "chatcmpl"), False, False))
+        first = await anext(stream)
+        await stream.aclose()
+        return first
+
+    assert '"role":"assistant"' in asyncio.run(hang_up_after_the_first_event())
+    ledger = services.ledger
+    wait_until(lambda: ledger.usage(ledger.account("early")).requests == 1, "the abandoned request to be charged")
+    mine = usage_of(live, key)
+    assert mine["held_usd"] == "0.000000000" and mine["tokens"]["output"] == 0 and mine["tokens"]["computed"] > 0
+    assert ledger.health().is_sound
+
+
 def test_an_idempotent_stream_retry_replays_the_stored_stream(live):
     """Streamed retries with one key at temperature 1: the first is generated and charged; every retry gets the
     very same events as a stream (its charge marked replayed), nothing generated or charged again."""

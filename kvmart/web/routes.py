@@ -22,7 +22,7 @@ from kvmart.server.body import parse
 from kvmart.server.errors import http_error
 from kvmart.server.pipeline.billing import Payer
 from kvmart.server.pipeline.plan import GenerationRequest, Sampling
-from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.server.pipeline.runs import Run, guarded, start_generation
 from kvmart.web.access import visible_document
 from kvmart.web.pages import (
     Viewer,
@@ -82,7 +82,7 @@ async def ask(request: Request):
     payer = Payer(account, None, request_hash("/ask", {"document": doc.id, "question": question}))
     run = await start_generation(services, GenerationRequest(prompt, Sampling(max_tokens, temperature=0.0)),
                                  "web", payer)
-    response = StreamingResponse(_answer(run), media_type="application/x-ndjson",
+    response = StreamingResponse(guarded(run, _answer(run)), media_type="application/x-ndjson",
                                  headers={"X-Accel-Buffering": "no"})
     return with_session(response, request, viewer)
 

@@ -14,7 +14,7 @@ another."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Generic, TypeVar
@@ -30,7 +30,7 @@ from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
 from kvmart.server.pipeline.billing import Payer, kept_stream, remember_response, replayed_response
 from kvmart.server.pipeline.plan import Caller, GenerationRequest
-from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.server.pipeline.runs import Run, guarded, start_generation
 from kvmart.server.pipeline.services import Services
 
 T = TypeVar("T", bound=BaseModel)
@@ -51,9 +51,10 @@ class Opened(Generic[T]):
         await remember_response(self.services, self.payer, self.run.bill, body)
         return JSONResponse(body)
 
-    def stream(self, events: AsyncIterator[str]) -> StreamingResponse:
-        """Send a streamed answer (its SSE events), kept for the request's idempotent retries once sent whole."""
-        return StreamingResponse(kept_stream(self.services, self.payer, self.run.bill, events),
+    def stream(self, events: AsyncGenerator[str, None]) -> StreamingResponse:
+        """Send a streamed answer (its SSE events), kept for the request's idempotent retries once sent whole, and
+        settled however early its client hangs up (runs.py `guarded`)."""
+        return StreamingResponse(guarded(self.run, kept_stream(self.services, self.payer, self.run.bill, events)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -136,7 +136,7 @@ async def remember_response(services: Services, payer: Payer, bill: Bill, body: 
 
 
 async def kept_stream(services: Services, payer: Payer, bill: Bill, events: AsyncIterator[str]
-                      ) -> AsyncIterator[str]:
+                      ) -> AsyncGenerator[str, None]:
     """`events` (a streamed answer's SSE events) passed through; once the stream has ended and was charged in
     full, they are kept for the Idempotency-Key's retries (which replay them: `replayed_response`). A stream cut
     off by its client is charged for what was sent and keeps nothing: its retries are refused."""
