@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmart.errors import ArtifactError, UnknownDocumentError
+from kvmart.errors import ArtifactError, UnknownCacheError, UnknownDocumentError
 from kvmart.format.artifact import check_requested, read_manifest
 from kvmart.format.keys import chain_key
 from kvmart.store import Entry, Store
@@ -155,7 +155,8 @@ class Catalog:
     def _add_readable(self, entry: Entry) -> None:
         try:
             self.add(entry)
-        except ArtifactError as e:  # one bad artifact must not hide the others; loading it would refuse it too
+        except (ArtifactError, UnknownCacheError) as e:  # one bad or vanished document must not fail a listing
+            # (loading a refused one would refuse it too; one deleted since the store listed it is simply gone)
             log.warning("skipping document %s: %s", entry.cache_id[:16], e)
 
     def remove(self, doc_id: str) -> None:
