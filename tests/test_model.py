@@ -305,3 +305,14 @@ def test_default_thread_count(model_f32, default_threads):
         check_reuse(model_f32, num_tokens=8)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, 1.0), (5e-324, 0.5), (2.0, 1e-300), (1e-300, 1e-300)])
+def test_sampling_is_defined_for_any_positive_temperature_and_top_p(temperature, top_p):
+    """A temperature so small that logits/temperature overflows, or a nucleus smaller than any probability, is
+    greedy decoding, never nan probabilities or an empty distribution (the API refuses such values as well)."""
+    from kvmart.runtime.model import choose_token
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.999, 1.0])
+    for seed in range(5):
+        assert choose_token(logits, temperature, top_p, torch.Generator().manual_seed(seed)) == 1

@@ -119,7 +119,7 @@ def tiers(services: Services, samples: Samples) -> tuple[list[Tier], int, int]:
 
 def provider_page(services: Services, admin: Account) -> ProviderPage:
     """For the admin only (the caller checks), who sees every document."""
-    samples = Samples(services.metrics.registry.collect())
+    samples = Samples(services.metrics.samples(full=True))  # the provider page is the admin's: every document
     tier_list, misses, lookups = tiers(services, samples)
     everything = rows(services, visible_documents(services, admin))
     top = sorted(everything, key=lambda r: (-r.revenue_nanousd, -r.reads, r.id))[:TOP_DOCUMENTS]

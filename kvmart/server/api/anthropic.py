@@ -14,7 +14,6 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -22,7 +21,7 @@ from kvmart.errors import KvmartError, UnsupportedParameterError
 from kvmart.reuse.catalog import Readable
 from kvmart.reuse.prompt import ChatMessage, ChatPrompt, chat_message
 from kvmart.server.api.generation import Opened, check_model, open_generation, read_price_cap
-from kvmart.server.api.openai import SSE_HEADERS
+from kvmart.server.api.params import AnthropicTemperature, NoClientSalt, TopP
 from kvmart.server.api.usage import anthropic_usage
 from kvmart.server.auth import caller
 from kvmart.server.body import parse, read_json
@@ -52,16 +51,17 @@ class AnthropicMessage(BaseModel):
     content: str | list[Block]
 
 
-class MessagesRequest(BaseModel):
-    """Unknown fields (metadata, service_tier...) are accepted and ignored."""
+class MessagesRequest(NoClientSalt):
+    """Unknown fields (metadata, service_tier...) are accepted and ignored (`salt` is refused:
+    kvmart/server/api/params.py)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[Block] | None = None
-    temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: AnthropicTemperature = None
+    top_p: TopP = None
     top_k: int | None = None
     stop_sequences: list[str] | None = None
     stream: bool | None = False
@@ -133,15 +133,13 @@ def message_head(services: Services, message_id: str) -> dict:
 
 @router.post("/v1/messages")
 async def messages(request: Request):
-    opened = await open_generation(request, MessagesRequest, messages_request, "messages",
-                                   lambda req: bool(req.stream))
+    opened = await open_generation(request, MessagesRequest, messages_request, "messages")
     if not isinstance(opened, Opened):
         return opened
     req, run = opened.req, opened.run
     message_id = f"msg_{uuid.uuid4().hex}"
     if req.stream:
-        return StreamingResponse(message_stream(run, message_head(opened.services, message_id)),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return opened.stream(message_stream(run, message_head(opened.services, message_id)))
     text = "".join(d.text for d in await run.collect())
     return await opened.answer({**message_head(opened.services, message_id), "content": [{"type": "text", "text": text}],
                                 "stop_reason": stop_reason(run.ended), "stop_sequence": run.ended.stop_sequence,

@@ -16,18 +16,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmart.errors import KvmartError, RequestError, UnsupportedParameterError
 from kvmart.reuse.prompt import ChatMessage, ChatPrompt, chat_message
 from kvmart.server.api.generation import Opened, open_generation, read_price_cap
-from kvmart.server.api.openai import SSE_HEADERS, chat_logprobs
+from kvmart.server.api.openai import chat_logprobs
+from kvmart.server.api.params import NoClientSalt, OpenAITemperature, Seed, TopP
 from kvmart.server.api.usage import responses_usage
 from kvmart.server.errors import http_error
 from kvmart.server.pipeline.engine import Delta
@@ -56,18 +56,19 @@ class InputItem(BaseModel):
     content: str | list[InputPart] | None = None
 
 
-class ResponsesRequest(BaseModel):
-    """Unknown fields (service_tier, safety_identifier...) are accepted and ignored."""
+class ResponsesRequest(NoClientSalt):
+    """Unknown fields (service_tier, safety_identifier...) are accepted and ignored (`salt` is refused:
+    kvmart/server/api/params.py)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
     input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: OpenAITemperature = None
+    top_p: TopP = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    seed: int | None = None  # kvmart: sampling seed, as with chat
+    seed: Seed = None  # kvmart: sampling seed, as with chat
     stream: bool | None = False
     include: list[str] | None = None
     tools: list[Any] | None = None
@@ -229,13 +230,13 @@ class Events:
 # -- the route: the only part that drives generation ----------------------------------------------------------
 @router.post("/v1/responses")
 async def create_response(request: Request):
-    opened = await open_generation(request, ResponsesRequest, checked_request, "responses", is_stream)
+    opened = await open_generation(request, ResponsesRequest, checked_request, "responses")
     if not isinstance(opened, Opened):
-        return opened  # an idempotent retry's stored answer
+        return opened  # an idempotent retry's stored answer (a stream replays as a stream)
     req, run = opened.req, opened.run
     reply = Reply(opened.services.model_id, req)
     if req.stream:
-        return StreamingResponse(response_stream(run, reply), media_type="text/event-stream", headers=SSE_HEADERS)
+        return opened.stream(response_stream(run, reply))  # kept for retries, settled however early it is cut off
     for delta in await run.collect():
         reply.add(delta)
     return await opened.answer(reply.response(status_of(run), run.usage))
@@ -246,16 +247,12 @@ def checked_request(req: ResponsesRequest) -> GenerationRequest:
     return generation_request(req)
 
 
-def is_stream(req: ResponsesRequest) -> bool:
-    return bool(req.stream)
-
-
 def status_of(run: Run) -> str:
     """`completed`, or `incomplete` when max_output_tokens ended it (call once its deltas are consumed)."""
     return "incomplete" if run.ended.finish_reason == "length" else "completed"
 
 
-async def response_stream(run: Run, reply: Reply) -> AsyncIterator[str]:
+async def response_stream(run: Run, reply: Reply) -> AsyncGenerator[str, None]:
     events = Events(reply)
     try:
         for event in events.opening():
