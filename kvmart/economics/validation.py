@@ -378,7 +378,8 @@ def measure(cluster: LocalCluster, progress=None) -> tuple[Measured, Observed]:
     results = main + calibration
     cpu = {role: (cpu2[role] - cpu1[role]) / len(calibration) for role in cpu0}
     loaded_cpu = sum(cpu1[role] - cpu0[role] for role in cpu0) / max(1, len(main))
-    prefilled = sum(1 for r, d in zip(results, order, strict=True) if r.cached_tokens < published[d].num_tokens)
+    prefilled = sum(1 for r, d in zip(results, order, strict=True)  # answered, with document tokens computed
+                    if r.status == 200 and r.cached_tokens < published[d].num_tokens)
     tiers = tier_shares(before, after, "reads", len(results), prefilled)
     measured = summarise(results, calibration, main, tiers, shared_bytes, cpu, len(cluster.nodes))
     measured.chunk_tiers = tier_shares(before, after, "chunks", None, 0)
@@ -409,7 +410,7 @@ def predict(cluster: LocalCluster, measured: Measured, observed: Observed) -> Pr
     urls = {n.url: k for k, n in enumerate(cluster.nodes)}
     chunk_reads = [ChunkRead(urls.get(r.node, 0),
                              tuple((c.key, tokens * KV_BYTES_PER_TOKEN) for tokens, c in documents[d].chunks),
-                             (f"{d}/{agent}", (r.prompt_tokens - documents[d].num_tokens) * KV_BYTES_PER_TOKEN))
+                             (f"{d}/{agent}", max(0, r.prompt_tokens - documents[d].num_tokens) * KV_BYTES_PER_TOKEN))
                    for (d, agent), r in zip(observed.reads, observed.results, strict=True)]
     published = {0: [(c.key, c.size) for doc in documents for _, c in doc.chunks]}  # node A published them all
     replay = replay_chunks(chunk_reads, nodes, cluster.ram_bytes, None, published, observed.ram_held)
