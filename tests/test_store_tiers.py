@@ -14,6 +14,7 @@ from infra_support import BUCKET, RedisServer, fake_aws_credentials, moto_s3, re
 
 from kvmart.errors import ConfigError, StoreUnavailableError, UnknownCacheError
 from kvmart.store import Entry, Store, open_shared, open_store
+from kvmart.store.base import Changes
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
 from kvmart.store.policy import Placement
@@ -309,6 +310,21 @@ def test_degraded_while_shared_is_down_then_recovers(tmp_path: Path):
     health = node.health()
     assert health["degraded"] is False and health["pending_pushes"] == 0
     assert read_back(shared, cid("b2")) == b"during"  # pushed once it came back
+
+
+def test_the_shared_tiers_change_log_while_it_is_down_is_no_news(tmp_path: Path):
+    class Logged(Flaky):
+        def changes(self, cursor):
+            self._check()
+            return Changes("7", (cid("a1"),))
+
+    shared = Logged()
+    node = tiered(tmp_path, shared)
+    assert node.changes("3") == Changes("7", (cid("a1"),))  # the shared tier's log: others publish through it
+    shared.is_down = True
+    assert node.changes("3") == Changes("3", ())  # keep what is known until it answers again
+    assert node.changes("") == Changes("", None)  # nothing known yet: list what the local tiers hold
+    assert tiered(tmp_path / "no log", MemoryStore()).changes("3").cache_ids is None  # a store without a log
 
 
 def test_delete_refuses_to_pretend_when_shared_is_down(tmp_path: Path):
