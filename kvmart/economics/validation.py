@@ -381,7 +381,7 @@ def measure(cluster: LocalCluster, progress=None) -> tuple[Measured, Observed]:
     prefilled = sum(1 for r, d in zip(results, order, strict=True)  # answered, with document tokens computed
                     if r.status == 200 and r.cached_tokens < published[d].num_tokens)
     tiers = tier_shares(before, after, "reads", len(results), prefilled)
-    measured = summarise(results, calibration, main, tiers, shared_bytes, cpu, len(cluster.nodes))
+    measured = summarise(results, calibration, main, tiers, shared_bytes, cpu, [n.url for n in cluster.nodes])
     measured.chunk_tiers = tier_shares(before, after, "chunks", None, 0)
     measured.loaded_cpu_per_read = loaded_cpu
     measured.cores_used = loaded_cpu * measured.throughput
@@ -561,17 +561,17 @@ def concurrent_reads(cluster: LocalCluster, reads: list[tuple[str, str]], client
 
 
 def summarise(results: list[ReadResult], calibration: list[ReadResult], main: list[ReadResult],
-              tiers: dict[str, float], shared_bytes: int, cpu: dict[str, float], nodes: int) -> Measured:
+              tiers: dict[str, float], shared_bytes: int, cpu: dict[str, float], node_urls: list[str]) -> Measured:
+    """The measured figures; `node_shares` in the order of `node_urls` (the cluster's nodes)."""
     latencies = np.array([r.seconds for r in main]) if main else np.zeros(1)
     span = (max(r.ended for r in main) - min(r.started for r in main)) if main else 1.0
-    urls = sorted({r.node for r in results})
-    counts = [sum(1 for r in results if r.node == u) for u in urls]
+    counts = [sum(1 for r in results if r.node == u) for u in node_urls]
     return Measured(tiers=tiers, chunk_tiers={}, shared_bytes=shared_bytes, throughput=len(main) / span,
                     latency_mean=float(latencies.mean()), latency_p50=float(np.quantile(latencies, 0.5)),
                     latency_p99=float(np.quantile(latencies, 0.99)),
                     calibration_latency=statistics.mean(r.seconds for r in calibration), cpu_per_read=cpu,
                     refused=sum(1 for r in results if r.status != 200),
-                    node_shares=[c / len(results) for c in counts] + [0.0] * (nodes - len(counts)))
+                    node_shares=[c / len(results) for c in counts])
 
 
 def publish(cluster: LocalCluster) -> tuple[list[dict], list[str]]:
