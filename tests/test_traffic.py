@@ -72,3 +72,18 @@ def test_values_are_fetched_in_batches_of_chunk_bytes():
         traffic.bulk_bytes(2)
     assert traffic.bulk_bytes(123) == len(b"$123\r\n") + 123 + 2
     assert traffic.poll_bytes(31) == len(b"*1\r\n:31\r\n")
+
+
+def test_publishing_a_document_costs_its_node_what_the_model_counts(model_f32, redis_server, tmp_path: Path):
+    prefix = f"publish{tmp_path.name[-10:]}"
+    node = open_store(f"{redis_server.url}?prefix={prefix}", local_dir=tmp_path / "node")
+    assert node.entry("0" * 64) is None  # its connection made (a new one's handshake is not what is counted)
+    made: list = []
+    moved = measure(redis_server, lambda: made.append(
+        core.precompute(model_f32, node, sample_text("bsd-3-clause")[:1500], codec="kvmart")))
+    document = made[0].entry
+    keys = core.chunk_keys_of(node, document.cache_id)
+    sizes = [index_of(redis_server, prefix, key)[1] for key in keys]
+    assert len(keys) == 2
+    assert moved == pytest.approx(traffic.publish_bytes(sizes, index_of(redis_server, prefix, document.cache_id)[1]),
+                                  abs=4)

@@ -1,7 +1,8 @@
 """What a node moves out of the Redis shared tier, byte for byte: the replies to the commands kvmart's store and
-catalogue send (kvmart/store/redis.py, kvmart/store/tiered.py, kvmart/reuse/catalog.py), in RESP2, the protocol
-redis-py speaks by default. Pure functions, no I/O; the validation (kvmart/economics/validation.py) compares their
-sum with Redis' own output counter.
+catalogue send (kvmart/store/redis.py, kvmart/store/tiered.py, kvmart/reuse/catalog.py), in RESP3, the protocol
+redis-py 8 speaks by default (RESP2, older redis-py's, differs only in a nil reply: 5 bytes instead of 3). Pure
+functions, no I/O; the validation (kvmart/economics/validation.py) compares their sum with Redis' own output
+counter. A new connection's handshake (a few hundred bytes, once per connection in a node's pool) is not counted.
 
     a chunk read from Redis     the planner's lookup of the chunk (GET of its index), then the Loader's read: its
                                 index again (GET) and its bytes (MGET, FETCH_BATCH values at a time), kept on the
@@ -11,7 +12,9 @@ sum with Redis' own output counter.
     a change-log poll           one script call: the generation alone when nothing changed, else it and the changes
                                 ("<n>:<cache_id>" each)
 
-Not counted: the replies to a publishing node's own writes and lookups (+OK, nil: a few bytes each)."""
+    a document published       the publishing node's lookups (nil: the document, its first chunk's read, each
+                                chunk before it is stored) and its writes (+OK for each value, 1 from the script
+                                that publishes each index), about 50 bytes for a two-chunk document"""
 
 from __future__ import annotations
 
@@ -65,3 +68,20 @@ def poll_bytes(generation: int, changes: int = 0) -> int:
     if not changes:
         return array_bytes(1) + integer_bytes(generation)
     return array_bytes(2) + integer_bytes(generation) + array_bytes(changes)
+
+
+NIL_BYTES = len(b"_\r\n")  # RESP3's null
+OK_BYTES = len(b"+OK\r\n")
+
+
+def put_bytes(size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Storing one artifact: +OK for each value written, then the publishing script's 1."""
+    return OK_BYTES * max(1, -(-size // chunk_bytes)) + integer_bytes(1)
+
+
+def publish_bytes(chunk_sizes: list[int], index_size: int) -> int:
+    """A document stored by the node that publishes it (kvmart/reuse/core.py's `precompute_ids`, none of its chunks
+    stored before): the document looked up (nil), its first chunk looked for to read (nil), each chunk looked up
+    before it is stored (nil) and stored, then its index stored."""
+    chunks = sum(NIL_BYTES + put_bytes(size) for size in chunk_sizes)
+    return NIL_BYTES + NIL_BYTES + chunks + put_bytes(index_size)

@@ -177,7 +177,8 @@ class Report:
                 f"| reads refused (429/5xx) | {m.refused} | 0 | - |", "",
                 f"Predicted bytes, by part: discovery {parts.get('discovery indexes', 0):,.0f} (indexes read by "
                 f"the nodes that did not publish) + {parts.get('discovery changes', 0):,.0f} (the change log's "
-                f"entries, every node) + {parts.get('discovery polls', 0):,.0f} (polls, {m.discovery_seconds:.1f} s);"
+                f"entries, every node) + {parts.get('discovery publishing', 0):,.0f} (node A's lookups and writes) "
+                f"+ {parts.get('discovery polls', 0):,.0f} (polls, {m.discovery_seconds:.1f} s);"
                 f" the reads {parts.get('chunk reads', 0):,.0f} ({parts.get('chunks from redis', 0):,.0f} chunks "
                 f"read from Redis: index twice, bytes once) + {parts.get('read polls', 0):,.0f} (polls, "
                 f"{m.reads_seconds:.1f} s).", "",
@@ -352,9 +353,11 @@ def measure_and_predict(cluster: LocalCluster, progress=None) -> Report:
 def measure(cluster: LocalCluster, progress=None) -> tuple[Measured, Observed]:
     """Publish the catalogue (discovery measured), warm up, then the reads and the calibration."""
     config = cluster.config
+    info = info_reply_bytes(cluster.redis)  # each window below counts one reply to reading the counter: not KV
     discovery_before, started = net_output_bytes(cluster.redis), time.perf_counter()
     answers, keys = publish(cluster)
-    discovery_bytes, discovery_seconds = net_output_bytes(cluster.redis) - discovery_before, time.perf_counter() - started
+    discovery_bytes = net_output_bytes(cluster.redis) - discovery_before - info
+    discovery_seconds = time.perf_counter() - started
     client = cluster.redis.client()  # type: ignore[union-attr]  # the validation cluster always runs redis
     published = [stored_document(client, answer) for answer in answers]  # read after the discovery is counted
     warm_up(cluster, keys[0])
@@ -374,7 +377,8 @@ def measure(cluster: LocalCluster, progress=None) -> tuple[Measured, Observed]:
                        for i, d in enumerate(order[split:], split)]
     cpu2 = snapshot_cpu(cluster)
     after = counters(cluster)
-    shared_bytes, reads_seconds = net_output_bytes(cluster.redis) - redis_before, time.perf_counter() - reads_started
+    shared_bytes = net_output_bytes(cluster.redis) - redis_before - info
+    reads_seconds = time.perf_counter() - reads_started
     results = main + calibration
     cpu = {role: (cpu2[role] - cpu1[role]) / len(calibration) for role in cpu0}
     loaded_cpu = sum(cpu1[role] - cpu0[role] for role in cpu0) / max(1, len(main))
@@ -424,7 +428,7 @@ def predict(cluster: LocalCluster, measured: Measured, observed: Observed) -> Pr
     network, cores_bound = queueing(cluster, measured, observed.results[-config.calibration_reads:])
     return Predicted(replay.fractions, replay.chunk_fractions, model.fractions,
                      parts["chunk reads"] + parts["read polls"], network, cores_bound,
-                     parts["discovery indexes"] + parts["discovery changes"] + parts["discovery polls"], parts)
+                     sum(v for k, v in parts.items() if k.startswith("discovery ")), parts)
 
 
 def predicted_bytes(cluster: LocalCluster, measured: Measured, observed: Observed,
@@ -442,6 +446,8 @@ def predicted_bytes(cluster: LocalCluster, measured: Measured, observed: Observe
                                                      for d in documents)),
         "discovery changes": float(nodes * sum(traffic.change_bytes(n, d.cache_id)
                                                for n, d in enumerate(documents, 1))),
+        "discovery publishing": float(sum(traffic.publish_bytes([c.size for _, c in d.chunks], d.index.size)
+                                          for d in documents)),
         "discovery polls": nodes * measured.discovery_seconds / interval * traffic.poll_bytes(generation),
         "chunks from redis": float(len(from_redis)),
         "chunk reads": float(sum(traffic.chunk_read_bytes(c.index_json_bytes, c.size) for c in from_redis)),
@@ -639,3 +645,10 @@ def counters(cluster: LocalCluster) -> dict[tuple[str, str], float]:
 def net_output_bytes(redis: RedisServer | None) -> int:
     """Bytes Redis has sent to its clients so far (its own counter)."""
     return int(redis.client().info("stats")["total_net_output_bytes"])  # type: ignore[union-attr]  # the validation cluster always runs both
+
+
+def info_reply_bytes(redis: RedisServer | None) -> int:
+    """The bytes of one reply to reading the counter (read twice, back to back), which a window between two readings
+    counts once."""
+    first = net_output_bytes(redis)
+    return net_output_bytes(redis) - first
