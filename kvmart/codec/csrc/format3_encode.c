@@ -1,0 +1,273 @@
+/* Format 3 of the codec: the encoder (format3.py; the bitstream: docs/FORMAT.md).
+
+   Each element u is split at bit `shift`: its symbol u >> shift (sign, exponent and the top mantissa bits) is
+   Huffman-coded with the code of its channel's cluster; of its low part (bits zero_bits .. shift - 1) the lowest
+   P = min(2, bits / 8) bytes go to the byte plane and the R bits above them to the raw plane, packed LSB first.
+   Coded element k's codeword goes to stream k % 8, MSB first; the eight streams follow one another.
+
+   Two loops, so that each is short: the first maps a block of coded elements to their codewords (code << 4 |
+   length, 16 bits) into a stream-major scratch and writes the planes; the second appends each stream's share of the
+   block to it with a 64-bit accumulator flushed every four codewords, without a branch. */
+
+#include "common.h"
+
+#define STREAMS 8
+#define MAX_LOG 11     /* format 3's longest codeword */
+#define NO_CODE 0xFFFF /* a symbol without a codeword: no valid entry is this (codes have at most 11 bits) */
+#define ERR_SPACE -8   /* `out` cannot hold the longest encoding */
+
+#define BLOCK 4096 /* groups of eight mapped before they are written out: a 64 KB scratch that stays in cache */
+
+typedef struct {
+    uint8_t *out;  /* the next byte to store at */
+    uint64_t acc;  /* pending bits: the lowest nb */
+    int nb;
+} Writer;
+
+typedef struct {
+    const uint8_t *src;
+    const uint32_t *rows;         /* rows[t] == t: row t is coded */
+    const uint16_t *const *chan;  /* per channel: its code's entry per value u >> shift, code << 4 | length */
+    size_t L, T, D;
+    int shift, zero_bits, raw_bits;
+    uint16_t *entries;            /* [8 * BLOCK]: the block's element i at (i % 8) * BLOCK + i / 8 */
+    uint8_t *plane, *raw;
+    Writer w[STREAMS];
+} Job;
+
+/* Stream j's n codewords of the block, MSB first. Every 4 codewords (at most 44 bits, above at most 7 pending) the
+   pending bits are stored as one big-endian word and the whole bytes among them passed; the word's low bytes are
+   zero and overwritten by the next store (the stream's region has 8 bytes to spare). */
+KV_INLINE void write_codes(Writer *w, const uint16_t *ent, size_t n) {
+    uint8_t *o = w->out;
+    uint64_t acc = w->acc;
+    int nb = w->nb;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (int q = 0; q < 4; q++) {
+            uint32_t e = ent[i + q], len = e & 15;
+            acc = (acc << len) | (e >> 4);
+            nb += (int)len;
+        }
+        store_be64(o, acc << (63 - nb) << 1); /* nb = 0: nothing pending, a zero word */
+        o += nb >> 3;
+        nb &= 7;
+    }
+    for (; i < n; i++) {
+        uint32_t e = ent[i], len = e & 15;
+        acc = (acc << len) | (e >> 4);
+        nb += (int)len;
+    }
+    if (nb >= 8) { /* at most 7 + 3 x 11 bits: keep fewer than 8 pending */
+        store_be64(o, acc << (63 - nb) << 1);
+        o += nb >> 3;
+        nb &= 7;
+    }
+    w->out = o; w->acc = acc; w->nb = nb;
+}
+
+/* The block's n mapped elements (n <= 8 * BLOCK; a multiple of 8 but for the tensor's last block) to the streams. */
+KV_INLINE void flush_block(Job *job, size_t n) {
+    for (int j = 0; j < STREAMS; j++)
+        write_codes(&job->w[j], job->entries + (size_t)j * BLOCK, n > (size_t)j ? (n - j + STREAMS - 1) / STREAMS : 0);
+}
+
+/* The raw bits of eight elements of a group, packed LSB first (8 R <= 64 bits). PEXT: BMI2's bit extraction,
+   two or four words at a time, where the element's raw bits are `lanes` (its R-bit mask at its raw bits' place,
+   repeated in each element's lane of a 64-bit word). */
+static inline uint64_t PEXT(uint64_t w, uint64_t m) { /* asm: the instruction, whatever this function's target */
+#if KV_X86
+    uint64_t out;
+    __asm__("pextq %2, %1, %0" : "=r"(out) : "r"(w), "r"(m));
+    return out;
+#else
+    (void)w; (void)m;
+    return 0;
+#endif
+}
+
+KV_INLINE uint64_t raw_group(const uint8_t *p, const int ITEM, const int PEXT_OK, uint64_t lanes, int below, int r,
+                             uint32_t mask) {
+    if (PEXT_OK && ITEM == 2)
+        return PEXT(load_le(p), lanes) | PEXT(load_le(p + 8), lanes) << (4 * r);
+    if (PEXT_OK)
+        return PEXT(load_le(p), lanes) | PEXT(load_le(p + 8), lanes) << (2 * r) | PEXT(load_le(p + 16), lanes) << (4 * r)
+               | PEXT(load_le(p + 24), lanes) << (6 * r);
+    uint64_t group = 0;
+    for (int q = 0; q < 8; q++) {
+        uint32_t u = ITEM == 2 ? (uint32_t)((const uint16_t *)p)[q] : ((const uint32_t *)p)[q];
+        group |= (uint64_t)((u >> below) & mask) << (r * q);
+    }
+    return group;
+}
+
+/* Row by row: each coded element's codeword entry into the block's scratch, its low part into the planes; the
+   scratch goes to the streams when full. GROUPED (D % 8 == 0 and R <= 8): eight elements a step, their raw bits
+   packed into one little-endian word, stored whole (the next group's store overwrites the bytes past its 8 R bits;
+   8 writable bytes follow the raw plane). Otherwise one element a step, its raw bits out a byte at a time. */
+KV_INLINE int encode_rows(Job *job, const int ITEM, const int PB, const int GROUPED, const int PEXT_OK) {
+    const size_t L = job->L, T = job->T, D = job->D;
+    const int shift = job->shift, z = job->zero_bits, r = job->raw_bits, below = z + 8 * PB;
+    const uint32_t raw_mask = (1u << r) - 1;
+    const uint64_t lanes = ITEM == 2 ? (uint64_t)(raw_mask << below) * 0x0001000100010001ull
+                                     : (uint64_t)(raw_mask << below) * 0x0000000100000001ull;
+    uint16_t *ent = job->entries;
+    uint8_t *pl = job->plane, *rp = job->raw;
+    uint32_t ored = 0, missing = 0; /* every element or-ed; every entry + 1 or-ed (bit 16: a symbol with no code) */
+    size_t k = 0, i = 0, rpos = 0;  /* k: coded elements so far; i: of them, in the block */
+    uint32_t racc = 0;
+    int rbits = 0;
+    for (size_t l = 0; l < L; l++)
+        for (size_t t = 0; t < T; t++) {
+            if (job->rows[t] != t) continue;
+            const uint8_t *p = job->src + (l * T + t) * D * ITEM;
+            const uint16_t *const *codes = job->chan + l * D;
+            for (size_t d = 0; d < D; d += GROUPED ? 8 : 1) {
+                uint16_t *slot = ent + (GROUPED ? i >> 3 : (i & 7) * BLOCK + (i >> 3));
+                for (int q = 0; q < (GROUPED ? 8 : 1); q++) {
+                    uint32_t u = ITEM == 2 ? (uint32_t)((const uint16_t *)p)[d + q] : ((const uint32_t *)p)[d + q];
+                    uint16_t e = codes[d + q][u >> shift];
+                    ored |= u;
+                    missing |= (uint32_t)e + 1;
+                    slot[q * BLOCK] = e;
+                    uint32_t low = u >> z;
+                    if (PB == 1) pl[k + q] = (uint8_t)low;
+                    if (PB == 2) { uint16_t lo = (uint16_t)low; memcpy(pl + 2 * (k + q), &lo, 2); }
+                    if (!GROUPED && r) {
+                        racc |= ((low >> (8 * PB)) & raw_mask) << rbits;
+                        for (rbits += r; rbits >= 8; rbits -= 8, racc >>= 8) rp[rpos++] = (uint8_t)racc;
+                    }
+                }
+                if (GROUPED && r) store_le64(rp + (k >> 3) * r, raw_group(p + d * ITEM, ITEM, PEXT_OK, lanes, below, r, raw_mask));
+                k += GROUPED ? 8 : 1;
+                i += GROUPED ? 8 : 1;
+                if (i == 8 * BLOCK) { flush_block(job, i); i = 0; }
+            }
+        }
+    flush_block(job, i);
+    if (!GROUPED && rbits) rp[rpos] = (uint8_t)racc; /* zero bits pad the last byte */
+    return (missing >> 16) || (ored & ((1u << z) - 1)) ? ERR_SYMBOL : OK;
+}
+
+#define LAYOUTS(PX)                                                                                               \
+    if (itemsize == 2 && pb == 0) return grouped ? encode_rows(job, 2, 0, 1, PX) : encode_rows(job, 2, 0, 0, 0);   \
+    if (itemsize == 2) return grouped ? encode_rows(job, 2, 1, 1, PX) : encode_rows(job, 2, 1, 0, 0);              \
+    if (pb == 0) return grouped ? encode_rows(job, 4, 0, 1, PX) : encode_rows(job, 4, 0, 0, 0);                    \
+    if (pb == 1) return grouped ? encode_rows(job, 4, 1, 1, PX) : encode_rows(job, 4, 1, 0, 0);                    \
+    return grouped ? encode_rows(job, 4, 2, 1, PX) : encode_rows(job, 4, 2, 0, 0);
+
+static int encode_plain(Job *job, int itemsize, int pb, int grouped) { LAYOUTS(0) }
+#if KV_X86
+KV_FAST_ATTR static int encode_fast(Job *job, int itemsize, int pb, int grouped) { LAYOUTS(0) }
+KV_FAST_ATTR static int encode_pext(Job *job, int itemsize, int pb, int grouped) { LAYOUTS(1) }
+#endif
+
+static int encode_job(Job *job, int itemsize, int pb, int grouped) {
+#if KV_X86
+    /* AMD's Zen 1 and 2 have PEXT, microcoded: a hundred times slower than the shifts it replaces */
+    if (kv_cpu_is_modern())
+        return __builtin_cpu_is("znver1") || __builtin_cpu_is("znver2") ? encode_fast(job, itemsize, pb, grouped)
+                                                                         : encode_pext(job, itemsize, pb, grouped);
+#endif
+    return encode_plain(job, itemsize, pb, grouped);
+}
+
+/* encode_v3(src, itemsize, shift, zero_bits, L, T, D, rows u32 [T], lut u16 [2^(W - shift)], nsym, models u8
+   [L * D], lengths u8 [K * nsym], K, table_log, out (writable), at) -> (end, (bits0, ..., bits7)).
+   Writes the byte plane, the raw plane and the eight streams into `out` from byte `at` on; `end`: the byte after
+   the last stream. `out` must hold the planes, 8 bytes, and eight regions of the longest stream (every codeword
+   of table_log bits) plus 8 bytes each: streams are written in their regions, then moved together. ValueError for an element whose symbol has no codeword, or whose zero bits are not zero. */
+PyObject *py_encode_v3(PyObject *self, PyObject *args) {
+    PyObject *src_o, *rows_o, *lut_o, *models_o, *lengths_o, *out_o;
+    int itemsize, shift, zero_bits, nsym, K, table_log;
+    Py_ssize_t L, T, D, at;
+    if (!PyArg_ParseTuple(args, "OiiinnnOOiOOiiOn", &src_o, &itemsize, &shift, &zero_bits, &L, &T, &D, &rows_o,
+                          &lut_o, &nsym, &models_o, &lengths_o, &K, &table_log, &out_o, &at)
+        || check_item(itemsize, shift, zero_bits) < 0)
+        return NULL;
+    if (table_log < 1 || table_log > MAX_LOG || nsym < 1 || nsym > MAX_SYMBOLS || K < 1 || K > MAX_MODELS
+        || L < 0 || T < 0 || D < 0 || at < 0) {
+        PyErr_SetString(PyExc_ValueError, "encode_v3: table_log, symbols, codes, shape or offset out of range");
+        return NULL;
+    }
+    size_t bins = (size_t)1 << (8 * itemsize - shift), C = (size_t)L * D, count = 0;
+    const int pb = plane_bytes(shift - zero_bits), r = shift - zero_bits - 8 * pb;
+    Buf src, rows, lut, models, lengths, out;
+    rows.held = lut.held = models.held = lengths.held = out.held = 0;
+    if (get_buf(src_o, &src, 0, L * T * D * itemsize, "source") < 0 || get_buf(rows_o, &rows, 0, 4 * T, "rows") < 0
+        || get_buf(lut_o, &lut, 0, (Py_ssize_t)(2 * bins), "lut") < 0
+        || get_buf(models_o, &models, 0, (Py_ssize_t)C, "models") < 0
+        || get_buf(lengths_o, &lengths, 0, (Py_ssize_t)K * nsym, "lengths") < 0
+        || get_buf(out_o, &out, 1, at, "out") < 0) {
+        release(&src); release(&rows); release(&lut); release(&models); release(&lengths); release(&out);
+        return NULL;
+    }
+    const uint32_t *row_of = (const uint32_t *)rows.view.buf;
+    int status = OK;
+    for (Py_ssize_t t = 0; t < T; t++) {
+        if (row_of[t] > (uint32_t)t || row_of[row_of[t]] != row_of[t]) status = ERR_MODEL;
+        count += row_of[t] == (uint32_t)t;
+    }
+    count *= C;
+    size_t raw_len = (count * r + 7) / 8, longest = ((count + STREAMS - 1) / STREAMS * table_log + 7) / 8;
+    /* the planes, then each stream's region: every codeword at its longest, and 8 bytes for whole-word stores */
+    if ((size_t)(out.view.len - at) < count * pb + raw_len + 8 + STREAMS * (longest + 8)) status = ERR_SPACE;
+    for (size_t c = 0; c < C && status == OK; c++)
+        if (U8(models)[c] >= K) status = ERR_MODEL;
+    uint16_t *codes = NULL, *table = NULL, *entries = NULL;
+    const uint16_t **chan = NULL;
+    if (status == OK) {
+        codes = malloc(sizeof(uint16_t) * nsym);
+        table = malloc(sizeof(uint16_t) * (size_t)K * bins);
+        chan = malloc(sizeof(uint16_t *) * (C ? C : 1));
+        entries = malloc(sizeof(uint16_t) * STREAMS * BLOCK);
+        if (!codes || !table || !chan || !entries) status = ERR_NOMEM;
+    }
+    const uint16_t *lut_of = (const uint16_t *)lut.view.buf;
+    for (int m = 0; m < K && status == OK; m++) { /* each code's entry per value, NO_CODE for values it has none of */
+        const uint8_t *len = U8(lengths) + (size_t)m * nsym;
+        status = kv_canonical(len, nsym, table_log, codes);
+        for (size_t v = 0; v < bins && status == OK; v++) {
+            uint16_t s = lut_of[v];
+            table[(size_t)m * bins + v] = s < nsym && len[s] ? (uint16_t)(codes[s] << 4 | (len[s] - 1)) : NO_CODE;
+        }
+    }
+    uint64_t bits[STREAMS] = {0};
+    uint8_t *end = NULL;
+    if (status == OK) {
+        for (size_t c = 0; c < C; c++) chan[c] = table + (size_t)U8(models)[c] * bins;
+        Job job = {.src = U8(src), .rows = row_of, .chan = chan, .L = L, .T = T, .D = D,
+                   .shift = shift, .zero_bits = zero_bits, .raw_bits = r, .entries = entries,
+                   .plane = U8(out) + at, .raw = U8(out) + at + count * pb};
+        /* stream j is written at the start of its own region (its longest length, plus 8 bytes), then moved down;
+           the regions start 8 bytes past the raw plane, out of reach of its whole-word stores */
+        uint8_t *region = job.raw + raw_len + 8;
+        for (int j = 0; j < STREAMS; j++) {
+            job.w[j].out = region + (size_t)j * (longest + 8);
+            job.w[j].acc = 0;
+            job.w[j].nb = 0;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        status = encode_job(&job, itemsize, pb, D % 8 == 0 && r <= 8);
+        end = job.raw + raw_len;
+        for (int j = 0; j < STREAMS && status == OK; j++) {
+            Writer *w = &job.w[j];
+            uint8_t *first = region + (size_t)j * (longest + 8);
+            store_be64(w->out, w->acc << (63 - w->nb) << 1); /* the last bits, zero-padded */
+            bits[j] = 8 * (uint64_t)(w->out - first) + (uint64_t)w->nb;
+            memmove(end, first, (bits[j] + 7) / 8);
+            end += (bits[j] + 7) / 8;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    free(codes); free(table); free((void *)chan); free(entries);
+    Py_ssize_t written = end ? (Py_ssize_t)(end - U8(out)) : 0;
+    release(&src); release(&rows); release(&lut); release(&models); release(&lengths); release(&out);
+    if (status == ERR_NOMEM) return PyErr_NoMemory();
+    if (status == ERR_SPACE) { PyErr_SetString(PyExc_ValueError, "encode_v3: `out` is too small"); return NULL; }
+    if (status == ERR_SYMBOL) { PyErr_SetString(PyExc_ValueError, "an element's symbol has no code"); return NULL; }
+    if (status != OK) { PyErr_SetString(PyExc_ValueError, "encode_v3: invalid code, model or rows"); return NULL; }
+    return Py_BuildValue("n(KKKKKKKK)", written, (unsigned long long)bits[0], (unsigned long long)bits[1],
+                         (unsigned long long)bits[2], (unsigned long long)bits[3], (unsigned long long)bits[4],
+                         (unsigned long long)bits[5], (unsigned long long)bits[6], (unsigned long long)bits[7]);
+}

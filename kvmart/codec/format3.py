@@ -1,0 +1,84 @@
+"""Format 3 of the `kvmart` codec (params {"version": 3}): what kvmart writes. Specified in docs/FORMAT.md;
+tests/vectors/kvmart_codec_reader.py decodes it from that page alone.
+
+Format 2's split and tables (analysis.py, layout.py), with eight interleaved streams instead of four and codewords
+of at most 11 bits: the decoder (kvmart/codec/csrc/format3_decode.c) keeps eight table lookups in flight, each in a
+table of 2^11 16-bit entries, which is what takes it past 1.5 GB/s per core (docs/BENCHMARKS.md).
+
+    bytes = header | symbol values | channel codes | side block | byte plane | raw plane | 8 streams
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from kvmart.codec import layout, varint
+from kvmart.codec.analysis import Plan, raw_bytes, split
+from kvmart.codec.elements import as_uint, grid
+from kvmart.codec.kernels import kernels
+from kvmart.errors import CodecError
+
+VERSION = 3
+STREAMS = 8
+MAX_TABLE_LOG = 11  # five codewords of a stream fit in the decoder's 56-bit window between refills
+SYMBOL_BITS = 10  # a decode table entry is value << 6 | length: the decoder shifts its window by the entry itself
+# version, shift, zero bits, table_log, codes, symbols, copied rows, side block bytes, bits of each stream
+HEADER = struct.Struct("<BBBBHHII8Q")
+EMPTY = bytes([VERSION])  # the whole encoding of a tensor with no elements
+STATUS = {-1: "its bitstream runs out", -2: "bytes or bits are left over, or its padding is not zero",
+          -4: "an invalid code", -5: "a copied row that does not repeat an earlier coded row", -6: "out of memory",
+          -9: "header out of range", -10: "its symbol table is not increasing values of the symbol's width",
+          -11: "a channel's code is out of range",
+          -12: "its side block does not hold the copied rows and one code length per symbol and code",
+          -13: "its copied rows are out of range", -14: "truncated: a part is cut short"}
+
+
+def encode(plan: Plan, table_log: int = MAX_TABLE_LOG) -> bytes:
+    """The format-3 bytes of a planned tensor whose codes are at most `table_log` (<= 11) bits long."""
+    tables, side = layout.tables(plan), layout.side_block(plan)
+    start = HEADER.size + len(tables) + len(side)
+    count = plan.coded
+    planes, raw_bits = split(plan.shift - plan.zero_bits)
+    longest = (-(-count // STREAMS) * table_log + 7) // 8  # a stream whose every codeword is at its longest
+    out = bytearray(start + count * planes + raw_bytes(count, raw_bits) + 8 + STREAMS * (longest + 8))
+    out[HEADER.size:start] = tables + side
+    end, bits = kernels().encode_v3(plan.u, plan.itemsize, plan.shift, plan.zero_bits, plan.L, plan.T, plan.D,
+                                    plan.sources, plan.lut, len(plan.highs), plan.models, plan.lengths,
+                                    len(plan.lengths), table_log, out, start)
+    HEADER.pack_into(out, 0, VERSION, plan.shift, plan.zero_bits, table_log, len(plan.lengths), len(plan.highs),
+                     len(plan.copies), len(side), *bits)
+    del out[end:]
+    return bytes(out)
+
+
+def decode(data: memoryview, out: torch.Tensor) -> None:
+    """Fill `out` from a format-3 encoding; CodecError if `data` cannot have come from the encoder for a tensor of
+    out's dtype and shape. The header's fields are checked here (they bound what the side block may inflate to);
+    the compiled decoder checks them again, with the tables, the side block, the planes and the streams."""
+    u = as_uint(out)
+    if u.size == 0:
+        if bytes(data) != EMPTY:
+            raise CodecError("corrupt kvmart tensor: an empty tensor's encoding is one version byte")
+        return
+    if len(data) < HEADER.size:
+        raise CodecError(f"truncated kvmart tensor: {len(data)} bytes, a format-3 header takes {HEADER.size}")
+    version, shift, zero_bits, table_log, groups, nsym, ncopies, side_bytes = HEADER.unpack_from(data)[:8]
+    L, T, D = grid(tuple(out.shape))
+    width = 8 * out.element_size()
+    if version != VERSION:
+        raise CodecError(f"corrupt kvmart tensor: format {version} where its params say {VERSION}")
+    if not (width - SYMBOL_BITS <= shift < width and zero_bits <= shift and 1 <= table_log <= MAX_TABLE_LOG
+            and 1 <= nsym <= 1 << table_log and 1 <= groups <= 255 and (groups == 1 or groups <= L * D)
+            and ncopies < T):
+        raise CodecError(f"corrupt kvmart tensor: header out of range (shift {shift}, {zero_bits} zero bits, "
+                         f"table_log {table_log}, {nsym} symbols, {groups} codes, {ncopies} copied rows)")
+    at = HEADER.size + 2 * nsym + (L * D if groups > 1 else 0)
+    if at + side_bytes > len(data):
+        raise CodecError(f"truncated kvmart tensor: its tables and side block take {at + side_bytes} bytes, "
+                         f"{len(data)} are there")
+    side = layout.inflate(data[at:at + side_bytes], 2 * varint.MAX_BYTES * ncopies + groups * nsym)
+    status = kernels().decode_v3(data, side, out.element_size(), L, T, D, u)
+    if status != 0:
+        raise CodecError(f"corrupt kvmart tensor: {STATUS.get(status, f'status {status}')}")
