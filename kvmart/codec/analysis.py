@@ -76,9 +76,11 @@ def plan(tensor: torch.Tensor, symbol_bits: int, max_models: int = MAX_MODELS,
     shift = max(MANTISSA_BITS[tensor.dtype] - symbol_mantissa_bits, width - symbol_bits)
     sources = np.empty(T, dtype=np.uint32)
     channels, bins = L * D, 1 << (width - shift)
-    if channels * bins * 4 <= max(u.nbytes, 1 << 20):  # counts per channel and value cost no more than the tensor
-        by_channel = np.zeros((channels, bins), dtype=np.uint32)
-        ored = kernels().scan(u, itemsize, shift, L, T, D, sources, by_channel, True)
+    if channels * (bins + 16) * 4 <= max(u.nbytes, 1 << 20):  # counts per channel and value cost no more than the tensor
+        stride = bins + 16  # not a power of two: channels' counts of one value do not share a cache set
+        by_channel = np.zeros((channels, stride), dtype=np.uint32)
+        ored = kernels().scan(u, itemsize, shift, L, T, D, sources, by_channel, stride)
+        by_channel = by_channel[:, :bins]
         hist = by_channel.sum(axis=0, dtype=np.uint64)
         while np.count_nonzero(hist) > MAX_SYMBOLS:  # arbitrary bit patterns: fewer, coarser symbols
             by_channel = by_channel.reshape(channels, -1, 2).sum(axis=2, dtype=np.uint32)
@@ -87,7 +89,7 @@ def plan(tensor: torch.Tensor, symbol_bits: int, max_models: int = MAX_MODELS,
         counts = np.ascontiguousarray(by_channel[:, highs])
     else:  # a whole-tensor histogram first, then a second pass counts each channel's symbols
         hist = np.zeros(bins, dtype=np.uint32)
-        ored = kernels().scan(u, itemsize, shift, L, T, D, sources, hist, False)
+        ored = kernels().scan(u, itemsize, shift, L, T, D, sources, hist, 0)
         while np.count_nonzero(hist) > MAX_SYMBOLS:
             hist, shift = hist.reshape(-1, 2).sum(axis=1, dtype=np.uint64).astype(np.uint32), shift + 1
         highs = np.flatnonzero(hist)

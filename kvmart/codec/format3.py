@@ -15,7 +15,7 @@ import struct
 import torch
 
 from kvmart.codec import layout, varint
-from kvmart.codec.analysis import Plan, raw_bytes, split
+from kvmart.codec.analysis import Plan
 from kvmart.codec.elements import as_uint, grid
 from kvmart.codec.kernels import kernels
 from kvmart.errors import CodecError
@@ -37,20 +37,13 @@ STATUS = {-1: "its bitstream runs out", -2: "bytes or bits are left over, or its
 
 def encode(plan: Plan, table_log: int = MAX_TABLE_LOG) -> bytes:
     """The format-3 bytes of a planned tensor whose codes are at most `table_log` (<= 11) bits long."""
-    tables, side = layout.tables(plan), layout.side_block(plan)
-    start = HEADER.size + len(tables) + len(side)
-    count = plan.coded
-    planes, raw_bits = split(plan.shift - plan.zero_bits)
-    longest = (-(-count // STREAMS) * table_log + 7) // 8  # a stream whose every codeword is at its longest
-    out = bytearray(start + count * planes + raw_bytes(count, raw_bits) + 8 + STREAMS * (longest + 8))
-    out[HEADER.size:start] = tables + side
-    end, bits = kernels().encode_v3(plan.u, plan.itemsize, plan.shift, plan.zero_bits, plan.L, plan.T, plan.D,
-                                    plan.sources, plan.lut, len(plan.highs), plan.models, plan.lengths,
-                                    len(plan.lengths), table_log, out, start)
-    HEADER.pack_into(out, 0, VERSION, plan.shift, plan.zero_bits, table_log, len(plan.lengths), len(plan.highs),
-                     len(plan.copies), len(side), *bits)
-    del out[end:]
-    return bytes(out)
+    side = layout.side_block(plan)
+    head = HEADER.pack(VERSION, plan.shift, plan.zero_bits, table_log, len(plan.lengths), len(plan.highs),
+                       len(plan.copies), len(side), *[0] * STREAMS)  # the streams' lengths: filled in by encode_v3
+    data: bytes = kernels().encode_v3(plan.u, plan.itemsize, plan.shift, plan.zero_bits, plan.L, plan.T, plan.D,
+                                      plan.sources, plan.lut, len(plan.highs), plan.models, plan.lengths,
+                                      len(plan.lengths), table_log, head + layout.tables(plan) + side)
+    return data
 
 
 def decode(data: memoryview, out: torch.Tensor) -> None:

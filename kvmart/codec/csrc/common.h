@@ -165,6 +165,7 @@ int kv_canonical(const uint8_t *lengths, int nsym, int table_log, uint16_t *code
 PyObject *py_lengths(PyObject *self, PyObject *args);
 PyObject *py_portable(PyObject *self, PyObject *args);
 PyObject *py_scan(PyObject *self, PyObject *args);
+PyObject *py_kmeans(PyObject *self, PyObject *args);
 PyObject *py_channel_histogram(PyObject *self, PyObject *args);
 PyObject *py_encode_v2(PyObject *self, PyObject *args);
 PyObject *py_decode_v2(PyObject *self, PyObject *args);

@@ -14,7 +14,7 @@
 #define STREAMS 8
 #define MAX_LOG 11     /* format 3's longest codeword */
 #define NO_CODE 0xFFFF /* a symbol without a codeword: no valid entry is this (codes have at most 11 bits) */
-#define ERR_SPACE -8   /* `out` cannot hold the longest encoding */
+#define HEADER_BITS_AT 16 /* where the header holds the streams' lengths */
 
 #define BLOCK 4096 /* groups of eight mapped before they are written out: a 64 KB scratch that stays in cache */
 
@@ -173,33 +173,34 @@ static int encode_job(Job *job, int itemsize, int pb, int grouped) {
 }
 
 /* encode_v3(src, itemsize, shift, zero_bits, L, T, D, rows u32 [T], lut u16 [2^(W - shift)], nsym, models u8
-   [L * D], lengths u8 [K * nsym], K, table_log, out (writable), at) -> (end, (bits0, ..., bits7)).
-   Writes the byte plane, the raw plane and the eight streams into `out` from byte `at` on; `end`: the byte after
-   the last stream. `out` must hold the planes, 8 bytes, and eight regions of the longest stream (every codeword
-   of table_log bits) plus 8 bytes each: streams are written in their regions, then moved together. ValueError for an element whose symbol has no codeword, or whose zero bits are not zero. */
+   [L * D], lengths u8 [K * nsym], K, table_log, prefix) -> bytes: the whole encoding, `prefix` (the header, whose
+   eight stream lengths at byte 16 are filled in here, then the tables and side block) followed by the byte plane,
+   the raw plane and the eight streams. The buffer is allocated for the longest encoding (every codeword of
+   table_log bits; streams are written in regions of that length, then moved together) and shrunk to fit.
+   ValueError for an element whose symbol has no codeword, or whose zero bits are not zero. */
 PyObject *py_encode_v3(PyObject *self, PyObject *args) {
-    PyObject *src_o, *rows_o, *lut_o, *models_o, *lengths_o, *out_o;
+    PyObject *src_o, *rows_o, *lut_o, *models_o, *lengths_o;
+    const char *prefix;
     int itemsize, shift, zero_bits, nsym, K, table_log;
     Py_ssize_t L, T, D, at;
-    if (!PyArg_ParseTuple(args, "OiiinnnOOiOOiiOn", &src_o, &itemsize, &shift, &zero_bits, &L, &T, &D, &rows_o,
-                          &lut_o, &nsym, &models_o, &lengths_o, &K, &table_log, &out_o, &at)
+    if (!PyArg_ParseTuple(args, "OiiinnnOOiOOiiy#", &src_o, &itemsize, &shift, &zero_bits, &L, &T, &D, &rows_o,
+                          &lut_o, &nsym, &models_o, &lengths_o, &K, &table_log, &prefix, &at)
         || check_item(itemsize, shift, zero_bits) < 0)
         return NULL;
     if (table_log < 1 || table_log > MAX_LOG || nsym < 1 || nsym > MAX_SYMBOLS || K < 1 || K > MAX_MODELS
-        || L < 0 || T < 0 || D < 0 || at < 0) {
+        || L < 0 || T < 0 || D < 0 || at < HEADER_BITS_AT + 8 * STREAMS) {
         PyErr_SetString(PyExc_ValueError, "encode_v3: table_log, symbols, codes, shape or offset out of range");
         return NULL;
     }
     size_t bins = (size_t)1 << (8 * itemsize - shift), C = (size_t)L * D, count = 0;
     const int pb = plane_bytes(shift - zero_bits), r = shift - zero_bits - 8 * pb;
-    Buf src, rows, lut, models, lengths, out;
-    rows.held = lut.held = models.held = lengths.held = out.held = 0;
+    Buf src, rows, lut, models, lengths;
+    rows.held = lut.held = models.held = lengths.held = 0;
     if (get_buf(src_o, &src, 0, L * T * D * itemsize, "source") < 0 || get_buf(rows_o, &rows, 0, 4 * T, "rows") < 0
         || get_buf(lut_o, &lut, 0, (Py_ssize_t)(2 * bins), "lut") < 0
         || get_buf(models_o, &models, 0, (Py_ssize_t)C, "models") < 0
-        || get_buf(lengths_o, &lengths, 0, (Py_ssize_t)K * nsym, "lengths") < 0
-        || get_buf(out_o, &out, 1, at, "out") < 0) {
-        release(&src); release(&rows); release(&lut); release(&models); release(&lengths); release(&out);
+        || get_buf(lengths_o, &lengths, 0, (Py_ssize_t)K * nsym, "lengths") < 0) {
+        release(&src); release(&rows); release(&lut); release(&models); release(&lengths);
         return NULL;
     }
     const uint32_t *row_of = (const uint32_t *)rows.view.buf;
@@ -210,8 +211,13 @@ PyObject *py_encode_v3(PyObject *self, PyObject *args) {
     }
     count *= C;
     size_t raw_len = (count * r + 7) / 8, longest = ((count + STREAMS - 1) / STREAMS * table_log + 7) / 8;
-    /* the planes, then each stream's region: every codeword at its longest, and 8 bytes for whole-word stores */
-    if ((size_t)(out.view.len - at) < count * pb + raw_len + 8 + STREAMS * (longest + 8)) status = ERR_SPACE;
+    /* the planes, 8 bytes, then each stream's region: every codeword at its longest, and 8 bytes for whole-word
+       stores */
+    PyObject *result = status == OK ? PyBytes_FromStringAndSize(NULL, at + count * pb + raw_len + 8
+                                                                          + STREAMS * (longest + 8)) : NULL;
+    if (status == OK && !result) status = ERR_NOMEM;
+    uint8_t *out = result ? (uint8_t *)PyBytes_AS_STRING(result) : NULL;
+    if (out) memcpy(out, prefix, at);
     for (size_t c = 0; c < C && status == OK; c++)
         if (U8(models)[c] >= K) status = ERR_MODEL;
     uint16_t *codes = NULL, *table = NULL, *entries = NULL;
@@ -238,7 +244,7 @@ PyObject *py_encode_v3(PyObject *self, PyObject *args) {
         for (size_t c = 0; c < C; c++) chan[c] = table + (size_t)U8(models)[c] * bins;
         Job job = {.src = U8(src), .rows = row_of, .chan = chan, .L = L, .T = T, .D = D,
                    .shift = shift, .zero_bits = zero_bits, .raw_bits = r, .entries = entries,
-                   .plane = U8(out) + at, .raw = U8(out) + at + count * pb};
+                   .plane = out + at, .raw = out + at + count * pb};
         /* stream j is written at the start of its own region (its longest length, plus 8 bytes), then moved down;
            the regions start 8 bytes past the raw plane, out of reach of its whole-word stores */
         uint8_t *region = job.raw + raw_len + 8;
@@ -261,13 +267,16 @@ PyObject *py_encode_v3(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
     }
     free(codes); free(table); free((void *)chan); free(entries);
-    Py_ssize_t written = end ? (Py_ssize_t)(end - U8(out)) : 0;
-    release(&src); release(&rows); release(&lut); release(&models); release(&lengths); release(&out);
-    if (status == ERR_NOMEM) return PyErr_NoMemory();
-    if (status == ERR_SPACE) { PyErr_SetString(PyExc_ValueError, "encode_v3: `out` is too small"); return NULL; }
-    if (status == ERR_SYMBOL) { PyErr_SetString(PyExc_ValueError, "an element's symbol has no code"); return NULL; }
-    if (status != OK) { PyErr_SetString(PyExc_ValueError, "encode_v3: invalid code, model or rows"); return NULL; }
-    return Py_BuildValue("n(KKKKKKKK)", written, (unsigned long long)bits[0], (unsigned long long)bits[1],
-                         (unsigned long long)bits[2], (unsigned long long)bits[3], (unsigned long long)bits[4],
-                         (unsigned long long)bits[5], (unsigned long long)bits[6], (unsigned long long)bits[7]);
+    release(&src); release(&rows); release(&lut); release(&models); release(&lengths);
+    if (status != OK) {
+        Py_XDECREF(result);
+        if (status == ERR_NOMEM) return PyErr_NoMemory();
+        PyErr_SetString(PyExc_ValueError, status == ERR_SYMBOL ? "an element's symbol has no code"
+                                                               : "encode_v3: invalid code, model or rows");
+        return NULL;
+    }
+    for (int j = 0; j < STREAMS; j++) /* the header's stream lengths, in bits, little-endian */
+        for (int b = 0; b < 8; b++) out[HEADER_BITS_AT + 8 * j + b] = (uint8_t)(bits[j] >> (8 * b));
+    if (_PyBytes_Resize(&result, (Py_ssize_t)(end - out)) < 0) return NULL;
+    return result;
 }

@@ -6,6 +6,7 @@ static PyMethodDef methods[] = {
     {"portable", py_portable, METH_VARARGS, "Run only the portable loops (for tests); returns the previous setting."},
     {"lengths", py_lengths, METH_VARARGS, "Length-limited Huffman code lengths of each model."},
     {"scan", py_scan, METH_VARARGS, "Repeated token rows, a histogram of u >> shift, and the OR of every element."},
+    {"kmeans", py_kmeans, METH_VARARGS, "k-means of channels by the code length of their counts."},
     {"channel_histogram", py_channel_histogram, METH_VARARGS, "Per-channel symbol counts over the coded rows."},
     {"encode_v3", py_encode_v3, METH_VARARGS, "Write a tensor's planes and streams in format 3."},
     {"decode_v3", py_decode_v3, METH_VARARGS, "Decode format 3's planes and streams; returns a status code."},

@@ -10,19 +10,22 @@
 
 #include "common.h"
 
-#define HASH_LANES 4
+#define MAX_CANDIDATES 8 /* rows compared in full before a row is taken as new: bounds crafted input */
 
 static inline uint64_t mix(uint64_t x, uint64_t w) {
     x = (x ^ w) * 0xFF51AFD7ED558CCDull;
     return x ^ (x >> 29);
 }
 
-/* One pass in memory order: each row's hash (four independent lanes per block, so the multiplies overlap), the
-   counts of u >> shift over every row, and the OR of every element. Counts go per channel (hist [L*D][bins]), or
-   into one histogram kept as four interleaved copies (hist [4][bins]: a run of equal values does not wait on its
-   own counter). */
-KV_INLINE uint64_t hash_and_count(const uint8_t *src, const int ITEM, int shift, size_t L, size_t T, size_t D,
+/* One pass in memory order: each row's hash, the counts of u >> shift over every row, and the OR of every element.
+   The hash only picks candidates (find_copies compares rows in full), so it reads a row's first and last 8 bytes
+   in each block: nearly free, and rows of real KV differ there. Counts go per channel (hist [L*D][stride]: a
+   stride that is not a power of two, or every channel's count of one value falls in one cache set), or into one
+   histogram kept as four interleaved copies (hist [4][bins]: a run of equal values does not wait on its own
+   counter). */
+KV_INLINE uint32_t hash_and_count(const uint8_t *src, const int ITEM, int shift, size_t L, size_t T, size_t D,
                                   uint64_t *hashes, uint32_t *hist, size_t bins, const int PER_CHANNEL) {
+    /* bins: the stride between channels' (or copies') counts */
     const size_t row_bytes = D * ITEM;
     uint32_t ored = 0;
     for (size_t t = 0; t < T; t++) hashes[t] = 0x9E3779B97F4A7C15ull ^ row_bytes;
@@ -30,13 +33,9 @@ KV_INLINE uint64_t hash_and_count(const uint8_t *src, const int ITEM, int shift,
         uint32_t *h = PER_CHANNEL ? hist + l * D * bins : hist;
         for (size_t t = 0; t < T; t++) {
             const uint8_t *r = src + (l * T + t) * row_bytes;
-            uint64_t lane[HASH_LANES] = {hashes[t], 0x632BE59BD9B4E019ull, 0x85EBCA77C2B2AE63ull, 0xC2B2AE3D27D4EB4Full};
-            size_t i = 0;
-            for (; i + 8 * HASH_LANES <= row_bytes; i += 8 * HASH_LANES)
-                for (int j = 0; j < HASH_LANES; j++) lane[j] = mix(lane[j], load_le(r + i + 8 * j));
-            for (; i + 8 <= row_bytes; i += 8) lane[0] = mix(lane[0], load_le(r + i));
-            if (i < row_bytes) lane[1] = mix(lane[1], load_le_tail(r, row_bytes, i));
-            hashes[t] = mix(mix(mix(lane[0], lane[1]), lane[2]), lane[3]);
+            uint64_t head = row_bytes >= 8 ? load_le(r) : load_le_tail(r, row_bytes, 0);
+            uint64_t tail = row_bytes >= 8 ? load_le(r + row_bytes - 8) : 0;
+            hashes[t] = mix(mix(hashes[t], head), tail);
             for (size_t d = 0; d < D; d++) {
                 uint32_t u = ITEM == 2 ? (uint32_t)((const uint16_t *)r)[d] : ((const uint32_t *)r)[d];
                 ored |= u;
@@ -47,14 +46,29 @@ KV_INLINE uint64_t hash_and_count(const uint8_t *src, const int ITEM, int shift,
     return ored;
 }
 
+#define COUNT_VARIANTS(NAME, ATTR)                                                                                \
+    ATTR static uint32_t NAME(const uint8_t *src, int itemsize, int shift, size_t L, size_t T, size_t D,          \
+                              uint64_t *hashes, uint32_t *hist, size_t bins, int per_channel) {                   \
+        if (itemsize == 2)                                                                                        \
+            return per_channel ? hash_and_count(src, 2, shift, L, T, D, hashes, hist, bins, 1)                    \
+                               : hash_and_count(src, 2, shift, L, T, D, hashes, hist, bins, 0);                   \
+        return per_channel ? hash_and_count(src, 4, shift, L, T, D, hashes, hist, bins, 1)                        \
+                           : hash_and_count(src, 4, shift, L, T, D, hashes, hist, bins, 0);                       \
+    }
+COUNT_VARIANTS(count_plain, )
+#if KV_X86
+COUNT_VARIANTS(count_fast, KV_FAST_ATTR)
+#endif
+
 static int same_rows(const uint8_t *src, size_t L, size_t T, size_t row_bytes, size_t a, size_t b) {
     for (size_t l = 0; l < L; l++)
         if (memcmp(src + (l * T + a) * row_bytes, src + (l * T + b) * row_bytes, row_bytes)) return 0;
     return 1;
 }
 
-/* sources[t]: t for a row coded in full, else the first earlier row it repeats (itself coded). Rows are found by
-   hash in an open-addressing table, then compared in full. */
+/* sources[t]: t for a row coded in full, else an earlier row it repeats (itself coded: the first with its
+   values, unless MAX_CANDIDATES rows of the same hash differ from it). Rows are found by hash in an
+   open-addressing table, then compared in full. */
 static int find_copies(const uint8_t *src, size_t L, size_t T, size_t row_bytes, const uint64_t *hashes,
                        uint32_t *sources) {
     size_t slots = 16;
@@ -64,9 +78,11 @@ static int find_copies(const uint8_t *src, size_t L, size_t T, size_t row_bytes,
     memset(table, 0xFF, sizeof(uint32_t) * slots);
     for (size_t t = 0; t < T; t++) {
         size_t at = (size_t)(hashes[t] ^ (hashes[t] >> 32)) & (slots - 1);
+        int compared = 0;
         sources[t] = (uint32_t)t;
         for (; table[at] != UINT32_MAX; at = (at + 1) & (slots - 1))
-            if (hashes[table[at]] == hashes[t] && same_rows(src, L, T, row_bytes, table[at], t)) {
+            if (hashes[table[at]] == hashes[t] && compared++ < MAX_CANDIDATES
+                && same_rows(src, L, T, row_bytes, table[at], t)) {
                 sources[t] = table[at];
                 break;
             }
@@ -76,27 +92,27 @@ static int find_copies(const uint8_t *src, size_t L, size_t T, size_t row_bytes,
     return OK;
 }
 
-/* scan(src, itemsize, shift, L, T, D, sources u32 [T] (out), hist u32 (out, added to), per_channel) -> the OR of
-   every element. hist: [L*D][2^(8 * itemsize - shift)] counts per channel if per_channel, else [2^(...)] counts of
-   the whole tensor, of u >> shift over the coded rows. */
+/* scan(src, itemsize, shift, L, T, D, sources u32 [T] (out), hist u32 (out, added to), stride) -> the OR of every
+   element. hist: counts of u >> shift over the coded rows, per channel if stride (hist [L*D][stride], stride >=
+   2^(8 * itemsize - shift)), else of the whole tensor (hist [2^(8 * itemsize - shift)]). */
 PyObject *py_scan(PyObject *self, PyObject *args) {
     PyObject *src_o, *sources_o, *hist_o;
-    int itemsize, shift, per_channel;
-    Py_ssize_t L, T, D;
-    if (!PyArg_ParseTuple(args, "OiinnnOOp", &src_o, &itemsize, &shift, &L, &T, &D, &sources_o, &hist_o,
-                          &per_channel)
+    int itemsize, shift;
+    Py_ssize_t L, T, D, stride;
+    if (!PyArg_ParseTuple(args, "OiinnnOOn", &src_o, &itemsize, &shift, &L, &T, &D, &sources_o, &hist_o, &stride)
         || check_item(itemsize, shift, 0) < 0)
         return NULL;
-    if (L < 0 || T < 0 || D < 0 || T > (Py_ssize_t)UINT32_MAX - 1) {
+    size_t bins = (size_t)1 << (8 * itemsize - shift), C = (size_t)L * D;
+    const int per_channel = stride != 0;
+    if (L < 0 || T < 0 || D < 0 || T > (Py_ssize_t)UINT32_MAX - 1 || (per_channel && (size_t)stride < bins)) {
         PyErr_SetString(PyExc_ValueError, "scan: shape out of range");
         return NULL;
     }
-    size_t bins = (size_t)1 << (8 * itemsize - shift), C = (size_t)L * D;
     Buf src, sources, hist;
     sources.held = hist.held = 0;
     if (get_buf(src_o, &src, 0, L * T * D * itemsize, "source") < 0
         || get_buf(sources_o, &sources, 1, 4 * T, "sources") < 0
-        || get_buf(hist_o, &hist, 1, (Py_ssize_t)(4 * bins * (per_channel ? C : 1)), "histogram") < 0) {
+        || get_buf(hist_o, &hist, 1, (Py_ssize_t)(4 * (per_channel ? C * stride : bins)), "histogram") < 0) {
         release(&src); release(&sources); release(&hist);
         return NULL;
     }
@@ -109,16 +125,20 @@ PyObject *py_scan(PyObject *self, PyObject *args) {
         uint32_t *rows = (uint32_t *)sources.view.buf, *h = (uint32_t *)hist.view.buf;
         size_t row_bytes = (size_t)D * itemsize;
         Py_BEGIN_ALLOW_THREADS
-        if (itemsize == 2) ored = per_channel ? hash_and_count(p, 2, shift, L, T, D, hashes, counts, bins, 1)
-                                              : hash_and_count(p, 2, shift, L, T, D, hashes, counts, bins, 0);
-        else ored = per_channel ? hash_and_count(p, 4, shift, L, T, D, hashes, counts, bins, 1)
-                                : hash_and_count(p, 4, shift, L, T, D, hashes, counts, bins, 0);
+#if KV_X86
+        size_t step = per_channel ? (size_t)stride : bins;
+        ored = kv_cpu_is_modern() ? count_fast(p, itemsize, shift, L, T, D, hashes, counts, step, per_channel)
+                                  : count_plain(p, itemsize, shift, L, T, D, hashes, counts, step, per_channel);
+#else
+        ored = count_plain(p, itemsize, shift, L, T, D, hashes, counts, per_channel ? (size_t)stride : bins,
+                           per_channel);
+#endif
         status = find_copies(p, L, T, row_bytes, hashes, rows);
         for (size_t t = 0; t < (size_t)T && status == OK; t++) { /* a copied row is not coded: uncount it */
             if (rows[t] == t) continue;
             for (size_t l = 0; l < (size_t)L; l++)
                 for (size_t d = 0; d < (size_t)D; d++)
-                    counts[(per_channel ? l * D + d : 0) * bins
+                    counts[(per_channel ? (l * D + d) * (size_t)stride : 0)
                            + (element(p, itemsize, ((size_t)l * T + t) * D + d) >> shift)]--;
         }
         if (!per_channel)
