@@ -66,9 +66,11 @@ class Plan:
 
 
 def plan(tensor: torch.Tensor, symbol_bits: int, max_models: int = MAX_MODELS,
-         symbol_mantissa_bits: int = SYMBOL_MANTISSA_BITS, table_log: int = 11) -> Plan:
+         symbol_mantissa_bits: int = SYMBOL_MANTISSA_BITS, table_log: int = 11, per_channel: bool | None = None) -> Plan:
     """The plan of a contiguous, non-empty float32, bfloat16 or float16 tensor (not modified), whose symbols have at
-    most `symbol_bits` bits (the format's limit: a symbol takes fewer of the top mantissa bits where it must)."""
+    most `symbol_bits` bits (the format's limit: a symbol takes fewer of the top mantissa bits where it must; a
+    negative `symbol_mantissa_bits` stops the symbol above the mantissa). per_channel: count each channel's values
+    in the first pass (None: where that takes no more memory than the tensor), else in a second pass."""
     u = as_uint(tensor)
     itemsize = tensor.element_size()
     L, T, D = grid(tuple(tensor.shape))
@@ -76,7 +78,7 @@ def plan(tensor: torch.Tensor, symbol_bits: int, max_models: int = MAX_MODELS,
     shift = max(MANTISSA_BITS[tensor.dtype] - symbol_mantissa_bits, width - symbol_bits)
     sources = np.empty(T, dtype=np.uint32)
     channels, bins = L * D, 1 << (width - shift)
-    if channels * (bins + 16) * 4 <= max(u.nbytes, 1 << 20):  # counts per channel and value cost no more than the tensor
+    if per_channel if per_channel is not None else channels * (bins + 16) * 4 <= max(u.nbytes, 1 << 20):
         stride = bins + 16  # not a power of two: channels' counts of one value do not share a cache set
         by_channel = np.zeros((channels, stride), dtype=np.uint32)
         ored = kernels().scan(u, itemsize, shift, L, T, D, sources, by_channel, stride)
