@@ -71,6 +71,21 @@ def kvmart_codec(instance) -> tuple[Encoder, Decoder]:
     return enc, lambda data, out: instance.decode(memoryview(data), state["params"], out)
 
 
+def portable(pair: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
+    """The same codec with the kernels' portable loops (what a CPU without BMI2 and AVX2 runs)."""
+    from kvmart.codec.kernels import kernels
+
+    def run(fn, *args):
+        before = kernels().portable(True)
+        try:
+            return fn(*args)
+        finally:
+            kernels().portable(before)
+
+    encode, decode = pair
+    return (lambda t: run(encode, t)), (lambda data, out: run(decode, data, out))
+
+
 def baselines() -> dict[str, tuple[Encoder, Decoder] | str]:
     """name -> (encode, decode), or the reason it cannot run here."""
     import zstandard
@@ -145,9 +160,12 @@ def codecs_to_measure(only: str) -> dict[str, tuple[Encoder, Decoder] | str]:
     found: dict[str, tuple[Encoder, Decoder] | str] = {
         "raw": (lambda t: bytes(raw_bytes(t)), lambda d, out: fill(out, d))}
     found.update(baselines())
-    found["**kvmart** (format 2, default)"] = kvmart_codec(HuffmanCodec())
-    found["kvmart format 2, 1 code per tensor"] = kvmart_codec(HuffmanCodec(max_models=1))
-    found["kvmart format 2, no mantissa bit in the symbol"] = kvmart_codec(HuffmanCodec(symbol_mantissa_bits=0))
+    found["**kvmart** (format 3, default)"] = kvmart_codec(HuffmanCodec())
+    found["kvmart format 3, portable loops (a CPU without BMI2 and AVX2)"] = portable(kvmart_codec(HuffmanCodec()))
+    found["kvmart format 3, 1 code per tensor"] = kvmart_codec(HuffmanCodec(max_models=1))
+    found["kvmart format 3, no mantissa bit in the symbol"] = kvmart_codec(HuffmanCodec(symbol_mantissa_bits=0))
+    found["candidate: format 2 (4 streams, 12-bit symbols; kvmart 0.2, still read)"] = kvmart_codec(
+        HuffmanCodec(version=2))
     found.update(candidates())
     return {k: v for k, v in found.items() if not only or any(w in k for w in only.split(","))}
 
