@@ -13,7 +13,7 @@
 
 #define STREAMS 8
 #define MAX_LOG 11     /* format 3's longest codeword */
-#define NO_CODE 0xFFFF /* a symbol without a codeword: no valid entry is this (codes have at most 11 bits) */
+#define NO_CODE 0xFFFF /* a symbol without a codeword: bit 15 is set in no valid entry (codes have at most 11 bits) */
 #define HEADER_BITS_AT 16 /* where the header holds the streams' lengths */
 
 #define BLOCK 4096 /* groups of eight mapped before they are written out: a 64 KB scratch that stays in cache */
@@ -113,7 +113,8 @@ KV_INLINE int encode_rows(Job *job, const int ITEM, const int PB, const int GROU
                                      : (uint64_t)(raw_mask << below) * 0x0000000100000001ull;
     uint16_t *ent = job->entries;
     uint8_t *pl = job->plane, *rp = job->raw;
-    uint32_t ored = 0, missing = 0; /* every element or-ed; every entry + 1 or-ed (bit 16: a symbol with no code) */
+    uint64_t ored = 0;   /* every element or-ed (the zero bits must be zero) */
+    uint32_t missing = 0; /* every entry or-ed (bit 15: a symbol with no code) */
     size_t k = 0, i = 0, rpos = 0;  /* k: coded elements so far; i: of them, in the block */
     uint32_t racc = 0;
     int rbits = 0;
@@ -127,8 +128,8 @@ KV_INLINE int encode_rows(Job *job, const int ITEM, const int PB, const int GROU
                 for (int q = 0; q < (GROUPED ? 8 : 1); q++) {
                     uint32_t u = ITEM == 2 ? (uint32_t)((const uint16_t *)p)[d + q] : ((const uint32_t *)p)[d + q];
                     uint16_t e = codes[d + q][u >> shift];
-                    ored |= u;
-                    missing |= (uint32_t)e + 1;
+                    if (!(GROUPED && PEXT_OK)) ored |= u; /* else below, a word at a time */
+                    missing |= e;
                     slot[q * BLOCK] = e;
                     uint32_t low = u >> z;
                     if (PB == 1) pl[k + q] = (uint8_t)low;
@@ -138,6 +139,8 @@ KV_INLINE int encode_rows(Job *job, const int ITEM, const int PB, const int GROU
                         for (rbits += r; rbits >= 8; rbits -= 8, racc >>= 8) rp[rpos++] = (uint8_t)racc;
                     }
                 }
+                if (GROUPED && PEXT_OK)
+                    for (int q = 0; q < ITEM; q++) ored |= load_le(p + d * ITEM + 8 * q); /* 8 elements: ITEM words */
                 if (GROUPED && r) store_le64(rp + (k >> 3) * r, raw_group(p + d * ITEM, ITEM, PEXT_OK, lanes, below, r, raw_mask));
                 k += GROUPED ? 8 : 1;
                 i += GROUPED ? 8 : 1;
@@ -146,7 +149,8 @@ KV_INLINE int encode_rows(Job *job, const int ITEM, const int PB, const int GROU
         }
     flush_block(job, i);
     if (!GROUPED && rbits) rp[rpos] = (uint8_t)racc; /* zero bits pad the last byte */
-    return (missing >> 16) || (ored & ((1u << z) - 1)) ? ERR_SYMBOL : OK;
+    const uint64_t zeros = (uint64_t)((1u << z) - 1) * (ITEM == 2 ? 0x0001000100010001ull : 0x0000000100000001ull);
+    return (missing & 0x8000) || (ored & zeros) ? ERR_SYMBOL : OK;
 }
 
 #define LAYOUTS(PX)                                                                                               \
