@@ -15,6 +15,7 @@ from kvmart.codec.kernels import kernels
 KMEANS_STEPS = 8
 MODEL_OVERHEAD_BYTES = 48  # one model's frequencies in the side block, roughly
 MIN_SYMBOLS_PER_MODEL = 4096  # fewer symbols than this cannot pay for a model of their own
+NEGLIGIBLE = 0.002  # model bytes below this share of a tensor's size are not worth another k-means run
 
 
 def code_bits(hist: np.ndarray, labels: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
@@ -38,8 +39,8 @@ def kmeans(hist: np.ndarray, groups: int) -> tuple[np.ndarray, float]:
 def cluster(hist: np.ndarray, max_models: int) -> np.ndarray:
     """The model (0 .. K-1, every one used) of each channel, a row of `hist` [C, symbols] (float64 counts).
     k-means with as many clusters as the symbols can pay for (the largest power of two up to `max_models`), then
-    with half as many, and so on while the estimated coded size, model bytes included, keeps shrinking: real KV
-    stops after one or two runs, at 16 clusters (docs/BENCHMARKS.md)."""
+    with half as many, and so on while the estimated coded size, model bytes included, keeps shrinking, and the
+    model bytes halving could save are a noticeable share of it: on real KV, one run (docs/BENCHMARKS.md)."""
     channels = hist.shape[0]
     limit = min(max_models, channels, max(1, int(hist.sum()) // MIN_SYMBOLS_PER_MODEL))
     best, best_bytes = np.zeros(channels, dtype=np.int64), float("inf")
@@ -51,5 +52,8 @@ def cluster(hist: np.ndarray, max_models: int) -> np.ndarray:
         if size >= best_bytes:
             break
         best, best_bytes = used[1].astype(np.int64), size
+        # fewer clusters code no better; they can only save model bytes, and not enough to matter here
+        if (groups // 2) * MODEL_OVERHEAD_BYTES + channels < NEGLIGIBLE * size:
+            break
         groups //= 2
     return best
