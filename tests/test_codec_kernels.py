@@ -6,6 +6,7 @@ streams of long tensors are refused or decoded, never read out of bounds; k-mean
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -166,6 +167,16 @@ def test_a_stream_that_is_read_past_its_end_is_refused():
     format3.HEADER.pack_into(data, 0, *fields)
     with pytest.raises(CodecError, match="runs out|left over"):
         codec.decode(codec.Encoded("kvmart", {"version": 3}, "bfloat16", tuple(t.shape), bytes(data)))
+
+
+def test_a_plan_that_is_not_the_tensors_is_refused_by_the_encoder():
+    """The encoder checks what it writes against the plan: each stream's length against the one the counts give."""
+    t = kv_like(torch.bfloat16, (1, 2, 200, 64), 17)
+    plan = analysis.plan(t, format3.SYMBOL_BITS)
+    counts = plan.counts.copy()
+    counts[0, int(np.argmax(counts[0]))] += 1
+    with pytest.raises(ValueError, match="streams of other lengths than the counts give"):
+        format3.encode(dataclasses.replace(plan, counts=counts))
 
 
 def numpy_kmeans(hist: np.ndarray, groups: int) -> tuple[np.ndarray, float]:

@@ -39,7 +39,8 @@ class Plan:
     earlier coded row it repeats; shift, zero_bits: the split (the lowest zero_bits bits are zero in every element
     and not stored); highs [A] (uint16): the symbol values in use, increasing; lut [2^(W - shift)] (uint16): value
     -> symbol index (0xFFFF: not in use); models [L*D] (uint8): each channel's code; lengths [K, A] (uint8): each
-    code's lengths (0: absent, else 1 + the codeword's length)."""
+    code's lengths (0: absent, else 1 + the codeword's length); counts [L*D, A] (uint32): each channel's count of
+    each symbol over the coded rows."""
 
     u: np.ndarray
     itemsize: int
@@ -53,6 +54,7 @@ class Plan:
     lut: np.ndarray
     models: np.ndarray
     lengths: np.ndarray
+    counts: np.ndarray
 
     @property
     def copies(self) -> np.ndarray:
@@ -109,7 +111,7 @@ def plan(tensor: torch.Tensor, symbol_bits: int, max_models: int = MAX_MODELS,
     per_code = (np.arange(groups)[:, None] == models[None, :]).astype(np.float64) @ counts  # exact below 2^53
     lengths = np.zeros((groups, len(highs)), dtype=np.uint8)
     kernels().lengths(np.minimum(per_code, 2**32 - 1).astype(np.uint32), len(highs), groups, table_log, lengths)
-    return Plan(u, itemsize, L, T, D, sources, shift, zero_bits, highs, lut, models, lengths)
+    return Plan(u, itemsize, L, T, D, sources, shift, zero_bits, highs, lut, models, lengths, counts)
 
 
 def exponents(hist: np.ndarray, highs: np.ndarray, mantissa_bits: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import torch
 
 from kvmart.codec import layout, varint
@@ -42,8 +43,19 @@ def encode(plan: Plan, table_log: int = MAX_TABLE_LOG) -> bytes:
                        len(plan.copies), len(side), *[0] * STREAMS)  # the streams' lengths: filled in by encode_v3
     data: bytes = kernels().encode_v3(plan.u, plan.itemsize, plan.shift, plan.zero_bits, plan.L, plan.T, plan.D,
                                       plan.sources, plan.lut, len(plan.highs), plan.models, plan.lengths,
-                                      len(plan.lengths), table_log, head + layout.tables(plan) + side)
+                                      len(plan.lengths), table_log, head + layout.tables(plan) + side,
+                                      stream_bits(plan))
     return data
+
+
+def stream_bits(plan: Plan) -> tuple[int, ...] | None:
+    """Each stream's length in bits, from the counts: with D a multiple of 8, channel c's elements all go to stream
+    c % 8 (so the encoder writes each stream at its place); None otherwise."""
+    if plan.D % STREAMS:
+        return None
+    lengths = np.maximum(plan.lengths.astype(np.int64) - 1, 0)  # a codeword's length (absent symbols: count 0)
+    per_channel = (plan.counts * lengths[plan.models]).sum(axis=1)
+    return tuple(int(b) for b in per_channel.reshape(-1, STREAMS).sum(axis=0))
 
 
 def decode(data: memoryview, out: torch.Tensor) -> None:

@@ -15,12 +15,14 @@
 #define MAX_LOG 11     /* format 3's longest codeword */
 #define NO_CODE 0xFFFF /* a symbol without a codeword: bit 15 is set in no valid entry (codes have at most 11 bits) */
 #define HEADER_BITS_AT 16 /* where the header holds the streams' lengths */
+#define ERR_PLAN -8       /* streams of other lengths than the counts give: a plan of another tensor */
 
 #define BLOCK 4096 /* groups of eight mapped before they are written out: a 64 KB scratch that stays in cache */
 
 typedef struct {
-    uint8_t *out;  /* the next byte to store at */
-    uint64_t acc;  /* pending bits: the lowest nb */
+    uint8_t *out;   /* the next byte to store at */
+    uint8_t *limit; /* the first byte it must not store at (the next stream's first) */
+    uint64_t acc;   /* pending bits: the lowest nb */
     int nb;
 } Writer;
 
@@ -31,13 +33,23 @@ typedef struct {
     size_t L, T, D;
     int shift, zero_bits, raw_bits;
     uint16_t *entries;            /* [8 * BLOCK]: the block's element i at (i % 8) * BLOCK + i / 8 */
-    uint8_t *plane, *raw;
+    uint8_t *plane, *raw, *raw_end; /* raw_end: the raw plane's last byte + 1 (the streams' first) */
     Writer w[STREAMS];
 } Job;
 
+/* The pending bits at o, as one big-endian word (nb = 0: a zero word); its low bytes are zero, overwritten by the
+   next store. Within 8 bytes of the limit, only the bytes before it are stored. */
+static inline void put_word(uint8_t *o, const uint8_t *limit, uint64_t acc, int nb) {
+    uint64_t word = acc << (63 - nb) << 1;
+    if (o + 8 <= limit) {
+        store_be64(o, word);
+        return;
+    }
+    for (int b = 0; o + b < limit && b < 8; b++) o[b] = (uint8_t)(word >> (56 - 8 * b));
+}
+
 /* Stream j's n codewords of the block, MSB first. Every 4 codewords (at most 44 bits, above at most 7 pending) the
-   pending bits are stored as one big-endian word and the whole bytes among them passed; the word's low bytes are
-   zero and overwritten by the next store (the stream's region has 8 bytes to spare). */
+   pending bits are stored as one word and the whole bytes among them passed. */
 KV_INLINE void write_codes(Writer *w, const uint16_t *ent, size_t n) {
     uint8_t *o = w->out;
     uint64_t acc = w->acc;
@@ -49,7 +61,7 @@ KV_INLINE void write_codes(Writer *w, const uint16_t *ent, size_t n) {
             acc = (acc << len) | (e >> 4);
             nb += (int)len;
         }
-        store_be64(o, acc << (63 - nb) << 1); /* nb = 0: nothing pending, a zero word */
+        put_word(o, w->limit, acc, nb);
         o += nb >> 3;
         nb &= 7;
     }
@@ -59,7 +71,7 @@ KV_INLINE void write_codes(Writer *w, const uint16_t *ent, size_t n) {
         nb += (int)len;
     }
     if (nb >= 8) { /* at most 7 + 3 x 11 bits: keep fewer than 8 pending */
-        store_be64(o, acc << (63 - nb) << 1);
+        put_word(o, w->limit, acc, nb);
         o += nb >> 3;
         nb &= 7;
     }
@@ -104,7 +116,7 @@ KV_INLINE uint64_t raw_group(const uint8_t *p, const int ITEM, const int PEXT_OK
 /* Row by row: each coded element's codeword entry into the block's scratch, its low part into the planes; the
    scratch goes to the streams when full. GROUPED (D % 8 == 0 and R <= 8): eight elements a step, their raw bits
    packed into one little-endian word, stored whole (the next group's store overwrites the bytes past its 8 R bits;
-   8 writable bytes follow the raw plane). Otherwise one element a step, its raw bits out a byte at a time. */
+   the last groups' are stored a byte at a time). Otherwise one element a step, its raw bits out a byte at a time. */
 KV_INLINE int encode_rows(Job *job, const int ITEM, const int PB, const int GROUPED, const int PEXT_OK) {
     const size_t L = job->L, T = job->T, D = job->D;
     const int shift = job->shift, z = job->zero_bits, r = job->raw_bits, below = z + 8 * PB;
@@ -141,7 +153,12 @@ KV_INLINE int encode_rows(Job *job, const int ITEM, const int PB, const int GROU
                 }
                 if (GROUPED && PEXT_OK)
                     for (int q = 0; q < ITEM; q++) ored |= load_le(p + d * ITEM + 8 * q); /* 8 elements: ITEM words */
-                if (GROUPED && r) store_le64(rp + (k >> 3) * r, raw_group(p + d * ITEM, ITEM, PEXT_OK, lanes, below, r, raw_mask));
+                if (GROUPED && r) {
+                    uint64_t group = raw_group(p + d * ITEM, ITEM, PEXT_OK, lanes, below, r, raw_mask);
+                    uint8_t *at = rp + (k >> 3) * r;
+                    if (at + 8 <= job->raw_end) store_le64(at, group);
+                    else for (int b = 0; b < r; b++) at[b] = (uint8_t)(group >> (8 * b)); /* the plane's end */
+                }
                 k += GROUPED ? 8 : 1;
                 i += GROUPED ? 8 : 1;
                 if (i == 8 * BLOCK) { flush_block(job, i); i = 0; }
@@ -177,19 +194,25 @@ static int encode_job(Job *job, int itemsize, int pb, int grouped) {
 }
 
 /* encode_v3(src, itemsize, shift, zero_bits, L, T, D, rows u32 [T], lut u16 [2^(W - shift)], nsym, models u8
-   [L * D], lengths u8 [K * nsym], K, table_log, prefix) -> bytes: the whole encoding, `prefix` (the header, whose
-   eight stream lengths at byte 16 are filled in here, then the tables and side block) followed by the byte plane,
-   the raw plane and the eight streams. The buffer is allocated for the longest encoding (every codeword of
-   table_log bits; streams are written in regions of that length, then moved together) and shrunk to fit.
-   ValueError for an element whose symbol has no codeword, or whose zero bits are not zero. */
+   [L * D], lengths u8 [K * nsym], K, table_log, prefix, expected) -> bytes: the whole encoding, `prefix` (the
+   header, whose eight stream lengths at byte 16 are filled in here, then the tables and side block) followed by the
+   byte plane, the raw plane and the eight streams. `expected`: the streams' lengths in bits, known from the counts
+   (then each stream is written at its place), or None (each is written in a region of the longest length, every
+   codeword of table_log bits, then moved; the buffer shrinks to fit). ValueError for an element whose symbol has
+   no codeword or whose zero bits are not zero, and for streams other than expected. */
 PyObject *py_encode_v3(PyObject *self, PyObject *args) {
-    PyObject *src_o, *rows_o, *lut_o, *models_o, *lengths_o;
+    PyObject *src_o, *rows_o, *lut_o, *models_o, *lengths_o, *expected_o;
     const char *prefix;
     int itemsize, shift, zero_bits, nsym, K, table_log;
     Py_ssize_t L, T, D, at;
-    if (!PyArg_ParseTuple(args, "OiiinnnOOiOOiiy#", &src_o, &itemsize, &shift, &zero_bits, &L, &T, &D, &rows_o,
-                          &lut_o, &nsym, &models_o, &lengths_o, &K, &table_log, &prefix, &at)
+    if (!PyArg_ParseTuple(args, "OiiinnnOOiOOiiy#O", &src_o, &itemsize, &shift, &zero_bits, &L, &T, &D, &rows_o,
+                          &lut_o, &nsym, &models_o, &lengths_o, &K, &table_log, &prefix, &at, &expected_o)
         || check_item(itemsize, shift, zero_bits) < 0)
+        return NULL;
+    unsigned long long expected[STREAMS];
+    const int exact = expected_o != Py_None;
+    if (exact && !PyArg_ParseTuple(expected_o, "KKKKKKKK", &expected[0], &expected[1], &expected[2], &expected[3],
+                                   &expected[4], &expected[5], &expected[6], &expected[7]))
         return NULL;
     if (table_log < 1 || table_log > MAX_LOG || nsym < 1 || nsym > MAX_SYMBOLS || K < 1 || K > MAX_MODELS
         || L < 0 || T < 0 || D < 0 || at < HEADER_BITS_AT + 8 * STREAMS) {
@@ -214,11 +237,15 @@ PyObject *py_encode_v3(PyObject *self, PyObject *args) {
         count += row_of[t] == (uint32_t)t;
     }
     count *= C;
-    size_t raw_len = (count * r + 7) / 8, longest = ((count + STREAMS - 1) / STREAMS * table_log + 7) / 8;
-    /* the planes, 8 bytes, then each stream's region: every codeword at its longest, and 8 bytes for whole-word
-       stores */
-    PyObject *result = status == OK ? PyBytes_FromStringAndSize(NULL, at + count * pb + raw_len + 8
-                                                                          + STREAMS * (longest + 8)) : NULL;
+    size_t raw_len = (count * r + 7) / 8, longest = ((count + STREAMS - 1) / STREAMS * table_log + 7) / 8, total = 0;
+    for (int j = 0; j < STREAMS && exact; j++) {
+        if (expected[j] > (uint64_t)longest * 8) status = ERR_MODEL;
+        total += (expected[j] + 7) / 8;
+    }
+    /* the planes, then the streams: where their lengths are known (`expected`), each at its place; else each in a
+       region of the longest length plus 8 bytes (for whole-word stores), moved together at the end */
+    size_t room = exact ? total : STREAMS * (longest + 8);
+    PyObject *result = status == OK ? PyBytes_FromStringAndSize(NULL, at + count * pb + raw_len + room) : NULL;
     if (status == OK && !result) status = ERR_NOMEM;
     uint8_t *out = result ? (uint8_t *)PyBytes_AS_STRING(result) : NULL;
     if (out) memcpy(out, prefix, at);
@@ -248,24 +275,25 @@ PyObject *py_encode_v3(PyObject *self, PyObject *args) {
         for (size_t c = 0; c < C; c++) chan[c] = table + (size_t)U8(models)[c] * bins;
         Job job = {.src = U8(src), .rows = row_of, .chan = chan, .L = L, .T = T, .D = D,
                    .shift = shift, .zero_bits = zero_bits, .raw_bits = r, .entries = entries,
-                   .plane = out + at, .raw = out + at + count * pb};
-        /* stream j is written at the start of its own region (its longest length, plus 8 bytes), then moved down;
-           the regions start 8 bytes past the raw plane, out of reach of its whole-word stores */
-        uint8_t *region = job.raw + raw_len + 8;
+                   .plane = out + at, .raw = out + at + count * pb, .raw_end = out + at + count * pb + raw_len};
+        uint8_t *first[STREAMS], *streams = job.raw + raw_len;
         for (int j = 0; j < STREAMS; j++) {
-            job.w[j].out = region + (size_t)j * (longest + 8);
+            first[j] = exact ? (j ? first[j - 1] + (expected[j - 1] + 7) / 8 : streams)
+                             : streams + (size_t)j * (longest + 8);
+            job.w[j].out = first[j];
+            job.w[j].limit = exact ? first[j] + (expected[j] + 7) / 8 : first[j] + longest + 8;
             job.w[j].acc = 0;
             job.w[j].nb = 0;
         }
         Py_BEGIN_ALLOW_THREADS
         status = encode_job(&job, itemsize, pb, D % 8 == 0 && r <= 8);
-        end = job.raw + raw_len;
+        end = streams;
         for (int j = 0; j < STREAMS && status == OK; j++) {
             Writer *w = &job.w[j];
-            uint8_t *first = region + (size_t)j * (longest + 8);
-            store_be64(w->out, w->acc << (63 - w->nb) << 1); /* the last bits, zero-padded */
-            bits[j] = 8 * (uint64_t)(w->out - first) + (uint64_t)w->nb;
-            memmove(end, first, (bits[j] + 7) / 8);
+            put_word(w->out, w->limit, w->acc, w->nb); /* the last bits, zero-padded */
+            bits[j] = 8 * (uint64_t)(w->out - first[j]) + (uint64_t)w->nb;
+            if (exact && bits[j] != expected[j]) status = ERR_PLAN;
+            if (!exact) memmove(end, first[j], (bits[j] + 7) / 8);
             end += (bits[j] + 7) / 8;
         }
         Py_END_ALLOW_THREADS
@@ -276,6 +304,8 @@ PyObject *py_encode_v3(PyObject *self, PyObject *args) {
         Py_XDECREF(result);
         if (status == ERR_NOMEM) return PyErr_NoMemory();
         PyErr_SetString(PyExc_ValueError, status == ERR_SYMBOL ? "an element's symbol has no code"
+                                          : status == ERR_PLAN ? "encode_v3: streams of other lengths than the counts "
+                                                                 "give (a plan of another tensor)"
                                                                : "encode_v3: invalid code, model or rows");
         return NULL;
     }
