@@ -74,44 +74,58 @@ def plan(tensor: torch.Tensor, symbol_bits: int, max_models: int = MAX_MODELS,
     negative `symbol_mantissa_bits` stops the symbol above the mantissa). per_channel: count each channel's values
     in the first pass (None: where that takes no more memory than the tensor), else in a second pass."""
     u = as_uint(tensor)
-    itemsize = tensor.element_size()
     L, T, D = grid(tuple(tensor.shape))
-    width = 8 * itemsize
+    width = 8 * tensor.element_size()
     shift = max(MANTISSA_BITS[tensor.dtype] - symbol_mantissa_bits, width - symbol_bits)
     sources = np.empty(T, dtype=np.uint32)
-    channels, bins = L * D, 1 << (width - shift)
-    if per_channel if per_channel is not None else channels * (bins + 16) * 4 <= max(u.nbytes, 1 << 20):
-        stride = bins + 16  # not a power of two: channels' counts of one value do not share a cache set
-        by_channel = np.zeros((channels, stride), dtype=np.uint32)
-        ored = kernels().scan(u, itemsize, shift, L, T, D, sources, by_channel, stride)
-        by_channel = by_channel[:, :bins]
-        hist = by_channel.sum(axis=0, dtype=np.uint64)
-        while np.count_nonzero(hist) > MAX_SYMBOLS:  # arbitrary bit patterns: fewer, coarser symbols
-            by_channel = by_channel.reshape(channels, -1, 2).sum(axis=2, dtype=np.uint32)
-            hist, shift = hist.reshape(-1, 2).sum(axis=1), shift + 1
-        highs = np.flatnonzero(hist)
-        counts = np.ascontiguousarray(by_channel[:, highs])
-    else:  # a whole-tensor histogram first, then a second pass counts each channel's symbols
-        hist = np.zeros(bins, dtype=np.uint32)
-        ored = kernels().scan(u, itemsize, shift, L, T, D, sources, hist, 0)
-        while np.count_nonzero(hist) > MAX_SYMBOLS:
-            hist, shift = hist.reshape(-1, 2).sum(axis=1, dtype=np.uint64).astype(np.uint32), shift + 1
-        highs = np.flatnonzero(hist)
-        counts = None
+    counted = _count(u, (L, T, D), shift, sources, per_channel)
+    shift, highs, ored = counted.shift, counted.highs, counted.ored
     lut = np.full(1 << (width - shift), 0xFFFF, dtype=np.uint16)
     lut[highs] = np.arange(len(highs), dtype=np.uint16)
-    highs = highs.astype(np.uint16)
     zero_bits = min(shift, (ored & -ored).bit_length() - 1 if ored else width)
+    counts = counted.counts
     if counts is None:
-        counts = np.zeros((channels, len(highs)), dtype=np.uint32)
-        kernels().channel_histogram(u, itemsize, shift, L, T, D, sources, lut, len(highs), counts)
+        counts = np.zeros((L * D, len(highs)), dtype=np.uint32)
+        kernels().channel_histogram(u, u.itemsize, shift, L, T, D, sources, lut, len(highs), counts)
     mantissa = max(0, MANTISSA_BITS[tensor.dtype] - shift)
     models = clusters.cluster(exponents(counts, highs, mantissa), max_models).astype(np.uint8)
     groups = int(models.max()) + 1
     per_code = (np.arange(groups)[:, None] == models[None, :]).astype(np.float64) @ counts  # exact below 2^53
     lengths = np.zeros((groups, len(highs)), dtype=np.uint8)
     kernels().lengths(np.minimum(per_code, 2**32 - 1).astype(np.uint32), len(highs), groups, table_log, lengths)
-    return Plan(u, itemsize, L, T, D, sources, shift, zero_bits, highs, lut, models, lengths, counts)
+    return Plan(u, u.itemsize, L, T, D, sources, shift, zero_bits, highs.astype(np.uint16), lut, models, lengths,
+                counts)
+
+
+@dataclass(frozen=True)
+class _Counted:
+    shift: int  # raised where more than MAX_SYMBOLS values occur
+    highs: np.ndarray  # the values in use (int64), increasing
+    ored: int  # every element or-ed
+    counts: np.ndarray | None  # [L*D, A] uint32, or None: a second pass counts them
+
+
+def _count(u: np.ndarray, grid_: tuple[int, int, int], shift: int, sources: np.ndarray,
+           per_channel: bool | None) -> _Counted:
+    """The scan: repeated rows into `sources`, the values in use, and per-channel counts where they fit."""
+    L, T, D = grid_
+    channels, bins = L * D, 1 << (8 * u.itemsize - shift)
+    if per_channel if per_channel is not None else channels * (bins + 16) * 4 <= max(u.nbytes, 1 << 20):
+        stride = bins + 16  # not a power of two: channels' counts of one value do not share a cache set
+        by_channel = np.zeros((channels, stride), dtype=np.uint32)
+        ored = kernels().scan(u, u.itemsize, shift, L, T, D, sources, by_channel, stride)
+        by_channel = by_channel[:, :bins]
+        hist = by_channel.sum(axis=0, dtype=np.uint64)
+        while np.count_nonzero(hist) > MAX_SYMBOLS:  # arbitrary bit patterns: fewer, coarser symbols
+            by_channel = by_channel.reshape(channels, -1, 2).sum(axis=2, dtype=np.uint32)
+            hist, shift = hist.reshape(-1, 2).sum(axis=1), shift + 1
+        highs = np.flatnonzero(hist)
+        return _Counted(shift, highs, ored, np.ascontiguousarray(by_channel[:, highs]))
+    hist = np.zeros(bins, dtype=np.uint32)  # a whole-tensor histogram first; a second pass counts each channel's
+    ored = kernels().scan(u, u.itemsize, shift, L, T, D, sources, hist, 0)
+    while np.count_nonzero(hist) > MAX_SYMBOLS:
+        hist, shift = hist.reshape(-1, 2).sum(axis=1, dtype=np.uint64).astype(np.uint32), shift + 1
+    return _Counted(shift, np.flatnonzero(hist), ored, None)
 
 
 def exponents(hist: np.ndarray, highs: np.ndarray, mantissa_bits: int) -> np.ndarray:
