@@ -51,13 +51,47 @@ static void merge_scalar(const Job *job, uint8_t *row, const uint16_t *xs, size_
         if (pb == 1) low = job->plane[kk];
         if (pb == 2) low = job->plane[2 * kk] | (uint32_t)job->plane[2 * kk + 1] << 8;
         if (r) {
-            uint64_t bit = (uint64_t)kk * r;
-            low |= (uint32_t)((load_le_tail(job->raw, job->raw_len, bit >> 3) >> (bit & 7)) & mask) << (8 * pb);
+            uint64_t bit = (uint64_t)kk * r, at = bit >> 3;
+            uint64_t w = at + 8 <= job->raw_len ? load_le(job->raw + at) : load_le_tail(job->raw, job->raw_len, at);
+            low |= (uint32_t)((w >> (bit & 7)) & mask) << (8 * pb);
         }
         uint32_t u = ((uint32_t)(xs[d] >> 6) << job->shift) | (low << job->zero_bits);
         if (job->itemsize == 2) { uint16_t v = (uint16_t)u; memcpy(row + 2 * d, &v, 2); }
         else memcpy(row + 4 * d, &u, 4);
     }
+}
+
+/* The portable merge where D % 8 == 0 and R <= 8: eight elements a step, their raw bits one 64-bit load (while
+   8 bytes are left in the raw plane), the layout known at compile time. Returns where it stopped. */
+KV_INLINE size_t merge_groups(const Job *job, uint8_t *row, const uint16_t *xs, size_t k0, const int ITEM,
+                              const int PB) {
+    const int r = job->raw_bits, shift = job->shift, z = job->zero_bits;
+    const uint32_t mask = (1u << r) - 1;
+    const uint8_t *at = job->raw + k0 * (uint64_t)r / 8;
+    size_t d = 0;
+    for (; d + 8 <= job->D && (!r || at + 8 <= job->raw + job->raw_len); d += 8, at += r) {
+        uint64_t w = r ? load_le(at) : 0;
+        for (int q = 0; q < 8; q++) {
+            size_t kk = k0 + d + q;
+            uint32_t low = (uint32_t)((w >> (r * q)) & mask) << (8 * PB);
+            if (PB == 1) low |= job->plane[kk];
+            if (PB == 2) low |= job->plane[2 * kk] | (uint32_t)job->plane[2 * kk + 1] << 8;
+            uint32_t u = ((uint32_t)(xs[d + q] >> 6) << shift) | (low << z);
+            if (ITEM == 2) { uint16_t v = (uint16_t)u; memcpy(row + 2 * (d + q), &v, 2); }
+            else memcpy(row + 4 * (d + q), &u, 4);
+        }
+    }
+    return d;
+}
+
+static void merge_portable(const Job *job, uint8_t *row, const uint16_t *xs, size_t k0) {
+    size_t d = 0;
+    if (job->D % 8 == 0 && job->raw_bits <= 8) {
+        if (job->itemsize == 2) d = job->pb ? merge_groups(job, row, xs, k0, 2, 1) : merge_groups(job, row, xs, k0, 2, 0);
+        else if (job->pb == 2) d = merge_groups(job, row, xs, k0, 4, 2);
+        else d = job->pb ? merge_groups(job, row, xs, k0, 4, 1) : merge_groups(job, row, xs, k0, 4, 0);
+    }
+    if (d < job->D) merge_scalar(job, row, xs, k0, d);
 }
 
 #if KV_X86
@@ -248,7 +282,7 @@ KV_INLINE void decode_block(const Job *job, State *st, size_t l, size_t *k_io, u
             if (FAST && unpack) merge_avx2(job, (const Unpack *)unpack, rows[i], ring + i * D, starts[i]);
             else
 #endif
-                merge_scalar(job, rows[i], ring + i * D, starts[i], 0);
+                merge_portable(job, rows[i], ring + i * D, starts[i]);
         }
     }
     for (size_t m = n > LAG ? n - LAG : 0; m < n; m++) {
@@ -257,13 +291,13 @@ KV_INLINE void decode_block(const Job *job, State *st, size_t l, size_t *k_io, u
         if (FAST && unpack) merge_avx2(job, (const Unpack *)unpack, rows[i], ring + i * D, starts[i]);
         else
 #endif
-            merge_scalar(job, rows[i], ring + i * D, starts[i], 0);
+            merge_portable(job, rows[i], ring + i * D, starts[i]);
     }
     SPILL();
     *k_io = k;
 }
 
-static void decode_plain(const Job *job, State *st, size_t l, size_t *k, uint16_t *ring) {
+KV_NO_SLP static void decode_plain(const Job *job, State *st, size_t l, size_t *k, uint16_t *ring) {
     decode_block(job, st, l, k, ring, NULL, 0);
 }
 
