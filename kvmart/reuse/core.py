@@ -133,7 +133,9 @@ def read_document(model: Model, store: Store, cache_id: str, salt: str = "") -> 
     entry = store.entry(cache_id)
     if entry is None or not entry.is_document:
         raise UnknownCacheError(f"no document with cache id {cache_id[:16]!r} in this store (see `kvmart ls`)")
-    with store.open(cache_id) as (f, size):
+    # the head only, from the fastest tier that has it, filling nothing: the index is checked against its tokens
+    # whatever tier it comes from, and a document stored whole is read (and kept on the local tiers) as its chunk
+    with store.open_head(cache_id) as (f, size):
         manifest = read_index(f, size, model.fingerprint, salt)
     chunks, begin = [], 0
     for n, key in manifest.chunks:  # keys checked against the tokens by read_index (a whole artifact: its own id)
