@@ -5,7 +5,9 @@ budgets and degraded mode around a shared tier that goes down and comes back."""
 
 from __future__ import annotations
 
+import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from infra_support import BUCKET, RedisServer, fake_aws_credentials, moto_s3, re
 
 from kvmart.errors import ConfigError, StoreUnavailableError, UnknownCacheError
 from kvmart.store import Entry, Store, open_shared, open_store
+from kvmart.store.base import Changes
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
 from kvmart.store.policy import Placement
@@ -156,6 +159,59 @@ def test_redis_ttl_and_pinning(redis_server):
     assert store.set_ttl(cid("b2"), 0) is False
 
 
+def calls(server: RedisServer) -> dict[str, int]:
+    """Commands Redis has answered since the last reset, by name (INFO commandstats)."""
+    return {name.removeprefix("cmdstat_"): stats["calls"]
+            for name, stats in server.client().info("commandstats").items()}
+
+
+def test_redis_change_log_names_each_document_stored_or_removed_once(redis_server):
+    store = redis_store(redis_server)
+    start = store.changes("")
+    assert start.cache_ids is None  # a new cursor: list everything once
+    a, b, piece = cid("c1"), cid("c2"), cid("c3")
+    store.put(entry(a), writer(b"a"))
+    store.put(replace(entry(piece), kind="chunk"), writer(b"a chunk"))  # a chunk is no catalogue's business
+    store.put(entry(a), writer(b"a again"))  # already stored: nothing changes
+    store.put(entry(b), writer(b"b"))
+    seen = store.changes(start.cursor)
+    assert seen.cache_ids == (a, b)
+    assert store.changes(seen.cursor) == replace(seen, cache_ids=())
+    store.delete(a)
+    assert store.changes(seen.cursor).cache_ids == (a,)
+
+
+def test_redis_change_log_asks_for_a_listing_when_it_cannot_tell(redis_server, monkeypatch):
+    import kvmart.store.redis as redis_tier
+
+    monkeypatch.setattr(redis_tier, "CHANGES_KEPT", 2)
+    store = redis_store(redis_server)
+    cursor = store.changes("").cursor
+    for n in range(4):
+        store.put(entry(cid(f"d{n}")), writer(b"x"))
+    assert store.changes(cursor).cache_ids is None  # trimmed past the cursor: 4 changes, 2 kept
+    late = store.changes(store.changes(cursor).cursor)
+    assert late.cache_ids == ()
+    redis_server.client().delete(f"{store.config.prefix}:generation")  # the counter went back (data lost)
+    assert store.changes(late.cursor).cache_ids is None
+    ttl = redis_store(redis_server, ttl="5m")
+    assert ttl.changes(ttl.changes("").cursor).cache_ids is None  # an index may expire without a change
+
+
+def test_a_tiered_read_from_redis_reads_the_index_once(redis_server, tmp_path: Path):
+    """The artifact and the entry the faster tiers are filled with come from one read of Redis' index."""
+    shared = redis_store(redis_server)
+    shared.put(entry(cid("e1")), writer(b"an artifact"))
+    tiered = TieredStore([Tier("disk", DiskStore(tmp_path / "disk")), Tier("redis", shared, is_shared=True)])
+    redis_server.client().config_resetstat()
+    assert read_back(tiered, cid("e1")) == b"an artifact"
+    assert {k: v for k, v in calls(redis_server).items() if k in ("get", "mget")} == {"get": 1, "mget": 1}
+    assert tiered.tiers[0].store.entry(cid("e1")) == shared.entry(cid("e1"))  # kept with its entry
+    f, _, tier = tiered._open_located(cid("e1"))
+    f.close()
+    assert tier == "disk" and tiered.tier_names() == ("disk", "redis")
+
+
 def test_unreachable_shared_tiers_are_store_unavailable():
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         open_shared("redis://127.0.0.1:1/0").entries()
@@ -257,6 +313,21 @@ def test_degraded_while_shared_is_down_then_recovers(tmp_path: Path):
     assert read_back(shared, cid("b2")) == b"during"  # pushed once it came back
 
 
+def test_the_shared_tiers_change_log_while_it_is_down_is_no_news(tmp_path: Path):
+    class Logged(Flaky):
+        def changes(self, cursor):
+            self._check()
+            return Changes("7", (cid("a1"),))
+
+    shared = Logged()
+    node = tiered(tmp_path, shared)
+    assert node.changes("3") == Changes("7", (cid("a1"),))  # the shared tier's log: others publish through it
+    shared.is_down = True
+    assert node.changes("3") == Changes("3", ())  # keep what is known until it answers again
+    assert node.changes("") == Changes("", None)  # nothing known yet: list what the local tiers hold
+    assert tiered(tmp_path / "no log", MemoryStore()).changes("3").cache_ids is None  # a store without a log
+
+
 def test_delete_refuses_to_pretend_when_shared_is_down(tmp_path: Path):
     shared = Flaky()
     node = tiered(tmp_path, shared)
@@ -344,3 +415,89 @@ def test_the_cli_over_a_redis_store(redis_server, tiny_folder, monkeypatch, tmp_
     assert 0 < client.ttl(f"{prefix}:index:{cache_id}") <= 3600
     assert run("pin", cache_id[:12]).exit_code == 0
     assert client.ttl(f"{prefix}:index:{cache_id}") == -1  # pinned: no expiry
+
+
+# -- whatever a shared tier holds, its ids are parsed, never trusted as names; a malformed index is skipped -------
+def plant_raw_index(shared: Store, listed_id: str, index: object) -> None:
+    """Write an index (and list its id) straight into a shared tier, as anyone with access to it could."""
+    body = json.dumps(index).encode()
+    if hasattr(shared, "_client") and shared.__class__.__name__ == "RedisStore":
+        shared._client.set(shared._key("index", listed_id), body)
+        shared._client.sadd(shared._key("catalog"), listed_id)
+    else:
+        shared._client.put_object(Bucket=shared.config.bucket, Key=shared._key("entries", f"{listed_id}.json"),
+                                  Body=body)
+
+
+def test_ids_from_a_shared_tier_are_never_paths_and_malformed_indexes_are_skipped(shared, tmp_path: Path, caplog):
+    good = cid("aa")
+    shared.put(entry(good), writer(b"the good one"))
+    good_index = (json.loads(shared._client.get(shared._key("index", good))) if hasattr(shared._client, "mget")
+                  else json.loads(shared._client.get_object(Bucket=shared.config.bucket,
+                                                            Key=shared._key("entries", f"{good}.json"))["Body"].read()))
+    evil = "../../../../escape"
+    plant_raw_index(shared, evil, {**good_index, "entry": {**entry(good).as_dict(), "cache_id": evil}})
+    plant_raw_index(shared, cid("bb"), {**good_index, "entry": {**entry(cid("bb")).as_dict(), "cache_id": evil}})
+    plant_raw_index(shared, cid("cc"), {**good_index, "entry": {**entry(cid("cc")).as_dict(), "num_tokens": "3"}})
+    plant_raw_index(shared, cid("dd"), ["not", "an", "index"])
+    node = TieredStore([Tier("disk", DiskStore(tmp_path / "node" / "store")), Tier("shared", shared, is_shared=True)])
+    assert [e.cache_id for e in node.entries()] == [good]  # listed, the malformed ones skipped: no error
+    for bad in (cid("bb"), cid("cc"), cid("dd")):
+        assert node.entry(bad) is None
+        with pytest.raises(UnknownCacheError):
+            read_back(node, bad)
+    assert read_back(node, good) == b"the good one"
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {f"node/store/entries/{good}.json", f"node/store/objects/aa/{good}.kvm"}
+    assert not list(tmp_path.parent.rglob("escape*"))
+    assert "skipped" in caplog.text or "absent" in caplog.text
+
+
+def test_a_malformed_shared_index_makes_the_engine_recompute_never_fail(model_f32, kvmart_data_dir, redis_server,
+                                                                         tmp_path: Path):
+    """A chunk's index in Redis is replaced by one with a field of the wrong type and the node lost its own copy: a
+    request that reads the document gets that chunk recomputed (its answer what a from-scratch run gives), not an
+    error. The same damage to the document's own index makes it absent: a clean 404, never a 500."""
+    import dataclasses
+
+    from kvmart.config import Settings
+    from kvmart.errors import UnknownDocumentError
+    from kvmart.reuse.prompt import ChatMessage, ChatPrompt
+    from kvmart.runtime.chat import document_ids, layout_for
+    from kvmart.server.config import ServerSettings
+    from kvmart.server.pipeline.engine import Computed, PublishJob
+    from kvmart.server.pipeline.plan import Caller, GenerationRequest, Sampling
+    from kvmart.server.pipeline.services import build_services
+
+    url = f"{redis_server.url}?prefix={fresh_prefix()}"
+    store = TieredStore([Tier("disk", DiskStore(tmp_path / "node")), Tier("redis", open_shared(url), is_shared=True)])
+    services = build_services(Settings(data_dir=kvmart_data_dir, model=model_f32.spec),
+                              ServerSettings(ram_cache_bytes=0), model_f32, store=store)
+    ids = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer),
+                       "A document whose shared index will be broken.")
+    (published,) = services.engine.publish(PublishJob(ids, "doc", ""), "raw")
+    doc = services.engine.register(published)
+    shared = store.tiers[1].store
+
+    def break_index(cache_id: str) -> None:
+        index = json.loads(shared._client.get(shared._key("index", cache_id)))
+        shared._client.set(shared._key("index", cache_id),
+                           json.dumps({**index, "entry": {**index["entry"], "num_tokens": "many"}}))
+        store.tiers[0].store.delete(cache_id)
+
+    ((_, key),) = doc.chunks
+    break_index(key)
+    request = GenerationRequest(ChatPrompt((ChatMessage("user", "Q?"),), (doc.id,)),
+                                Sampling(max_tokens=4, temperature=0.0))
+
+    def answer(bypass: bool) -> list:
+        plan = services.planner.plan(dataclasses.replace(request, bypass=bypass), Caller(None, None, "s"))
+        loaded = services.loader.load(plan)
+        return [loaded.num_tokens] + [e for e in services.engine.execute(plan, loaded) if not isinstance(e, Computed)]
+
+    cached, fresh = answer(False), answer(True)
+    assert cached[0] == 0 and cached[1:] == fresh[1:]  # the chunk read as absent and was computed again
+    break_index(doc.cache_id)
+    with pytest.raises(UnknownDocumentError):
+        services.planner.plan(request, Caller(None, None, "s"))
+    services.engine.close()
