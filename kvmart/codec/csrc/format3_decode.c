@@ -2,9 +2,10 @@
 
    Eight streams in flight (coded element k is in stream k % 8): each codeword is one lookup in its channel's
    table of 2^table_log 16-bit entries (symbol value << 6 | codeword length), so each stream's dependency chain is
-   shift, load, shift (by the entry itself), and eight chains keep the core busy. A row's entries go to a small scratch ring as they are;
-   two rows later (once those narrow stores have left the store buffer) one vectorized pass merges them with the
-   planes into the output elements. Copied rows are filled last, from their (decoded) sources.
+   shift, load, shift (by the entry itself), and eight chains keep the core busy. A row's entries go to a small
+   scratch ring as they are; two rows later (once those narrow stores have left the store buffer) one vectorized
+   pass merges them with the planes into the output elements. Copied rows are filled last, from their (decoded)
+   sources.
 
    Stream windows: 64 bits, MSB first, loaded at the byte of the last refill, with a sentinel bit below the data
    (bit `s`, the refill's bit offset). Reading shifts the window left, so ctz(window) = s + bits read: a refill at
@@ -34,7 +35,7 @@ typedef struct {
 } Job;
 
 typedef struct {
-    const uint8_t *base[STREAMS]; /* each stream's first byte (the job's: here, so that the hot loop needs one pointer) */
+    const uint8_t *base[STREAMS]; /* each stream's first byte (the job's: here, the hot loop needs one pointer) */
     uint64_t pos[STREAMS];        /* byte of each stream's last refill */
     uint64_t c[STREAMS];          /* windows, when not in registers */
 } State;
@@ -87,7 +88,8 @@ KV_INLINE size_t merge_groups(const Job *job, uint8_t *row, const uint16_t *xs, 
 static void merge_portable(const Job *job, uint8_t *row, const uint16_t *xs, size_t k0) {
     size_t d = 0;
     if (job->D % 8 == 0 && job->raw_bits <= 8) {
-        if (job->itemsize == 2) d = job->pb ? merge_groups(job, row, xs, k0, 2, 1) : merge_groups(job, row, xs, k0, 2, 0);
+        if (job->itemsize == 2)
+            d = job->pb ? merge_groups(job, row, xs, k0, 2, 1) : merge_groups(job, row, xs, k0, 2, 0);
         else if (job->pb == 2) d = merge_groups(job, row, xs, k0, 4, 2);
         else d = job->pb ? merge_groups(job, row, xs, k0, 4, 1) : merge_groups(job, row, xs, k0, 4, 0);
     }
@@ -173,14 +175,17 @@ KV_FAST_ATTR static void merge_avx2(const Job *job, const Unpack *un, uint8_t *r
     const int r = job->raw_bits, pb = job->pb;
     size_t end = job->D;
     if (r) { /* a step of 8 elements reads bytes [at, at + 2r + 16) at most: at = first + step * r */
-        uint64_t first = k0 * (uint64_t)r / 8, room = job->raw_len > first + 2 * r + 16 ? job->raw_len - first - 2 * r - 16 : 0;
-        uint64_t steps = job->raw_len >= first + 2 * r + 16 ? room / r + 1 : 0;
+        uint64_t first = k0 * (uint64_t)r / 8, need = first + 2 * (uint64_t)r + 16;
+        uint64_t room = job->raw_len > need ? job->raw_len - need : 0;
+        uint64_t steps = job->raw_len >= need ? room / r + 1 : 0;
         if (8 * steps < end) end = 8 * steps;
     }
     size_t d;
     if (job->itemsize == 2) {
-        if (pb == 0) d = r ? merge_steps(job, un, row, xs, k0, end, 2, 0, 1) : merge_steps(job, un, row, xs, k0, end, 2, 0, 0);
-        else d = r ? merge_steps(job, un, row, xs, k0, end, 2, 1, 1) : merge_steps(job, un, row, xs, k0, end, 2, 1, 0);
+        if (pb == 0)
+            d = r ? merge_steps(job, un, row, xs, k0, end, 2, 0, 1) : merge_steps(job, un, row, xs, k0, end, 2, 0, 0);
+        else
+            d = r ? merge_steps(job, un, row, xs, k0, end, 2, 1, 1) : merge_steps(job, un, row, xs, k0, end, 2, 1, 0);
     } else if (pb == 2) {
         d = r ? merge_steps(job, un, row, xs, k0, end, 4, 2, 1) : merge_steps(job, un, row, xs, k0, end, 4, 2, 0);
     } else if (pb == 1) {
@@ -233,7 +238,7 @@ static size_t safe_rows(const Job *job, const State *st) {
 #define ONE(J)                                                                                                    \
     do {                                                                                                          \
         uint16_t x_ = p[J][c##J >> sh];                                                                           \
-        c##J <<= (x_ & 63); /* the length: x_'s low 6 bits (shlx masks them itself) */                                                                                       \
+        c##J <<= (x_ & 63); /* the length: x_'s low 6 bits (shlx masks them itself) */                     \
         x[J] = x_;                                                                                                \
     } while (0)
 #define SPILL() do { st->c[0] = c0; st->c[1] = c1; st->c[2] = c2; st->c[3] = c3; \
@@ -311,7 +316,11 @@ KV_FAST_ATTR KV_NO_SLP static void decode_fast(const Job *job, State *st, size_t
 /* Every block, then the copied rows; then every stream must end exactly at its last bit. */
 static int decode_job(const Job *job) {
     State st;
-    for (int j = 0; j < STREAMS; j++) { st.base[j] = job->base[j]; st.pos[j] = 0; st.c[j] = 1; } /* ctz 0: the first refill reads byte 0 */
+    for (int j = 0; j < STREAMS; j++) { /* ctz 0: the first refill reads byte 0 */
+        st.base[j] = job->base[j];
+        st.pos[j] = 0;
+        st.c[j] = 1;
+    }
     uint16_t *ring = malloc(sizeof(uint16_t) * (LAG + 1) * (job->D ? job->D : 1));
     if (!ring) return ERR_NOMEM;
     size_t k = 0;
@@ -332,8 +341,8 @@ static int decode_job(const Job *job) {
         for (size_t l = 0; l < job->L; l++)
             for (size_t t = 0; t < job->T; t++)
                 if (job->sources[t] != t)
-                    memcpy(job->out + (l * job->T + t) * row_bytes, job->out + (l * job->T + job->sources[t]) * row_bytes,
-                           row_bytes);
+                    memcpy(job->out + (l * job->T + t) * row_bytes,
+                           job->out + (l * job->T + job->sources[t]) * row_bytes, row_bytes);
     for (int j = 0; j < STREAMS; j++) {
         uint64_t end = 8 * st.pos[j] + (uint64_t)__builtin_ctzll(st.c[j]);
         if (end > job->nbits[j]) return ERR_SHORT;

@@ -103,8 +103,8 @@ KV_INLINE uint64_t raw_group(const uint8_t *p, const int ITEM, const int PEXT_OK
     if (PEXT_OK && ITEM == 2)
         return PEXT(load_le(p), lanes) | PEXT(load_le(p + 8), lanes) << (4 * r);
     if (PEXT_OK)
-        return PEXT(load_le(p), lanes) | PEXT(load_le(p + 8), lanes) << (2 * r) | PEXT(load_le(p + 16), lanes) << (4 * r)
-               | PEXT(load_le(p + 24), lanes) << (6 * r);
+        return PEXT(load_le(p), lanes) | PEXT(load_le(p + 8), lanes) << (2 * r)
+               | PEXT(load_le(p + 16), lanes) << (4 * r) | PEXT(load_le(p + 24), lanes) << (6 * r);
     uint64_t group = 0;
     for (int q = 0; q < 8; q++) {
         uint32_t u = ITEM == 2 ? (uint32_t)((const uint16_t *)p)[q] : ((const uint32_t *)p)[q];

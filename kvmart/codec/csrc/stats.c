@@ -204,6 +204,9 @@ PyObject *py_channel_histogram(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
     }
     release(&src); release(&rows); release(&lut); release(&out);
-    if (bad) { PyErr_SetString(PyExc_ValueError, "an element's symbol is outside the alphabet, or bad rows"); return NULL; }
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "an element's symbol is outside the alphabet, or bad rows");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
