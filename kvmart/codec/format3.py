@@ -1,9 +1,10 @@
 """Format 3 of the `kvmart` codec (params {"version": 3}): what kvmart writes. Specified in docs/FORMAT.md;
 tests/vectors/kvmart_codec_reader.py decodes it from that page alone.
 
-Format 2's split and tables (analysis.py, layout.py), with eight interleaved streams instead of four and codewords
-of at most 11 bits: the decoder (kvmart/codec/csrc/format3_decode.c) keeps eight table lookups in flight, each in a
-table of 2^11 16-bit entries, which is what takes it past 1.5 GB/s per core (docs/BENCHMARKS.md).
+Format 2's split and tables (analysis.py, layout.py), with symbols of at most 10 bits, codewords of at most 11, and
+eight interleaved streams instead of four: the decoder (kvmart/codec/csrc/format3_decode.c) keeps eight table
+lookups in flight, each in a table of 2^11 16-bit entries that its window shifts by as they are, which is what
+takes it past 1.5 GB/s per core (docs/BENCHMARKS.md).
 
     bytes = header | symbol values | channel codes | side block | byte plane | raw plane | 8 streams
 """
