@@ -71,6 +71,21 @@ def kvmart_codec(instance) -> tuple[Encoder, Decoder]:
     return enc, lambda data, out: instance.decode(memoryview(data), state["params"], out)
 
 
+def portable(pair: tuple[Encoder, Decoder]) -> tuple[Encoder, Decoder]:
+    """The same codec with the kernels' portable loops (what a CPU without BMI2 and AVX2 runs)."""
+    from kvmart.codec.kernels import kernels
+
+    def run(fn, *args):
+        before = kernels().portable(True)
+        try:
+            return fn(*args)
+        finally:
+            kernels().portable(before)
+
+    encode, decode = pair
+    return (lambda t: run(encode, t)), (lambda data, out: run(decode, data, out))
+
+
 def baselines() -> dict[str, tuple[Encoder, Decoder] | str]:
     """name -> (encode, decode), or the reason it cannot run here."""
     import zstandard
@@ -145,9 +160,12 @@ def codecs_to_measure(only: str) -> dict[str, tuple[Encoder, Decoder] | str]:
     found: dict[str, tuple[Encoder, Decoder] | str] = {
         "raw": (lambda t: bytes(raw_bytes(t)), lambda d, out: fill(out, d))}
     found.update(baselines())
-    found["**kvmart** (format 2, default)"] = kvmart_codec(HuffmanCodec())
-    found["kvmart format 2, 1 code per tensor"] = kvmart_codec(HuffmanCodec(max_models=1))
-    found["kvmart format 2, no mantissa bit in the symbol"] = kvmart_codec(HuffmanCodec(symbol_mantissa_bits=0))
+    found["**kvmart** (format 3, default)"] = kvmart_codec(HuffmanCodec())
+    found["kvmart format 3, portable loops (a CPU without BMI2 and AVX2)"] = portable(kvmart_codec(HuffmanCodec()))
+    found["kvmart format 3, 1 code per tensor"] = kvmart_codec(HuffmanCodec(max_models=1))
+    found["kvmart format 3, no mantissa bit in the symbol"] = kvmart_codec(HuffmanCodec(symbol_mantissa_bits=0))
+    found["candidate: format 2 (4 streams, 12-bit symbols; kvmart 0.2, still read)"] = kvmart_codec(
+        HuffmanCodec(version=2))
     found.update(candidates())
     return {k: v for k, v in found.items() if not only or any(w in k for w in only.split(","))}
 
@@ -234,6 +252,41 @@ def exponent_bits(tensors: list[torch.Tensor]) -> tuple[float, ...]:
     return tuple(totals / max(count, 1))
 
 
+def adaptive_bits(tensors: list[torch.Tensor], symbol_bits: int = 10) -> tuple[float, float]:
+    """Bits per symbol (format 3's: the top `symbol_bits` bits) of an adaptive code, its model's cost included
+    (counts from zero, each symbol coded with (n_s + 1/2) / (n + A/2) of what came before in its context), with
+    contexts: the channel; the channel and the previous token's exponent in it. Unlike exponent_bits, a context
+    that only memorizes its few samples pays for it."""
+    totals, count = np.zeros(2), 0
+    for t in tensors:
+        L, T, D = grid(tuple(t.shape))
+        u = as_uint(t.contiguous()).astype(np.int64).reshape(L, T, D).transpose(0, 2, 1).reshape(L * D, T)
+        bits = 8 * t.element_size()
+        symbols, exponent = u >> (bits - symbol_bits), (u >> (bits - 9)) & 0xFF
+        previous = np.concatenate([np.zeros((L * D, 1), np.int64), exponent[:, :-1]], axis=1)
+        channel = np.broadcast_to(np.arange(L * D)[:, None], u.shape)
+        alphabet = len(np.unique(symbols))
+        for i, context in enumerate((channel, channel * 256 + previous)):
+            totals[i] += _adaptive(context.reshape(-1), symbols.reshape(-1), alphabet)
+        count += u.size
+    return totals[0] / count, totals[1] / count
+
+
+def _adaptive(context: np.ndarray, symbols: np.ndarray, alphabet: int) -> float:
+    """Total bits of coding `symbols` in order, each with its context's counts of what came before."""
+    def seen_before(keys: np.ndarray) -> np.ndarray:  # earlier occurrences of each position's key
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1]
+        ranks = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+        out = np.empty(len(keys), np.int64)
+        out[order] = ranks
+        return out
+    same = seen_before(context * (symbols.max() + 1) + symbols)
+    total = seen_before(context)
+    return float(-np.log2((same + 0.5) / (total + 0.5 * alphabet)).sum())
+
+
 def _code_bits(symbols: np.ndarray, context: np.ndarray) -> float:
     """Total bits of `symbols` (bytes) coded with each context's own empirical distribution."""
     values, counts = np.unique(context * 256 + symbols, return_counts=True)
@@ -282,6 +335,9 @@ def codec_table(kv: KV, max_bytes: int, found, repeats: int) -> None:
     bits = {kind: exponent_bits(ts) for kind, ts in tensors.items()}
     print("exponent bits per element, static model per context (order-0 / channel / previous token's exponent / "
           "both): " + "; ".join(f"{kind} {' / '.join(f'{x:.2f}' for x in b)}" for kind, b in bits.items()))
+    adaptive = {kind: adaptive_bits(ts[::max(1, len(ts) // 4)]) for kind, ts in tensors.items()}
+    print("bits per 10-bit symbol, adaptive (the model's cost paid), context: channel / channel and previous token's "
+          "exponent: " + "; ".join(f"{kind} {a:.3f} / {b:.3f}" for kind, (a, b) in adaptive.items()))
 
 
 def load_table(model: Model, ids: list[int], kv: KV, repeats: int, codecs: list[str], bandwidth: float) -> None:

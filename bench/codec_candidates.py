@@ -1,4 +1,5 @@
-"""Candidates that kvmart's codec format 2 was chosen over, measured side by side by bench/codec.py (issue 32).
+"""Candidates that kvmart's codec format 3 was chosen over, measured side by side by bench/codec.py (issue 32;
+format 2, kvmart 0.2's, is measured there too: HuffmanCodec(version=2)).
 
     format 1        kvmart 0.1's codec: exponent and sign per channel cluster, rANS (numba encoder, bench/
                     codec_rans.py; decoded by kvmart's C port of its decoder, kvmart/codec/legacy.py)

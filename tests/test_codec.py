@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from kvmart import codec
-from kvmart.codec import huffman
+from kvmart.codec import format3
 from kvmart.codec import raw as _raw  # noqa: F401  (codec.raw below)
 from kvmart.codec.clusters import cluster
 from kvmart.codec.huffman import HuffmanCodec
@@ -78,11 +78,13 @@ def test_round_trip_is_bit_exact(spec: str, t: torch.Tensor):
 
 
 @pytest.mark.parametrize("options", [{"max_models": 1}, {"symbol_mantissa_bits": 0}, {"symbol_mantissa_bits": 3},
-                                     {"table_log": 9}, {"table_log": 12}])
+                                     {"table_log": 9}, {"version": 2}, {"version": 2, "table_log": 12},
+                                     {"version": 2, "max_models": 1}])
 @settings(max_examples=30, deadline=None)
 @given(t=tensors())
 def test_round_trip_with_other_encoder_choices(options: dict, t: torch.Tensor):
-    """The decoder follows what the bitstream says: one code, other symbol widths, other table sizes."""
+    """The decoder follows what the bitstream says: one code, other symbol widths, other table sizes, and format 2
+    (kvmart 0.2's, still decoded; written here on request)."""
     coder = HuffmanCodec(**options)
     data, params = coder.encode(t.contiguous())
     out = torch.empty_like(t)
@@ -122,14 +124,16 @@ def kv_like(dtype: torch.dtype, tokens: int = 512, heads: int = 4, head_dim: int
 
 def header(data: bytes) -> dict:
     names = ["version", "shift", "zero_bits", "table_log", "codes", "symbols", "copies", "side_bytes"]
-    return dict(zip(names, huffman.HEADER.unpack_from(data), strict=False))
+    fields = format3.HEADER.unpack_from(data)
+    return dict(zip(names, fields, strict=False)) | {"stream_bits": fields[8:]}
 
 
 @pytest.mark.parametrize("dtype", list(WIDTH))
 def test_kv_like_tensors_cluster_shrink_and_round_trip(dtype):
     t = kv_like(dtype)
     encoded = codec.encode(t, "kvmart")
-    assert encoded.params == {"version": 2} and header(encoded.data)["version"] == 2
+    assert encoded.params == {"version": 3} and header(encoded.data)["version"] == 3
+    assert len(header(encoded.data)["stream_bits"]) == 8 and min(header(encoded.data)["stream_bits"]) > 0
     assert header(encoded.data)["codes"] > 1  # channels of different scales are modelled apart
     assert len(encoded.data) < t.numel() * t.element_size()
     assert len(encoded.data) < len(codec.encode(t, "zstd").data)
@@ -214,16 +218,23 @@ def test_trailing_bytes_are_refused(spec):
 
 def test_malformed_params_are_refused():
     encoded = codec.encode(kv_like(torch.bfloat16, tokens=16), "kvmart")
-    for params in ({}, {"rotate": True, "level": 3}, {"version": 2, "extra": 1}, {"version": 3}):
+    for params in ({}, {"rotate": True, "level": 3}, {"version": 3, "extra": 1}, {"version": "3"}, {"version": True},
+                   {"version": 1}, {"version": 0}):
         with pytest.raises(CodecError, match="params"):
             codec.decode(codec.Encoded("kvmart", params, encoded.dtype, encoded.shape, encoded.data))
 
 
 def test_a_newer_format_is_refused_saying_so():
+    data = bytes(codec.encode(kv_like(torch.bfloat16, tokens=16), "kvmart").data)
+    with pytest.raises(CodecError, match="format 4 is not supported by this kvmart"):
+        codec.decode(codec.Encoded("kvmart", {"version": 4}, "bfloat16", (1, 4, 16, 64), data))
+
+
+def test_a_version_byte_that_contradicts_the_params_is_refused():
     data = bytearray(codec.encode(kv_like(torch.bfloat16, tokens=16), "kvmart").data)
-    data[0] = 3
-    with pytest.raises(CodecError, match="format 3 is not supported"):
-        codec.decode(codec.Encoded("kvmart", {"version": 2}, "bfloat16", (1, 4, 16, 64), bytes(data)))
+    data[0] = 2
+    with pytest.raises(CodecError, match="format 2 where its params say 3"):
+        codec.decode(codec.Encoded("kvmart", {"version": 3}, "bfloat16", (1, 4, 16, 64), bytes(data)))
 
 
 def test_cluster_labels_out_of_range_are_refused():
@@ -231,7 +242,7 @@ def test_cluster_labels_out_of_range_are_refused():
     encoded = codec.encode(t, "kvmart")
     fields = header(encoded.data)
     data = bytearray(encoded.data)
-    data[huffman.HEADER.size + 2 * fields["symbols"]] = fields["codes"]  # a channel with a code that does not exist
+    data[format3.HEADER.size + 2 * fields["symbols"]] = fields["codes"]  # a channel with a code that does not exist
     with pytest.raises(CodecError, match="out of range"):
         codec.decode(codec.Encoded("kvmart", encoded.params, encoded.dtype, encoded.shape, bytes(data)))
 
@@ -243,7 +254,7 @@ def test_every_single_bit_flip_of_the_header_is_refused():
     test_packed_corruption_anywhere_is_refused)."""
     t = kv_like(torch.bfloat16, tokens=32, heads=2, head_dim=16)
     encoded = codec.encode(t, "kvmart")
-    for position in range(huffman.HEADER.size):
+    for position in range(format3.HEADER.size):
         for bit in range(8):
             data = bytearray(encoded.data)
             data[position] ^= 1 << bit
@@ -269,6 +280,7 @@ def test_packed_corruption_anywhere_is_refused(spec):
 
 SMALL_ENCODED = codec.encode(kv_like(torch.bfloat16, tokens=16, heads=2, head_dim=8), "kvmart").data
 SMALL_FLOAT32 = codec.encode(kv_like(torch.float32, tokens=16, heads=2, head_dim=8), "kvmart").data
+SMALL_FORMAT2 = HuffmanCodec(version=2).encode(kv_like(torch.bfloat16, tokens=16, heads=2, head_dim=8))[0]
 
 
 @settings(max_examples=200, deadline=None)
@@ -278,12 +290,12 @@ def test_garbage_never_escapes_as_anything_but_codec_error(data: bytes, flips: l
     CodecError or decodes something (a flip it cannot detect: what checksums are for), never crashes or reads out of
     bounds."""
     shape = (1, 2, 16, 8)
-    for dtype, encoded in (("bfloat16", SMALL_ENCODED), ("float32", SMALL_FLOAT32)):
+    for dtype, encoded in (("bfloat16", SMALL_ENCODED), ("float32", SMALL_FLOAT32), ("bfloat16", SMALL_FORMAT2)):
         real = bytearray(encoded)
         for position in flips:
             real[position % len(real)] ^= 0xFF
         for blob in (data, bytes(real), bytes(data[:1]) + bytes(real[1:])):
-            for params in ({"version": 2}, {"level": 3}):  # format 2 and format 1's decoder
+            for params in ({"version": 3}, {"version": 2}, {"level": 3}):  # formats 3, 2 and 1's decoders
                 with contextlib.suppress(CodecError):
                     codec.decode(codec.Encoded("kvmart", params, dtype, shape, blob))
 

@@ -1,4 +1,4 @@
-"""The `kvmart` codec's format 2 as docs/FORMAT.md specifies it: tensors encoded by kvmart decode bit for bit with
+"""The `kvmart` codec's formats 3 and 2 as docs/FORMAT.md specifies them: tensors encoded by kvmart decode bit for bit with
 tests/vectors/kvmart_codec_reader.py, a reader written from the specification alone (numpy and the standard
 library, no kvmart import). Small tensors: that reader walks the streams bit by bit."""
 
@@ -45,13 +45,19 @@ CASES = {
     "f32 odd shape": lambda: kv_like(torch.float32, (3, 5), 7),
     "bf16 one value": lambda: torch.full((1, 1, 6, 4), 1.5, dtype=torch.bfloat16),
     "bf16 empty": lambda: torch.zeros((1, 2, 0, 8), dtype=torch.bfloat16),
+    "f32 arbitrary bits (raw bits wider than a byte)": lambda: torch.randint(
+        -2**31, 2**31 - 1, (1, 2, 6, 16), dtype=torch.int32, generator=torch.Generator().manual_seed(10))
+    .view(torch.float32),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_the_independent_reader_decodes_what_kvmart_encodes(name: str):
+@pytest.mark.parametrize("version", [3, 2])
+def test_the_independent_reader_decodes_what_kvmart_encodes(name: str, version: int):
     t = CASES[name]().contiguous()
-    encoded = codec.encode(t, "kvmart")
+    data, params = HuffmanCodec(version=version).encode(t)
+    encoded = codec.Encoded("kvmart", params, str(t.dtype).removeprefix("torch."), tuple(t.shape), data)
+    assert params == {"version": version}
     got = reader.decode_array(encoded.params, encoded.dtype, encoded.shape, bytes(encoded.data))
     unsigned = {2: np.uint16, 4: np.uint32}[t.element_size()]
     expected = t.reshape(-1).view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy().view(unsigned)
@@ -61,10 +67,11 @@ def test_the_independent_reader_decodes_what_kvmart_encodes(name: str):
         assert encoded.data[4] > 1  # the header's number of codes: channels coded apart
 
 
-def test_the_reader_follows_other_encoder_choices():
+@pytest.mark.parametrize("version", [3, 2])
+def test_the_reader_follows_other_encoder_choices(version: int):
     """One code per tensor and a narrower table: what the bitstream says, not what kvmart's encoder picks today."""
     t = kv_like(torch.bfloat16, (1, 2, 40, 16), 8)
-    data, params = HuffmanCodec(max_models=1, table_log=9, symbol_mantissa_bits=0).encode(t)
+    data, params = HuffmanCodec(max_models=1, table_log=9, symbol_mantissa_bits=0, version=version).encode(t)
     got = reader.decode_array(params, "bfloat16", tuple(t.shape), data)
     assert np.array_equal(got.reshape(-1), t.reshape(-1).view(torch.int16).numpy().view(np.uint16))
 

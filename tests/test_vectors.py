@@ -49,6 +49,16 @@ def test_the_vectors_cover_raw_and_zstd_in_both_dtypes_salted_and_not():
             ("bfloat16", True, "zstd")} <= found
 
 
+def test_the_vectors_cover_the_kvmart_codecs_formats_3_and_2_in_both_dtypes():
+    """Format 3 (what kvmart writes) and format 2 (kvmart 0.2's, still read: NAME-kvmart2) in float32 and bfloat16."""
+    found = set()
+    for case in CASES:
+        expected = expected_of(case)
+        records = reader.read(VECTORS / expected["artifact"], expected["salt"]).manifest["tensors"].values()
+        found |= {(expected["dtype"], r["params"]["version"]) for r in records if r["codec"] == "kvmart"}
+    assert found == {(dtype, version) for dtype in ("float32", "bfloat16") for version in (3, 2)}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_the_independent_reader_decodes_every_vector_bit_exactly(case):
     expected = expected_of(case)

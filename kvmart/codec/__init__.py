@@ -2,9 +2,10 @@
 
     raw      the tensor's bytes as they are in memory
     zstd     zstd over the raw bytes (the general-purpose baseline)
-    kvmart   kvmart's own: sign, exponent and top mantissa bits Huffman-coded per cluster of channels, the rest of
-             the mantissa stored as it is, repeated token rows by reference (huffman.py, _kernels.c, compiled at
-             install; docs/FORMAT.md). Format 1 of kvmart 0.1 is still decoded (legacy.py)
+    kvmart   kvmart's own: sign, exponent and top mantissa bits Huffman-coded per cluster of channels in eight
+             interleaved streams, the rest of the mantissa stored as it is, repeated token rows by reference
+             (huffman.py and the modules it names; C kernels in csrc/, compiled at install; docs/FORMAT.md).
+             Formats 2 and 1 of earlier kvmart versions are still decoded
 
 `zstd` may carry a level: `zstd:19`. Decoding is bit-exact by contract: the decoded tensor
 is `torch.equal` to the encoded one, NaN payloads, infinities, subnormals and -0.0 included. Malformed or corrupt

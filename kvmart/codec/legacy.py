@@ -1,5 +1,5 @@
 """Format 1 of the `kvmart` codec (kvmart 0.1, params {"level": N}): decode only, so that artifacts written
-before format 2 still load. New tensors are always written in format 2 (tans.py); re-encoding an old artifact is
+before format 2 still load. New tensors are written in format 3 (format3.py); re-encoding an old artifact is
 loading it and storing it again (`kvmart precompute` of the same document recomputes nothing it can load).
 
 Format 1 (docs/FORMAT.md, *Format 1*): each element rotated left by one bit; a 9-bit symbol (exponent byte, sign)

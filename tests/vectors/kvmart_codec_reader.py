@@ -1,5 +1,5 @@
-"""An independent decoder of the `kvmart` codec's format 2, written from docs/FORMAT.md (*The kvmart codec*) alone:
-numpy and the standard library, no kvmart import. Slow (it walks the streams bit by bit): for test vectors.
+"""An independent decoder of the `kvmart` codec's formats 3 and 2, written from docs/FORMAT.md (*The kvmart codec*)
+alone: numpy and the standard library, no kvmart import. Slow (it walks the streams bit by bit): for test vectors.
 
     decode(params, dtype, shape, blob) -> numpy array (uint16 for bfloat16/float16, uint32 for float32) of shape
     `shape` holding the tensor's raw bits; ValueError for anything the specification does not allow.
@@ -13,9 +13,9 @@ import zlib
 
 import numpy as np
 
-HEADER = struct.Struct("<BBBBHHII4Q")
+# version -> (header, streams, widest symbol, longest codeword)
+FORMATS = {3: (struct.Struct("<BBBBHHII8Q"), 8, 10, 11), 2: (struct.Struct("<BBBBHHII4Q"), 4, 12, 12)}
 WIDTHS = {"bfloat16": (16, np.uint16), "float16": (16, np.uint16), "float32": (32, np.uint32)}
-STREAMS = 4
 
 
 CODEC = "kvmart"  # reader.py plugs this module in for tensors stored with codec "kvmart"
@@ -29,22 +29,28 @@ def decode(data: bytes, params: dict, dtype: str, shape: tuple[int, ...]) -> byt
 
 def decode_array(params: dict, dtype: str, shape: tuple, blob: bytes) -> np.ndarray:
     """The tensor as unsigned integers of its dtype's width (uint16 for bfloat16/float16, uint32 for float32)."""
-    if params != {"version": 2}:
-        raise ValueError(f"not format 2: params {params!r}")
+    if set(params) != {"version"} or params["version"] not in FORMATS or isinstance(params["version"], bool):
+        raise ValueError(f"not format 3 or 2: params {params!r}")
+    version = params["version"]
+    header, streams_count, symbol_bits, longest = FORMATS[version]
     width, kind = WIDTHS[dtype]
     shape = tuple(shape)
     D = shape[-1] if len(shape) >= 1 else 1
     T = shape[-2] if len(shape) >= 2 else 1
     L = math.prod(shape[:-2])
     if math.prod(shape) == 0:
-        if blob != b"\x02":
-            raise ValueError("an empty tensor is the single byte 2")
+        if blob != bytes([version]):
+            raise ValueError("an empty tensor is the single byte of its version")
         return np.zeros(shape, dtype=kind)
-    version, shift, zero_bits, table_log, codes, nsym, copies, side_bytes, *bits = HEADER.unpack_from(blob)
-    if version != 2 or not (width - 12 <= shift < width and zero_bits <= shift and 1 <= table_log <= 12):
+    stored_version, shift, zero_bits, table_log, codes, nsym, copies, side_bytes, *bits = header.unpack_from(blob)
+    if stored_version != version or not (width - symbol_bits <= shift < width and zero_bits <= shift
+                                         and 1 <= table_log <= longest and 1 <= nsym <= 2 ** table_log
+                                         and 1 <= codes <= 255 and copies < T):
         raise ValueError("header out of range")
-    at = HEADER.size
+    at = header.size
     highs = list(struct.unpack_from(f"<{nsym}H", blob, at))
+    if any(b <= a for a, b in zip(highs, highs[1:], strict=False)) or highs[-1] >> (width - shift):
+        raise ValueError("symbol values: strictly increasing, of the symbol's width")
     at += 2 * nsym
     if codes > 1:
         channel_code = list(blob[at:at + L * D])
@@ -89,7 +95,7 @@ def decode_array(params: dict, dtype: str, shape: tuple, blob: bytes) -> np.ndar
                 out[l, t] = out[l, sources[t]]
                 continue
             for d in range(D):
-                symbol = streams[k % STREAMS].symbol(tables[channel_code[l * D + d]])
+                symbol = streams[k % streams_count].symbol(tables[channel_code[l * D + d]])
                 low = (raw >> (k * raw_bits)) & ((1 << raw_bits) - 1)
                 low = (low << (8 * plane_bytes)) | int.from_bytes(plane[k * plane_bytes:(k + 1) * plane_bytes], "little")
                 out[l, t, d] = (highs[symbol] << shift) | (low << zero_bits)
