@@ -22,6 +22,7 @@ from kvmart.runtime import attention
 from kvmart.runtime.builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins, gguf_folder
 from kvmart.runtime.fingerprint import ModelFingerprint, model_fingerprint
 from kvmart.runtime.kv import KV, Prefix, WorkingCache, as_prefix, prefix_tokens
+from kvmart.runtime.workspace import Workspace
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -86,6 +87,7 @@ class Model:
         # the Rust tokenizer behind a fast tokenizer raises "Already borrowed" when two threads use it at once; the
         # server tokenizes prompts off the model thread, so every use goes through this lock
         self._text_lock = threading.Lock()
+        self._scratch = threading.local()  # each thread's attention Workspace (kvmart/runtime/workspace.py)
         self.forward_passes = 0  # every forward pass this model ran (the server exports it: kvmart_forward_passes_total)
 
     @classmethod
@@ -209,6 +211,14 @@ class Model:
         return WorkingCache.build(prefix, self.num_layers, self.kv_heads, self.head_dim, num_new_tokens, self.dtype,
                                   segmented=self.attention == attention.NAME)
 
+    def workspace(self) -> Workspace:
+        """The calling thread's attention workspace, kept between forward passes (so the hot path allocates
+        nothing large) and never shared between threads."""
+        workspace = getattr(self._scratch, "workspace", None)
+        if workspace is None:
+            workspace = self._scratch.workspace = Workspace()
+        return workspace
+
     @torch.inference_mode()
     def _forward(self, cache: WorkingCache, token_ids: list[int], logits_to_keep: int,
                  progress: Callable[[float], None] | None = None) -> torch.Tensor:
@@ -216,7 +226,8 @@ class Model:
         start = cache.num_tokens
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
         hooks = _layer_progress_hooks(self.hf_model, progress) if progress else []
-        extra = {"kvmart_cache": cache} if self.attention == attention.NAME else {}
+        workspace = self.workspace()
+        extra = {"kvmart_cache": cache, "kvmart_workspace": workspace} if self.attention == attention.NAME else {}
         try:
             out = self.hf_model(
                 input_ids=torch.tensor([token_ids]), position_ids=positions, use_cache=True,
@@ -225,6 +236,7 @@ class Model:
         finally:
             for h in hooks:
                 h.remove()
+            workspace.trim()
         return out.logits[0].float()
 
 
