@@ -3,7 +3,7 @@
 The kernel was rewritten to run without per-layer allocation (scores written side by side into one reused float32
 matrix, scaled and softmaxed in place, no concatenation). Stored caches were computed by the previous kernel, and
 reusing them must stay bit-exact with a run from scratch, so the new kernel must compute the very same bits:
-`previous_attention` below is that kernel, verbatim, and the tests compare against it with torch.equal."""
+`reference_attention` is that kernel, verbatim, and the tests compare against it with torch.equal."""
 
 from __future__ import annotations
 
@@ -12,31 +12,10 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from kvmart.runtime.attention import grouped_attention
+from kvmart.runtime.attention import grouped_attention, reference_attention
 from kvmart.runtime.workspace import Workspace
 
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def previous_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                            key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """kvmart/runtime/attention.py's grouped_attention from 81d1c4a (chunk chains) to c7f52d3, unchanged."""
-    _, num_heads, q_len, head_dim = query.shape
-    kv_heads, seg_len = key.shape[1], key.shape[-2]
-    group = num_heads // kv_heads
-    q = query.reshape(1, kv_heads, group * q_len, head_dim)
-    new_scores = torch.matmul(q, key.transpose(-1, -2))
-    causal = torch.ones(q_len, seg_len, dtype=torch.bool).tril(seg_len - q_len)
-    new_scores.masked_fill_(~causal.repeat(group, 1), float("-inf"))
-    scores = [torch.matmul(q, k.transpose(-1, -2)) for k, _ in segments] + [new_scores]
-    probs = torch.softmax(torch.cat(scores, dim=-1).float() * scale, dim=-1).to(query.dtype)
-    out = torch.matmul(probs[..., -seg_len:], value)
-    start = 0
-    for k, v in segments:
-        end = start + k.shape[-2]
-        out += torch.matmul(probs[..., start:end], v)
-        start = end
-    return out.reshape(1, num_heads, q_len, head_dim)
 
 
 def make_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, q_len: int, new_len: int,
@@ -81,7 +60,7 @@ def threads(request, default_threads):
 @pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}kv{c[1]}d{c[2]}q{c[3]}s{len(c[5])}" for c in CASES])
 def test_the_kernel_computes_the_previous_kernels_bits(dtype, case, threads):
     query, segments, key, value, scale = make_case(dtype, *case)
-    expected = previous_attention(query, segments, key, value, scale)
+    expected = reference_attention(query, segments, key, value, scale)
     assert torch.equal(grouped_attention(query, segments, key, value, scale, Workspace()), expected)
 
 
@@ -90,7 +69,7 @@ def test_a_decode_step_over_a_buffer_view_computes_the_same_bits(dtype):
     query, segments, key, value, scale = make_case(dtype, 16, 8, 128, 1, 9, (256, 100), buffer_tokens=64)
     assert not key.is_contiguous()
     assert torch.equal(grouped_attention(query, segments, key, value, scale, Workspace()),
-                       previous_attention(query, segments, key, value, scale))
+                       reference_attention(query, segments, key, value, scale))
 
 
 def poison(workspace: Workspace) -> None:
@@ -107,7 +86,7 @@ def test_a_reused_workspace_changes_nothing_and_grows_no_more(dtype):
     first = grouped_attention(*big, workspace).clone()
     grown = workspace.grown
     poison(workspace)
-    assert torch.equal(grouped_attention(*small, workspace), previous_attention(*small))
+    assert torch.equal(grouped_attention(*small, workspace), reference_attention(*small))
     poison(workspace)
     assert torch.equal(grouped_attention(*big, workspace), first)
     assert workspace.grown == grown  # the hot path allocated nothing new

@@ -14,7 +14,8 @@ and uncached runs of the same piece-by-piece computation agree bit for bit:
 
 The segmented kernel's arithmetic is the same, operation for operation, as the previous one's (up to c7f52d3, which
 built the score matrix with `torch.cat` and allocated at every layer), so caches stored before stay bit-exact with
-caches computed now; tests/test_attention.py checks it against that implementation in both dtypes."""
+caches computed now; tests/test_attention.py checks it against that implementation (`reference_attention`) in both
+dtypes."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kvmart.runtime.kv import BatchCache
 from kvmart.runtime.workspace import Workspace
 
 NAME = "kvmart"
@@ -35,14 +37,28 @@ def segmented_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     Returns ([1, q, Hq, D], None), the layout transformers' attention functions return."""
     if kvmart_cache is None:
         raise AssertionError("kvmart attention needs the WorkingCache passed as `kvmart_cache`")
-    layer = kvmart_cache.working_layers[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(kvmart_cache, BatchCache):  # one row per sequence: each attends over its own cache, as alone
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        for b, cache in enumerate(kvmart_cache.caches):  # copied out at once: the workspace is reused by the next
+            out[b:b + 1].copy_(_row_attention(query[b:b + 1], cache.working_layers[module.layer_idx], scale,
+                                              kvmart_workspace))
+        return out, None
+    layer = kvmart_cache.working_layers[module.layer_idx]
     if not layer.segments and key.shape[-2] == query.shape[-2]:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     out = grouped_attention(query, layer.segments, key, value, scale, kvmart_workspace)
     # a copy of the workspace's output in transformers' layout (a plain `contiguous` may return the view itself)
     return out.transpose(1, 2).clone(memory_format=torch.contiguous_format), None
+
+
+def _row_attention(query: torch.Tensor, layer, scale: float, workspace: Workspace | None) -> torch.Tensor:
+    """One sequence's row of a batched decode step: [1, q, Hq, D] (a view into the workspace), computed as
+    `segmented_attention` computes it for the sequence alone after a prefix (the grouped kernel over its segments
+    and the new tokens written so far)."""
+    key, value = layer.new_segment()
+    return grouped_attention(query, layer.segments, key, value, scale, workspace).transpose(1, 2)
 
 
 def grouped_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor]], key: torch.Tensor,
@@ -79,6 +95,29 @@ def grouped_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor
         for (_, v), (start, end) in zip(segments, spans, strict=False):  # spans ends with the new segment's
             out.add_(torch.bmm(probs[:, :, start:end], v[0], out=part))
     return out.view(1, num_heads, q_len, head_dim)
+
+
+def reference_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor]], key: torch.Tensor,
+                        value: torch.Tensor, scale: float) -> torch.Tensor:
+    """The arithmetic `grouped_attention` must reproduce bit for bit: the previous kernel (81d1c4a to c7f52d3),
+    verbatim. Never edit it: caches stored by earlier releases were computed with it. Slow (it allocates and
+    concatenates at every layer); used by tests/test_attention.py and `bench/reuse_vs_prefill.py --kernels`."""
+    _, num_heads, q_len, head_dim = query.shape
+    kv_heads, seg_len = key.shape[1], key.shape[-2]
+    group = num_heads // kv_heads
+    q = query.reshape(1, kv_heads, group * q_len, head_dim)  # heads sharing a KV head, stacked
+    new_scores = torch.matmul(q, key.transpose(-1, -2))
+    causal = torch.ones(q_len, seg_len, dtype=torch.bool).tril(seg_len - q_len)  # query i sees segment j <= i
+    new_scores.masked_fill_(~causal.repeat(group, 1), float("-inf"))
+    scores = [torch.matmul(q, k.transpose(-1, -2)) for k, _ in segments] + [new_scores]
+    probs = torch.softmax(torch.cat(scores, dim=-1).float() * scale, dim=-1).to(query.dtype)
+    out = torch.matmul(probs[..., -seg_len:], value)
+    start = 0
+    for k, v in segments:
+        end = start + k.shape[-2]
+        out += torch.matmul(probs[..., start:end], v)
+        start = end
+    return out.reshape(1, num_heads, q_len, head_dim)
 
 
 def _scale_into(target: torch.Tensor, block: torch.Tensor, scale: float) -> None:

@@ -78,7 +78,8 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
              hot: HotTier, chunks: ChunkStore, planner: Planner, loader: Loader, engine: Engine, ledger: Ledger
              ) -> Services:
     """The services around an engine: its worker and the metrics that read them."""
-    worker = Worker(server.max_active, server.max_queue)
+    worker = Worker(server.max_active, server.max_queue, batch_step=engine.step, memory_bytes=server.batch_memory_bytes,
+                    batching=server.batching)
 
     def hot_values() -> dict[str, float]:
         return vars(hot.stats())
