@@ -48,7 +48,7 @@ def segmented_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     if not layer.segments and key.shape[-2] == query.shape[-2]:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
-    out = grouped_attention(query, layer.segments, key, value, scale, kvmart_workspace)
+    out = grouped_attention(query, layer.segments, key, value, scale, kvmart_workspace, layer.segment_views())
     # a copy of the workspace's output in transformers' layout (a plain `contiguous` may return the view itself)
     return out.transpose(1, 2).clone(memory_format=torch.contiguous_format), None
 
@@ -58,13 +58,15 @@ def _row_attention(query: torch.Tensor, layer, scale: float, workspace: Workspac
     `segmented_attention` computes it for the sequence alone after a prefix (the grouped kernel over its segments
     and the new tokens written so far)."""
     key, value = layer.new_segment()
-    return grouped_attention(query, layer.segments, key, value, scale, workspace).transpose(1, 2)
+    return grouped_attention(query, layer.segments, key, value, scale, workspace, layer.segment_views()).transpose(1, 2)
 
 
 def grouped_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor]], key: torch.Tensor,
-                      value: torch.Tensor, scale: float, workspace: Workspace | None = None) -> torch.Tensor:
+                      value: torch.Tensor, scale: float, workspace: Workspace | None = None,
+                      views: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """Causal attention of q queries over [*segments, new segment]. Returns [1, Hq, q, D], a view into `workspace`
-    (valid until its next use; a fresh workspace when None).
+    (valid until its next use; a fresh workspace when None). `views`: the segments as (keys transposed, values)
+    without their leading 1 (WorkingLayer.segment_views), when the caller keeps them.
 
     The arithmetic: each segment's scores q·kᵀ in the model's dtype, the new segment's future positions set to -inf,
     all scores converted to float32 and multiplied by `scale` (block by block, while each is in cache), one softmax
@@ -78,22 +80,25 @@ def grouped_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor
     context = seg_len + sum(k.shape[-2] for k, _ in segments)
     q = query.reshape(kv_heads, rows, head_dim)  # heads sharing a KV head, stacked
     scores = workspace.take("scores", (kv_heads, rows, context), torch.float32)
+    views = [*(views if views is not None else [(k[0].transpose(-1, -2), v[0]) for k, v in segments]),
+             (key[0].transpose(-1, -2), value[0])]
     spans = _spans(segments) + [(context - seg_len, context)]
-    for (k, _), (start, end) in zip([*segments, (key, value)], spans, strict=True):
+    factor = workspace.scalar(scale)
+    for (keys_t, _), (start, end) in zip(views, spans, strict=True):
         # into a contiguous block first: a strided `out` makes bmm take another BLAS route (per-batch gemm instead
         # of the batched one), which for a single query row rounds differently from the route taken before
-        block = torch.bmm(q, k[0].transpose(-1, -2), out=workspace.take("block", (kv_heads, rows, end - start), dtype))
+        block = torch.bmm(q, keys_t, out=workspace.take("block", (kv_heads, rows, end - start), dtype))
         if end == context and q_len > 1:  # one query sees every new token; more see only those up to their own
             block.masked_fill_(_future(q_len, seg_len, group), float("-inf"))
-        _scale_into(scores[:, :, start:end], block, scale)
+        _scale_into(scores[:, :, start:end], block, factor)
     torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place: the kernel reads each row before writing it
     probs = scores if dtype == torch.float32 else workspace.take("probs", scores.shape, dtype).copy_(scores)
     out = workspace.take("out", (kv_heads, rows, head_dim), dtype)
-    torch.bmm(probs[:, :, context - seg_len:], value[0], out=out)
+    torch.bmm(probs[:, :, context - seg_len:], views[-1][1], out=out)
     if segments:
         part = workspace.take("part", (kv_heads, rows, head_dim), dtype)
-        for (_, v), (start, end) in zip(segments, spans, strict=False):  # spans ends with the new segment's
-            out.add_(torch.bmm(probs[:, :, start:end], v[0], out=part))
+        for (_, v), (start, end) in zip(views[:-1], spans[:-1], strict=True):
+            out.add_(torch.bmm(probs[:, :, start:end], v, out=part))
     return out.view(1, num_heads, q_len, head_dim)
 
 
@@ -120,8 +125,9 @@ def reference_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tens
     return out.reshape(1, num_heads, q_len, head_dim)
 
 
-def _scale_into(target: torch.Tensor, block: torch.Tensor, scale: float) -> None:
-    """target (float32) = float32(block) * scale, rounded as converting first and then multiplying rounds."""
+def _scale_into(target: torch.Tensor, block: torch.Tensor, scale: torch.Tensor) -> None:
+    """target (float32) = float32(block) * scale (a 0-dim float32 tensor), rounded as converting first and then
+    multiplying rounds."""
     if block.dtype == torch.float32:
         torch.mul(block, scale, out=target)
     else:  # a bfloat16 product would be rounded to bfloat16 before landing in float32

@@ -165,6 +165,14 @@ class WorkingLayer(CacheLayerMixin):
         self.copied_tokens = self.length = copied_tokens
         self.prefix_tokens = sum(k.shape[-2] for k, _ in segments)  # referenced (segmented mode), not copied
         self.is_initialized = True
+        self._segment_views: tuple[Segment, ...] | None = None
+
+    def segment_views(self) -> tuple[Segment, ...]:
+        """Each segment as (keys transposed [kv_heads, head_dim, n], values [kv_heads, n, head_dim]): what the
+        attention kernel multiplies by, made once per layer instead of at every decode step."""
+        if self._segment_views is None:
+            self._segment_views = tuple((k[0].transpose(-1, -2), v[0]) for k, v in self.segments)
+        return self._segment_views
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise AssertionError("a WorkingLayer is created initialized")

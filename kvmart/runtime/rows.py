@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows per BLAS call in a decode step, by dtype. float32: 16, the smallest tile in MKL's many-row method, which
-# reads each weight once for all 16 rows (a decode step is bound by reading the weights); bfloat16: 16, within the
-# 1-32 rows that agree, where the cost hardly grows with the rows.
-ROW_TILES = {torch.float32: 16, torch.bfloat16: 16}
+# Rows per BLAS call in a decode step, by dtype (bench/decode_batch.py --tile measures the choice). float32: 2, the
+# smallest tile past the one-row method; a 2-row product costs what a 1-row one does (both read the weights once),
+# so a sequence alone decodes as fast as before, and 16 sequences read the weights 8 times instead of 16 (tiles of
+# 16, MKL's many-row method, read them once but make a sequence alone 1.7x slower on SmolLM2-135M). bfloat16: 16,
+# within the 1-32 rows that agree, where the cost hardly grows with the rows.
+ROW_TILES = {torch.float32: 2, torch.bfloat16: 16}
 
 
 class RowTiling(threading.local):

@@ -21,6 +21,7 @@ from kvmart.runtime.kv import large_buffer
 # Buffers up to this size stay between forward passes; a larger one (a long chunk after a very long prefix) lives
 # for one forward pass only, so a rare request does not pin hundreds of MB for the life of the process.
 KEEP_BYTES = 256 << 20
+MAX_VIEWS = 512
 
 
 class Workspace:
@@ -29,17 +30,36 @@ class Workspace:
     def __init__(self, keep_bytes: int = KEEP_BYTES) -> None:
         self.keep_bytes = keep_bytes
         self._buffers: dict[str, torch.Tensor] = {}
+        # views handed out, by (name, shape, dtype): a decode step takes the same few shapes thousands of times, and
+        # making a view costs more than the small matrix product it feeds
+        self._views: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self._scalars: dict[float, torch.Tensor] = {}
         self.grown = 0  # how many times a buffer was (re)allocated: tests check the hot path stops allocating
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous tensor of `shape` and `dtype` over buffer `name` (contents undefined). Invalidates the
         tensor the previous `take(name, ...)` returned."""
-        num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        view = self._views.get((name, shape, dtype))
+        if view is not None:
+            return view
+        num_bytes = math.prod(shape) * dtype.itemsize
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < num_bytes:
             buffer = self._buffers[name] = large_buffer(max(num_bytes, 1))  # page-aligned: a fresh mapping
+            self._views = {key: v for key, v in self._views.items() if key[0] != name}  # views of the old one
             self.grown += 1
-        return buffer[:num_bytes].view(dtype).view(shape)
+        if len(self._views) > MAX_VIEWS:  # shapes that grow with the context would pile up
+            self._views.clear()
+        view = self._views[name, shape, dtype] = buffer[:num_bytes].view(dtype).view(shape)
+        return view
+
+    def scalar(self, value: float) -> torch.Tensor:
+        """`value` as a 0-dim float32 tensor, made once: an operation given it multiplies exactly as by the Python
+        float (which torch rounds to float32 too) without wrapping a new tensor at every call."""
+        tensor = self._scalars.get(value)
+        if tensor is None:
+            tensor = self._scalars[value] = torch.tensor(value, dtype=torch.float32)
+        return tensor
 
     @property
     def nbytes(self) -> int:
@@ -49,3 +69,4 @@ class Workspace:
         """Release the buffers larger than `keep_bytes` (called after each forward pass)."""
         for name in [n for n, b in self._buffers.items() if b.numel() > self.keep_bytes]:
             del self._buffers[name]
+            self._views = {key: v for key, v in self._views.items() if key[0] != name}
