@@ -1,12 +1,12 @@
 """Claim: decoding many sequences in one forward pass (continuous batching, kvmart/runtime/rows.py) multiplies
 decode throughput, at no cost in exactness, and costs a sequence decoded alone little.
 
-Measured side by side in one run, interleaved: B sequences, each after its own cached context of --context tokens
-(random KV in 256-token chunks: the arithmetic does not depend on the values) and a 20-token question, take decode
-steps
+Measured side by side in one run, interleaved: B sequences, each after a cached context of --context tokens (random
+KV in 256-token chunks: the arithmetic does not depend on the values; --documents contexts shared among them, as
+requests about a hot document share its chunks) and a 20-token question, take decode steps
   batched : `Model.step` over all B at once (rows tiled through the linear layers, attention per sequence);
-  one-row : each sequence in its own forward pass with its row multiplied alone, as the server decoded before
-            batching (the previous decode arithmetic: a one-row matrix product per layer).
+  one-row : each sequence in its own forward pass over its own cache, its row multiplied alone, exactly as the
+            server decoded before batching (Model._forward, the prompt kernel's attention, untiled linears).
 Prints, per B, CPU ms per generated token (median [min-max] over --repeats steps; one torch thread recommended)
 and the ratio. Also checks on the way that batched and alone decoding give the same tokens.
 
@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
 from kvmart.config import load_settings
-from kvmart.runtime import rows
+from kvmart.runtime import decode_attention, rows
 from kvmart.runtime.kv import KV
 from kvmart.runtime.model import Decoder, Model
 
@@ -40,25 +38,14 @@ def random_prefix(model: Model, num_tokens: int, seed: int) -> tuple[KV, ...]:
                  for n in sizes)
 
 
-@contextmanager
-def one_row_products() -> Iterator[None]:
-    """Decode steps multiply each row alone, untiled (the arithmetic before batching)."""
-    tiled = rows.tiled_linear
-    rows.tiled_linear = lambda x, weight, bias, tile: torch.nn.functional.linear(x, weight, bias)
-    try:
-        yield
-    finally:
-        rows.tiled_linear = tiled
-
-
 def cpu_ms_per_token(model: Model, decoders: list[Decoder], batched: bool) -> float:
     start = time.process_time()
     if batched:
         model.step(decoders)
-    else:
-        with one_row_products():
-            for d in decoders:
-                model.step([d])
+    else:  # the decode step before batching: Model._forward on the sequence's own cache, rows multiplied untiled
+        for d in decoders:
+            if not d.done:
+                d.advance(model._forward(d.cache, [d.token], logits_to_keep=1)[-1])
     return (time.process_time() - start) * 1e3 / len(decoders)
 
 
@@ -73,21 +60,27 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=3584, help="cached tokens before each sequence's question")
     parser.add_argument("--batch", default="1,4,16", help="sequences decoded together (comma-separated)")
     parser.add_argument("--repeats", type=int, default=5, help="decode steps timed per setting")
+    parser.add_argument("--documents", type=int, default=1, help="distinct cached contexts the sequences share "
+                                                                  "(1: every sequence asks about one hot document)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--tile", type=int, help="rows per BLAS call in a batched step (default: kvmart's, "
-                                                 "kvmart/runtime/rows.py ROW_TILES)")
+    parser.add_argument("--tile", type=int, help="rows per BLAS call in a batched step's linear layers (default: "
+                                                 "kvmart's, kvmart/runtime/rows.py ROW_TILES)")
+    parser.add_argument("--attention-tile", type=int, help="query rows per product in a batched step's attention "
+                                                           "(default: kvmart/runtime/decode_attention.py ROW_TILE)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Model.load(load_settings().with_overrides(model=args.model, dtype=args.dtype))
     if args.tile:
         rows.ROW_TILES[model.dtype] = args.tile
+    if args.attention_tile:
+        decode_attention.ROW_TILE = args.attention_tile
     sizes = [int(b) for b in args.batch.split(",")]
-    prefixes = [random_prefix(model, args.context, seed) for seed in range(min(4, max(sizes)))]  # shared, as a hot
-    question = list(range(100, 120))                                                           # document's are
+    prefixes = [random_prefix(model, args.context, seed) for seed in range(args.documents)]  # shared, as a hot
+    question = list(range(100, 120))                                                       # document's chunks are
     print(f"model {args.model} ({args.dtype}), torch threads {torch.get_num_threads()}, {args.context:,} cached "
-          f"tokens per sequence, row tile {rows.ROW_TILES[model.dtype]}, CPU ms per generated token, median "
-          f"[min-max] of {args.repeats} steps")
+          f"tokens per sequence in {args.documents} shared context(s), row tile {rows.ROW_TILES[model.dtype]}, CPU "
+          f"ms per generated token, median [min-max] of {args.repeats} steps")
     print("| sequences | batched | one row per pass | ratio |")
     print("|---:|---:|---:|---:|")
     for b in sizes:

@@ -23,7 +23,7 @@ from kvmart.server.pipeline.worker import Batched, Worker
 DTYPES = ("float32", "bfloat16")
 # (out, in) of every linear layer of the built-in shapes: tiny, SmolLM2-135M, Qwen3-0.6B (their vocabularies left out:
 # the tiny model's own lm_head stands for them, and the model-level tests below run it)
-LINEAR_SHAPES = sorted({(256, 128), (128, 256), (64, 128), (384, 128), (128, 384),
+LINEAR_SHAPES = sorted({(64, 64), (32, 64), (128, 64), (64, 128), (2048, 64),
                         (576, 576), (192, 576), (1536, 576), (576, 1536),
                         (2048, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (1024, 3072)})
 
@@ -99,6 +99,29 @@ def test_sequences_join_and_leave_a_batch_without_changing_a_bit(model_f32):
     for _ in range(6):
         model_f32.step([first, short, late])  # the finished one is skipped
     assert [first.token_ids, short.token_ids, late.token_ids] == alone
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtype):
+    """Requests about one hot document share its chunks (the same tensors): their rows are multiplied by each chunk
+    together, in tiles (kvmart/runtime/decode_attention.py). Eleven sequences: nine on one document (more than a
+    tile holds), two on another; each must decode as it does alone."""
+    model = load_tiny(dtype)
+    ids = model.tokenize(" ".join(f"clause {i}: the holder may copy, change and share the work." for i in range(90)))
+    shared = model.prefill_pieces([ids[:256], ids[256:512], ids[512:600]])
+    other = model.prefill_pieces([ids[600:856]])
+    cases = [(shared, ids[700 + 7 * i:705 + 9 * i]) for i in range(9)] + [(other, ids[20:41]), (other, ids[50:53])]
+    steps = 6
+    alone = [model.generate(p, q, steps, stop_at_eos=False) for p, q in cases]
+    decoders = [model.begin(p, q, steps, stop_at_eos=False) for p, q in cases]
+    logits = [[d.logits] for d in decoders]
+    for _ in range(steps - 1):
+        model.step(decoders)
+        for d, seen in zip(decoders, logits, strict=True):
+            seen.append(d.logits)
+    for d, seen, a in zip(decoders, logits, alone, strict=True):
+        assert d.token_ids == a.token_ids
+        assert all(torch.equal(x, y) for x, y in zip(seen, a.logits, strict=True))
 
 
 def test_a_finished_or_empty_decoder_cannot_be_misused(model_f32):

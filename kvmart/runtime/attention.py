@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kvmart.runtime.decode_attention import decode_attention
 from kvmart.runtime.kv import BatchCache
 from kvmart.runtime.workspace import Workspace
 
@@ -38,12 +39,10 @@ def segmented_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     if kvmart_cache is None:
         raise AssertionError("kvmart attention needs the WorkingCache passed as `kvmart_cache`")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if isinstance(kvmart_cache, BatchCache):  # one row per sequence: each attends over its own cache, as alone
-        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-        for b, cache in enumerate(kvmart_cache.caches):  # copied out at once: the workspace is reused by the next
-            out[b:b + 1].copy_(_row_attention(query[b:b + 1], cache.working_layers[module.layer_idx], scale,
-                                              kvmart_workspace))
-        return out, None
+    if isinstance(kvmart_cache, BatchCache):  # a decode step: one row per sequence, each over its own cache
+        layers = [cache.working_layers[module.layer_idx] for cache in kvmart_cache.caches]
+        workspace = kvmart_workspace if kvmart_workspace is not None else Workspace()
+        return decode_attention(query, layers, scale, workspace), None
     layer = kvmart_cache.working_layers[module.layer_idx]
     if not layer.segments and key.shape[-2] == query.shape[-2]:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
@@ -51,14 +50,6 @@ def segmented_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     out = grouped_attention(query, layer.segments, key, value, scale, kvmart_workspace, layer.segment_views())
     # a copy of the workspace's output in transformers' layout (a plain `contiguous` may return the view itself)
     return out.transpose(1, 2).clone(memory_format=torch.contiguous_format), None
-
-
-def _row_attention(query: torch.Tensor, layer, scale: float, workspace: Workspace | None) -> torch.Tensor:
-    """One sequence's row of a batched decode step: [1, q, Hq, D] (a view into the workspace), computed as
-    `segmented_attention` computes it for the sequence alone after a prefix (the grouped kernel over its segments
-    and the new tokens written so far)."""
-    key, value = layer.new_segment()
-    return grouped_attention(query, layer.segments, key, value, scale, workspace, layer.segment_views()).transpose(1, 2)
 
 
 def grouped_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor]], key: torch.Tensor,
