@@ -263,3 +263,6 @@ def test_concurrent_requests_are_batched_and_answered_exactly_as_alone(model_f32
             together = [f.result() for f in futures]
         assert together == alone  # texts, and every logprob (floats, exactly)
         assert worker.batched_payloads - payloads > worker.batch_steps - steps  # some steps carried several
+        metrics = live.metrics()
+        assert metrics["kvmart_decode_batch_rows_total"] == worker.batched_payloads > metrics[
+            "kvmart_decode_batches_total"] == worker.batch_steps

@@ -86,6 +86,7 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values, read_documents=lambda: len(catalog.documents()),
-                            read_forward_passes=lambda: getattr(model, "forward_passes", 0))
+                            read_forward_passes=lambda: getattr(model, "forward_passes", 0),
+                            read_batches=lambda: {"steps": worker.batch_steps, "rows": worker.batched_payloads})
     return Services(settings, server, model, store, catalog, hot, chunks, planner, loader, engine, worker, metrics,
                     ledger)
