@@ -108,8 +108,8 @@ def kernel(name: str) -> Iterator[None]:
     if name != "previous":
         raise SystemExit(f"unknown kernel {name!r}: current or previous")
     current = attention.grouped_attention
-    attention.grouped_attention = lambda q, segments, k, v, scale, workspace=None: attention.reference_attention(
-        q, segments, k, v, scale)
+    attention.grouped_attention = lambda q, segments, k, v, scale, workspace=None, views=None: (
+        attention.reference_attention(q, segments, k, v, scale))
     try:
         yield
     finally:
