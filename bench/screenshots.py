@@ -2,7 +2,8 @@
 
 Starts `kvmart serve`'s app with builtin:tiny in a temporary data directory, publishes the bundled licence texts
 and a few release notes under public, priced and private licences from two publishers, lets three agents read them,
-then photographs the catalogue, a document page with a streamed answer, a publisher's page and the provider's page.
+then photographs the catalogue (on a desktop and on a 390 px phone), a document page with a streamed answer and its
+time to first token, a publisher's page, an agent's page and the provider's page.
 
     python bench/screenshots.py --out docs            # needs chromium and chromium-driver (apt)
 """
@@ -84,7 +85,20 @@ def populate(app, url: str) -> dict[str, str]:
 def shoot(driver, path: Path) -> None:
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, max(700, height))
+    driver.execute_script("window.scrollTo(0, 0)")  # the Try it box scrolled the page: photograph it whole
     driver.save_screenshot(str(path))
+    print(f"wrote {path}")
+
+
+def shoot_phone(driver, path: Path) -> None:
+    """The page as a 390 px wide phone shows it (device metrics emulated, at 2 device pixels per CSS pixel)."""
+    metrics = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    driver.refresh()
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": max(844, height)})
+    driver.save_screenshot(str(path))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     print(f"wrote {path}")
 
 
@@ -113,6 +127,9 @@ def main() -> None:
             sign_in(driver, wait, url, keys["agent-alpha"])
             driver.get(url + "/")
             shoot(driver, args.out / "web-catalogue.png")
+            shoot_phone(driver, args.out / "web-catalogue-phone.png")
+            driver.get(url + "/publisher")
+            shoot(driver, args.out / "web-agent.png")
             driver.get(url + f"/documents/{keys['_doc']}")
             driver.find_element(By.ID, "question").send_keys("Who may redistribute the software?")
             driver.find_element(By.ID, "ask-button").click()

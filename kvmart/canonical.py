@@ -9,6 +9,8 @@ that another implementation can produce the same bytes without Python's `json` m
   written (the model fingerprint's digest and its file lists, the artifact manifest hash): keys sorted by code point, `", "`
   between items, `": "` after keys, every character outside printable ASCII escaped as `\\uXXXX`, floats as
   Python's shortest round-trip repr. NaN and infinities are refused.
+- `compact(value)`: the spaced form without its spaces (`,` and `:`): what a shared tier's index signature covers
+  (kvmart/format/signing.py; the index holds floats and any title, which canonical JSON does not take).
 
 Both raise TypeError/ValueError for a value they cannot write; they never guess."""
 
@@ -48,6 +50,13 @@ def canonical(value: object) -> bytes:
     UnicodeEncodeError (a ValueError): it has no UTF-8 form."""
     _check(value, allow_floats=False)
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def compact(value: object) -> bytes:
+    """The compact ASCII bytes of `value` (see the module docstring): what `json.dumps(value, sort_keys=True,
+    separators=(",", ":"))` writes, checked first."""
+    _check(value, allow_floats=True)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def spaced(value: object) -> bytes:

@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from kvmart.codec import DEFAULT_CODEC, parse_spec
 from kvmart.errors import ConfigError
 
 SHARED_STORE_SCHEMES = ("redis", "rediss", "s3")  # stores other nodes share (kvmart.store.SHARED_SCHEMES)
@@ -62,6 +61,8 @@ class Settings:
         if not self.model:
             raise ConfigError("model must not be empty")
         if self.codec:
+            from kvmart.codec import parse_spec  # here, not at the top: the codecs import torch (kvmart --help)
+
             parse_spec(self.codec)
         if self.chunk_tokens < CHUNK_ALIGN_TOKENS or self.chunk_tokens % CHUNK_ALIGN_TOKENS:
             raise ConfigError(f"chunk_tokens must be a positive multiple of {CHUNK_ALIGN_TOKENS} "
@@ -78,6 +79,8 @@ class Settings:
         whose artifacts are mapped in place from the page cache (a warm load is 20-25x faster than decoding)."""
         if self.codec:
             return self.codec
+        from kvmart.codec import DEFAULT_CODEC
+
         return DEFAULT_CODEC if self.store_url.partition("://")[0] in SHARED_STORE_SCHEMES else "raw"
 
     @property

@@ -45,6 +45,10 @@ class ContextOverflowError(InputError):
         )
 
 
+class InvalidIdError(InputError):
+    """A cache id that is not one (kvmart/format/keys.py `parse_cache_id`): never used as a file name or key."""
+
+
 class UnknownCacheError(KvmartError):
     """No artifact with this cache id (or prefix) is in the store."""
 
@@ -96,11 +100,21 @@ class AuthenticationError(KvmartError):
 
 
 class AccountError(InputError):
-    """An account name or role that cannot be used (bad name, unknown account, name taken)."""
+    """An account name or role that cannot be used (bad name, unknown account, name taken), or a deposit it cannot
+    take. `param` names the field it came from, where one did."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class TariffError(InputError):
-    """A price or share that is negative, not a number, or a fraction above 1 (HTTP 400)."""
+    """A price, share or amount that is negative, not a number, too large, or a fraction above 1 (HTTP 400).
+    `param` names the field it came from, where one did."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InsufficientFundsError(KvmartError):

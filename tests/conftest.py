@@ -124,3 +124,12 @@ def ledger_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.sqlite'}"
     return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_nodes():
+    """Kill every `kvmart serve` a test started through node_support.Node and left running (it failed midway)."""
+    yield
+    from node_support import Node
+
+    Node.kill_all()

@@ -43,13 +43,22 @@ class MotoS3Server:
     def start(self) -> "MotoS3Server":
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: httpx.get(self.endpoint, timeout=1).status_code < 500, "moto.server to start")
+        try:  # ready when it answers (a hang guard, never a timing)
+            wait_for(lambda: httpx.get(self.endpoint, timeout=1).status_code < 500, "moto.server to start")
+        except BaseException:
+            self.stop()  # never left running by a start that failed
+            raise
         return self
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(DEADLINE_SECONDS)
+            try:
+                self.process.wait(DEADLINE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
 
 
 # Fixtures shared by the shared-tier test modules (import them by name into a test module to use them there).

@@ -14,12 +14,14 @@ import httpx
 import uvicorn
 
 from kvmart.app import create_app
+from kvmart.cluster.local import HANG_SECONDS
 from kvmart.config import Settings
 from kvmart.runtime.model import Model
 from kvmart.server import ServerSettings
 from kvmart.server.pipeline.services import Services
 
-DEADLINE_SECONDS = 30.0  # how long to wait for something that must happen (a deadline against hangs, not a timing)
+# how long to wait for something that must happen: a guard against hangs, never a timing (a loaded machine is slow)
+DEADLINE_SECONDS = HANG_SECONDS
 
 
 class LiveServer:
@@ -46,8 +48,15 @@ class LiveServer:
         return self.app.state.services
 
     def __enter__(self) -> "LiveServer":
+        """Start serving; return once uvicorn says it listens (its own `started` flag, set after its start-up: no
+        wall-clock allowance). If it dies or hangs instead, it is stopped before the error is raised."""
         self.thread.start()
-        wait_until(lambda: self.server.started, "the server to start")
+        try:
+            wait_until(lambda: self.server.started or not self.thread.is_alive(), "the server to start")
+            assert self.server.started, "the server thread ended before it listened (see the log above)"
+        except BaseException:
+            self.stop()
+            raise
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.http = httpx.Client(base_url=self.url, timeout=DEADLINE_SECONDS,
@@ -60,9 +69,11 @@ class LiveServer:
         assert not self.thread.is_alive(), "the server did not shut down"
 
     def __exit__(self, *exc) -> None:
-        self.http.close()
-        if self.thread.is_alive():
-            self.stop()
+        try:
+            self.http.close()
+        finally:
+            if self.thread.is_alive():
+                self.stop()
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(self.http.get("/metrics").text)

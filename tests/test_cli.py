@@ -3,6 +3,7 @@ real entry point, so that typed errors are translated to a message and an exit c
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -225,7 +226,9 @@ def test_bad_settings(kvmart_cli, doc: Path):
     assert store.exit_code == 2 and "unknown store scheme 'ftp'" in store.stderr and "file, memory" in store.stderr
     no_keys = kvmart_cli("ls", "--store", "s3://bucket", env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
                                                               "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                                                              "AWS_CONFIG_FILE": "/nonexistent"})
+                                                              "AWS_CONFIG_FILE": "/nonexistent",
+                                                              # no instance role either (a cloud VM may have one)
+                                                              "AWS_EC2_METADATA_DISABLED": "true"})
     assert no_keys.exit_code == 2 and "AWS_ACCESS_KEY_ID" in no_keys.stderr, no_keys.stderr
 
 
@@ -272,3 +275,94 @@ def test_negative_max_tokens_is_a_usage_error(kvmart_cli, doc: Path):
     except AssertionError as e:
         raise EscapedAssertion(str(e)) from e
     assert result.exit_code == 2 and "max-tokens" in result.stderr
+
+
+# -- a new user's rough edges ----------------------------------------------------------------------------------------
+HEAVY = ("torch", "transformers", "sqlalchemy", "numpy", "mcp", "kvmart.runtime.model", "kvmart.ledger")
+
+
+def imported_after(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter has imported after running `code`."""
+    probe = f"import sys\n{code}\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "80", "HOME": str(Path.home())})
+    assert done.returncode == 0, done.stderr
+    return eval(done.stdout.strip().splitlines()[-1])  # a list literal this test printed
+
+
+def test_help_and_cost_import_no_heavy_module():
+    """`kvmart --help` and `kvmart cost` start in well under a second because the CLI imports torch, transformers,
+    the ledger and the MCP SDK only inside the commands that use them."""
+    assert imported_after("import kvmart.cli.main") == []
+    run = "from kvmart.cli.main import main\nsys.argv = ['kvmart', {}]\ntry:\n    main()\nexcept SystemExit:\n    pass"
+    assert imported_after(run.format("'--help'")) == []
+    assert imported_after(run.format("'cost', '--json'")) == []
+    assert imported_after(run.format("'mcp', '--help'")) == []
+
+
+def test_doc_ids_work_wherever_cache_ids_do(kvmart_cli, doc: Path):
+    cid = precomputed_id(kvmart_cli("precompute", str(doc)))
+    listed = json.loads(kvmart_cli("ls", "--json").stdout)
+    assert [(e["cache_id"], e["id"]) for e in listed] == [(cid, "doc_" + cid[:24])]
+    by_doc_id = kvmart_cli("ask", "doc_" + cid[:24], QUESTION, "--max-tokens", "4")
+    by_cache_id = kvmart_cli("ask", cid[:8], QUESTION, "--max-tokens", "4")
+    assert by_doc_id.exit_code == 0 and by_doc_id.stdout == by_cache_id.stdout
+    assert kvmart_cli("verify", "doc_" + cid[:10], "--tokens", "2").exit_code == 0  # a prefix of one works too
+    removed = kvmart_cli("rm", "doc_" + cid[:24])
+    assert removed.exit_code == 0 and f"removed {cid}" in removed.stdout
+    assert kvmart_cli("ask", "doc_" + cid[:24], QUESTION).exit_code == 3
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(kvmart_cli, doc: Path):
+    result = kvmart_cli("precompute", str(doc))
+    lines = result.stderr.splitlines()
+    assert f"prefilling {doc.name} ..." in lines
+    assert any(re.fullmatch(rf"prefilling {re.escape(doc.name)}: done in [0-9.]+ s", line) for line in lines), lines
+    assert "" not in lines and "\x1b" not in result.stderr  # no blank lines, no terminal control codes
+    verified = kvmart_cli("verify", precomputed_id(result)[:8], "--tokens", "2")
+    assert "comparing reuse against fresh prefills ..." in verified.stderr.splitlines()
+
+
+def test_quiet_steps_still_report_every_interval():
+    from kvmart.cli.progress import Lines
+
+    now, written = [0.0], []
+    with Lines(interval_seconds=10, write=written.append, clock=lambda: now[0]) as progress:
+        progress.stage("prefilling notes.txt", 0.0)
+        now[0] = 4
+        progress.stage("prefilling notes.txt", 0.3)  # too soon for a line
+        now[0] = 12
+        progress.stage("prefilling notes.txt", 0.5)
+        now[0] = 30
+        progress.tick()  # nothing reported for 18 s: the ticker writes a line
+        progress.stage("3. verifying", None)
+        now[0] = 41
+        progress.tick()
+        now[0] = 42
+    assert written == ["prefilling notes.txt ...", "prefilling notes.txt: 50% · 12 s so far",
+                       "prefilling notes.txt: 50% · 30 s so far", "prefilling notes.txt: done in 30.0 s",
+                       "3. verifying ...", "3. verifying: 11 s so far", "3. verifying: done in 12.0 s"]
+
+
+def test_models_and_ls_print_json(kvmart_cli):
+    models = json.loads(kvmart_cli("models", "--json").stdout)
+    assert {m["model"] for m in models} >= {"builtin:tiny", "builtin:smollm2-135m"}
+    assert json.loads(kvmart_cli("ls", "--json").stdout) == []
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_the_model(kvmart_cli):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # a model that does not exist: loading it first would fail with another message
+        result = kvmart_cli("serve", "--port", str(port), "--model", "builtin:no-such-model")
+    assert result.exit_code == 2
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr and "no-such-model" not in result.stderr
+
+
+def test_serve_checks_its_cors_origins_before_loading_the_model(kvmart_cli):
+    result = kvmart_cli("serve", "--port", "0", "--cors-origin", "app.example", "--model", "builtin:no-such-model")
+    assert result.exit_code == 2 and "CORS origin 'app.example' is not an origin" in result.stderr

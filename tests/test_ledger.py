@@ -3,6 +3,7 @@ receipts, licences, the precompute fee and reports."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -17,7 +18,7 @@ from kvmart.errors import (
     InsufficientFundsError,
     TariffError,
 )
-from kvmart.ledger import Charge, Hold, Tariff, Terms, open_ledger, parse_money, quote
+from kvmart.ledger import Hold, Tariff, Terms, open_ledger, parse_money, quote
 from kvmart.ledger.schema import api_keys, entries, licences
 from kvmart.ledger.tariffs import NANO_PER_USD, load_tariff
 
@@ -141,9 +142,12 @@ def test_an_idempotency_key_is_charged_once(ledger):
     with pytest.raises(IdempotencyConflictError, match="still running"):
         ledger.open_hold(agent, 50_000, "retry-1", "body-a")
     charge = ledger.settle(hold, quote(Tariff(), 100, 10, 5, False), None, None)
-    replay = ledger.open_hold(agent, 50_000, "retry-1", "body-a")
-    assert isinstance(replay, Charge) and replay.replayed
-    assert replay.receipt == charge.receipt and replay.transaction_id == charge.transaction_id
+    with pytest.raises(IdempotencyConflictError, match="already charged for this request"):
+        ledger.open_hold(agent, 50_000, "retry-1", "body-a")  # never held (and computed) again: replayed or refused
+    with pytest.raises(IdempotencyConflictError, match="no complete answer was kept"):
+        ledger.stored_response(agent, "retry-1", "body-a")  # nothing was remembered for it
+    ledger.remember_response(agent, "retry-1", '{"kept": true}')
+    assert ledger.stored_response(agent, "retry-1", "body-a") == '{"kept": true}'
     with pytest.raises(IdempotencyConflictError, match="different request"):
         ledger.open_hold(agent, 50_000, "retry-1", "body-b")
     assert ledger.account("agent").balance_nanousd == NANO_PER_USD - charge.quote.total_nanousd
@@ -250,18 +254,47 @@ def test_servers_starting_together_migrate_once(ledger_url, tmp_path):
         book.close()
 
 
-def test_a_hold_left_by_a_dead_server_stops_reserving_money_after_an_hour(ledger):
+def test_a_restarted_node_releases_its_own_holds_at_once(ledger):
+    """Node `a` dies mid-request: its hold blocks the agent's money and its Idempotency-Key. When `a` starts again
+    it releases its own holds at once (not an hour later); node `b`'s hold, still running, is kept."""
+    agent, _ = funded(ledger, "agent", "agent", "0.001")
+    ledger.start_node("a")
+    ledger.open_hold(agent, 600_000, "order-1", "h")  # node a dies here: the request is never settled
+    ledger.start_node("b")
+    kept = ledger.open_hold(agent, 300_000, "order-2", "h")
+    with pytest.raises(InsufficientFundsError):
+        ledger.open_hold(agent, 200_000, None, "h")
+    with pytest.raises(IdempotencyConflictError, match="still running"):
+        ledger.open_hold(agent, 1, "order-1", "h")
+    assert ledger.start_node("a") == 1  # a is back: its hold goes, b's stays
+    assert isinstance(ledger.open_hold(agent, 600_000, "order-1", "h"), Hold)
+    with pytest.raises(IdempotencyConflictError, match="still running"):
+        ledger.open_hold(agent, 1, "order-2", "h")
+    ledger.release(kept)
+    assert ledger.health().is_sound
+
+
+def test_no_hold_outlives_its_lease(ledger):
+    """A node that never comes back stops renewing: its hold lapses with its lease (reserves nothing, blocks no
+    key) and is deleted at any node's start; a running node's renewals keep its holds alive."""
     from sqlalchemy import update
 
+    from kvmart.ledger.entries import HOLD_LEASE_SECONDS
     from kvmart.ledger.schema import holds
 
     agent, _ = funded(ledger, "agent", "agent", "0.001")
-    ledger.open_hold(agent, 10**6, None, "h")  # the server dies here: the request is never settled
+    ledger.start_node("dead")
+    ledger.open_hold(agent, 10**6, "order-1", "h")
     with pytest.raises(InsufficientFundsError):
         ledger.open_hold(agent, 1, None, "h")
-    ledger.run(lambda conn: conn.execute(update(holds).values(created_at=holds.c.created_at - 3601)))
-    assert isinstance(ledger.open_hold(agent, 10**6, None, "h"), Hold)
-    assert ledger.release_stale() == 1 and ledger.health().is_sound
+    expires = ledger.read(lambda conn: conn.execute(select(holds.c.expires_at)).scalar_one())
+    assert expires <= int(time.time()) + HOLD_LEASE_SECONDS  # a lease, not an hour
+    assert ledger.renew_holds() == 1  # while its node lives, renewed
+    ledger.run(lambda conn: conn.execute(update(holds).values(expires_at=int(time.time()) - 1)))  # its lease lapsed
+    ledger.start_node("live")
+    assert ledger.renew_holds() == 0  # the live node has none: the dead node's is not renewed by anyone
+    assert isinstance(ledger.open_hold(agent, 10**6, "order-1", "h"), Hold)  # its money and its key are free
+    assert ledger.release_stale() == 0 and ledger.health().is_sound
 
 
 def test_ledger_urls(tmp_path):
@@ -278,22 +311,30 @@ def test_ledger_urls(tmp_path):
 
 
 def test_a_database_at_an_older_version_is_migrated_forward(ledger_url, tmp_path):
-    from sqlalchemy import delete, inspect
+    from sqlalchemy import delete, inspect, text
 
-    from kvmart.ledger.schema import responses, schema_migrations
+    from kvmart.ledger.schema import holds, responses, schema_migrations
 
     old = open_ledger(ledger_url, tmp_path, environ={})
     old.create_account("kept", "agent")
+    old.deposit("kept", Decimal(1))
+    old.open_hold(old.account("kept"), 5, None, "h")
     old.run(lambda conn: responses.drop(conn))  # as a ledger made before 0002 was
+    for ddl in ("DROP INDEX ix_holds_node", "ALTER TABLE holds DROP COLUMN node",  # and before 0007
+                "ALTER TABLE holds DROP COLUMN expires_at"):
+        old.run(lambda conn, ddl=ddl: conn.execute(text(ddl)))
     old.run(lambda conn: conn.execute(delete(schema_migrations).where(schema_migrations.c.name != "0001_initial")))
     assert "responses" not in old.read(lambda conn: inspect(conn).get_table_names())
     old.close()
     new = open_ledger(ledger_url, tmp_path, environ={})
     assert "responses" in new.read(lambda conn: inspect(conn).get_table_names())
     assert new.account("kept").role == "agent"  # data kept
+    [hold] = new.read(lambda conn: conn.execute(select(holds)).all())
+    assert hold.node == "" and hold.expires_at == hold.created_at + 3600  # an old hold keeps the hour it had
     names = new.read(lambda conn: conn.execute(select(schema_migrations.c.name)).scalars().all())
     assert sorted(names) == ["0001_initial", "0002_stored_responses", "0003_receipt_keys", "0004_ownership",
-                            "0005_uploads", "0006_charge_reads"]
+                            "0005_uploads", "0006_charge_reads", "0007_hold_leases",
+                            "0008_pending_publications"]
     new.close()
 
 

@@ -128,6 +128,44 @@ def test_documents_and_artifacts_beyond_the_limits_are_413(model_f32, tmp_path):
         assert live.services.store.entries() == []
 
 
+def words_filling(model, tokens: int) -> tuple[str, str]:
+    """Two texts whose documents are `tokens` and `tokens` + 1 or more ids long (the layout's header included)."""
+    from kvmart.runtime.chat import document_ids, layout_for
+
+    layout = layout_for(model.tokenizer)
+    size = lambda n: len(document_ids(model.tokenize, layout, " ".join(f"w{i % 97}" for i in range(n))))  # noqa: E731
+    low, high = 1, tokens
+    while size(high) <= tokens:
+        high *= 2
+    while low + 1 < high:  # the most words that fit: size(low) <= tokens < size(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if size(middle) <= tokens else (low, middle)
+    fits, over = (" ".join(f"w{i % 97}" for i in range(n)) for n in (low, high))
+    return fits, over
+
+
+def test_a_document_no_request_could_use_is_refused_before_its_fee(model_f32, tmp_path):
+    """A document that leaves no room in the context for a question and an answer is a 413 naming the usable
+    limit, with nothing computed or charged; one at the limit is published, and a question on it is answered."""
+    from kvmart.runtime.chat import layout_for, question_ids
+
+    room = len(question_ids(model_f32.tokenize, layout_for(model_f32.tokenizer), "?")) + 1
+    usable = model_f32.context_tokens - room
+    fits, over = words_filling(model_f32, usable)
+    with LiveServer(model_f32, tmp_path / "data") as live:
+        refused = live.publish(over)
+        assert refused.status_code == 413, refused.text
+        message = refused.json()["error"]["message"]
+        assert f"at most {usable:,} tokens" in message and "question and an answer" in message
+        assert live.services.store.entries() == []
+        assert live.services.ledger.usage(live.services.ledger.account("publisher")).balance_nanousd == 100 * 10**9
+        published = live.publish(fits)
+        assert published.status_code == 201 and published.json()["num_tokens"] <= usable
+        answer = live.http.post("/v1/chat/completions", json=chat(
+            messages=[{"role": "user", "content": "?"}], max_tokens=1, documents=[published.json()["id"]]))
+        assert answer.status_code == 200, answer.text
+
+
 def test_idle_keys_are_forgotten_so_random_keys_cannot_fill_memory(monkeypatch):
     import kvmart.server.limits as limits
 

@@ -172,8 +172,12 @@ def test_redis_killed_and_restarted_mid_load_costs_no_request(kvmart_data_dir, t
 
     agents = 16
     redis = RedisServer(tmp_path / "redis").start()
-    ledger, publisher, keys = setup_ledger(kvmart_data_dir, agents)
-    node = Node(KVMART_STORE=f"{redis.url}?prefix=load", KVMART_RAM_CACHE_BYTES="0")  # every read: a store tier
+    try:  # Redis is stopped whatever happens next (the node too: conftest's sweep kills every Node)
+        ledger, publisher, keys = setup_ledger(kvmart_data_dir, agents)
+        node = Node(KVMART_STORE=f"{redis.url}?prefix=load", KVMART_RAM_CACHE_BYTES="0")  # every read: a store tier
+    except BaseException:
+        redis.stop()
+        raise
     statuses = {name: Counter() for name in keys}
 
     def health() -> dict:

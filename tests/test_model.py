@@ -226,6 +226,28 @@ def test_document_longer_than_context(model_f32, kvmart_data_dir: Path):
     assert "the document" in str(e.value)
 
 
+def test_a_too_long_text_is_refused_without_the_tokenizers_warning(model_f32, kvmart_data_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """transformers warns once per tokenizer about a text beyond its `model_max_length` ("...indexing errors");
+    kvmart refuses such a text with its own typed error, so the warning is silenced."""
+    import logging
+
+    monkeypatch.setattr(model_f32.tokenizer, "model_max_length", model_f32.context_tokens)
+    monkeypatch.setattr(model_f32.tokenizer, "deprecation_warnings", {})  # as if never warned
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        text = sample_text("gpl-3.0")  # about twice tiny's context
+        with pytest.raises(ContextOverflowError):
+            core.precompute(model_f32, DiskStore(kvmart_data_dir / "store"), text)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "indexing errors" in m], seen
+
+
 def test_question_and_generation_overflow_after_cached_document(prepare):
     p = prepare("float32", "mpl-2.0")
     model, kv, cached = p.model, p.loaded.prefix, p.loaded.num_tokens
@@ -283,3 +305,14 @@ def test_default_thread_count(model_f32, default_threads):
         check_reuse(model_f32, num_tokens=8)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, 1.0), (5e-324, 0.5), (2.0, 1e-300), (1e-300, 1e-300)])
+def test_sampling_is_defined_for_any_positive_temperature_and_top_p(temperature, top_p):
+    """A temperature so small that logits/temperature overflows, or a nucleus smaller than any probability, is
+    greedy decoding, never nan probabilities or an empty distribution (the API refuses such values as well)."""
+    from kvmart.runtime.model import choose_token
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.999, 1.0])
+    for seed in range(5):
+        assert choose_token(logits, temperature, top_p, torch.Generator().manual_seed(seed)) == 1

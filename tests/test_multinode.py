@@ -42,15 +42,27 @@ def cluster(tmp_path_factory, session_dir: Path, tiny_folder: Path, shared_ledge
     shared = {"ledger_url": shared_ledger_url, "admin_key": ADMIN_KEY}
     nodes = [KvmartNode("a", root, session_dir / "models", url, **shared),
              KvmartNode("b", root, session_dir / "models", url, "--ram-cache-bytes", "0", **shared)]  # B: every read hits a store tier
-    threads = [threading.Thread(target=n.start) for n in nodes]  # the two start (load torch) side by side
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    yield redis, nodes[0], nodes[1]
-    for n in nodes:
-        n.stop()
-    redis.stop()
+    failures: list[BaseException] = []
+
+    def start(node: KvmartNode) -> None:
+        try:
+            node.start()
+        except BaseException as e:  # a thread's error is the fixture's: raised below, after everything is stopped
+            failures.append(e)
+
+    try:
+        threads = [threading.Thread(target=start, args=(n,)) for n in nodes]  # the two load torch side by side
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        yield redis, nodes[0], nodes[1]
+    finally:  # whatever happened, nothing this fixture started is left running
+        for n in nodes:
+            n.stop()
+        redis.stop()
 
 
 def document(n: int) -> str:

@@ -46,6 +46,22 @@ def test_affinity_keys():
         assert affinity_key("POST", "/v1/chat/completions", body) is None
 
 
+def test_prompt_cache_key_pins_requests_that_name_no_document():
+    def key(body: dict, path: str = "/v1/responses") -> str | None:
+        return affinity_key("POST", path, json.dumps(body).encode())
+
+    same = key({"input": "first question", "prompt_cache_key": "team-handbook"})
+    assert same is not None
+    assert same == key({"messages": [], "prompt_cache_key": "team-handbook"}, "/v1/chat/completions")
+    assert node_order(same, NODES) == node_order(key({"input": "another", "prompt_cache_key": "team-handbook"}),
+                                                 NODES)
+    assert same != key({"input": "x", "prompt_cache_key": "other-team"})
+    # a named document wins: the node that holds its KV is the one to ask
+    assert key({"documents": ["doc_1"], "prompt_cache_key": "team-handbook"}) == "doc_1"
+    # a hint spelled like a document id does not land on that document's node by accident
+    assert key({"prompt_cache_key": "doc_1"}) != "doc_1"
+    for hint in ("", 7, None, ["a"]):
+        assert key({"input": "x", "prompt_cache_key": hint}) is None
 def test_the_affinity_header_wins_over_the_body():
     """A client's x-kvmart-document header is the key kvmart route hashes (as nginx does): two real upstreams, and
     every request goes to the header's first node, whatever its body names."""

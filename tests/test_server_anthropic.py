@@ -103,3 +103,31 @@ def test_errors_in_anthropics_format(client, live):
     assert response.json()["type"] == "error" and response.json()["error"]["type"] == "invalid_request_error"
     missing = live.http.post("/v1/messages", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert missing.status_code == 400 and "max_tokens" in missing.json()["error"]["message"]
+
+
+def test_count_tokens_counts_the_prompt_messages_would_read(client, doc):
+    messages = [{"role": "user", "content": QUESTION}]
+    counted = client.messages.count_tokens(model=MODEL, messages=messages, extra_body={"documents": [doc["id"]]})
+    reply = message(client, doc["id"], max_tokens=2)
+    u = reply.usage  # the same prompt split into computed (and kept), and read from the cache
+    assert counted.input_tokens == u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens
+    assert u.cache_read_input_tokens > 0
+    alone = client.messages.count_tokens(model=MODEL, messages=messages)
+    plain = message(client, None, max_tokens=1, messages=messages).usage
+    assert alone.input_tokens == (plain.input_tokens + plain.cache_creation_input_tokens
+                                  + plain.cache_read_input_tokens) < counted.input_tokens
+    with_system = client.messages.count_tokens(model=MODEL, messages=messages, system="Be brief.")
+    assert with_system.input_tokens > alone.input_tokens
+
+
+def test_count_tokens_is_free_and_refuses_unknown_documents(client, live):
+    before = live.http.get("/v1/usage").json()
+    client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
+    after = live.http.get("/v1/usage").json()
+    assert (after["requests"], after["balance_usd"]) == (before["requests"], before["balance_usd"])
+    with pytest.raises(anthropic.NotFoundError, match="not found"):
+        client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                     extra_body={"documents": ["doc_" + "0" * 24]})
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=live.url, api_key="kvm_wrong", max_retries=0).messages.count_tokens(
+            model=MODEL, messages=[{"role": "user", "content": QUESTION}])

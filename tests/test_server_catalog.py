@@ -122,3 +122,25 @@ def test_hot_tier_never_keeps_what_cannot_fit_and_can_be_disabled():
     hot.put("a", kv_of(400))
     hot.discard("a")
     assert hot.stats().bytes == 0 and "a" not in hot
+
+
+def test_a_document_gone_between_listing_and_reading_fails_no_refresh(model_f32):
+    """The store lists an entry whose artifact is gone by the time the catalogue reads its head (deleted by another
+    node meanwhile): the refresh skips it (logged) and keeps the others; a listing never fails for it."""
+    from kvmart.store import Entry
+    from kvmart.store.memory import MemoryStore
+
+    kept = core.precompute(model_f32, MemoryStore(), sample_text("bsd-3-clause")).entry
+    gone = Entry(cache_id="ab" * 32, title="gone", source="", model=model_f32.spec,
+                 fingerprint=model_f32.fingerprint.digest, num_tokens=3, artifact_bytes=10, prefill_seconds=0.1,
+                 created_at=time.time())
+
+    class Vanishing(MemoryStore):
+        def entries(self) -> list[Entry]:
+            return [*super().entries(), gone]
+
+    store = Vanishing()
+    core.precompute(model_f32, store, sample_text("bsd-3-clause"))
+    catalog = Catalog(store, model_f32.fingerprint.digest)
+    catalog.refresh()
+    assert [d.cache_id for d in catalog.documents()] == [kept.cache_id]

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import httpx
-from server_support import DEADLINE_SECONDS, wait_until
+from server_support import DEADLINE_SECONDS
 
+from kvmart.cluster.local import KVMART_READY, LogWatch
 from kvmart.reuse.samples import sample_text
 
 ADMIN_KEY = "admin-key-for-this-test-only"
@@ -22,24 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def is_up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def test_serve_answers_then_sigterm_lets_the_answer_finish(tiny_folder, kvmart_data_dir):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--port", str(port),
          "--ram-cache-bytes", "64MiB", "--max-queue", "8"],
-        env={**os.environ, "KVMART_MODEL": "builtin:tiny", "KVMART_ADMIN_KEY": ADMIN_KEY}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        env={**os.environ, "KVMART_MODEL": "builtin:tiny", "KVMART_ADMIN_KEY": ADMIN_KEY},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    output = LogWatch(process.stdout, KVMART_READY)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: is_up(url) or process.poll() is not None, "kvmart serve to listen")
-        assert process.poll() is None, process.communicate()
+        output.wait_ready("kvmart serve")  # its own word that it listens, however loaded the machine is
         with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS,
                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
             doc = client.post("/v1/documents", json={"text": sample_text("bsd-3-clause")}).json()
@@ -51,11 +46,12 @@ def test_serve_answers_then_sigterm_lets_the_answer_finish(tiny_folder, kvmart_d
                 process.send_signal(signal.SIGTERM)
                 rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
-        _, stderr = process.communicate(timeout=DEADLINE_SECONDS)
+        process.wait(DEADLINE_SECONDS)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
+    stderr = output.text()
     assert process.returncode in (0, -signal.SIGTERM), stderr
     assert "serving builtin:tiny" in stderr and "Finished server process" in stderr
     assert (kvmart_data_dir / "store" / "entries" / f"{doc['cache_id']}.json").exists()  # the CLI's own store

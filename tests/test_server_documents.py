@@ -3,10 +3,13 @@ CLI."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import httpx
 import pytest
 from server_support import LiveServer
 
+from kvmart.ledger import usd_text
 from kvmart.reuse import core
 from kvmart.reuse.catalog import document_id
 from kvmart.reuse.samples import sample_text
@@ -33,7 +36,21 @@ def test_publishing_twice_returns_the_same_id_and_computes_nothing(live):
     assert len([e for e in live.services.store.entries() if e.is_document]) == 1
     assert live.metrics()['kvmart_documents_published_total{outcome="already_stored"}'] == 1
     fetched = live.http.get(f"/v1/documents/{body['id']}").json()
+    card = {k: fetched.pop(k) for k in ("publisher", "price")}
     assert fetched == {k: v for k, v in body.items() if k not in ("computed", "seconds", "precompute_charge_usd")}
+    tariff = live.services.ledger.tariff
+    assert card == {"publisher": "publisher", "price": {
+        "cache_read_usd_per_mtok": str(tariff.read_usd_per_mtok), "output_usd_per_mtok": str(tariff.output_usd_per_mtok),
+        "read_once_usd": usd_text(live.services.ledger.quote(None, body["num_tokens"], 0, 0).total_nanousd)}}
+
+
+def test_a_card_names_the_publisher_and_the_price_a_priced_document_sets(live):
+    priced = live.publish(sample_text("apache-2.0")[:4000], title="priced", licence="priced",
+                          cache_read_usd_per_mtok="2.5").json()
+    card = live.http.get(f"/v1/documents/{priced['id']}").json()
+    assert card["publisher"] == "publisher" and card["licence"]["kind"] == "priced"
+    assert card["price"]["cache_read_usd_per_mtok"] == "2.5"
+    assert Decimal(card["price"]["read_once_usd"]) == Decimal("2.5") * priced["num_tokens"] / 10**6
 
 
 def test_catalogue_pages_newest_first(live):
@@ -79,7 +96,7 @@ def test_bad_documents(live, model_f32):
     assert live.publish(None, title="no text").status_code == 400
     assert live.publish("x", colour="red").status_code == 400
     too_long = live.publish(BSD * 12)  # far beyond the tiny model's 4,096-token context
-    assert too_long.status_code == 400 and "too many" in too_long.json()["error"]["message"]
+    assert too_long.status_code == 413 and "no request could use it" in too_long.json()["error"]["message"]
     assert live.http.get("/v1/documents/doc_nope").status_code == 404
 
 
@@ -90,3 +107,35 @@ def test_a_document_published_with_a_system_prompt_is_reused_by_requests_with_it
                          {"role": "user", "content": "Who?"}]}
     usage = live.http.post("/v1/chat/completions", json=body).json()["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] == doc["num_tokens"]
+
+
+def test_one_unreadable_entry_file_fails_nothing_and_no_path_reaches_a_client(live, tmp_path):
+    """An entry file of the local store turned to garbage (a disk error, a half-restored backup): the API's and the
+    web page's catalogues, a lookup of an unknown id and a chat on the good document all answer; the bad entry is
+    quarantined, and no response anywhere shows the server's paths."""
+    good = live.publish(BSD, title="good").json()
+    bad = live.publish(sample_text("apache-2.0"), title="bad").json()
+    store_root = live.services.settings.data_dir / "store"
+    (store_root / "entries" / f"{bad['cache_id']}.json").write_bytes(b"\x00garbage{")
+    live.services.catalog.remove(bad["id"])  # as a fresh node would: it learns of documents from the store
+    responses = [live.http.get("/v1/documents"), live.http.get("/"), live.http.get("/v1/documents/doc_" + "0" * 24),
+                 live.http.get(f"/v1/documents/{bad['id']}"),
+                 live.http.post("/v1/chat/completions", json={
+                     "model": live.services.model_id, "messages": [{"role": "user", "content": "Who?"}],
+                     "documents": [good["id"]], "max_tokens": 2, "temperature": 0})]
+    assert [r.status_code for r in responses] == [200, 200, 404, 404, 200], [r.text[:300] for r in responses]
+    assert [d["id"] for d in responses[0].json()["data"]] == [good["id"]]
+    assert list((store_root / "quarantine").iterdir())
+    for response in responses:
+        assert str(tmp_path) not in response.text and "/store" not in response.text
+
+
+def test_a_server_side_failure_shows_a_reference_never_its_message(caplog):
+    """A 5xx keeps its details (a store path, a URL) in the server's log and gives the client a reference."""
+    from kvmart.errors import StoreError
+    from kvmart.server.errors import http_error
+
+    error = http_error(StoreError("cannot write /srv/secret/store/objects/ab: disk full"))
+    assert error.status == 500 and "/srv/secret" not in error.message and "reference" in error.message
+    reference = error.message.split("reference ")[1].split(";")[0]
+    assert reference in caplog.text and "/srv/secret/store" in caplog.text

@@ -169,8 +169,12 @@ def _stream_all(url: str, body: dict, key: str) -> list[str]:
 
 
 def _refused(url: str) -> bool:
+    """Whether the server has stopped taking requests: a refused connection, or one it closes without a whole
+    response (it was closing as the probe arrived). A probe that merely waits (a timeout) proves nothing."""
     try:
-        httpx.get(url + "/healthz", timeout=1)
-    except httpx.ConnectError:
+        httpx.get(url + "/healthz", timeout=DEADLINE_SECONDS)
+    except httpx.TimeoutException:
+        return False
+    except httpx.TransportError:  # ConnectError, RemoteProtocolError, ReadError...: not serving any more
         return True
     return False

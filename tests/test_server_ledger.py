@@ -10,7 +10,7 @@ from decimal import Decimal
 import anthropic
 import httpx
 import pytest
-from server_support import LiveServer
+from server_support import DEADLINE_SECONDS, LiveServer
 
 from kvmart.ledger import Tariff, quote, usd_text
 from kvmart.reuse.samples import sample_text
@@ -144,6 +144,119 @@ def test_a_retry_with_the_same_idempotency_key_is_charged_once(live):
     assert usage_of(live, retrier)["requests"] == 2
 
 
+def sse_data(lines) -> list[dict]:
+    """The JSON payloads of an SSE stream's `data:` lines ([DONE] left out)."""
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def test_a_stream_cut_off_by_its_client_is_charged_for_what_was_sent(live):
+    """The client reads five tokens of a long answer and hangs up: it pays for its prompt and at least the tokens
+    it received, never for tokens not generated, and the rest of its hold is released. A retry with its
+    Idempotency-Key is refused (no complete answer was kept), never answered again for free."""
+    from server_support import wait_until
+
+    cutter = live.account("cutter", "agent", usd="1")
+    headers = auth(cutter, **{"Idempotency-Key": "cut-1"})
+    body = chat(max_tokens=3000, temperature=1, seed=7, stream=True)
+    received = 0
+    with live.http.stream("POST", "/v1/chat/completions", headers=headers, json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                received += 1
+                if received == 5:
+                    break  # hang up
+    ledger = live.services.ledger
+    wait_until(lambda: ledger.usage(ledger.account("cutter")).requests == 1, "the cut-off request to be charged")
+    mine = usage_of(live, cutter)
+    [charge] = mine["charges"]
+    assert mine["held_usd"] == "0.000000000"  # the unused part of the hold is released
+    assert received <= mine["tokens"]["output"] < 3000 and mine["tokens"]["computed"] > 0
+    assert Decimal(mine["balance_usd"]) == 1 - Decimal(charge["usd"]) > 0
+    retry = live.http.post("/v1/chat/completions", headers=headers, json=body)
+    assert retry.status_code == 409 and "no complete answer was kept" in retry.json()["error"]["message"]
+    assert usage_of(live, cutter)["requests"] == 1 and ledger.health().is_sound
+
+
+def test_a_stream_closed_before_its_first_delta_is_settled_not_left_holding(live):
+    """A client that hangs up after the stream's opening event, before any delta was asked for (the role chunk is
+    sent first): the job is cancelled and the request charged as cut off, for its prompt and nothing generated;
+    its hold is gone at once, not renewed for as long as the node runs."""
+    import asyncio
+
+    from server_support import wait_until
+
+    from kvmart.reuse.prompt import ChatMessage, ChatPrompt
+    from kvmart.server.api.openai import Reply, chat_stream
+    from kvmart.server.pipeline.billing import Payer
+    from kvmart.server.pipeline.plan import GenerationRequest, Sampling
+    from kvmart.server.pipeline.runs import guarded, start_generation
+
+    key = live.account("early", "agent", usd="1")
+    services = live.services
+    payer = Payer(services.ledger.account("early"), None, "early-hang-up")
+    request = GenerationRequest(ChatPrompt((ChatMessage("user", "Who holds the copyright?"),)),
+                                Sampling(max_tokens=200, temperature=0.0))
+
+    async def hang_up_after_the_first_event() -> str:
+        run = await start_generation(services, request, "chat", payer)
+        stream = guarded(run, chat_stream(run, Reply(services, "chatcmpl"), False, False))
+        first = await anext(stream)
+        await stream.aclose()
+        return first
+
+    assert '"role":"assistant"' in asyncio.run(hang_up_after_the_first_event())
+    ledger = services.ledger
+    wait_until(lambda: ledger.usage(ledger.account("early")).requests == 1, "the abandoned request to be charged")
+    mine = usage_of(live, key)
+    assert mine["held_usd"] == "0.000000000" and mine["tokens"]["output"] == 0 and mine["tokens"]["computed"] > 0
+    assert ledger.health().is_sound
+
+
+def test_an_idempotent_stream_retry_replays_the_stored_stream(live):
+    """Streamed retries with one key at temperature 1: the first is generated and charged; every retry gets the
+    very same events as a stream (its charge marked replayed), nothing generated or charged again."""
+    streamer = live.account("streamer", "agent", usd="1")
+    headers = auth(streamer, **{"Idempotency-Key": "stream-1"})
+    body = chat(max_tokens=24, temperature=1, stream=True, stream_options={"include_usage": True})
+    answers = []
+    for _ in range(3):
+        with live.http.stream("POST", "/v1/chat/completions", headers=headers, json=body) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            answers.append((response.headers.get("idempotent-replayed"), list(response.iter_lines())))
+    assert [replayed for replayed, _ in answers] == [None, "true", "true"]
+    texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in sse_data(lines) if c["choices"])
+             for _, lines in answers]
+    assert texts[0] and texts == [texts[0]] * 3
+    charges = [sse_data(lines)[-1]["usage"]["kvmart"]["charge"] for _, lines in answers]
+    assert [c["replayed"] for c in charges] == [False, True, True]
+    assert {c["receipt"]["receipt"] for c in charges} == {charges[0]["receipt"]["receipt"]}
+    mine = usage_of(live, streamer)
+    assert mine["requests"] == 1 and mine["spent_usd"] == charges[0]["usd"]
+
+
+def test_a_key_charged_on_one_endpoint_is_refused_on_another(live):
+    """The same key and the very same body sent to /v1/messages after /v1/chat/completions: refused (409), never
+    answered with the stored chat.completion."""
+    other = live.account("endpoint-hopper", "agent", usd="1")
+    headers = auth(other, **{"Idempotency-Key": "hop-1"})
+    body = chat()  # valid for both APIs
+    assert live.http.post("/v1/chat/completions", headers=headers, json=body).status_code == 200
+    hopped = live.http.post("/v1/messages", headers=headers, json=body)
+    assert hopped.status_code == 409 and hopped.json()["type"] == "error", hopped.text
+    assert usage_of(live, other)["requests"] == 1
+
+
+def test_temperature_0_and_0_0_are_one_request(live):
+    agent = live.account("zero-point-zero", "agent", usd="1")
+    headers = auth(agent, **{"Idempotency-Key": "zero"})
+    first = live.http.post("/v1/chat/completions", headers=headers, json=chat(temperature=0))
+    again = live.http.post("/v1/chat/completions", headers=headers,
+                           content=json.dumps(chat(temperature=0)).replace('"temperature": 0', '"temperature": 0.0'))
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+
+
 def test_private_documents_are_invisible_to_other_tenants(live):
     tenant_a, tenant_b = live.account("tenant-a", "publisher"), live.account("tenant-b", "publisher")
     friend, stranger = live.account("friend", "agent"), live.account("stranger", "agent")
@@ -225,46 +338,39 @@ def test_concurrent_requests_racing_for_one_balance_never_overdraw_it(live):
     assert live.services.ledger.health().is_sound
 
 
-def test_a_server_killed_mid_request_leaves_balanced_books(tiny_folder, kvmart_data_dir):
-    import os
+def test_a_server_killed_mid_request_leaves_balanced_books_and_its_restart_releases_the_hold(tiny_folder,
+                                                                                            kvmart_data_dir):
+    """SIGKILL mid-answer: nothing is charged and the books balance; the request's hold still reserves its money
+    and its Idempotency-Key (its node might be alive), until the node starts again: then it releases its own
+    holds at once, and the key is served (not an hour of 409s and money kept off the balance)."""
     import signal
-    import subprocess
-    import sys
 
-    from pg_support import free_port
-    from server_support import DEADLINE_SECONDS, wait_until
+    from node_support import Node
 
     from kvmart.ledger import open_ledger
 
     ledger = open_ledger("", kvmart_data_dir, environ={})
     _, key = ledger.create_account("victim", "agent")
     ledger.deposit("victim", Decimal(1))
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", "from kvmart.cli.main import main; main()", "serve", "--port",
-                                str(port)], env={**os.environ, "KVMART_MODEL": MODEL, "KVMART_ADMIN_KEY": "a" * 32},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def is_up() -> bool:
-        try:
-            return httpx.get(url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return process.poll() is not None
-
+    node = Node()
+    headers = auth(key, **{"Idempotency-Key": "killed-1"})
     try:
-        wait_until(is_up, "kvmart serve to listen")
-        assert process.poll() is None, process.communicate()
         body = chat(max_tokens=3000, stream=True)
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(key),
+        with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, headers=headers,
                           timeout=DEADLINE_SECONDS) as response:
             assert response.status_code == 200 and next(response.iter_lines()).startswith("data: ")
-            process.send_signal(signal.SIGKILL)  # mid-answer: held, never charged
+            node.process.send_signal(signal.SIGKILL)  # mid-answer: held, never charged
     except httpx.TransportError:
         pass  # the stream broke as the server died
-    finally:
-        process.kill()
-        process.communicate()
+    node.kill()
     victim = ledger.usage(ledger.account("victim"))
     assert victim.requests == 0 and victim.balance_nanousd == 10**9 and victim.held_nanousd > 0
     assert ledger.health().is_sound
+    restarted = Node(port=node.port)  # the same node (same host, port and data directory) comes back
+    assert ledger.usage(ledger.account("victim")).held_nanousd == 0  # released as it started
+    retried = httpx.post(restarted.url + "/v1/chat/completions", json=chat(max_tokens=4), headers=headers,
+                         timeout=DEADLINE_SECONDS)
+    assert retried.status_code == 200, retried.text  # the key is free: no 409 "still running"
+    restarted.kill()
+    assert ledger.usage(ledger.account("victim")).requests == 1 and ledger.health().is_sound
     ledger.close()

@@ -23,7 +23,7 @@ def server_metrics(live: dict[str, float] | None = None) -> ServerMetrics:
     hot = ("hits", "misses", "evictions", "entries", "bytes", "budget_bytes")
     return ServerMetrics(read_active=lambda: live.get("active", 0), read_waiting=lambda: live.get("waiting", 0),
                          read_hot=lambda: {k: live.get(k, 0) for k in hot},
-                         read_documents=lambda: live.get("documents", 0))
+                         read_documents=lambda full: live.get("documents", 0))
 
 
 def test_counters_and_histograms_render_in_the_prometheus_text_format():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from infra_support import BUCKET, fake_aws_credentials, moto_s3, redis_server  # noqa: F401 (fixtures)
 
-from kvmart.errors import ArtifactError
+from kvmart.errors import ArtifactError, UnknownCacheError
 from kvmart.format.artifact import encode_artifact, read_artifact, read_manifest
 from kvmart.format.keys import cache_id as make_cache_id
 from kvmart.format.signing import SIGNATURE_FIELD, sign
@@ -80,7 +80,8 @@ def test_signature_sits_beside_the_manifest_and_keeps_its_hash(model_f32, monkey
     assert SIGNATURE_FIELD not in metadata(unsigned)
     assert metadata(signed)["kvmart"] == metadata(unsigned)["kvmart"]  # the manifest, its hash included, unchanged
     manifest, _ = read_manifest(io.BytesIO(signed), len(signed))
-    assert manifest.signature == metadata(signed)[SIGNATURE_FIELD] == sign(KEY.encode(), manifest.manifest_sha256)
+    assert manifest.signature == metadata(signed)[SIGNATURE_FIELD] == sign(KEY.encode(), manifest.cache_id,
+                                                                             manifest.manifest_sha256)
     assert manifest.manifest_sha256 == json.loads(metadata(unsigned)["kvmart"])["manifest_sha256"]
     _, back = read_artifact(io.BytesIO(signed), len(signed), model_f32.fingerprint)
     assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), kv.tensors().values(), strict=True))
@@ -92,7 +93,7 @@ def test_signed_artifact_round_trips_between_nodes(model_f32, shared_url, tmp_pa
     made = core.precompute_ids(model_f32, node(shared_url, tmp_path / "a"), ids, codec="kvmart")
     other = node(shared_url, tmp_path / "b")  # an empty disk: the artifact comes from the shared tier
     loaded = core.load(model_f32, other, made.entry.cache_id)
-    assert other.tiers[1].hits == 2  # the document's index and its one chunk
+    assert other.tiers[1].hits == 1  # its one chunk (the index's head is read from there too, counting no hit)
     expected = model_f32.prefill(ids)
     assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), expected.tensors().values(), strict=True))
 
@@ -184,3 +185,113 @@ def test_the_pipeline_recomputes_a_chunk_whose_shared_artifact_is_forged(model_f
     services.engine.close()
     stored = core.load(model_f32, DiskStore(tmp_path / "node"), doc.cache_id)
     assert stored.kv.equal(model_f32.prefill(ids))
+
+
+# -- the signature binds an artifact to its cache id and entry; a loader checks the id it asked for ----------------
+OTHER_TEXT = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software."
+
+
+def copy_under(shared_url: str, source: str, target: str, rewrite_entry: bool, sign_with: str | None = None) -> None:
+    """Copy the shared tier's artifact `source` (its index and stored bytes) under the id `target`, as someone with
+    write access to Redis or S3 could: the index as it is, or with its entry (and S3 object name) rewritten to say
+    `target`; `sign_with`: re-sign the rewritten index with this key (what only a holder of the key could do)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from kvmart.format.signing import sign_index
+
+    parts = urlsplit(shared_url)
+    options = dict(parse_qsl(parts.query))
+    if parts.scheme == "redis":
+        import redis
+
+        client = redis.Redis(host=parts.hostname, port=parts.port)
+        prefix = options["prefix"]
+        index = json.loads(client.get(f"{prefix}:index:{source}"))
+        for i in range(len(index["chunks"])):
+            client.set(f"{prefix}:chunk:{target}:{index['nonce']}:{i}",
+                       client.get(f"{prefix}:chunk:{source}:{index['nonce']}:{i}"))
+        client.sadd(f"{prefix}:catalog", target)
+        put_index = lambda body: client.set(f"{prefix}:index:{target}", body)  # noqa: E731
+    else:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=options["endpoint"], region_name="us-east-1")
+        prefix = parts.path.strip("/")
+        index = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/entries/{source}.json")["Body"].read())
+        if rewrite_entry:
+            moved = index["object"].replace(source, target)
+            client.copy_object(Bucket=BUCKET, Key=moved, CopySource={"Bucket": BUCKET, "Key": index["object"]})
+            index["object"] = moved
+        put_index = lambda body: client.put_object(Bucket=BUCKET, Key=f"{prefix}/entries/{target}.json",  # noqa: E731
+                                                   Body=body)
+    if rewrite_entry:
+        index["entry"]["cache_id"] = target
+        index.pop("signature", None)
+        if sign_with:
+            index["signature"] = sign_index(sign_with.encode(), target, index)
+    put_index(json.dumps(index).encode())
+
+
+@pytest.mark.parametrize("rewrite_entry, sign_with", [(False, None), (True, None), (True, KEY)],
+                         ids=["index copied as it is", "entry rewritten", "entry rewritten and index re-signed"])
+def test_an_artifact_copied_under_another_documents_id_is_refused(model_f32, shared_url, tmp_path, monkeypatch,
+                                                                   rewrite_entry, sign_with):
+    """Document X's correctly signed artifact and index copied under document Y's id: a fresh node never serves Y
+    from X's tokens and KV. An index copied as it is names X (refused as another id's, dropped); one rewritten to
+    name Y fails its signature (it names the id); one re-signed for Y (as only a key holder could) still carries
+    X's artifact, whose header signature names X and whose manifest is X's: refused."""
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    writer = node(shared_url, tmp_path / "a")
+    x = core.precompute_ids(model_f32, writer, model_f32.tokenize(TEXT), codec="raw").entry.cache_id
+    y_ids = model_f32.tokenize(OTHER_TEXT)
+    y = core.precompute_ids(model_f32, writer, y_ids, codec="raw").entry.cache_id
+    copy_under(shared_url, x, y, rewrite_entry, sign_with)
+    fresh = node(shared_url, tmp_path / "b")
+    with pytest.raises((ArtifactError, UnknownCacheError)):
+        core.load(model_f32, fresh, y)
+    assert DiskStore(tmp_path / "b").entry(y) is None  # nothing of it reached the node's disk
+    if sign_with is None:  # nor is its entry believed (a key holder's index is, but not the artifact behind it)
+        assert fresh.entry(y) is None and y not in [e.cache_id for e in fresh.entries()]
+
+
+def test_without_a_key_the_loader_still_refuses_another_ids_artifact(model_f32, shared_url, tmp_path):
+    """No signing key: whoever writes the shared tier can forge anything, but an honest copy under the wrong id
+    (an operator's mistake, a bad migration) is still caught: the loader checks the id it asked for."""
+    writer = node(shared_url, tmp_path / "a")
+    x = core.precompute_ids(model_f32, writer, model_f32.tokenize(TEXT), codec="raw").entry.cache_id
+    y = core.precompute_ids(model_f32, writer, model_f32.tokenize(OTHER_TEXT), codec="raw").entry.cache_id
+    copy_under(shared_url, x, y, rewrite_entry=True)
+    with pytest.raises(ArtifactError, match="returned artifact .* for cache id"):
+        core.load(model_f32, node(shared_url, tmp_path / "b"), y)
+
+
+def test_an_index_signed_but_an_unsigned_artifact_is_still_refused(model_f32, shared_url, tmp_path, monkeypatch):
+    """Both statements are checked: an artifact written without the key behind an index signed with it (a node that
+    lost its key mid-write, or a chunk swapped) is refused by its header's missing signature."""
+    ids = model_f32.tokenize(TEXT)
+    data = forged(model_f32, ids)  # made with no key: its header is unsigned
+    monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    cid = plant(open_shared(shared_url), model_f32, ids, data)  # the index is signed (the key is set now)
+    with pytest.raises(ArtifactError, match=r"artifact \w+ is not signed by this cluster's key"):
+        core.load(model_f32, node(shared_url, tmp_path / "node"), cid)
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["signing key", "no key"])
+def test_a_chunk_copied_under_another_chunks_key_is_refused(model_f32, shared_url, tmp_path, monkeypatch, with_key):
+    """Format 3 stores a document as chunks under their chained keys: document X's chunk, correctly signed, copied
+    under the key of document Y's chunk (its index entry rewritten and, with a key, re-signed by a key holder) is
+    refused by a fresh node: its header's signature names X's key, and the reader derives Y's key from Y's tokens
+    and finds another in the manifest. Never served as Y's KV."""
+    if with_key:
+        monkeypatch.setenv("KVMART_SIGNING_KEY", KEY)
+    writer = node(shared_url, tmp_path / "a")
+    x = core.precompute_ids(model_f32, writer, model_f32.tokenize(TEXT), codec="raw").entry.cache_id
+    y = core.precompute_ids(model_f32, writer, model_f32.tokenize(OTHER_TEXT), codec="raw").entry.cache_id
+    (x_chunk,) = core.chunk_keys_of(writer, x)
+    (y_chunk,) = core.chunk_keys_of(writer, y)
+    assert x_chunk not in (x, y) and y_chunk not in (x, y)
+    copy_under(shared_url, x_chunk, y_chunk, rewrite_entry=True, sign_with=KEY if with_key else None)
+    fresh = node(shared_url, tmp_path / "b")
+    with pytest.raises(ArtifactError, match="returned artifact|does not match"):
+        core.load(model_f32, fresh, y)
+    assert DiskStore(tmp_path / "b").entry(y_chunk) is None  # refused, and dropped: it will be computed again

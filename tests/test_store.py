@@ -3,6 +3,7 @@ re-opening, atomic puts that leave nothing behind, stale temp cleanup) and `open
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -182,3 +183,62 @@ def test_open_store_unknown_scheme_lists_known_ones():
     message = str(e.value)
     assert "'ftp'" in message
     assert all(scheme in message for scheme in SCHEMES) and "file" in message and "memory" in message
+
+
+# -- ids are parsed before any path is built; unreadable entries are quarantined, never a failed listing ----------
+@pytest.mark.parametrize("bad", ["../../escape", "/etc/passwd", "ab/../../cd", "0" * 63, "0" * 65, "A" * 64,
+                                 "0" * 63 + "\0", "", "doc_0123"])
+def test_no_store_builds_a_path_or_key_from_a_non_id(store, tmp_path: Path, bad: str):
+    from kvmart.errors import InvalidIdError
+
+    for call in (lambda: store.put(entry(bad), writer(b"x")), lambda: store.entry(bad), lambda: store._open(bad),
+                 lambda: store.delete(bad)):
+        with pytest.raises(InvalidIdError, match="is not a cache id"):
+            call()
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["store"])  # nothing written beside the store...
+    assert not any(tmp_path.parent.glob("*escape*")) and not Path("/etc/passwd.kvm").exists()  # ...or above it
+    assert store.entries() == []
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[]", b'{"cache_id": 1}', b"",
+                                     b'"a string"', "wrong types", "unknown kind"])
+def test_an_unreadable_entry_file_is_quarantined_and_never_fails_a_listing(tmp_path: Path, caplog, content):
+    store = DiskStore(tmp_path / "store")
+    good, bad = cid("aa"), cid("bb")
+    store.put(entry(good), writer(b"good"))
+    store.put(entry(bad), writer(b"bad"))
+    path = store.root / "entries" / f"{bad}.json"
+    if content == "wrong types":  # valid JSON, every field there, one of the wrong type
+        content = json.dumps({**entry(bad).as_dict(), "num_tokens": "3"}).encode()
+    if content == "unknown kind":
+        content = json.dumps({**entry(bad).as_dict(), "kind": "../../x"}).encode()
+    path.write_bytes(content)
+    (store.root / "entries" / "not-an-id.json").write_text(json.dumps(entry(good).as_dict()))
+    assert [e.cache_id for e in store.entries()] == [good]  # listed without the bad ones, no error
+    assert store.entry(bad) is None
+    assert not path.exists() and not (store.root / "entries" / "not-an-id.json").exists()
+    quarantined = sorted(p.name.split(".json")[0] for p in (store.root / "quarantine").iterdir())
+    assert quarantined == [bad, "not-an-id"]
+    assert "unreadable" in caplog.text and "quarantine" in caplog.text
+
+
+def test_an_entry_file_written_before_format_3_is_read_not_quarantined(tmp_path: Path):
+    """Entries of kvmart 0.1 have no kind, owner or kv_bytes: they are documents stored whole, still readable."""
+    store = DiskStore(tmp_path / "store")
+    old = cid("cc")
+    store.put(entry(old), writer(b"old"))
+    before = {k: v for k, v in entry(old).as_dict().items() if k not in ("kind", "owner", "kv_bytes")}
+    (store.root / "entries" / f"{old}.json").write_text(json.dumps(before))
+    assert store.entry(old) == entry(old) and store.entry(old).is_document
+    assert [e.cache_id for e in store.entries()] == [old]
+    assert not (store.root / "quarantine").exists() or not any((store.root / "quarantine").iterdir())
+
+
+def test_an_entry_file_describing_another_artifact_is_quarantined(tmp_path: Path):
+    store = DiskStore(tmp_path / "store")
+    a, b = cid("aa"), cid("bb")
+    store.put(entry(a), writer(b"a"))
+    store.put(entry(b), writer(b"b"))
+    (store.root / "entries" / f"{b}.json").write_text(json.dumps(entry(a).as_dict()))  # b's file says it is a
+    assert [e.cache_id for e in store.entries()] == [a]
+    assert store.entry(b) is None

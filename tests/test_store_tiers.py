@@ -5,6 +5,7 @@ budgets and degraded mode around a shared tier that goes down and comes back."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -344,3 +345,89 @@ def test_the_cli_over_a_redis_store(redis_server, tiny_folder, monkeypatch, tmp_
     assert 0 < client.ttl(f"{prefix}:index:{cache_id}") <= 3600
     assert run("pin", cache_id[:12]).exit_code == 0
     assert client.ttl(f"{prefix}:index:{cache_id}") == -1  # pinned: no expiry
+
+
+# -- whatever a shared tier holds, its ids are parsed, never trusted as names; a malformed index is skipped -------
+def plant_raw_index(shared: Store, listed_id: str, index: object) -> None:
+    """Write an index (and list its id) straight into a shared tier, as anyone with access to it could."""
+    body = json.dumps(index).encode()
+    if hasattr(shared, "_client") and shared.__class__.__name__ == "RedisStore":
+        shared._client.set(shared._key("index", listed_id), body)
+        shared._client.sadd(shared._key("catalog"), listed_id)
+    else:
+        shared._client.put_object(Bucket=shared.config.bucket, Key=shared._key("entries", f"{listed_id}.json"),
+                                  Body=body)
+
+
+def test_ids_from_a_shared_tier_are_never_paths_and_malformed_indexes_are_skipped(shared, tmp_path: Path, caplog):
+    good = cid("aa")
+    shared.put(entry(good), writer(b"the good one"))
+    good_index = (json.loads(shared._client.get(shared._key("index", good))) if hasattr(shared._client, "mget")
+                  else json.loads(shared._client.get_object(Bucket=shared.config.bucket,
+                                                            Key=shared._key("entries", f"{good}.json"))["Body"].read()))
+    evil = "../../../../escape"
+    plant_raw_index(shared, evil, {**good_index, "entry": {**entry(good).as_dict(), "cache_id": evil}})
+    plant_raw_index(shared, cid("bb"), {**good_index, "entry": {**entry(cid("bb")).as_dict(), "cache_id": evil}})
+    plant_raw_index(shared, cid("cc"), {**good_index, "entry": {**entry(cid("cc")).as_dict(), "num_tokens": "3"}})
+    plant_raw_index(shared, cid("dd"), ["not", "an", "index"])
+    node = TieredStore([Tier("disk", DiskStore(tmp_path / "node" / "store")), Tier("shared", shared, is_shared=True)])
+    assert [e.cache_id for e in node.entries()] == [good]  # listed, the malformed ones skipped: no error
+    for bad in (cid("bb"), cid("cc"), cid("dd")):
+        assert node.entry(bad) is None
+        with pytest.raises(UnknownCacheError):
+            read_back(node, bad)
+    assert read_back(node, good) == b"the good one"
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {f"node/store/entries/{good}.json", f"node/store/objects/aa/{good}.kvm"}
+    assert not list(tmp_path.parent.rglob("escape*"))
+    assert "skipped" in caplog.text or "absent" in caplog.text
+
+
+def test_a_malformed_shared_index_makes_the_engine_recompute_never_fail(model_f32, kvmart_data_dir, redis_server,
+                                                                         tmp_path: Path):
+    """A chunk's index in Redis is replaced by one with a field of the wrong type and the node lost its own copy: a
+    request that reads the document gets that chunk recomputed (its answer what a from-scratch run gives), not an
+    error. The same damage to the document's own index makes it absent: a clean 404, never a 500."""
+    import dataclasses
+
+    from kvmart.config import Settings
+    from kvmart.errors import UnknownDocumentError
+    from kvmart.reuse.prompt import ChatMessage, ChatPrompt
+    from kvmart.runtime.chat import document_ids, layout_for
+    from kvmart.server.config import ServerSettings
+    from kvmart.server.pipeline.engine import Computed, PublishJob
+    from kvmart.server.pipeline.plan import Caller, GenerationRequest, Sampling
+    from kvmart.server.pipeline.services import build_services
+
+    url = f"{redis_server.url}?prefix={fresh_prefix()}"
+    store = TieredStore([Tier("disk", DiskStore(tmp_path / "node")), Tier("redis", open_shared(url), is_shared=True)])
+    services = build_services(Settings(data_dir=kvmart_data_dir, model=model_f32.spec),
+                              ServerSettings(ram_cache_bytes=0), model_f32, store=store)
+    ids = document_ids(model_f32.tokenize, layout_for(model_f32.tokenizer),
+                       "A document whose shared index will be broken.")
+    (published,) = services.engine.publish(PublishJob(ids, "doc", ""), "raw")
+    doc = services.engine.register(published)
+    shared = store.tiers[1].store
+
+    def break_index(cache_id: str) -> None:
+        index = json.loads(shared._client.get(shared._key("index", cache_id)))
+        shared._client.set(shared._key("index", cache_id),
+                           json.dumps({**index, "entry": {**index["entry"], "num_tokens": "many"}}))
+        store.tiers[0].store.delete(cache_id)
+
+    ((_, key),) = doc.chunks
+    break_index(key)
+    request = GenerationRequest(ChatPrompt((ChatMessage("user", "Q?"),), (doc.id,)),
+                                Sampling(max_tokens=4, temperature=0.0))
+
+    def answer(bypass: bool) -> list:
+        plan = services.planner.plan(dataclasses.replace(request, bypass=bypass), Caller(None, None, "s"))
+        loaded = services.loader.load(plan)
+        return [loaded.num_tokens] + [e for e in services.engine.execute(plan, loaded) if not isinstance(e, Computed)]
+
+    cached, fresh = answer(False), answer(True)
+    assert cached[0] == 0 and cached[1:] == fresh[1:]  # the chunk read as absent and was computed again
+    break_index(doc.cache_id)
+    with pytest.raises(UnknownDocumentError):
+        services.planner.plan(request, Caller(None, None, "s"))
+    services.engine.close()

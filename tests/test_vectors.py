@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 
 from kvmart.canonical import canonical, spaced
 from kvmart.codec.raw import byte_view
+from kvmart.errors import ArtifactError
 from kvmart.format.artifact import read_artifact
 from kvmart.format.keys import cache_id, chunk_keys
 from kvmart.runtime.fingerprint import ModelFingerprint
 
 VECTORS = Path(__file__).parent / "vectors"
-CASES = sorted(p.stem for p in VECTORS.glob("*.json") if p.name != "model.json" and not p.name.endswith(".chain.json"))
+CASES = sorted(p.stem for p in VECTORS.glob("*.json") if p.name != "model.json" and not p.name.startswith("chain."))
 
 
 def load_reader():
@@ -140,3 +141,38 @@ def test_the_independent_reader_follows_a_documents_chunk_chain():
         assert read.manifest["token_ids"] == chunk["token_ids"] and len(read.tensors) == 2 * read.manifest["num_layers"]
         with pytest.raises(reader.FormatError, match="key its reader derived"):
             reader.read(VECTORS / chunk["artifact"], expected["salt"], expected_key="0" * 64)
+
+
+def test_the_signatures_are_what_the_spec_says_and_bind_each_artifact_to_its_id(monkeypatch):
+    """docs/FORMAT.md "Hash inputs": the independent reader computes the signature of the chain's index and of each
+    chunk (each under its own id: the document's cache id, the chunk's key) and of a shared tier's index exactly as
+    kvmart writes them with the key set; and a signature made for one of them never verifies for another id."""
+    from kvmart.canonical import compact
+    from kvmart.format.signing import SIGNATURE_FIELD, check, sign, sign_index
+    from kvmart.format.transcode import transcode
+
+    expected = json.loads((VECTORS / "chain.signatures.json").read_text())
+    key = expected["key"]
+    artifacts = expected["artifacts"]
+    assert [a["artifact"] for a in artifacts] == ["chain.index.kvm", "chain.chunk-0.kvm", "chain.chunk-1.kvm"]
+    monkeypatch.setenv("KVMART_SIGNING_KEY", key)
+    for a in artifacts:
+        data = (VECTORS / a["artifact"]).read_bytes()
+        read = reader.read(VECTORS / a["artifact"], "", expected_key=None if a["artifact"] == "chain.index.kvm"
+                           else a["cache_id"]).manifest
+        assert (read["cache_id"], read["manifest_sha256"]) == (a["cache_id"], a["manifest_sha256"])
+        assert reader.artifact_signature(key, a["cache_id"], a["manifest_sha256"]) == a["signature"] == \
+            sign(key.encode(), a["cache_id"], a["manifest_sha256"])
+        rewritten = io.BytesIO()
+        transcode(data, "raw").write(rewritten)  # kvmart re-writes the header, signing it with the key now set
+        (n,) = np.frombuffer(rewritten.getvalue()[:8], "<u8")
+        assert json.loads(rewritten.getvalue()[8:8 + int(n)])["__metadata__"][SIGNATURE_FIELD] == a["signature"]
+        for other in artifacts:
+            if other is not a:  # signed for one id, refused for any other
+                with pytest.raises(ArtifactError, match="signature does not match"):
+                    check(key.encode(), a["manifest_sha256"], a["signature"], other["cache_id"])
+    shared = expected["shared_index"]
+    assert reader.compact(shared["index"]) == compact(shared["index"])
+    assert reader.index_signature(key, shared["stored_id"], shared["index"]) == shared["signature"] == \
+        sign_index(key.encode(), shared["stored_id"], shared["index"])
+    assert reader.index_signature(key, artifacts[1]["cache_id"], shared["index"]) != shared["signature"]

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvmart.ledger import Terms, open_ledger
 from kvmart.web import charts, stats
-from kvmart.web.formatting import price, size, usd
+from kvmart.web.formatting import latency_bound, price, seconds, size, usd
 from kvmart.web.provider import Samples, endpoints, quantile
 from kvmart.web.sessions import MemorySessions, Sessions
 
@@ -60,6 +60,18 @@ def test_samples_read_from_a_registry_and_quantiles():
     buckets = {0.1: 1, 1.0: 19, float("inf"): 20}
     assert quantile(buckets, 0.5) == 1.0 and quantile(buckets, 0.05) == 0.1 and quantile(buckets, 0.99) == float("inf")
     assert quantile({}, 0.95) == 0.0
+
+
+def test_durations_read_in_seconds_and_a_p95_beyond_the_buckets_as_a_bound():
+    assert [seconds(v) for v in (0.0042, 0.5, 3.414, 14377.7)] == ["0.004 s", "0.500 s", "3.41 s", "14,378 s"]
+    assert latency_bound(2.5, 60.0) == "2.50 s" and latency_bound(float("inf"), 60.0) == "> 60 s"
+    assert latency_bound(float("inf"), 300.0) == "> 300 s" and latency_bound(float("inf"), 2.5) == "> 2.50 s"
+    registry = CollectorRegistry()
+    latency = Histogram("h", "l", ["endpoint"], buckets=(10.0, 60.0), registry=registry)
+    for value in (100.0, 150.0):
+        latency.labels(endpoint="a").observe(value)
+    (found,) = endpoints(Samples(registry.collect()), "h")
+    assert (found.p95_seconds, found.top_bucket_seconds, found.mean_seconds) == (float("inf"), 60.0, 125.0)
 
 
 def test_sessions_are_fresh_bounded_and_expire():

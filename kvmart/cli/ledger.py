@@ -7,15 +7,16 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
-from kvmart.cli.output import console, out
+from kvmart.cli.output import Column, console, listing, out, print_json
 from kvmart.config import load_settings
-from kvmart.ledger import Ledger, open_ledger, parse_money, usd_text
-from kvmart.ledger.db import redact
+
+if TYPE_CHECKING:  # the ledger (SQLAlchemy) is imported by the commands that open it, not by `kvmart --help`
+    from kvmart.ledger import Ledger
 
 
 def ledger_options(command: Callable) -> Callable:
@@ -26,6 +27,7 @@ def ledger_options(command: Callable) -> Callable:
     @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the embedded ledger lives.")
     @functools.wraps(command)
     def wrapper(ledger_url: str | None, data_dir: str | None, **kwargs):
+        from kvmart.ledger import open_ledger
 
         settings = load_settings().with_overrides(data_dir=data_dir, ledger=ledger_url)
         ledger = open_ledger(settings.ledger, settings.data_dir)
@@ -42,6 +44,7 @@ def ledger_options(command: Callable) -> Callable:
 def money(ctx, param, value: str | None):
     """click callback: dollars as Decimal (never float)."""
     from kvmart.errors import TariffError
+    from kvmart.ledger import parse_money
 
     try:
         return None if value is None else parse_money(value, param.name)
@@ -69,15 +72,28 @@ def create_account(ledger: Ledger, name: str, role: str, deposit) -> None:
     out.print(f"api key {key}")
 
 
-@accounts.command("list")
-@ledger_options
-def list_accounts(ledger: Ledger) -> None:
-    """Every account with its balance and the money held for its requests in flight."""
+def usd(nanousd: int) -> str:
+    """Exact dollars with the trailing zeros of the nano-dollar trimmed to cents: 460_400 -> '0.0004604'."""
+    from kvmart.ledger import usd_text
 
-    table = Table("name", "role", "balance $", "held $")
-    for b in ledger.balances():
-        table.add_row(escape(b.name), b.role, usd_text(b.balance_nanousd), usd_text(b.held_nanousd))
-    out.print(table)
+    whole, _, frac = usd_text(nanousd).partition(".")
+    return f"{whole}.{frac.rstrip('0').ljust(2, '0')}"
+
+
+@accounts.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@ledger_options
+def list_accounts(ledger: Ledger, as_json: bool) -> None:
+    """Every account with its balance and the money held for its requests in flight."""
+    from kvmart.ledger import usd_text
+
+    balances = ledger.balances()
+    if as_json:
+        print_json([{"account": b.name, "role": b.role, "balance_usd": usd_text(b.balance_nanousd),
+                     "held_usd": usd_text(b.held_nanousd)} for b in balances])
+        return
+    listing([("name", False), ("role", False), ("balance $", True), ("held $", True)],
+            [[b.name, b.role, usd(b.balance_nanousd), usd(b.held_nanousd)] for b in balances])
 
 
 @accounts.command("deposit")
@@ -86,6 +102,8 @@ def list_accounts(ledger: Ledger) -> None:
 @ledger_options
 def deposit(ledger: Ledger, name: str, usd) -> None:
     """Credit USD dollars paid in to account NAME (a balanced transaction from `external`)."""
+
+    from kvmart.ledger import usd_text
 
     if usd <= 0:
         raise click.BadParameter("a deposit must be positive", param_hint="USD")
@@ -123,43 +141,41 @@ def ledger() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @ledger_options
 def report(ledger: Ledger, as_json: bool) -> None:
-    """Balances, and per document: reads, revenue, royalties and what readers saved against re-prefilling."""
+    """Balances, and per document: reads, revenue, royalties and what readers saved against re-prefilling. Tables
+    that do not fit the terminal are printed one block per row; ids and amounts are never cut (--json for
+    scripts)."""
+    from kvmart.ledger import usd_text
+    from kvmart.ledger.db import redact
     from kvmart.server.api.accounts import document_report_json
 
     balances, documents = ledger.balances(), ledger.documents()
     if as_json:
-        click.echo(json.dumps({"balances": [{"account": b.name, "role": b.role,
-                                             "balance_usd": usd_text(b.balance_nanousd)} for b in balances],
-                               "documents": [document_report_json(d) for d in documents]}, indent=2))
+        print_json({"balances": [{"account": b.name, "role": b.role, "balance_usd": usd_text(b.balance_nanousd)}
+                                 for b in balances], "documents": [document_report_json(d) for d in documents]})
         return
-    out.print(balance_table(balances))
-    out.print(document_table(documents))
+    listing([("account", False), ("role", False), ("balance $", True)],
+            [[b.name, b.role, usd(b.balance_nanousd)] for b in balances], title="balances")
+    listing(DOCUMENT_COLUMNS, [document_row(d) for d in documents], title="documents")
     health = ledger.health()
     out.print(f"entries sum to ${usd_text(health.entries_sum_nanousd)} · ledger {redact(ledger.url)} · "
               + ("sound" if health.is_sound else "[red]NOT SOUND[/red]"))
 
 
-def balance_table(balances) -> Table:
-    table = Table("account", "role", "balance $", title="balances", title_justify="left")
-    for b in balances:
-        table.add_row(escape(b.name), b.role, usd_text(b.balance_nanousd))
-    return table
+DOCUMENT_COLUMNS: list[Column] = [("document", False), ("publisher", False), ("licence", False), ("reads", True),
+                                  ("cached tokens", True), ("revenue $", True), ("royalties $", True),
+                                  ("saved $", True), ("precompute $", True)]
 
 
-def document_table(documents) -> Table:
-    table = Table("document", "publisher", "licence", "reads", "cached tokens", "revenue $", "royalties $",
-                  "saved vs prefill $", "precompute $", title="documents", title_justify="left")
-    for d in documents:
-        table.add_row("doc_" + d.cache_id[:24], escape(d.publisher or "-"), d.licence, f"{d.reads:,}",
-                      f"{d.cached_tokens:,}", usd_text(d.revenue_nanousd), usd_text(d.royalty_nanousd),
-                      usd_text(d.saved_nanousd), usd_text(d.precompute_nanousd))
-    return table
+def document_row(d) -> list[str]:
+    return ["doc_" + d.cache_id[:24], d.publisher or "-", d.licence, f"{d.reads:,}", f"{d.cached_tokens:,}",
+            usd(d.revenue_nanousd), usd(d.royalty_nanousd), usd(d.saved_nanousd), usd(d.precompute_nanousd)]
 
 
 @ledger.command("check")
 @ledger_options
 def check(ledger: Ledger) -> None:
     """Exit 1 unless every entry sums to zero, every balance equals its entries and none is negative."""
+    from kvmart.ledger import usd_text
 
     health = ledger.health()
     out.print(f"entries sum ${usd_text(health.entries_sum_nanousd)}; unbalanced accounts: "
@@ -182,7 +198,7 @@ def verify(document: str, keys_file: str | None, receipt_file: str | None, ledge
     from GET /v1/statements) is one the provider signed, unchanged; 1 otherwise. With --keys it needs nothing but
     the provider's published keys; without, it checks against this ledger (which also checks receipts issued
     before public-key receipts, by their HMAC)."""
-    from kvmart.ledger import keys, receipts, statements
+    from kvmart.ledger import keys, open_ledger, receipts, statements
 
     body, included = read_json_file(document, "DOCUMENT"), None
     if receipt_file is not None:
@@ -242,12 +258,11 @@ def inclusion_problem(statement: object, receipt: object) -> str | None:
 def list_keys(ledger: Ledger, as_json: bool) -> None:
     """The provider's receipt signing keys, oldest first, with their validity (the current one has no end)."""
     if as_json:
-        click.echo(json.dumps(ledger.well_known(), indent=2))
+        print_json(ledger.well_known())
         return
-    table = Table("key id", "algorithm", "valid from", "valid until")
-    for k in ledger.public_keys():
-        table.add_row(k.key_id, "Ed25519", str(k.valid_from), "current" if k.valid_until is None else str(k.valid_until))
-    out.print(table)
+    listing([("key id", False), ("algorithm", False), ("valid from", False), ("valid until", False)],
+            [[k.key_id, "Ed25519", str(k.valid_from), "current" if k.valid_until is None else str(k.valid_until)]
+             for k in ledger.public_keys()])
 
 
 @ledger.command("rotate-key")
@@ -280,6 +295,8 @@ def statement(ledger: Ledger, publisher: str, start: int, end: int | None, no_re
 @ledger_options
 def escrow(ledger: Ledger, refund_due: bool) -> None:
     """What escrow holds (royalties of open documents whose owner is not verified), and refund what is due."""
+    from kvmart.ledger import usd_text
+
     if refund_due:
         paid = ledger.refund_due_escrow()
         out.print(f"refunded ${usd_text(paid.amount_nanousd)} of {paid.receipts} royalties to their readers")

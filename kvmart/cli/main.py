@@ -1,6 +1,8 @@
 """The `kvmart` command line: parse, call the core loop, print. Errors are translated here, once.
 
-Every command takes --model, --dtype, --attention, --data-dir and --store (also settable as KVMART_* variables)."""
+Every command takes --model, --dtype, --attention, --data-dir and --store (also settable as KVMART_* variables).
+Heavy modules (torch, transformers, the ledger's database layer, the MCP SDK) are imported inside the commands that
+need them, so `kvmart --help` and `kvmart cost` start in well under a second (tests/test_cli.py checks it)."""
 
 from __future__ import annotations
 
@@ -8,22 +10,25 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvmart.cli.ledger import accounts, ledger
-from kvmart.cli.output import console, out
-from kvmart.config import ATTENTION_IMPLEMENTATIONS, DTYPES, Settings, load_settings
-from kvmart.engines import ENGINES
+from kvmart.cli.output import console, listing, out, print_json
+from kvmart.cli.progress import reporter, working
+from kvmart.config import ATTENTION_IMPLEMENTATIONS, DTYPES, ENGINES, Settings, load_settings
 from kvmart.errors import KvmartError
-from kvmart.reuse import core
 from kvmart.reuse.samples import SAMPLES, sample_text
-from kvmart.runtime.chat import layout_for, question_ids
-from kvmart.runtime.model import Model
 from kvmart.store import Store, open_store
+
+if TYPE_CHECKING:
+    from kvmart.reuse import core
+    from kvmart.runtime.model import Model
+
+DOC_PREFIX = "doc_"  # the API's document ids: doc_ + the cache id's first 24 hex digits (kvmart/reuse/catalog.py)
 
 
 def common_options(command: Callable) -> Callable:
@@ -44,43 +49,19 @@ def common_options(command: Callable) -> Callable:
     return wrapper
 
 
-class Bars:
-    """Rich progress bars for the long steps (building or converting a model, prefilling a document)."""
-
-    def __init__(self) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
-        self.tasks: dict[str, TaskID] = {}
-
-    def __enter__(self) -> "Bars":
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def stage(self, message: str, fraction: float | None) -> None:
-        """Advance the bar of `message` (a new message completes the bars before it); None: no known end."""
-        if message not in self.tasks:
-            for task in self.tasks.values():
-                self.progress.update(task, total=1.0, completed=1.0)
-            self.tasks[message] = self.progress.add_task(message, total=None if fraction is None else 1.0)
-        if fraction is not None:
-            self.progress.update(self.tasks[message], total=1.0, completed=fraction)
-
-    def fraction(self, message: str) -> Callable[[float], None]:
-        return lambda f: self.stage(message, f)
-
-
 def load_model(settings: Settings) -> Model:
-    with Bars() as bars:
-        return Model.load(settings, bars.stage)
+    from kvmart.runtime.model import Model
+
+    with reporter() as progress:
+        return Model.load(settings, progress.stage)
 
 
 def read_document(path: str) -> tuple[str, str]:
     """(text, title) of a file, or of a bundled sample named `sample:NAME`."""
     if path.startswith("sample:"):
         return sample_text(path.removeprefix("sample:")), path
+    from kvmart.reuse import core
+
     p = Path(path)
     if not p.is_file():
         raise click.BadParameter(f"no such file: {path}", param_hint="FILE")
@@ -88,18 +69,26 @@ def read_document(path: str) -> tuple[str, str]:
 
 
 def precompute_document(model: Model, store: Store, path: str, settings: Settings) -> core.Precomputed:
+    from kvmart.reuse import core
+
     text, title = read_document(path)
-    with Bars() as bars:
+    with reporter() as progress:
         return core.precompute(model, store, text, title=title, source=path,
-                                progress=bars.fraction(f"prefilling {title}"), codec=settings.artifact_codec,
+                                progress=progress.fraction(f"prefilling {title}"), codec=settings.artifact_codec,
                                 chunk_tokens=settings.chunk_tokens)
 
 
+def resolve_id(store: Store, given: str) -> str:
+    """The cache id a user named: a cache id or unique prefix of one, or a document id as the API gives it
+    (`doc_` + the cache id's first 24 hex digits; a prefix of one works too)."""
+    return store.resolve(given.removeprefix(DOC_PREFIX) if given.startswith(DOC_PREFIX) else given)
+
+
 def resolve_document(model: Model, store: Store, doc: str, settings: Settings) -> str:
-    """A cache id (or unique prefix) or a file to precompute first -> cache id."""
+    """A cache id, document id (or unique prefix of either) or a file to precompute first -> cache id."""
     if doc.startswith("sample:") or Path(doc).is_file():
         return precompute_document(model, store, doc, settings).entry.cache_id
-    return store.resolve(doc)
+    return resolve_id(store, doc)
 
 
 @click.group()
@@ -134,7 +123,9 @@ def precompute(settings: Settings, file: str, codec: str | None) -> None:
 @click.option("--seed", type=int, help="Sampling seed.")
 @common_options
 def ask(settings: Settings, doc: str, question: str, max_tokens: int, temperature: float, seed: int | None) -> None:
-    """Answer QUESTION about DOC (a cache id, or a file precomputed first) from its stored KV cache."""
+    """Answer QUESTION about DOC (a cache id, a doc_ id, or a file precomputed first) from its stored KV cache."""
+    from kvmart.reuse import core
+
     model, store = load_model(settings), open_store(settings.store_url)
     loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     answer = core.ask(model, loaded, question, max_tokens, temperature, seed)
@@ -150,13 +141,16 @@ def ask(settings: Settings, doc: str, question: str, max_tokens: int, temperatur
 @click.option("--tokens", default=24, show_default=True, help="Greedy tokens to compare.")
 @common_options
 def verify(settings: Settings, doc: str, question: str, tokens: int) -> None:
-    """Check DOC's artifact: bit-exact reuse, and agreement with single-pass prefill."""
+    """Check DOC's artifact (a cache id, a doc_ id, or a file): bit-exact reuse, and agreement with single-pass
+    prefill."""
+    from kvmart.reuse import core
     from kvmart.reuse.verify import verify as run_verify
+    from kvmart.runtime.chat import layout_for, question_ids
 
     model, store = load_model(settings), open_store(settings.store_url)
     loaded = core.load(model, store, resolve_document(model, store, doc, settings))
     q = question_ids(model.tokenize, layout_for(model.tokenizer), question)
-    with console.status("comparing reuse against fresh prefills"):
+    with working("comparing reuse against fresh prefills"):
         report = run_verify(model, loaded, q, tokens)
     print_report(report)
     if not report.bit_exact:
@@ -173,40 +167,51 @@ def print_report(r) -> None:
 
 
 @cli.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @common_options
-def list_(settings: Settings) -> None:
-    """List stored documents (their chunks, shared between documents, are not listed)."""
+def list_(settings: Settings, as_json: bool) -> None:
+    """List stored documents (cache id, the API's doc_ id, title, model, tokens, bytes, prefill seconds); their
+    chunks, shared between documents, are not listed."""
     entries = [e for e in open_store(settings.store_url).entries() if e.is_document]
-    table = Table()
-    table.add_column("cache_id", no_wrap=True, min_width=16)
-    for name in ("title", "model"):
-        table.add_column(name, overflow="fold")
-    for name in ("tokens", "bytes", "prefill s"):
-        table.add_column(name, justify="right", no_wrap=True)
-    for e in entries:
-        table.add_row(e.cache_id[:16], escape(e.title), escape(e.model), f"{e.num_tokens:,}",
-                      f"{e.kv_bytes or e.artifact_bytes:,}", f"{e.prefill_seconds:.2f}")
-    out.print(table if entries else "no documents stored")
+    if as_json:
+        print_json([{"cache_id": e.cache_id, "id": DOC_PREFIX + e.cache_id[:24], "title": e.title, "source": e.source,
+                     "model": e.model, "num_tokens": e.num_tokens, "bytes": e.kv_bytes or e.artifact_bytes,
+                     "prefill_seconds": e.prefill_seconds, "created_at": e.created_at} for e in entries])
+        return
+    columns = [("cache_id", False), ("title", False), ("model", False), ("tokens", True), ("bytes", True),
+               ("prefill s", True)]
+    rows = [[e.cache_id[:16], e.title, e.model, f"{e.num_tokens:,}", f"{e.kv_bytes or e.artifact_bytes:,}",
+             f"{e.prefill_seconds:.2f}"] for e in entries]
+    listing(columns, rows, empty="no documents stored")
 
 
 @cli.command()
 @click.argument("cache_ids", nargs=-1, required=True)
 @common_options
 def rm(settings: Settings, cache_ids: tuple[str, ...]) -> None:
-    """Delete stored documents by cache id (or unique prefix), with their chunks no other document shares."""
+    """Delete stored documents by cache id or doc_ id (or a unique prefix of either), with their chunks no other
+    document shares. A running server stops answering from a deleted document at once (it checks that a named
+    document is still stored on use)."""
+    from kvmart.reuse import core
+
     store = open_store(settings.store_url)
     for prefix in cache_ids:
-        cid = store.resolve(prefix)
+        cid = resolve_id(store, prefix)
         chunks = core.remove(store, cid)
         out.print(f"removed {cid}" + (f" and {chunks} chunks" if chunks else ""))
 
 
 @cli.command()
-def models() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the list.")
+def models(as_json: bool) -> None:
     """List the built-in models."""
-    from kvmart.runtime.builtin import describe_builtins
+    from kvmart.runtime.builtin import builtin_descriptions
 
-    out.print(describe_builtins())
+    found = builtin_descriptions()
+    if as_json:
+        print_json([{"model": spec, "description": what} for spec, what in found])
+    else:
+        listing([("model", False), ("what", False)], [list(pair) for pair in found])
 
 
 @cli.command()
@@ -216,7 +221,9 @@ def models() -> None:
 @common_options
 def demo(settings: Settings, sample: str, question: str | None, max_tokens: int) -> None:
     """The main job end to end: precompute a bundled document, answer from its cache, verify exactness."""
+    from kvmart.reuse import core
     from kvmart.reuse.verify import verify as run_verify
+    from kvmart.runtime.chat import layout_for, question_ids
 
     model, store = load_model(settings), open_store(settings.store_url)
     console.print(f"model {settings.model} ({settings.dtype}) · store {settings.store_url}")
@@ -232,7 +239,7 @@ def demo(settings: Settings, sample: str, question: str | None, max_tokens: int)
               f"load {answer.load_seconds:.2f}s + answer {answer.generate_seconds:.2f}s · "
               f"prefill saved {answer.saved_seconds:.2f}s")
     q = question_ids(model.tokenize, layout_for(model.tokenizer), question)
-    with console.status("3. verifying against fresh prefills"):
+    with working("3. verifying against fresh prefills"):
         report = run_verify(model, loaded, q, 24)
     out.print("[bold]3. verify[/bold]")
     print_report(report)
@@ -400,12 +407,19 @@ def main() -> None:
               "[default: the model's context]")
 @click.option("--max-artifact-bytes", help="Largest artifact published or uploaded (HTTP 413 beyond).  "
               "[default: 1GiB]")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="An origin whose pages may call the API from a "
+              "browser (repeat for several; * for any).  [default: none, no CORS headers]")
+@click.option("--max-concurrent-uploads", type=int, help="Publish bodies beyond --max-body-bytes (with an "
+              "artifact: streamed to disk) received at once; more get HTTP 429.  [default: 2]")
+@click.option("--node-name", help="This node's name in the ledger, unique among live nodes: its holds carry it, "
+              "so a restart releases them at once.  [default: host:port:data-directory digest]")
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
           max_active: int | None, max_queue: int | None, batch_memory_bytes: str | None, batching: bool | None,
           max_body_bytes: str | None, ledger_url: str | None, engine: str | None,
           rate_limit_per_minute: int | None, max_concurrent_per_key: int | None, max_document_tokens: int | None,
-          max_artifact_bytes: str | None) -> None:
+          max_artifact_bytes: str | None, max_concurrent_uploads: int | None, node_name: str | None,
+          cors_origins: tuple[str, ...]) -> None:
     """Serve OpenAI- and Anthropic-compatible HTTP APIs that answer from hosted KV caches (docs/SERVER.md).
 
     Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
@@ -414,7 +428,8 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
     KVMART_BATCH_MEMORY_BYTES, KVMART_BATCHING, KVMART_MAX_BODY_BYTES,
     KVMART_LEDGER, KVMART_ENGINE, and the limits (docs/SECURITY.md) as KVMART_RATE_LIMIT_PER_MINUTE,
     KVMART_RATE_LIMIT_BURST, KVMART_MAX_CONCURRENT_PER_KEY, KVMART_MAX_DOCUMENT_TOKENS, KVMART_MAX_ARTIFACT_BYTES,
-    KVMART_UPLOAD_CHUNK_TOKENS, KVMART_UPLOAD_VERIFY_PERCENT. Every request authenticates with an API key
+    KVMART_UPLOAD_CHUNK_TOKENS, KVMART_UPLOAD_VERIFY_PERCENT, KVMART_MAX_CONCURRENT_UPLOADS, KVMART_NODE_NAME and
+    KVMART_CORS_ORIGIN. Every request authenticates with an API key
     (`kvmart accounts create`); the admin key is KVMART_ADMIN_KEY, or printed once at the first start."""
     from kvmart.app import serve as run_server
     from kvmart.ledger import open_ledger
@@ -428,15 +443,69 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
         max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None, engine=engine,
         rate_limit_per_minute=rate_limit_per_minute, max_concurrent_per_key=max_concurrent_per_key,
         max_document_tokens=max_document_tokens,
-        max_artifact_bytes=parse_bytes(max_artifact_bytes) if max_artifact_bytes else None)
+        max_artifact_bytes=parse_bytes(max_artifact_bytes) if max_artifact_bytes else None,
+        max_concurrent_uploads=max_concurrent_uploads, node_name=node_name, cors_origin=",".join(cors_origins) or None)
+    check_port_free(server.host, server.port)  # before the minutes a model may take to load, not after
     settings = settings.with_overrides(ledger=ledger_url)
     ledger = open_ledger(settings.ledger, settings.data_dir)
     if ledger.admin_key_issued:
         console.print(f"[bold]admin API key (shown once, keep it):[/bold] {ledger.admin_key_issued}")
     model = load_model(settings) if server.engine == "transformers" else None  # vllm: started by the server
     console.print(f"serving {settings.model} on http://{server.host}:{server.port} · OpenAI /v1/chat/completions, "
-                  f"/v1/completions · Anthropic /v1/messages · documents /v1/documents · store {settings.store_url}")
+                  f"/v1/completions, /v1/responses · Anthropic /v1/messages · documents /v1/documents · store "
+                  f"{settings.store_url} (agents over MCP: kvmart mcp --url http://{server.host}:{server.port})")
     run_server(settings, server, model, ledger)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError if HOST:PORT cannot be listened on (in use, or not an address of this machine). Binds the way
+    uvicorn will (SO_REUSEADDR), then lets go."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        import errno
+
+        from kvmart.errors import ConfigError
+
+        why = "is in use (another kvmart serve?)" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e})"
+        raise ConfigError(f"port {port} on {host} {why}; choose another with --port") from None
+
+
+@cli.command()
+@click.option("--url", envvar="KVMART_URL", default="http://127.0.0.1:8000", show_default=True,
+              help="The kvmart server (kvmart serve, or kvmart route) whose API the tools call. Also KVMART_URL.")
+@click.option("--api-key", envvar="KVMART_API_KEY", help="The API key questions are charged to (over HTTP, a "
+              "client's own `Authorization: Bearer KEY` takes precedence). Also KVMART_API_KEY.")
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
+              help="stdio for one client that starts this command; http for streamable HTTP at /mcp.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (http).")
+@click.option("--port", type=int, default=8001, show_default=True, help="TCP port (http).")
+@click.option("--model", "served_model", help="The model to ask.  [default: the one the server serves]")
+def mcp(url: str, api_key: str | None, transport: str, host: str, port: int, served_model: str | None) -> None:
+    """Serve kvmart to agents over the Model Context Protocol: tools to search the catalogue, read a document's
+    card (tokens, licence, price, publisher), ask about documents (served from their hosted caches, metered to the
+    API key, usage and charge in the result) and check the balance and receipts. It calls a kvmart server's HTTP
+    API as any client does (README "Agents: MCP and the Responses API").
+
+    \b
+    Claude Desktop, Cursor and other stdio clients:
+      {"command": "kvmart", "args": ["mcp"], "env": {"KVMART_URL": "http://127.0.0.1:8000", "KVMART_API_KEY": "kvm_..."}}
+    Streamable HTTP, each client sending its own key:
+      kvmart mcp --transport http --port 8001        # http://127.0.0.1:8001/mcp"""
+    from kvmart.mcp.server import build_server, run
+
+    if transport == "http":
+        check_port_free(host, port)
+        console.print(f"kvmart MCP server on http://{host}:{port}/mcp -> {url}")
+    run(build_server(url, api_key, served_model), transport, host, port)
 
 
 @cli.command()
@@ -445,7 +514,8 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
               help="Expire after this long unread, or never (pinned).")
 @common_options
 def pin(settings: Settings, cache_id: str, ttl: str) -> None:
-    """Pin CACHE_ID (or give it a TTL class) in a shared store that keeps TTLs (Redis): paid hot documents."""
+    """Pin CACHE_ID (or a doc_ id; or give it a TTL class) in a shared store that keeps TTLs (Redis): paid hot
+    documents."""
     from kvmart.errors import ConfigError
     from kvmart.store.policy import ttl_seconds
 
@@ -453,7 +523,7 @@ def pin(settings: Settings, cache_id: str, ttl: str) -> None:
     set_ttl = getattr(store, "set_ttl", None)
     if set_ttl is None:
         raise ConfigError(f"store {settings.store_url} keeps no TTLs (pinning applies to redis:// stores)")
-    cid = store.resolve(cache_id)
+    cid = resolve_id(store, cache_id)
     set_ttl(cid, ttl_seconds(ttl))
     out.print(f"{cid} {ttl}")
 

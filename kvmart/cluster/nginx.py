@@ -117,7 +117,11 @@ class NginxServer:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
 
-        wait_for(up, "nginx to start")
+        try:
+            wait_for(up, "nginx to start")
+        except BaseException:
+            self.stop()  # never left running by a start that failed
+            raise
         return self
 
     def stop(self) -> None:

@@ -7,9 +7,11 @@ sha256(key + node) and nodes are tried best first, so adding or removing a node 
 scored it highest (consistent hashing without a ring).
 
 The affinity key: the client's `x-kvmart-document` header when it sends one (AFFINITY_HEADER: what a proxy such as
-nginx hashes without reading the body, kvmart/cluster/nginx.py); else the first of the body's `documents`; for a
-publish, the text (the same text lands on the same node, so two publishes of it race on one node, not two); the
-id in /v1/documents/{id}; otherwise none (requests are spread round-robin). The nginx setup is in docs/SCALE.md."""
+nginx hashes without reading the body, kvmart/cluster/nginx.py); else the first of the body's `documents`; else
+OpenAI's `prompt_cache_key` (the client's own name for requests that share a prefix: they meet on one node, whose
+RAM tier then holds it); for a publish, the text (the same text lands on the same node, so two publishes of it race
+on one node, not two); the id in /v1/documents/{id}; otherwise none (requests are spread round-robin). The nginx
+setup is in docs/SCALE.md."""
 
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ def affinity_key(method: str, path: str, body: bytes) -> str | None:
     documents = data.get("documents")
     if isinstance(documents, list) and documents and isinstance(documents[0], str):
         return documents[0]
+    hint = data.get("prompt_cache_key")
+    if isinstance(hint, str) and hint:
+        return "prompt_cache_key:" + hint  # never equal to a document id: the two keys' orders stay apart
     return None
 
 

@@ -64,6 +64,16 @@ end
 return {0, ''}
 """
 
+# KEYS: bucket. ARGV: per_second, burst. Returns the bucket's tokens now, as text (read-only).
+TOKENS_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens, updated = tonumber(state[1]), tonumber(state[2])
+if tokens == nil then return tostring(ARGV[2]) end
+return tostring(math.min(tonumber(ARGV[2]), tokens + math.max(0, now - updated) * tonumber(ARGV[1])))
+"""
+
 
 @dataclass(frozen=True)
 class StateConfig:
@@ -107,6 +117,7 @@ class RedisState:
         self._client = redis.Redis.from_url(config.url, socket_timeout=config.timeout_seconds,
                                             socket_connect_timeout=config.timeout_seconds)
         self._admit = self._client.register_script(ADMIT_SCRIPT)
+        self._tokens = self._client.register_script(TOKENS_SCRIPT)
 
     def __repr__(self) -> str:
         return f"RedisState({self.config.url!r}, prefix={self.config.prefix!r})"
@@ -140,6 +151,12 @@ class RedisState:
             raise RateLimitedError(f"rate limit exceeded for this API key: at most {per_minute} requests per minute "
                                    f"across the cluster (bursts of {burst}); retry in {wait} s", wait)
         return request_id
+
+    def tokens(self, digest: str, per_minute: int, burst: int) -> float:
+        """Read-only: the requests the key whose sha256 is `digest` may start now, by its cluster-wide bucket."""
+        with self._reach():
+            value = self._tokens(keys=[self._key("bucket", digest)], args=[per_minute / 60.0, burst])
+        return float(value.decode() if isinstance(value, bytes) else value)
 
     def release(self, digest: str, request_id: str) -> None:
         with self._reach():

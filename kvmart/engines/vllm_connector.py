@@ -273,7 +273,7 @@ class KvmartConnector(KVConnectorBase_V1):
 
     def _load(self, spec: LoadSpec) -> None:
         with self.store.open(spec.cache_id) as (f, size):
-            _, kv = read_artifact(f, size, self.fingerprint)
+            _, kv = read_artifact(f, size, self.fingerprint, requested_cache_id=spec.cache_id)
         if kv.num_tokens < spec.end:
             raise KvmartError(f"artifact {spec.cache_id[:16]} holds {kv.num_tokens} tokens, {spec.end} were matched")
         for i, name in enumerate(self._layer_names):

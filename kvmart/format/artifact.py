@@ -34,7 +34,7 @@ from kvmart.canonical import spaced
 from kvmart.codec.raw import byte_view
 from kvmart.errors import ArtifactError, FingerprintMismatchError
 from kvmart.format.keys import cache_id as make_cache_id
-from kvmart.format.keys import chain_keys, is_hex_key
+from kvmart.format.keys import chain_keys, is_cache_id
 from kvmart.format.signing import SIGNATURE_FIELD, cluster_key, sign
 from kvmart.format.signing import check as check_signature
 from kvmart.runtime.fingerprint import ModelFingerprint
@@ -240,7 +240,7 @@ def _header(manifest: Manifest, entries: list[tuple[str, str, list[int], int]]) 
     metadata = {"kvmart": json.dumps(body, sort_keys=True)}
     key = cluster_key()
     if key is not None:
-        metadata[SIGNATURE_FIELD] = sign(key, body["manifest_sha256"])
+        metadata[SIGNATURE_FIELD] = sign(key, manifest.cache_id, body["manifest_sha256"])
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape, nbytes in entries:
@@ -346,7 +346,7 @@ def _parse_chunks(chunks: list, num_tokens: int) -> tuple[tuple[int, str], ...]:
     parsed = []
     for item in chunks:
         if not (isinstance(item, list) and len(item) == 2 and _is(item[0], int) and item[0] > 0
-                and is_hex_key(item[1])):
+                and is_cache_id(item[1])):
             raise ArtifactError(f"corrupt artifact: a chunk of its index is malformed: {item!r:.100}")
         parsed.append((item[0], item[1]))
     if parsed and sum(n for n, _ in parsed) != num_tokens:
@@ -406,11 +406,15 @@ def check_model(manifest: Manifest, fingerprint: ModelFingerprint) -> None:
 
 
 def read_artifact(f: BinaryIO, size_bytes: int, fingerprint: ModelFingerprint, salt: str = "",
-                  expected_cache_id: str | None = None) -> tuple[Manifest, KV]:
+                  expected_cache_id: str | None = None, requested_cache_id: str | None = None
+                  ) -> tuple[Manifest, KV]:
     """Read and fully verify an artifact; raises ArtifactError (or FingerprintMismatchError) on any problem.
     `expected_cache_id`: the id the reader derived itself (a prefix chunk's chained key, kvmart/format/keys.py), checked
-    instead of the document cache id recomputed from the token ids."""
+    instead of the document cache id recomputed from the token ids. `requested_cache_id`: the id the caller asked
+    its store for; the artifact must be that one (a store, or someone writing to a shared one, may hand back
+    another artifact, valid in itself, under a requested id)."""
     manifest, table = read_manifest(f, size_bytes)
+    check_requested(manifest, requested_cache_id)
     check_model(manifest, fingerprint)
     if manifest.is_index:
         raise ArtifactError(f"artifact {manifest.cache_id[:16]} is a document index, not KV (read its chunks)")
@@ -513,13 +517,22 @@ def _decode_into(name: str, stored: memoryview, record: TensorRecord, target: to
         raise ArtifactError(f"corrupt artifact: tensor {name} decodes to data that does not match its checksum")
 
 
+def check_requested(manifest: Manifest, requested_cache_id: str | None) -> None:
+    """ArtifactError if the artifact read is not the one asked for (None: nothing asked, nothing to check)."""
+    if requested_cache_id is not None and manifest.cache_id != requested_cache_id:
+        raise ArtifactError(f"the store returned artifact {manifest.cache_id[:16]} for cache id "
+                            f"{requested_cache_id[:16]}: refused (copied under another id?); it will be recomputed")
+
+
 def check_fetched(data: bytes | bytearray | memoryview, size_bytes: int, cache_id: str) -> None:
-    """Check the signature in the header of an artifact fetched from a shared tier (`data` holds at least its
+    """Check the header of an artifact fetched from a shared tier under `cache_id` (`data` holds at least its
     header; `size_bytes` is the whole artifact's size). Nothing to do when no key is configured; otherwise
-    ArtifactError for a header that cannot be read, a missing signature or a wrong one."""
+    ArtifactError for a header that cannot be read, another artifact's, a missing signature or a wrong one (the
+    signature names the cache id: kvmart/format/signing.py)."""
     key = cluster_key()
     if key is None:
         return
     manifest, _ = read_manifest(io.BytesIO(data), size_bytes)
+    check_requested(manifest, cache_id)
     check_signature(key, manifest.manifest_sha256, manifest.signature, cache_id)
 

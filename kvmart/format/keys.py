@@ -11,18 +11,33 @@ by the server from the authenticated account for private ones, never by a client
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 
 from kvmart.canonical import canonical
 from kvmart.config import CHUNK_ALIGN_TOKENS
+from kvmart.errors import InvalidIdError
 
 ALIGN_TOKENS = CHUNK_ALIGN_TOKENS  # chunk sizes are multiples of this (vector-friendly shapes)
 DEFAULT_CHUNK_TOKENS = 256
+CACHE_ID_HEX_DIGITS = 64  # a sha256, as `cache_id` and `chain_key` write it
+_CACHE_ID = re.compile(f"[0-9a-f]{{{CACHE_ID_HEX_DIGITS}}}")
 
 
-def is_hex_key(value: object) -> bool:
-    """A cache id or chunk key: 64 lowercase hex digits."""
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+def parse_cache_id(value: object, where: str = "cache id") -> str:
+    """`value` if it is a cache id (exactly 64 lowercase hex digits, what `cache_id` and `chain_key` make);
+    InvalidIdError otherwise. The one parser for ids crossing a boundary: every store runs an id through it before
+    building a file name or a key from it, and a shared tier's index is refused when its ids fail it, so an id
+    read from outside (`..`, `/`, a NUL, a prefix) is never a path."""
+    if isinstance(value, str) and _CACHE_ID.fullmatch(value):
+        return value
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise InvalidIdError(f"{where} {shown} is not a cache id ({CACHE_ID_HEX_DIGITS} lowercase hex digits)")
+
+
+def is_cache_id(value: object) -> bool:
+    """Whether `value` passes `parse_cache_id` (a cache id or a chunk's chain key: both are 64 hex digits)."""
+    return isinstance(value, str) and _CACHE_ID.fullmatch(value) is not None
 
 
 def check_chunk_tokens(chunk_tokens: int) -> int:

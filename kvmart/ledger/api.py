@@ -20,6 +20,7 @@ from kvmart.ledger import charges, entries, escrow, keys, licences, ownership, r
 from kvmart.ledger.accounts import Account
 from kvmart.ledger.charges import Charge, Hold, Read
 from kvmart.ledger.db import in_transaction, ledger_url, open_engine, redact
+from kvmart.ledger.entries import HOLD_LEASE_SECONDS
 from kvmart.ledger.licences import Licence, Terms
 from kvmart.ledger.market import Market
 from kvmart.ledger.migrations import migrate
@@ -58,6 +59,7 @@ class Ledger(Market):
         self.admin_key_issued: str | None = None  # the admin key made at first start, to print once
         self._secret = b""
         self._salts: dict[str, str] = {}
+        self.node = ""  # the server node this object serves (`start_node`); its holds carry the name
         # licences looked up by requests, kept LICENCE_TTL_SECONDS: a document's terms are part of its cache id and
         # change only by a verified owner's claim (this process forgets at once; another node's, within the TTL);
         # a charge reads the licence afresh when it settles, so royalties always go where the licence says then
@@ -129,6 +131,10 @@ class Ledger(Market):
         """Cache ids of the private documents `account` may read (None: all, for the admin)."""
         return self.read(lambda conn: licences.readable_private(conn, account))
 
+    def publisher_name(self, licence: Licence) -> str:
+        """The name of the account that holds `licence` (a document card shows who publishes it)."""
+        return self.read(lambda conn: acc.account_by_id(conn, licence.publisher_id).name)
+
     def licence(self, cache_id: str) -> Licence | None:
         """The licence of `cache_id` (None: public, no publisher), remembered for LICENCE_TTL_SECONDS."""
         kept = self._licences.get(cache_id)
@@ -169,15 +175,31 @@ class Ledger(Market):
     def check_readers(self, names: tuple[str, ...]) -> None:
         self.read(lambda conn: licences.check_readers(conn, names))
 
+    def begin_publication(self, cache_id: str, publisher: Account) -> int:
+        """Note, before storing its artifact, that this node publishes `cache_id` (see licences.begin_publication);
+        the note's id, for `publish` (which ends it with the licence) or `end_publication`."""
+        return self.run(lambda conn: licences.begin_publication(conn, cache_id, publisher, self.node,
+                                                                HOLD_LEASE_SECONDS))
+
+    def end_publication(self, publication_id: int) -> None:
+        self.run(lambda conn: licences.end_publication(conn, publication_id))
+
+    def interrupted_publications(self) -> list[tuple[int, str]]:
+        """(note id, cache id) of publications this node left unfinished (a kill between storing an artifact and
+        recording its licence) and of any whose lease lapsed: for the start-up repair."""
+        return self.read(lambda conn: licences.interrupted_publications(conn, self.node))
+
     def precompute_fee(self, publisher: Account, num_tokens: int) -> int:
         """What publishing a document of `num_tokens` costs `publisher`, in nano-dollars (the admin: nothing)."""
         return 0 if publisher.is_admin else precompute_cost(self.tariff, num_tokens)
 
     def publish(self, cache_id: str, publisher: Account, terms: Terms, salt: str, num_tokens: int,
-                source: str = "", hold: Hold | None = None) -> int | None:
+                source: str = "", hold: Hold | None = None, publication_id: int | None = None) -> int | None:
         """Record a newly published document's licence and charge its publisher the precompute fee, together;
         the fee in nano-dollars. `hold`: the fee held before the document was computed, spent (and dropped) by
-        this charge. InsufficientFundsError (nothing recorded) if the publisher cannot pay it.
+        this charge. `publication_id`: the note `begin_publication` made, deleted in the same transaction (the
+        licence and the note: both or neither). InsufficientFundsError (nothing recorded) if the publisher cannot
+        pay it.
         None, with nothing recorded or charged (and the hold dropped), if the document already has a licence: the
         first publisher keeps it, whether another node published the same text at the same moment or the artifact
         was deleted or evicted (`kvmart rm`, a shared tier's TTL) and computed again (a verified owner may still
@@ -186,6 +208,8 @@ class Ledger(Market):
         fee = self.precompute_fee(publisher, num_tokens)
 
         def work(conn: Connection) -> int | None:
+            if publication_id is not None:  # the note goes with the licence: both or neither
+                licences.end_publication(conn, publication_id)
             if hold is not None:
                 charges.release(conn, hold.id)
             if licences.find_licence(conn, cache_id) is not None:
@@ -214,9 +238,10 @@ class Ledger(Market):
         return quote(tariff, cached_tokens, computed_tokens, output_tokens, has_publisher=licence is not None)
 
     def open_hold(self, account: Account, amount_nanousd: int, idempotency_key: str | None,
-                  request_hash: str) -> Hold | Charge:
+                  request_hash: str) -> Hold:
+        """A hold of this node (`start_node`), on a lease its `renew_holds` keeps alive."""
         return self.run(lambda conn: charges.open_hold(conn, account, amount_nanousd, idempotency_key,
-                                                       request_hash, self._secret))
+                                                       request_hash, self.node))
 
     def quote_reads(self, reads: Sequence[tuple[str | None, Licence | None, int]], computed_tokens: int,
                     output_tokens: int) -> tuple[Quote, list[Read]]:
@@ -272,6 +297,25 @@ class Ledger(Market):
 
     def release_stale(self) -> int:
         return self.run(charges.release_stale)
+
+    def start_node(self, node: str) -> int:
+        """Name the node this ledger object serves (its holds carry the name) and release the holds an earlier run
+        of that node left, with every hold whose lease lapsed; how many were released."""
+        self.node = node
+        return self.run(lambda conn: charges.start_node(conn, node))
+
+    def renew_holds(self) -> int:
+        """Extend the leases of this node's holds (its requests in flight); call every LEASE_RENEW_SECONDS."""
+        return self.run(lambda conn: charges.renew_holds(conn, self.node))
+
+    def renew_leases(self) -> None:
+        """Extend the leases of this node's holds and publications in progress, in one transaction."""
+
+        def work(conn: Connection) -> None:
+            charges.renew_holds(conn, self.node)
+            licences.renew_publications(conn, self.node, HOLD_LEASE_SECONDS)
+
+        self.run(work)
 
     def verify_receipt(self, receipt: object) -> bool:
         """A version 2 receipt checked with the provider's public keys; a version 1 one with the HMAC secret."""

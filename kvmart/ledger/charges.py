@@ -2,14 +2,17 @@
 
 1. `open_hold`, before any token is generated: reserve the request's largest possible charge (its prompt, and
    max_tokens of output) against the agent's available money (balance less its other holds); 402 if it does not
-   cover it. With an Idempotency-Key, a key already charged returns that charge instead (nothing is held or
-   charged again), and a key whose first request is still running is a 409.
-2. `settle`, when the answer is complete: post the actual charge (agent -> provider + publisher) and delete the
-   hold, in one transaction, with a signed receipt. `release` drops the hold of a request that failed or was
-   cancelled: nothing is charged.
+   cover it. With an Idempotency-Key, a key already charged is a 409 (the caller replays the stored answer before
+   it gets here: a charged request is never computed again, free), and a key whose first request is still running
+   is a 409 too.
+2. `settle`, when the answer is complete (or the client hung up: what was sent): post the actual charge (agent ->
+   provider + publisher) and delete the hold, in one transaction, with a signed receipt. `release` drops the hold
+   of a request that failed: nothing is charged.
 
-A server killed between the two leaves a hold and no charge; the ledger still balances (holds are not entries).
-A hold older than an hour reserves nothing any more, and `release_stale` (at each server start) deletes it."""
+A hold names its node and lives on a lease (`expires_at`), which the node renews while the request runs
+(`renew_holds`). A server killed between the two steps leaves a hold and no charge; the ledger still balances
+(holds are not entries). When that node starts again it releases its own holds at once (`start_node`), and if it
+never comes back its holds lapse with their lease: they reserve nothing and block no Idempotency-Key after it."""
 
 from __future__ import annotations
 
@@ -17,12 +20,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Row
 
 from kvmart.errors import IdempotencyConflictError
 from kvmart.ledger.accounts import PROVIDER, Account, account_by_id, get_account, lock_accounts
-from kvmart.ledger.entries import HOLD_TTL_SECONDS, check_covers, post
+from kvmart.ledger.entries import HOLD_LEASE_SECONDS, check_covers, post
 from kvmart.ledger.keys import Keyring
 from kvmart.ledger.receipts import issue, rebuild, sign
 from kvmart.ledger.schema import charge_reads, charges, holds, responses
@@ -70,24 +73,33 @@ class Charge:
 
 
 def open_hold(conn: Connection, account: Account, amount_nanousd: int, idempotency_key: str | None,
-              request_hash: str, secret: bytes) -> Hold | Charge:
-    """Reserve `amount_nanousd` for a request, or the earlier charge of the same idempotency key."""
+              request_hash: str, node: str = "", lease_seconds: int = HOLD_LEASE_SECONDS) -> Hold:
+    """Reserve `amount_nanousd` for a request run by `node`, for `lease_seconds` unless renewed.
+    IdempotencyConflictError if the key was already charged (for this request or another) or is held by a request
+    still running; a hold of the key whose lease lapsed (its node died) is dropped and the key reused."""
     locked = lock_accounts(conn, {account.id})[account.id]
+    now = int(time.time())
     if idempotency_key is not None:
-        earlier = find_charge(conn, account.id, idempotency_key, secret)
-        if earlier is not None:
-            if earlier_hash(conn, earlier) != request_hash:
+        charged = conn.execute(select(charges.c.request_hash).where(
+            charges.c.account_id == account.id, charges.c.idempotency_key == idempotency_key)).first()
+        if charged is not None:
+            if charged.request_hash != request_hash:
                 raise IdempotencyConflictError(
                     f"Idempotency-Key {idempotency_key!r} was already used for a different request")
-            return earlier
-        running = conn.execute(select(holds.c.id).where(holds.c.account_id == account.id,
-                                                        holds.c.idempotency_key == idempotency_key)).first()
-        if running is not None:
+            raise IdempotencyConflictError(
+                f"Idempotency-Key {idempotency_key!r} was already charged for this request: retry to receive its "
+                "stored answer, or send a new key to ask again")
+        running = conn.execute(select(holds.c.id, holds.c.expires_at).where(
+            holds.c.account_id == account.id, holds.c.idempotency_key == idempotency_key)).first()
+        if running is not None and running.expires_at >= now:
             raise IdempotencyConflictError(
                 f"a request with Idempotency-Key {idempotency_key!r} is still running; retry when it has finished")
+        if running is not None:  # its node died and its lease lapsed: the key is free again
+            conn.execute(delete(holds).where(holds.c.id == running.id))
     check_covers(conn, locked, -amount_nanousd)
     hold_id = conn.execute(insert(holds).values(account_id=account.id, amount_nanousd=amount_nanousd,
-                                                idempotency_key=idempotency_key, created_at=int(time.time()))
+                                                idempotency_key=idempotency_key, created_at=now, node=node,
+                                                expires_at=now + lease_seconds)
                            .returning(holds.c.id)).scalar_one()
     return Hold(int(hold_id), account.id, amount_nanousd, idempotency_key, request_hash)
 
@@ -154,26 +166,45 @@ def remember_response(conn: Connection, account_id: int, idempotency_key: str, b
 
 
 def stored_response(conn: Connection, account_id: int, idempotency_key: str, request_hash: str) -> str | None:
-    """The kept answer for this key, if the same request was charged under it; IdempotencyConflictError if the
-    key was charged for a different request."""
+    """The kept answer for this key if the same request was charged under it; None if the key was never charged.
+    IdempotencyConflictError if it was charged for a different request (another body or another endpoint), or
+    charged with no answer kept (cut off by its client, or its node died between charging and keeping it): a
+    charged request is answered from what was kept or refused, never computed again for free."""
     charged = conn.execute(select(charges.c.request_hash).where(charges.c.account_id == account_id,
                                                                 charges.c.idempotency_key == idempotency_key)).first()
     if charged is None:
         return None
     if charged.request_hash != request_hash:
         raise IdempotencyConflictError(f"Idempotency-Key {idempotency_key!r} was already used for a different request")
-    return conn.execute(select(responses.c.body).where(responses.c.account_id == account_id,
+    body = conn.execute(select(responses.c.body).where(responses.c.account_id == account_id,
                                                        responses.c.idempotency_key == idempotency_key)).scalar()
+    if body is None:
+        raise IdempotencyConflictError(
+            f"Idempotency-Key {idempotency_key!r} was already charged for this request, and no complete answer was "
+            "kept (the client hung up, and was charged for what was sent); send a new key to ask again")
+    return body
 
 
 def release(conn: Connection, hold_id: int) -> None:
     conn.execute(delete(holds).where(holds.c.id == hold_id))
 
 
-def release_stale(conn: Connection, older_than_seconds: int = HOLD_TTL_SECONDS) -> int:
-    """Drop holds left by servers that died mid-request; how many."""
-    cutoff = int(time.time()) - older_than_seconds
-    return conn.execute(delete(holds).where(holds.c.created_at < cutoff)).rowcount
+def renew_holds(conn: Connection, node: str, lease_seconds: int = HOLD_LEASE_SECONDS) -> int:
+    """Push the lease of every hold of `node` (its requests still running) `lease_seconds` from now; how many."""
+    return conn.execute(update(holds).where(holds.c.node == node)
+                        .values(expires_at=int(time.time()) + lease_seconds)).rowcount
+
+
+def start_node(conn: Connection, node: str) -> int:
+    """What a node does as it starts: release every hold it left (its earlier run died mid-request: those requests
+    are gone) and every hold whose lease lapsed (left by any node); how many."""
+    return conn.execute(delete(holds).where((holds.c.node == node) | (holds.c.expires_at < int(time.time())))
+                        ).rowcount
+
+
+def release_stale(conn: Connection) -> int:
+    """Drop holds whose lease lapsed (left by nodes that died mid-request); how many."""
+    return conn.execute(delete(holds).where(holds.c.expires_at < int(time.time()))).rowcount
 
 
 def receipt_payload(txn_id: int, account_name: str, cache_id: str | None, quote: Quote, created_at: int,
@@ -204,16 +235,3 @@ def recent_charges(conn: Connection, account: Account, limit: int, secret: bytes
     rows = conn.execute(select(charges).where(charges.c.account_id == account.id)
                         .order_by(charges.c.transaction_id.desc()).limit(limit)).all()
     return [charge_of(conn, row, account.name, secret, replayed=False) for row in rows]
-
-
-def find_charge(conn: Connection, account_id: int, idempotency_key: str, secret: bytes) -> Charge | None:
-    row = conn.execute(select(charges).where(charges.c.account_id == account_id,
-                                             charges.c.idempotency_key == idempotency_key)).first()
-    if row is None:
-        return None
-    return charge_of(conn, row, account_by_id(conn, account_id).name, secret, replayed=True)
-
-
-def earlier_hash(conn: Connection, charge: Charge) -> str:
-    return conn.execute(select(charges.c.request_hash).where(charges.c.transaction_id == charge.transaction_id)
-                        ).scalar_one()

@@ -17,14 +17,17 @@ from kvmart.ledger.schema import accounts, entries, holds, transactions
 from kvmart.ledger.tariffs import usd_text
 
 Leg = tuple[int, int]  # (account id, amount in nano-dollars: credit > 0, debit < 0)
-HOLD_TTL_SECONDS = 3600  # a hold older than this was left by a server that died mid-request: it reserves nothing
+# A hold lives on a lease: it reserves money until `expires_at`, which its node pushes forward every
+# LEASE_RENEW_SECONDS while the request runs. A node that dies stops renewing, so its holds lapse within
+# HOLD_LEASE_SECONDS (and a restarted node drops its own at once: kvmart/ledger/charges.py `start_node`).
+HOLD_LEASE_SECONDS = 120
+LEASE_RENEW_SECONDS = 30
 
 
 def held_nanousd(conn: Connection, account_id: int) -> int:
-    """Money reserved for the account's requests in flight (holds younger than HOLD_TTL_SECONDS)."""
-    cutoff = int(time.time()) - HOLD_TTL_SECONDS
+    """Money reserved for the account's requests in flight (holds whose lease has not lapsed)."""
     total = conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
-                         .where(holds.c.account_id == account_id, holds.c.created_at >= cutoff)).scalar_one()
+                         .where(holds.c.account_id == account_id, holds.c.expires_at >= int(time.time()))).scalar_one()
     return int(total)
 
 
@@ -57,9 +60,8 @@ def check_covers(conn: Connection, account: Account, amount: int, hold_exempt: i
         return
     held = held_nanousd(conn, account.id)
     if hold_exempt is not None:
-        cutoff = int(time.time()) - HOLD_TTL_SECONDS
         held -= conn.execute(select(func.coalesce(func.sum(holds.c.amount_nanousd), 0))
-                             .where(holds.c.id == hold_exempt, holds.c.created_at >= cutoff)).scalar_one()
+                             .where(holds.c.id == hold_exempt, holds.c.expires_at >= int(time.time()))).scalar_one()
     available = account.balance_nanousd - held
     if available + amount < 0:
         raise InsufficientFundsError(
@@ -68,12 +70,32 @@ def check_covers(conn: Connection, account: Account, amount: int, hold_exempt: i
             f"and this needs ${usd_text(-amount)}; nothing was charged", -amount, available)
 
 
+MAX_DEPOSIT_NANOUSD = 10**6 * 10**9  # one deposit: at most $1,000,000 (tariffs.MAX_USD)
+MAX_BALANCE_NANOUSD = 10**18  # $1,000,000,000: every balance stays well inside a 64-bit integer (9.2e18)
+DEPOSIT_ROLES = ("publisher", "agent")  # the accounts that pay; the house accounts and the admin are not paid into
+
+
 def deposit(conn: Connection, account: Account, amount_nanousd: int, memo: str = "") -> int:
-    """Money paid in from outside: `external` -> the account."""
-    if amount_nanousd <= 0:
-        raise AccountError(f"a deposit must be positive, got {amount_nanousd} nano-dollars")
-    return post(conn, "deposit", [(get_account(conn, EXTERNAL).id, -amount_nanousd), (account.id, amount_nanousd)],
-                memo)
+    """Money paid in from outside: `external` -> the account (a publisher or an agent). AccountError for a
+    house account or the admin, an amount not positive or above MAX_DEPOSIT_NANOUSD, or one that would take a
+    balance beyond MAX_BALANCE_NANOUSD (the database's integers must never overflow)."""
+    if account.role not in DEPOSIT_ROLES:
+        raise AccountError(f"deposits are paid into publisher and agent accounts; {account.name!r} is "
+                           f"{article(account.role)} {account.role} account", "name")
+    if not 0 < amount_nanousd <= MAX_DEPOSIT_NANOUSD:
+        raise AccountError(f"a deposit must be positive and at most ${usd_text(MAX_DEPOSIT_NANOUSD)}, got "
+                           f"${usd_text(amount_nanousd)}", "usd")
+    external = get_account(conn, EXTERNAL)
+    if account.balance_nanousd + amount_nanousd > MAX_BALANCE_NANOUSD or \
+            external.balance_nanousd - amount_nanousd < -MAX_BALANCE_NANOUSD:
+        raise AccountError(f"this deposit would take a balance beyond the ledger's ${usd_text(MAX_BALANCE_NANOUSD)}",
+                           "usd")
+    return post(conn, "deposit", [(external.id, -amount_nanousd), (account.id, amount_nanousd)], memo)
+
+
+def article(word: str) -> str:
+    """'a' or 'an', as `word` is spoken (the roles: an agent, an admin, a publisher)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def entries_sum(conn: Connection) -> int:

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import and_, delete, insert, or_, select
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from kvmart.errors import TariffError
-from kvmart.ledger.accounts import Account, get_account
-from kvmart.ledger.schema import licence_readers, licences
+from kvmart.errors import AccountError, TariffError
+from kvmart.ledger.accounts import Account, find_account, get_account
+from kvmart.ledger.schema import licence_readers, licences, publications
 from kvmart.ledger.tariffs import Tariff
 
 KINDS = ("public", "private", "priced")
@@ -157,8 +157,42 @@ def salt_of(conn: Connection, cache_id: str) -> str:
     return conn.execute(select(licences.c.salt).where(licences.c.cache_id == cache_id)).scalar() or ""
 
 
-def check_readers(conn: Connection, names: tuple[str, ...]) -> None:
-    """AccountError naming the first reader that is not an account."""
-    for name in names:
-        get_account(conn, name)
+READER_ROLES = ("publisher", "agent")
 
+
+def check_readers(conn: Connection, names: tuple[str, ...]) -> None:
+    """AccountError naming the first reader that cannot be given access: one message for every refusal, a name
+    that is no account's included, so that listing readers does not tell a publisher which accounts exist beyond
+    those it may grant (the admin and the house accounts are refused alike)."""
+    for name in names:
+        found = find_account(conn, name) if isinstance(name, str) else None
+        if found is None or found.role not in READER_ROLES:
+            raise AccountError(f"readers: {name!r} cannot be given access to a private document (name the publisher "
+                               "or agent accounts that may read it)", "readers")
+
+
+# -- publications in progress (a store and a ledger cannot share one transaction: this journal bridges them) ----
+def begin_publication(conn: Connection, cache_id: str, publisher: Account, node: str, lease_seconds: int) -> int:
+    """Note that `node` is about to store `cache_id` for `publisher`; the note's id. Written before the artifact
+    is stored and deleted with the licence (`end_publication` in the same transaction as `register`), so one left
+    behind marks an artifact that may be stored without its licence and fee."""
+    now = int(time.time())
+    inserted = conn.execute(insert(publications).values(cache_id=cache_id, publisher_id=publisher.id, node=node,
+                                                        created_at=now, expires_at=now + lease_seconds))
+    return int(inserted.inserted_primary_key[0])  # type: ignore[index]  # an insert always has a primary key
+
+
+def end_publication(conn: Connection, publication_id: int) -> None:
+    conn.execute(delete(publications).where(publications.c.id == publication_id))
+
+
+def renew_publications(conn: Connection, node: str, lease_seconds: int) -> int:
+    return conn.execute(update(publications).where(publications.c.node == node)
+                        .values(expires_at=int(time.time()) + lease_seconds)).rowcount
+
+
+def interrupted_publications(conn: Connection, node: str) -> list[tuple[int, str]]:
+    """(id, cache id) of the publications `node` left (it died mid-publish) and of any whose lease lapsed."""
+    rows = conn.execute(select(publications.c.id, publications.c.cache_id).where(
+        (publications.c.node == node) | (publications.c.expires_at < int(time.time()))))
+    return [(int(r.id), str(r.cache_id)) for r in rows]

@@ -275,6 +275,36 @@ def charge_reads(conn: Connection) -> None:
     md.tables["charge_reads"].create(conn, checkfirst=True)
 
 
+def hold_leases(conn: Connection) -> None:
+    """Holds name their node and carry a lease (as released): a restarted node releases its own holds at once, and
+    no hold outlives its lease. Holds made before keep the hour they were given."""
+    present = {c["name"] for c in inspect(conn).get_columns("holds")}
+    if "node" not in present:
+        conn.execute(text("ALTER TABLE holds ADD COLUMN node VARCHAR(128) DEFAULT '' NOT NULL"))
+    if "expires_at" not in present:
+        conn.execute(text("ALTER TABLE holds ADD COLUMN expires_at BIGINT DEFAULT 0 NOT NULL"))
+        conn.execute(text("UPDATE holds SET expires_at = created_at + 3600"))
+    if "ix_holds_node" not in {i["name"] for i in inspect(conn).get_indexes("holds")}:
+        conn.execute(text("CREATE INDEX ix_holds_node ON holds (node)"))
+
+
+def pending_publications(conn: Connection) -> None:
+    """Publications in progress, so that one interrupted between storing its artifact and recording its licence
+    is repaired at start-up (as released)."""
+    md = MetaData()
+    Table("accounts", md, Column("id", Integer, primary_key=True))  # referenced only: not created here
+    Table(
+        "publications", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("cache_id", String(64), nullable=False),
+        Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=False),
+        Column("node", String(128), nullable=False, index=True),
+        Column("created_at", BigInteger, nullable=False),
+        Column("expires_at", BigInteger, nullable=False),
+    )
+    md.tables["publications"].create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0001_initial", initial),
     ("0002_stored_responses", stored_responses),
@@ -282,6 +312,8 @@ MIGRATIONS: tuple[tuple[str, Callable[[Connection], None]], ...] = (
     ("0004_ownership", ownership),
     ("0005_uploads", uploads),
     ("0006_charge_reads", charge_reads),
+    ("0007_hold_leases", hold_leases),
+    ("0008_pending_publications", pending_publications),
 )
 
 

@@ -116,7 +116,10 @@ holds = Table(
     Column("amount_nanousd", BigInteger, nullable=False),
     Column("idempotency_key", String(255), nullable=True),
     Column("created_at", BigInteger, nullable=False),
+    Column("node", String(128), nullable=False, server_default=""),  # the node whose request it is (0007)
+    Column("expires_at", BigInteger, nullable=False, server_default="0"),  # its lease: renewed while it runs (0007)
     UniqueConstraint("account_id", "idempotency_key", name="uq_holds_idempotency"),
+    Index("ix_holds_node", "node"),
 )
 
 # the answer to a charged request sent with an Idempotency-Key, so that a retry gets the same answer (0002)
@@ -184,6 +187,18 @@ upload_refusals = Table(
     Column("reason", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("cleared_at", BigInteger, nullable=True),
+)
+
+# a publication in progress: written before its artifact is stored, deleted with its licence in one transaction;
+# one left behind names an artifact that may be stored, public and unpaid: removed at start-up (0008)
+publications = Table(
+    "publications", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("cache_id", String(64), nullable=False),
+    Column("publisher_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("node", String(128), nullable=False, index=True),  # the node publishing it
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),  # its lease, renewed with the node's holds
 )
 
 meta = Table(

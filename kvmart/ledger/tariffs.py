@@ -12,6 +12,7 @@ legs of a charge always sum to exactly zero."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
@@ -137,17 +138,30 @@ def precompute_cost(tariff: Tariff, num_tokens: int) -> int:
     return token_cost(num_tokens, tariff.precompute_usd_per_mtok)
 
 
-def parse_money(value: object, name: str) -> Decimal:
-    """A price or fraction from a request body, option or variable: a string or a number, finite, not negative.
-    TariffError (HTTP 400) otherwise. A JSON number is read through its decimal text, never used as a float."""
+MAX_USD = Decimal(10**6)  # the largest amount or price read from outside: a deposit, a per-1M-token price
+_DECIMAL_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_money(value: object, name: str, max_value: Decimal = MAX_USD) -> Decimal:
+    """A price, fraction or amount from a request body, option or variable: a string of ASCII digits with at most
+    one point (an exponent allowed), or a JSON number; finite, not negative, at most `max_value` (beyond, the
+    ledger's integers could overflow). TariffError (HTTP 400) otherwise: "1_000", "١٠" and " 1 000" are refused,
+    whatever Python's Decimal would make of them. A JSON number is read through its decimal text, never used as
+    a float."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
-        raise TariffError(f"{name} must be a number or a numeric string, got {value!r}")
+        raise TariffError(f"{name} must be a number or a numeric string, got {value!r}", name)
+    text = value.strip() if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(text):
+        raise TariffError(f"{name} must be a plain decimal number such as 12.50 (ASCII digits, at most one point), "
+                          f"got {value!r}", name)
     try:
-        number = Decimal(str(value).strip())
+        number = Decimal(text)
     except InvalidOperation:
-        raise TariffError(f"{name} must be a number, got {value!r}") from None
+        raise TariffError(f"{name} must be a number, got {value!r}", name) from None
     if not number.is_finite() or number < 0:
-        raise TariffError(f"{name} must be a finite, non-negative number, got {value!r}")
+        raise TariffError(f"{name} must be a finite, non-negative number, got {value!r}", name)
+    if number > max_value:
+        raise TariffError(f"{name} must be at most {max_value:,}, got {value!r}", name)
     return number
 
 

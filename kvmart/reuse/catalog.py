@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmart.errors import ArtifactError, UnknownDocumentError
-from kvmart.format.artifact import read_manifest
+from kvmart.errors import ArtifactError, UnknownCacheError, UnknownDocumentError
+from kvmart.format.artifact import check_requested, read_manifest
 from kvmart.format.keys import chain_key
 from kvmart.store import Entry, Store
 
@@ -132,6 +132,7 @@ class Catalog:
         """Register a stored document (its token ids and chunks come from its index's manifest)."""
         with self.store.open_head(entry.cache_id) as (f, size):  # the header only: no tensors are fetched
             manifest, _ = read_manifest(f, size)
+        check_requested(manifest, entry.cache_id)
         if manifest.is_index:  # an index is small: read it whole, so a tiered store keeps a copy on this node
             with self.store.open(entry.cache_id):  # (it answers for the document while a shared tier is down)
                 pass
@@ -154,7 +155,8 @@ class Catalog:
     def _add_readable(self, entry: Entry) -> None:
         try:
             self.add(entry)
-        except ArtifactError as e:  # one bad artifact must not hide the others; loading it would refuse it too
+        except (ArtifactError, UnknownCacheError) as e:  # one bad or vanished document must not fail a listing
+            # (loading a refused one would refuse it too; one deleted since the store listed it is simply gone)
             log.warning("skipping document %s: %s", entry.cache_id[:16], e)
 
     def remove(self, doc_id: str) -> None:

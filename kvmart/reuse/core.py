@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kvmart.codec import Spec
 from kvmart.errors import ArtifactError, InputError, UnknownCacheError
-from kvmart.format.artifact import index_manifest, read_index, read_manifest, write_index
+from kvmart.format.artifact import check_requested, index_manifest, read_index, read_manifest, write_index
 from kvmart.format.keys import cache_id as make_cache_id
 from kvmart.reuse.chunks import Chunk, ChunkStore, Segment, chunks_of
 from kvmart.runtime.chat import Layout, document_ids, layout_for, question_ids
@@ -130,11 +130,19 @@ def precompute_ids(model: Model, store: Store, token_ids: list[int], title: str 
 def read_document(model: Model, store: Store, cache_id: str, salt: str = "") -> tuple[Entry, list[Chunk]]:
     """A stored document's entry and chunks (its index verified against its tokens, model and salt; a document
     stored whole by older versions is one chunk). UnknownCacheError if absent, ArtifactError if refused."""
-    entry = store.entry(cache_id)
-    if entry is None or not entry.is_document:
-        raise UnknownCacheError(f"no document with cache id {cache_id[:16]!r} in this store (see `kvmart ls`)")
-    with store.open(cache_id) as (f, size):
+    absent = UnknownCacheError(f"no document with cache id {cache_id[:16]!r} in this store (see `kvmart ls`)")
+    entry = store.entry(cache_id)  # None too for an entry a shared tier refuses: opening it then says why
+    if entry is not None and not entry.is_document:
+        raise absent
+    # the head only, from the fastest tier that has it, filling nothing: the index is checked against its tokens
+    # whatever tier it comes from, and a document stored whole is read (and kept on the local tiers) as its chunk;
+    # a shared tier refuses a head not signed for this id here
+    with store.open_head(cache_id) as (f, size):
         manifest = read_index(f, size, model.fingerprint, salt)
+    check_requested(manifest, cache_id)  # another document's index copied under this id is refused, never served
+    entry = entry or store.entry(cache_id)
+    if entry is None or not entry.is_document:  # its entry quarantined or removed meanwhile: as good as absent
+        raise absent
     chunks, begin = [], 0
     for n, key in manifest.chunks:  # keys checked against the tokens by read_index (a whole artifact: its own id)
         chunks.append(Chunk(begin, tuple(manifest.token_ids[begin:begin + n]), salt, key))
@@ -157,12 +165,16 @@ def load(model: Model, store: Store, cache_id: str, salt: str = "") -> Loaded:
 
 
 def remove(store: Store, cache_id: str) -> int:
-    """Delete a document and those of its chunks no other stored document lists; how many chunks went. (A chunk
-    of the automatic prefix cache is in no document's index: the store's placement evicts those.)"""
-    mine = set(chunk_keys_of(store, cache_id))
+    """Delete a document and those of its chunks no other stored document lists; how many chunks went. Its chunks
+    are the ones its index lists and the ones stored as its own (`owner`): a publication cut off before its index
+    was written leaves only those. (A chunk of the automatic prefix cache belongs to no document: the store's
+    placement evicts those.)"""
+    entries = store.entries()
+    mine = set(chunk_keys_of(store, cache_id)) | {e.cache_id for e in entries if e.kind == "chunk"
+                                                  and e.owner == cache_id}
     store.delete(cache_id)
-    for entry in store.entries():
-        if entry.is_document and mine:
+    for entry in entries:
+        if entry.is_document and entry.cache_id != cache_id and mine:
             mine -= set(chunk_keys_of(store, entry.cache_id))
     return sum(store.delete(key) for key in mine if key != cache_id)
 

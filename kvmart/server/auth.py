@@ -12,6 +12,7 @@ from starlette.datastructures import Headers
 
 from kvmart.errors import AuthenticationError, ForbiddenError, RequestError
 from kvmart.ledger import Account
+from kvmart.ledger.entries import article
 from kvmart.server.pipeline.services import Services
 
 IDEMPOTENCY_HEADER = "idempotency-key"
@@ -37,8 +38,9 @@ async def caller(request: Request) -> Account:
 def require_role(account: Account, *roles: str) -> None:
     """ForbiddenError (403) unless the account has one of `roles` or is the admin."""
     if not account.is_admin and account.role not in roles:
-        raise ForbiddenError(f"account {account.name!r} is a {account.role}; this needs a {' or '.join(roles)} "
-                             "account")
+        needed = " or ".join(roles)
+        raise ForbiddenError(f"account {account.name!r} is {article(account.role)} {account.role}; this needs "
+                             f"{article(needed)} {needed} account")
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -48,6 +50,19 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-def request_hash(body: dict) -> str:
-    """What identifies a request for idempotency: its JSON body, canonically written."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def request_hash(endpoint: str, body: dict) -> str:
+    """What identifies a request for idempotency: the endpoint it was sent to (a key charged on one endpoint never
+    replays on another) and its JSON body, canonically written: keys sorted, and a whole number written as an
+    integer however it was sent (`0`, `0.0` and `0e0` are one temperature)."""
+    canonical = json.dumps([endpoint, _canonical(body)], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value

@@ -4,8 +4,11 @@ options override them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from kvmart.config import ENGINES, UNITS, parse_bytes  # noqa: F401  (re-exported: the server's options use them)
 from kvmart.errors import ConfigError
@@ -45,6 +48,17 @@ class ServerSettings:
     upload_verify_percent: int = 100
     # ownership claims (kvmart/server/fetch.py): also fetch from loopback hosts, over http too (tests, local trials)
     claim_allow_loopback: bool = False
+    cors_origin: str = ""  # origins (comma-separated) whose pages may call the API from a browser; empty: none
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.cors_origin.split(",") if o.strip())
+    # publish bodies beyond max_body_bytes (they carry an artifact: streamed to disk, verified from there) read and
+    # verified at once; more get HTTP 429 (kvmart/server/publish_body.py states the memory bound)
+    max_concurrent_uploads: int = 2
+    # names this node in the ledger: its holds carry it, so the node releases its own when it starts again; unique
+    # among live nodes (empty: host, port and data directory, `node_name`)
+    node_name: str = ""
     # how often the catalogue looks for documents published or deleted elsewhere (the CLI, other nodes); requests
     # never trigger a look, and a named document is checked to be still stored when used
     catalog_refresh_seconds: float = 5.0
@@ -57,7 +71,7 @@ class ServerSettings:
                      "signin_attempts_per_minute"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)})")
-        for name in ("max_active", "default_max_tokens"):
+        for name in ("max_active", "default_max_tokens", "max_concurrent_uploads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.rate_limit_per_minute and self.rate_limit_burst < 1:
@@ -68,6 +82,9 @@ class ServerSettings:
             raise ConfigError(f"shared_state must be auto, local or a redis:// URL (got {self.shared_state!r})")
         if self.upload_verify not in ("bound", "percent"):
             raise ConfigError(f"upload_verify must be bound or percent (got {self.upload_verify!r})")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"CORS origin {origin!r} is not an origin; write e.g. https://app.example.com or *")
         if self.catalog_refresh_seconds < 0:
             raise ConfigError(f"catalog_refresh_seconds must not be negative (got {self.catalog_refresh_seconds})")
         if not 0 <= self.port <= 65535:
@@ -85,6 +102,16 @@ class ServerSettings:
         if "upload_verify_percent" in given:
             given.setdefault("upload_verify", "percent")
         return replace(self, **given)  # type: ignore[arg-type]  # fields checked in __post_init__
+
+
+def node_name(server: ServerSettings, data_dir: Path) -> str:
+    """The node's name in the ledger: `node_name` if set, else host:port:data-directory digest, the same for every
+    run of the same node (so a restart finds its holds) and different for two nodes alive at once (one port per
+    host, one data directory per node)."""
+    if server.node_name:
+        return server.node_name
+    digest = hashlib.sha256(str(data_dir.expanduser().resolve()).encode()).hexdigest()[:12]
+    return f"{socket.gethostname()[:80]}:{server.port}:{digest}"
 
 
 # field name -> environment variable

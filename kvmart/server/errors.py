@@ -1,8 +1,14 @@
 """The one table that translates any kvmart error (kvmart/errors.py) to an HTTP status. The OpenAI and Anthropic
-modules only dress an `HttpError` in their own error body."""
+modules only dress an `HttpError` in their own error body.
+
+A client sees the message of an error it caused (4xx). A server-side failure (5xx: a store, the ledger, an
+artifact, a bug) is logged in full and answered with a fixed text and a reference to the log line: its message may
+hold server paths, a store's URL, a traceback's words, which are nobody else's business."""
 
 from __future__ import annotations
 
+import logging
+import secrets
 from dataclasses import dataclass, field
 
 from kvmart.errors import (
@@ -30,6 +36,8 @@ from kvmart.errors import (
     UnknownModelError,
     UnknownReceiptError,
 )
+
+log = logging.getLogger("kvmart.server")
 
 
 @dataclass(frozen=True)
@@ -73,9 +81,21 @@ STATUS: tuple[tuple[type[KvmartError], int, str], ...] = (
 )
 
 
+# what a client is told of a server-side failure, by class (first match wins); the full message goes to the log
+PUBLIC_MESSAGES: tuple[tuple[type[KvmartError], str], ...] = (
+    (StoreUnavailableError, "a shared store tier cannot be reached right now; retry later"),
+    (ArtifactError, "a stored cache could not be used"),
+    (StoreError, "the store failed"),
+    (LedgerError, "the ledger failed"),
+    (KvmartError, "internal error"),
+)
+
+
 def http_error(error: KvmartError) -> HttpError:
-    """The HTTP form of a kvmart error."""
+    """The HTTP form of a kvmart error (a 5xx's message replaced by `public_message`'s)."""
     status, kind = next((s, k) for cls, s, k in STATUS if isinstance(error, cls))
+    if status >= 500 and not isinstance(error, ShuttingDownError):
+        return HttpError(status, kind, public_message(error))
     param, code = getattr(error, "param", None), getattr(error, "code", None)
     headers: dict[str, str] = {}
     if isinstance(error, ContextOverflowError):
@@ -96,3 +116,12 @@ def http_error(error: KvmartError) -> HttpError:
         headers["Retry-After"] = str(error.retry_after_seconds)
         code = "rate_limit_exceeded"
     return HttpError(status, kind, str(error), param, code, headers)
+
+
+def public_message(error: KvmartError) -> str:
+    """A server-side failure as a client may see it: a fixed text and a reference to the log line that holds the
+    error's own message (logged here, once per translation)."""
+    reference = secrets.token_hex(6)
+    log.error("%s (reference %s): %s", type(error).__name__, reference, error)
+    text = next(message for cls, message in PUBLIC_MESSAGES if isinstance(error, cls))
+    return f"{text} (reference {reference}; the server's log has the details)"

@@ -43,6 +43,14 @@ RETRY_SECONDS = 2.0  # a Redis that failed is tried again after this long (meanw
 MAX_TRACKED_KEYS = 100_000  # idle keys beyond this are forgotten (a full bucket and nothing in flight: no state)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A key's request budget at one moment (read-only; for the response headers of kvmart/server/headers.py)."""
+
+    limit_per_minute: int
+    remaining: int  # requests it may start now
+    reset_seconds: float  # until its bucket is full again
+
 Release = Callable[[], None]
 
 
@@ -54,6 +62,10 @@ class Limiter(Protocol):
 
     def admit(self, key: str) -> Release:
         """RateLimitedError, or a function to call once when the admitted request ends."""
+        ...
+
+    def budget(self, key: str) -> Budget | None:
+        """Read-only: the key's budget now (a key never seen has a full bucket); None without a per-minute rate."""
         ...
 
 
@@ -100,6 +112,16 @@ class KeyLimiter:
                 state.tokens -= 1
             state.in_flight += 1
 
+    def budget(self, key: str) -> Budget | None:
+        """Read-only: `key`'s budget now (a key never seen has a full bucket); None without a per-minute rate."""
+        if not self.per_second:
+            return None
+        with self._lock:
+            state, now = self._keys.get(key), self.clock()
+            tokens = float(self.burst) if state is None else min(
+                float(self.burst), state.tokens + (now - state.updated) * self.per_second)
+        return Budget(round(self.per_second * 60), max(0, math.floor(tokens)),
+                      (self.burst - tokens) / self.per_second)
     def admit(self, key: str) -> Release:
         self.acquire(key)
         return lambda: self.release(key)
@@ -156,6 +178,18 @@ class SharedKeyLimiter:
 
         return release
 
+
+    def budget(self, key: str) -> Budget | None:
+        if not self.per_minute:
+            return None
+        if self._down_until is not None and self.clock() < self._down_until:
+            return self.local.budget(key)
+        try:
+            tokens = self.state.tokens(key, self.per_minute, self.burst)
+        except StoreUnavailableError:
+            return self.local.budget(key)  # admit() notices and logs the fallback
+        per_second = self.per_minute / 60.0
+        return Budget(self.per_minute, max(0, math.floor(tokens)), (self.burst - tokens) / per_second)
 
 def limiter_for(settings: ServerSettings, state: RedisState | None = None) -> Limiter:
     """The per-key limiter of `settings`: in Redis when the cluster shares `state`, else in this node's memory."""

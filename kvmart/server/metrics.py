@@ -9,6 +9,7 @@ OpenMetrics when asked), as prometheus_client's own HTTP handlers do."""
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import prometheus_client
@@ -19,6 +20,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 # Request latency: from 5 ms to 10 minutes, so a long generation (several minutes on a CPU) still lands in a finite
 # bucket; a page's p95 reads "> 600 s" only beyond the last.
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_FULL_VIEW = contextvars.ContextVar("kvmart_metrics_full_view", default=False)  # this scrape is the admin's
 
 
 class Counter:
@@ -71,9 +73,11 @@ class ServerMetrics:
     `read_*` callbacks give the live values of the queue, the hot tier and the catalogue."""
 
     def __init__(self, read_active: Callable[[], float], read_waiting: Callable[[], float],
-                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[], float],
+                 read_hot: Callable[[], dict[str, float]], read_documents: Callable[[bool], float],
                  read_forward_passes: Callable[[], float] = lambda: 0.0,
                  read_batches: Callable[[], dict[str, float]] = lambda: {"steps": 0.0, "rows": 0.0}) -> None:
+        """`read_documents(full)`: how many documents there are, all of them if `full` (the admin's scrape), else
+        the public ones only (/metrics needs no key: private documents are not counted for just anyone)."""
         r = self.registry = CollectorRegistry()
         self.requests = Counter(r, "kvmart_http_requests_total", "HTTP requests by endpoint and status code.",
                                 ("endpoint", "status"))
@@ -99,17 +103,19 @@ class ServerMetrics:
                                     "Requests refused by a per-key rate or concurrency limit (HTTP 429).")
         self.cancelled = Counter(r, "kvmart_cancelled_requests_total",
                                  "Requests whose client went away before the answer ended.")
-        self.charges = Counter(r, "kvmart_charges_total", "Metered requests by outcome: charged, replayed (an "
-                               "idempotent retry), payment_required (HTTP 402), released (failed or cancelled).",
+        self.charges = Counter(r, "kvmart_charges_total", "Metered requests by outcome: charged, cut_off (its client "
+                               "hung up: charged for what was sent), replayed (an idempotent retry), payment_required "
+                               "(HTTP 402), released (failed).",
                                ("outcome",))
         self.charged_usd = Counter(r, "kvmart_charged_usd_total",
                                    "Dollars charged to agents (monitoring only: the ledger is the record).")
         self.royalty_usd = Counter(r, "kvmart_royalty_usd_total", "Dollars of royalties credited to publishers.")
         self.published = Counter(r, "kvmart_documents_published_total", "POST /v1/documents by outcome: computed, "
                                  "uploaded (verified), already stored, or refused.", ("outcome",))
-        r.register(ReadAtScrape(lambda: {"documents": read_documents(), "active": read_active(),
+        r.register(ReadAtScrape(lambda: {"documents": read_documents(_FULL_VIEW.get()), "active": read_active(),
                                          "waiting": read_waiting(), "forward_passes": read_forward_passes()}, (
-            ("kvmart_documents", "Documents in the catalogue for the loaded model.", "documents", "gauge"),
+            ("kvmart_documents", "Documents in the catalogue for the loaded model: the public ones (every one when "
+             "scraped with the admin key).", "documents", "gauge"),
             ("kvmart_forward_passes_total", "Forward passes the model has run (prompt chunks, decode steps, "
              "prefills of published documents).", "forward_passes", "counter"),
             ("kvmart_queue_active", "Requests the model worker is running.", "active", "gauge"),
@@ -127,7 +133,20 @@ class ServerMetrics:
             ("kvmart_hot_bytes", "Bytes of KV held in the hot tier.", "bytes", "gauge"),
             ("kvmart_hot_budget_bytes", "The hot tier's byte budget (--ram-cache-bytes).", "budget_bytes", "gauge"))))
 
-    def render(self, accept: str | None = None) -> tuple[bytes, str]:
-        """The registry in the format `accept` (an HTTP Accept header) asks for, and that format's content type."""
+    def render(self, accept: str | None = None, full: bool = False) -> tuple[bytes, str]:
+        """The registry in the format `accept` (an HTTP Accept header) asks for, and that format's content type;
+        `full`: the admin's view (private documents counted)."""
         encode, content_type = choose_encoder(accept or "")
-        return encode(self.registry), content_type
+        token = _FULL_VIEW.set(full)
+        try:
+            return encode(self.registry), content_type
+        finally:
+            _FULL_VIEW.reset(token)
+
+    def samples(self, full: bool = False) -> Iterable[Metric]:
+        """The registry's metric families as collected now (`full`: the admin's view)."""
+        token = _FULL_VIEW.set(full)
+        try:
+            return list(self.registry.collect())
+        finally:
+            _FULL_VIEW.reset(token)

@@ -6,10 +6,12 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import BinaryIO
 
-from kvmart.errors import StoreError, UnknownCacheError
+from kvmart.errors import InvalidIdError, StoreError, UnknownCacheError
+from kvmart.format.keys import parse_cache_id
+from kvmart.format.signing import check_index, cluster_key
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,34 @@ class Entry:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def parse(cls, data: object, cache_id: str) -> "Entry":
+        """The entry `data` (read from a file or a shared tier) describes, which must be that of `cache_id`;
+        StoreError saying what is wrong (a field missing, of the wrong type, or another artifact's id)."""
+        if not isinstance(data, dict):
+            raise StoreError(f"the entry of {cache_id[:16]} is a JSON {type(data).__name__}, not an object")
+        if not REQUIRED_FIELDS <= set(data) <= set(ENTRY_TYPES):
+            raise StoreError(f"the entry of {cache_id[:16]} has fields {sorted(data)}, expected "
+                             f"{sorted(REQUIRED_FIELDS)} and any of {sorted(set(ENTRY_TYPES) - REQUIRED_FIELDS)}")
+        wrong = [k for k, kinds in ENTRY_TYPES.items()
+                 if k in data and (isinstance(data[k], bool) or not isinstance(data[k], kinds))]
+        if wrong:
+            raise StoreError(f"the entry of {cache_id[:16]} has fields of the wrong type: {', '.join(wrong)}")
+        if data.get("kind", "document") not in ENTRY_KINDS:
+            raise StoreError(f"the entry of {cache_id[:16]} is of kind {str(data['kind'])[:20]!r}, not one of "
+                             f"{', '.join(ENTRY_KINDS)}")
+        if data["cache_id"] != cache_id:
+            raise StoreError(f"the entry stored as {cache_id[:16]} describes another artifact "
+                             f"({str(data['cache_id'])[:16]!r})")
+        return cls(**data)
+
+
+_KINDS: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
+ENTRY_TYPES: dict[str, type | tuple[type, ...]] = {f.name: _KINDS[str(f.type)] for f in fields(Entry)}
+# entries written before format 3 have no kind, owner or kv_bytes (their defaults apply): they stay readable
+REQUIRED_FIELDS = frozenset(f.name for f in fields(Entry) if f.default is MISSING)
+ENTRY_KINDS = ("document", "chunk")
 
 
 Writer = Callable[[BinaryIO], int]
@@ -105,11 +135,32 @@ def _opened(opened: tuple[BinaryIO, int] | None, cache_id: str) -> Iterator[tupl
         f.close()
 
 
-def parse_index(raw: bytes | str, tier: str, cache_id: str) -> dict:
-    """A shared tier's JSON index of one artifact (its `entry` checked to be an Entry); StoreError if unreadable."""
+def parse_index(raw: bytes | str, tier: str, cache_id: str, fields_of: dict[str, type]) -> dict:
+    """A shared tier's JSON index of one artifact: its `entry` an Entry of exactly `cache_id`, each other field of
+    the type `fields_of` gives. StoreError if it is malformed (anyone's node would find it so); ArtifactError if
+    a cluster signing key is set and the index is not signed with it for this id (kvmart/format/signing.py), so
+    that an index copied from another id, or written by someone without the key, is never believed."""
     try:
         index = json.loads(raw)
-        Entry(**index["entry"])
-        return index
-    except (ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"{tier} index of {cache_id[:16]} is unreadable: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{tier} index of {cache_id[:16]} is not JSON: {e}") from e
+    if not isinstance(index, dict) or set(index) - {"signature"} != {"entry", *fields_of}:
+        raise StoreError(f"{tier} index of {cache_id[:16]} does not have the fields of an index")
+    wrong = [k for k, kind in fields_of.items() if isinstance(index[k], bool) or not isinstance(index[k], kind)]
+    if wrong:
+        raise StoreError(f"{tier} index of {cache_id[:16]} has fields of the wrong type: {', '.join(wrong)}")
+    Entry.parse(index["entry"], cache_id)
+    key = cluster_key()
+    if key is not None:
+        check_index(key, cache_id, {k: v for k, v in index.items() if k != "signature"}, index.get("signature"))
+    return index
+
+
+def parse_listed_id(value: str, tier: str) -> str | None:
+    """An id a shared tier lists (a catalogue member, an object name), or None (logged by the caller's logger)
+    when it is not a cache id: skipped, never used to build a key."""
+    try:
+        return parse_cache_id(value, f"{tier} listing's id")
+    except InvalidIdError:
+        return None
+

@@ -3,14 +3,19 @@
     ROOT/objects/ab/<cache_id>.kvm   the artifact
     ROOT/entries/<cache_id>.json     its metadata entry
     ROOT/tmp/                        writes in progress; renamed into place when complete
+    ROOT/quarantine/                 entry files that could not be read, moved aside (and logged) when found
 
 Every write goes to tmp/ then os.replace: a crash leaves at worst a stale temp file, cleaned up at the next open
 (a temp file is named after its writer's process id: one whose writer is gone is removed at once, as after a
-kill -9 and restart; one without a live writer's id, after an hour)."""
+kill -9 and restart; one without a live writer's id, after an hour). Every cache id is checked
+(kvmart/format/keys.py `parse_cache_id`) before a file name is built from it. An entry file that cannot be read
+(not JSON, fields missing or of the wrong type, another artifact's id, a name that is no cache id) is moved to
+quarantine/ and logged: it never fails a listing, and the artifact reads as absent (it is recomputed)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -18,7 +23,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvmart.errors import StoreError
+from kvmart.format.keys import is_cache_id, parse_cache_id
 from kvmart.store.base import Entry, Store, Writer
+
+log = logging.getLogger("kvmart.store")
 
 STALE_TEMP_SECONDS = 3600.0
 
@@ -27,7 +35,7 @@ class DiskStore(Store):
     def __init__(self, root: Path) -> None:
         self.root = root
         try:
-            for sub in ("objects", "entries", "tmp"):
+            for sub in ("objects", "entries", "tmp", "quarantine"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the store at {root}: {e}") from e
@@ -37,11 +45,12 @@ class DiskStore(Store):
         return f"DiskStore({str(self.root)!r})"
 
     def object_path(self, cache_id: str) -> Path:
-        """Where the artifact of `cache_id` lives (whether or not it exists)."""
+        """Where the artifact of `cache_id` lives (whether or not it exists); InvalidIdError for a non-id."""
+        cache_id = parse_cache_id(cache_id)
         return self.root / "objects" / cache_id[:2] / f"{cache_id}.kvm"
 
     def _entry_path(self, cache_id: str) -> Path:
-        return self.root / "entries" / f"{cache_id}.json"
+        return self.root / "entries" / f"{parse_cache_id(cache_id)}.json"
 
     def put(self, entry: Entry, write: Writer) -> Entry:
         target = self.object_path(entry.cache_id)
@@ -70,21 +79,44 @@ class DiskStore(Store):
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         try:
             f = open(self.object_path(cache_id), "rb")  # noqa: SIM115  (returned open: the caller closes it)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             return None
         return f, os.fstat(f.fileno()).st_size
 
     def entry(self, cache_id: str) -> Entry | None:
+        """The entry, or None if there is none or it is unreadable (then it is quarantined, and logged)."""
+        path = self._entry_path(cache_id)
         try:
-            return Entry(**json.loads(self._entry_path(cache_id).read_text()))
+            return Entry.parse(json.loads(path.read_bytes()), cache_id)
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as e:
-            raise StoreError(f"entry of {cache_id} in {self.root} is unreadable: {e}") from e
+        except (OSError, ValueError, StoreError) as e:  # ValueError: not JSON, or not UTF-8
+            self._quarantine(path, e)
+            return None
 
     def entries(self) -> list[Entry]:
-        found = [self.entry(p.stem) for p in (self.root / "entries").glob("*.json")]
-        return sorted((e for e in found if e is not None), key=lambda e: e.created_at, reverse=True)
+        found = []
+        for path in (self.root / "entries").glob("*.json"):
+            if not is_cache_id(path.stem):
+                self._quarantine(path, "its name is not a cache id")
+                continue
+            entry = self.entry(path.stem)
+            if entry is not None:
+                found.append(entry)
+        return sorted(found, key=lambda e: e.created_at, reverse=True)
+
+    def _quarantine(self, path: Path, why: object) -> None:
+        """Move an unreadable entry file aside so that it fails nothing again; its artifact reads as absent."""
+        target = self.root / "quarantine" / f"{path.name}.{time.time_ns()}"
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:  # another reader moved it first
+            return
+        except OSError as e:
+            log.error("entry file %s is unreadable (%s) and cannot be moved aside: %s", path, why, e)
+            return
+        log.warning("entry file %s is unreadable (%s): moved to %s; its artifact will be recomputed", path, why,
+                    target)
 
     def delete(self, cache_id: str) -> bool:
         removed = False

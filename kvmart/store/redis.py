@@ -12,13 +12,17 @@ artifact absent (and its index is dropped so it can be republished): it is recom
 
 TTLs (`ttl_seconds`, 0 = none: pinned) apply to the index and chunks alike and are refreshed on every read, as
 the commercial prompt caches refresh theirs. Every connection failure is a StoreUnavailableError. When a cluster
-signing key is set, an artifact (or head) without this cluster's signature raises ArtifactError (kvmart/format/signing.py)."""
+signing key is set, every index is signed for its id, and an index or artifact (or head) without this cluster's
+signature for the id asked for raises ArtifactError (kvmart/format/signing.py). Every id is checked before a key is
+built from it (`parse_cache_id`); an index that is malformed (unparseable, fields of the wrong type, another id's
+entry) is logged and dropped, as a broken chunk is: the artifact reads as absent and is recomputed, never a 500."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import re
 import secrets
 import struct
 from collections.abc import Iterator
@@ -28,13 +32,16 @@ from typing import BinaryIO, cast
 
 import xxhash
 
-from kvmart.errors import StoreError, StoreUnavailableError
+from kvmart.errors import ArtifactError, StoreError, StoreUnavailableError
 from kvmart.format.artifact import check_fetched
-from kvmart.store.base import Entry, Store, Writer, parse_index
+from kvmart.format.keys import parse_cache_id
+from kvmart.format.signing import cluster_key, sign_index
+from kvmart.store.base import Entry, Store, Writer, parse_index, parse_listed_id
 
 log = logging.getLogger("kvmart.store")
 DEFAULT_CHUNK_BYTES = 8 << 20  # well under Redis' 512 MB value limit; small enough to stream in pieces
 FETCH_BATCH = 16  # chunks per MGET: bounds one reply's size
+INDEX_FIELDS: dict[str, type] = {"size": int, "chunk_bytes": int, "nonce": str, "chunks": list}
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class RedisStore(Store):
             self._client.ping()
 
     def put(self, entry: Entry, write: Writer) -> Entry:
+        parse_cache_id(entry.cache_id)
         buffer = io.BytesIO()
         size = write(buffer)
         data = buffer.getbuffer()
@@ -89,6 +97,9 @@ class RedisStore(Store):
         stored = Entry(**{**entry.as_dict(), "artifact_bytes": size})
         index = {"entry": stored.as_dict(), "size": size, "chunk_bytes": step, "nonce": nonce,
                  "chunks": [xxhash.xxh3_128_hexdigest(data[i * step:(i + 1) * step]) for i in range(len(chunk_keys))]}
+        signing_key = cluster_key()
+        if signing_key is not None:
+            index["signature"] = sign_index(signing_key, entry.cache_id, index)
         with self._reach():
             pipe = self._client.pipeline(transaction=False)
             for i, key in enumerate(chunk_keys):
@@ -102,11 +113,22 @@ class RedisStore(Store):
         return existing if existing is not None else stored
 
     def _index(self, cache_id: str) -> dict | None:
+        """The index of `cache_id`, None if it is absent or malformed (then dropped); ArtifactError if it is not
+        signed with the cluster's key for this id (left alone: a node with a wrong key must not delete good ones)."""
         with self._reach():
-            raw = self._client.get(self._key("index", cache_id))
+            raw = self._client.get(self._key("index", parse_cache_id(cache_id)))
         if raw is None:
             return None
-        return parse_index(raw, "redis", cache_id)
+        try:
+            index = parse_index(raw, "redis", cache_id, INDEX_FIELDS)
+        except StoreError as e:
+            self._drop_broken(cache_id, -1, f"its index is malformed ({e})")
+            return None
+        if (not index["chunks"] or not all(isinstance(c, str) for c in index["chunks"]) or index["size"] < 0
+                or not re.fullmatch("[0-9a-f]{16}", index["nonce"])):
+            self._drop_broken(cache_id, -1, "its index lists no valid chunks")
+            return None
+        return index
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         index = self._index(cache_id)
@@ -144,9 +166,11 @@ class RedisStore(Store):
         return io.BytesIO(blob), index["size"]
 
     def _drop_broken(self, cache_id: str, chunk: int, why: str) -> None:
-        log.warning("redis artifact %s: chunk %d %s; treated as absent (it will be recomputed)", cache_id[:16], chunk, why)
-        self._client.delete(self._key("index", cache_id))
-        self._client.srem(self._key("catalog"), cache_id)
+        where = f"chunk {chunk}" if chunk >= 0 else "artifact"
+        log.warning("redis artifact %s: %s %s; treated as absent (it will be recomputed)", cache_id[:16], where, why)
+        with self._reach():
+            self._client.delete(self._key("index", cache_id))
+            self._client.srem(self._key("catalog"), cache_id)
 
     def _refresh_ttl(self, cache_id: str, chunk_keys: list[str]) -> None:
         if self.config.ttl_seconds:
@@ -156,12 +180,27 @@ class RedisStore(Store):
             pipe.execute()
 
     def entry(self, cache_id: str) -> Entry | None:
-        index = self._index(cache_id)
+        """The entry, or None if absent, malformed or (with a cluster key) not signed for this id (logged)."""
+        try:
+            index = self._index(cache_id)
+        except ArtifactError as e:
+            log.warning("%s", e)
+            return None
         return None if index is None else Entry(**index["entry"])
 
     def entries(self) -> list[Entry]:
+        """Every readable entry; members of the catalogue that are not cache ids, and indexes that are malformed
+        or not signed with the cluster's key, are skipped and logged."""
         with self._reach():
-            ids = sorted(m.decode() for m in cast(set[bytes], self._client.smembers(self._key("catalog"))))
+            members = [m.decode(errors="replace")
+                       for m in cast(set[bytes], self._client.smembers(self._key("catalog")))]
+        ids = []
+        for member in sorted(members):
+            if parse_listed_id(member, "redis") is None:
+                log.warning("redis catalogue lists %r, which is not a cache id; skipped", member[:80])
+            else:
+                ids.append(member)
+        with self._reach():
             raws = self._client.mget([self._key("index", c) for c in ids]) if ids else []
             gone = [c for c, raw in zip(ids, raws, strict=True) if raw is None]
             if gone:  # expired or evicted: prune the set
@@ -170,13 +209,18 @@ class RedisStore(Store):
         for cache_id, raw in zip(ids, raws, strict=True):
             if raw is not None:
                 try:
-                    found.append(Entry(**json.loads(raw)["entry"]))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("redis index of %s is unreadable; skipped", cache_id[:16])
+                    found.append(Entry(**parse_index(raw, "redis", cache_id, INDEX_FIELDS)["entry"]))
+                except (StoreError, ArtifactError) as e:
+                    log.warning("%s; skipped", e)
         return sorted(found, key=lambda e: e.created_at, reverse=True)
 
     def delete(self, cache_id: str) -> bool:
-        index = self._index(cache_id)
+        try:
+            index = self._index(cache_id)
+        except ArtifactError:  # not signed by this cluster: asked to delete it, the index goes (its chunks expire)
+            with self._reach():
+                self._client.srem(self._key("catalog"), cache_id)
+                return bool(self._client.delete(self._key("index", cache_id)))
         with self._reach():
             self._client.srem(self._key("catalog"), cache_id)
             if index is None:
@@ -186,7 +230,10 @@ class RedisStore(Store):
 
     def set_ttl(self, cache_id: str, ttl_seconds: int) -> bool:
         """Give an artifact a TTL (0: pinned, no expiry); False if it is absent."""
-        index = self._index(cache_id)
+        try:
+            index = self._index(cache_id)
+        except ArtifactError:
+            return False
         if index is None:
             return False
         keys = [self._key("index", cache_id)]

@@ -6,8 +6,11 @@
 The index is written last with `If-None-Match: *`: readers see no index or a complete artifact; when two nodes
 publish the same cache id at once, the first index wins and the loser deletes its object (stored once). A read
 checks size and checksum; a missing or corrupt object makes the artifact absent (recomputed, never used).
-Connection failures are StoreUnavailableError. When a cluster signing key is set, an artifact without this
-cluster's signature raises ArtifactError (kvmart/format/signing.py)."""
+Connection failures are StoreUnavailableError. When a cluster signing key is set, every index is signed for its
+id, and an index or artifact without this cluster's signature for the id asked for raises ArtifactError
+(kvmart/format/signing.py). Every id is checked before a key is built from it (`parse_cache_id`); an index that
+is malformed (unparseable, fields of the wrong type, another id's entry, an object outside this prefix) is logged
+and dropped: the artifact reads as absent and is recomputed, never a 500."""
 
 from __future__ import annotations
 
@@ -22,11 +25,14 @@ from typing import BinaryIO
 
 import xxhash
 
-from kvmart.errors import ConfigError, StoreError, StoreUnavailableError
+from kvmart.errors import ArtifactError, ConfigError, StoreError, StoreUnavailableError
 from kvmart.format.artifact import check_fetched
-from kvmart.store.base import Entry, Store, Writer, parse_index
+from kvmart.format.keys import parse_cache_id
+from kvmart.format.signing import cluster_key, sign_index
+from kvmart.store.base import Entry, Store, Writer, parse_index, parse_listed_id
 
 log = logging.getLogger("kvmart.store")
+INDEX_FIELDS: dict[str, type] = {"object": str, "size": int, "xxh3": str}
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,16 @@ class S3Store(Store):
             self._client.head_bucket(Bucket=self.config.bucket)
 
     def put(self, entry: Entry, write: Writer) -> Entry:
+        parse_cache_id(entry.cache_id)
         buffer = io.BytesIO()
         size = write(buffer)
         data = buffer.getvalue()
         object_key = self._key("objects", f"{entry.cache_id}.{secrets.token_hex(8)}.kvm")
         stored = Entry(**{**entry.as_dict(), "artifact_bytes": size})
         index = {"entry": stored.as_dict(), "object": object_key, "size": size, "xxh3": xxhash.xxh3_128_hexdigest(data)}
+        key = cluster_key()
+        if key is not None:
+            index["signature"] = sign_index(key, entry.cache_id, index)
         with self._reach():
             self._client.put_object(Bucket=self.config.bucket, Key=object_key, Body=data)
             try:
@@ -105,9 +115,11 @@ class S3Store(Store):
         return existing if existing is not None else stored
 
     def _index_key(self, cache_id: str) -> str:
-        return self._key("entries", f"{cache_id}.json")
+        return self._key("entries", f"{parse_cache_id(cache_id)}.json")
 
     def _index(self, cache_id: str) -> dict | None:
+        """The index of `cache_id`, None if it is absent or malformed (then dropped); ArtifactError if it is not
+        signed with the cluster's key for this id (left alone: a node with a wrong key must not delete good ones)."""
         with self._reach():
             try:
                 raw = self._client.get_object(Bucket=self.config.bucket, Key=self._index_key(cache_id))["Body"].read()
@@ -115,7 +127,16 @@ class S3Store(Store):
                 if self._is(e, "NoSuchKey", "404"):
                     return None
                 raise StoreError(f"s3 read of {cache_id[:16]} failed: {e}") from e
-        return parse_index(raw, "s3", cache_id)
+        try:
+            index = parse_index(raw, "s3", cache_id, INDEX_FIELDS)
+            if not index["object"].startswith(self._key("objects", cache_id) + ".") or index["size"] < 0:
+                raise StoreError(f"s3 index of {cache_id[:16]} names an object that is not its own")
+        except StoreError as e:
+            log.warning("%s; treated as absent and dropped (it will be recomputed)", e)
+            with self._reach():
+                self._client.delete_object(Bucket=self.config.bucket, Key=self._index_key(cache_id))
+            return None
+        return index
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         index = self._index(cache_id)
@@ -138,7 +159,12 @@ class S3Store(Store):
         return io.BytesIO(data), len(data)
 
     def entry(self, cache_id: str) -> Entry | None:
-        index = self._index(cache_id)
+        """The entry, or None if absent, malformed or (with a cluster key) not signed for this id (logged)."""
+        try:
+            index = self._index(cache_id)
+        except ArtifactError as e:
+            log.warning("%s", e)
+            return None
         return None if index is None else Entry(**index["entry"])
 
     def entries(self) -> list[Entry]:
@@ -149,6 +175,9 @@ class S3Store(Store):
             keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
         for key in keys:
             cache_id = key.rsplit("/", 1)[-1].removesuffix(".json")
+            if parse_listed_id(cache_id, "s3") is None:
+                log.warning("s3 entries/ holds %r, which is not a cache id's index; skipped", key[-120:])
+                continue
             try:
                 entry = self.entry(cache_id)
             except StoreError as e:
@@ -161,7 +190,12 @@ class S3Store(Store):
         return sorted(found, key=lambda e: e.created_at, reverse=True)
 
     def delete(self, cache_id: str) -> bool:
-        index = self._index(cache_id)
+        try:
+            index = self._index(cache_id)
+        except ArtifactError:  # not signed by this cluster: asked to delete it, the index goes
+            with self._reach():
+                self._client.delete_object(Bucket=self.config.bucket, Key=self._index_key(cache_id))
+            return True
         if index is None:
             return False
         with self._reach():

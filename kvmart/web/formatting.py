@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from decimal import Decimal
 
@@ -29,9 +30,18 @@ def size(num_bytes: float) -> str:
 
 
 def seconds(value: float) -> str:
+    """Always in seconds, so figures compare at a glance across the pages: '0.004 s', '3.41 s', '14,378 s'."""
     if value < 1:
-        return f"{value * 1000:,.1f} ms"
-    return f"{value:,.2f} s"
+        return f"{value:.3f} s"
+    return f"{value:,.2f} s" if value < 100 else f"{value:,.0f} s"
+
+
+def latency_bound(value: float, top_bucket_seconds: float) -> str:
+    """A quantile read from histogram buckets: its bucket's upper bound, or '> 60 s' when it fell beyond the
+    largest finite bucket (the histogram only knows it was longer)."""
+    if math.isinf(value):
+        return f"> {seconds(top_bucket_seconds).removesuffix(' s').removesuffix('.00')} s"
+    return seconds(value)
 
 
 def age(created_at: float, now: float | None = None) -> str:
@@ -42,4 +52,4 @@ def age(created_at: float, now: float | None = None) -> str:
     return "just now"
 
 
-FILTERS = {"usd": usd, "price": price, "size": size, "seconds": seconds, "age": age}
+FILTERS = {"usd": usd, "price": price, "size": size, "seconds": seconds, "age": age, "latency_bound": latency_bound}

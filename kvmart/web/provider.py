@@ -4,6 +4,7 @@ tier, queue depth, requests and latency per endpoint, the top documents and the 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Endpoint:
     requests: int
     mean_seconds: float
     p95_seconds: float  # from the histogram's buckets: the upper bound of the bucket holding the 95th percentile
+    top_bucket_seconds: float  # the largest finite bucket: a p95 beyond it (inf) is shown as "> that"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ def endpoints(samples: Samples, name: str) -> list[Endpoint]:
         buckets = {float(dict(lb)["le"]): v for lb, v in samples.by_name[f"{name}_bucket"].items()
                    if dict(lb).get("endpoint") == endpoint}
         total = samples.get(f"{name}_sum", endpoint=endpoint)
-        found.append(Endpoint(endpoint, int(count), total / count if count else 0.0, quantile(buckets, 0.95)))
+        top = max((b for b in buckets if not math.isinf(b)), default=0.0)
+        found.append(Endpoint(endpoint, int(count), total / count if count else 0.0, quantile(buckets, 0.95), top))
     return found
 
 
@@ -116,7 +119,7 @@ def tiers(services: Services, samples: Samples) -> tuple[list[Tier], int, int]:
 
 def provider_page(services: Services, admin: Account) -> ProviderPage:
     """For the admin only (the caller checks), who sees every document."""
-    samples = Samples(services.metrics.registry.collect())
+    samples = Samples(services.metrics.samples(full=True))  # the provider page is the admin's: every document
     tier_list, misses, lookups = tiers(services, samples)
     everything = rows(services, visible_documents(services, admin))
     top = sorted(everything, key=lambda r: (-r.revenue_nanousd, -r.reads, r.id))[:TOP_DOCUMENTS]

@@ -19,9 +19,10 @@ from kvmart.server.api.documents import PublishRequest, delete_as, publish_as
 from kvmart.server.api.usage import kvmart_usage
 from kvmart.server.auth import request_hash, require_role
 from kvmart.server.body import parse
+from kvmart.server.errors import http_error
 from kvmart.server.pipeline.billing import Payer
 from kvmart.server.pipeline.plan import GenerationRequest, Sampling
-from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.server.pipeline.runs import Run, guarded, start_generation
 from kvmart.web.access import visible_document
 from kvmart.web.pages import (
     Viewer,
@@ -78,10 +79,10 @@ async def ask(request: Request):
         raise RequestError("ask a question", "question")
     max_tokens = _int_field(fields, "max_tokens", 64, 1, ASK_MAX_TOKENS)
     prompt = ChatPrompt((chat_message("user", question),), (doc.id,))
-    payer = Payer(account, None, request_hash({"web_ask": doc.id, "question": question}))
+    payer = Payer(account, None, request_hash("/ask", {"document": doc.id, "question": question}))
     run = await start_generation(services, GenerationRequest(prompt, Sampling(max_tokens, temperature=0.0)),
                                  "web", payer)
-    response = StreamingResponse(_answer(run), media_type="application/x-ndjson",
+    response = StreamingResponse(guarded(run, _answer(run)), media_type="application/x-ndjson",
                                  headers={"X-Accel-Buffering": "no"})
     return with_session(response, request, viewer)
 
@@ -95,16 +96,22 @@ async def _answer(run: Run):
         yield json.dumps({"done": True, "finish_reason": run.ended.finish_reason,
                           "usage": {"prompt_tokens": usage.prompt_tokens, **kvmart_usage(usage)}}) + "\n"
     except KvmartError as e:
-        yield json.dumps({"error": str(e)}) + "\n"
+        yield json.dumps({"error": http_error(e).message}) + "\n"  # a 5xx's own message stays in the log
 
 
 def _int_field(fields: dict[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = fields.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # "²".isdigit(), but int() refuses it
         raise RequestError(f"{name} must be a whole number from {low} to {high}", name)
     return int(raw)
+
+
+@router.get("/favicon.ico")
+async def favicon():
+    """Browsers may ask for /favicon.ico without reading the page's <link rel=icon>: the same icon."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
 
 
 @router.get("/signin")

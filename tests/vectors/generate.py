@@ -5,8 +5,12 @@
     NAME.kvm               an artifact, as kvmart writes it (raw, or each codec asked for)
     NAME.json              what a reader must find: cache id, salt, token ids, manifest hash, chunk keys, codecs
     NAME.tensors.bin       the decoded tensors, raw little-endian bytes, back to back in file order
+    chain.*                a document stored as a chunk chain: its index, its chunks, what a reader must find
+    chain.signatures.json  the signatures of the chain's index and chunks, and of a shared tier's index, under a
+                           test key (docs/FORMAT.md "Hash inputs"): kvmart writes them when KVMART_SIGNING_KEY is set
 
     python tests/vectors/generate.py [--codec raw --codec zstd ...]
+    python tests/vectors/generate.py --signatures-only   # from the chain vector already written
 
 Vectors are data: regenerate them only when the format changes on purpose (the artifacts record kvmart's, torch's
 and transformers' versions, so a new run gives new files). tests/test_vectors.py checks that both kvmart and the
@@ -36,6 +40,7 @@ CASES = [  # name, dtype, salt, tokens
     ("bf16-salted", "bfloat16", "tenant-salt-0123456789abcdef", 17),
 ]
 CHUNK_TOKENS = 8
+SIGNING_KEY = "kvmart-test-vector-signing-key"  # a key for the vectors only
 
 
 def model_vector(model: Model, folder: Path) -> dict:
@@ -98,14 +103,45 @@ def write_chain(model: Model, salt: str, num_tokens: int, chunk_tokens: int) -> 
     print(f"chain: {len(chunks)} chunks, cache id {entry.cache_id[:16]}", file=sys.stderr)
 
 
+def write_signatures() -> None:
+    """chain.signatures.json: under SIGNING_KEY, the signature each artifact of the chain vector carries when
+    written with that key (its cache id and manifest hash), and a shared tier's index with its signature."""
+    from kvmart.format.artifact import read_manifest
+    from kvmart.format.signing import sign, sign_index
+
+    chain = json.loads((HERE / "chain.chain.json").read_text())
+    artifacts = []
+    for name in [chain["index"], *(c["artifact"] for c in chain["chunks"])]:
+        data = (HERE / name).read_bytes()
+        manifest, _ = read_manifest(io.BytesIO(data), len(data))
+        artifacts.append({"artifact": name, "cache_id": manifest.cache_id, "manifest_sha256": manifest.manifest_sha256,
+                          "signature": sign(SIGNING_KEY.encode(), manifest.cache_id, manifest.manifest_sha256)})
+    index = {"entry": {"cache_id": chain["cache_id"], "title": "cha\u00eene \u2014 \U0001f4c4", "source": "",
+                       "model": "builtin:tiny", "fingerprint": "0" * 64, "num_tokens": len(chain["token_ids"]),
+                       "artifact_bytes": 1216, "prefill_seconds": 0.015625, "created_at": 1700000000.5,
+                       "kind": "document", "owner": "", "kv_bytes": 9664},
+             "size": 1216, "chunk_bytes": 4096, "nonce": "0123456789abcdef", "chunks": ["0" * 32]}
+    expected = {"key": SIGNING_KEY, "artifacts": artifacts,
+                "shared_index": {"stored_id": chain["cache_id"], "index": index,
+                                 "signature": sign_index(SIGNING_KEY.encode(), chain["cache_id"], index)}}
+    (HERE / "chain.signatures.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
+    print(f"signatures: {len(artifacts)} artifacts and a shared index", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--codec", action="append", help="codecs to write (default: raw, zstd and kvmart)")
     parser.add_argument("--chain-only", action="store_true", help="write only the chunk-chain vector")
+    parser.add_argument("--signatures-only", action="store_true",
+                        help="write only the signatures of the chunk-chain vector already written")
     args = parser.parse_args()
+    if args.signatures_only:
+        write_signatures()
+        return
     with tempfile.TemporaryDirectory() as data_dir:
         if args.chain_only:
             write_chain(Model.load(Settings(data_dir=Path(data_dir), model="builtin:tiny")), "", 11, CHUNK_TOKENS)
+            write_signatures()
             return
         for name, dtype, salt, num_tokens in CASES:
             model = Model.load(Settings(data_dir=Path(data_dir), model="builtin:tiny", dtype=dtype))
@@ -113,6 +149,7 @@ def main() -> None:
                 write_case(name, model, salt, num_tokens, codec)
             if dtype == "float32":
                 write_chain(model, "", num_tokens, CHUNK_TOKENS)
+                write_signatures()
         folder = next(Path(data_dir, "models").glob("builtin-tiny-*"))
         (HERE / "model.json").write_text(json.dumps(model_vector(model, folder), indent=2, sort_keys=True) + "\n")
 

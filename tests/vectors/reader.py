@@ -1,7 +1,7 @@
 """An independent reader of kvmart artifacts, written from docs/FORMAT.md alone: it imports nothing of kvmart, only
 the standard library and numpy (and `zstandard` for zstd-coded tensors; `xxhash`, if installed, to check the
 xxh3-128 checksums too). It recomputes every hash the format defines (manifest hash, model fingerprint digest,
-cache id, chunk keys) and decodes the tensors.
+cache id, chunk keys, the signatures of artifacts and shared indexes) and decodes the tensors.
 
 Codecs plug in by name: raw and zstd are here; any module `NAME_codec_reader.py` beside this file that defines
 `CODEC = "name"` and `decode(data: bytes, params: dict, dtype: str, shape: tuple[int, ...]) -> bytes` (the decoded
@@ -12,6 +12,7 @@ tensor's little-endian bytes) adds a decoder for that codec (kvmart_codec_reader
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib.util
 import json
 import math
@@ -74,8 +75,9 @@ def spaced_float(value: float) -> str:
     return f"{sign}{digits[0]}{tail}e{'-' if exponent < 0 else '+'}{abs(exponent):02d}"
 
 
-def spaced(value) -> bytes:
-    """The spaced form: sorted keys, ', ' and ': ' separators, ASCII with \\u escapes."""
+def spaced(value, item_separator: str = ", ", key_separator: str = ": ") -> bytes:
+    """The spaced form: sorted keys, ', ' and ': ' separators, ASCII with \\u escapes (other separators: the
+    compact form)."""
     def write(v) -> str:
         if v is None:
             return "null"
@@ -88,11 +90,16 @@ def spaced(value) -> bytes:
         if isinstance(v, str):
             return spaced_string(v)
         if isinstance(v, list):
-            return "[" + ", ".join(write(x) for x in v) + "]"
+            return "[" + item_separator.join(write(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{" + ", ".join(f"{spaced_string(k)}: {write(v[k])}" for k in sorted(v)) + "}"
+            return "{" + item_separator.join(f"{spaced_string(k)}{key_separator}{write(v[k])}" for k in sorted(v)) + "}"
         raise FormatError(f"not a JSON value: {v!r}")
     return write(value).encode("ascii")
+
+
+def compact(value) -> bytes:
+    """The compact form: the spaced form with ',' and ':' as separators."""
+    return spaced(value, ",", ":")
 
 
 def canonical_int_list(values: list[int]) -> bytes:
@@ -129,6 +136,19 @@ def chunk_keys(fingerprint_digest: str, token_ids: list[int], chunk_tokens: int,
                             + canonical_int_list(token_ids[start:start + chunk_tokens]))
         keys.append(parent)
     return keys
+
+
+def artifact_signature(key: str, cache_id: str, manifest_sha256: str) -> str:
+    """An artifact header's `kvmart_signature` (docs/FORMAT.md "Hash inputs"): hex HMAC-SHA256."""
+    message = b"kvmart-artifact-signature-v2:" + cache_id.encode() + b"\0" + manifest_sha256.encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def index_signature(key: str, stored_id: str, index: dict) -> str:
+    """A shared tier's index `signature`, over the index without it, for the id it is stored under."""
+    body = {k: v for k, v in index.items() if k != "signature"}
+    message = b"kvmart-index-signature-v1:" + stored_id.encode() + b"\0" + compact(body)
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
 def fingerprint_digest(components: dict[str, str]) -> str:

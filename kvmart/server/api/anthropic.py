@@ -1,7 +1,8 @@
-"""Anthropic-compatible endpoint: POST /v1/messages, with `stream`, so the official `anthropic` client works
-unchanged. Documents are named with the extra body field `documents`; `usage` reports `cache_read_input_tokens`
-(tokens read from a stored cache) and `cache_creation_input_tokens` (always 0: answering never writes a cache;
-documents are published with POST /v1/documents). Every prompt is cached automatically at each message's content
+"""Anthropic-compatible endpoints: POST /v1/messages, with `stream`, so the official `anthropic` client works
+unchanged, and POST /v1/messages/count_tokens (free: the prompt's tokens, documents included, laid out as
+/v1/messages lays them out). Documents are named with the extra body field `documents`; `usage` reports
+`cache_read_input_tokens` (tokens read from the cache) and `cache_creation_input_tokens` (tokens computed and kept
+for later requests; kvmart/server/api/usage.py). Every prompt is cached automatically at each message's content
 (docs/SERVER.md); a `cache_control` marker on a content block is honoured as an explicit cache point: the prompt is
 cut at the end of that block too, so the chunk ending there is stored and a later prompt that shares everything up to
 it reuses it, whatever follows."""
@@ -13,14 +14,17 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from kvmart.errors import KvmartError, UnsupportedParameterError
+from kvmart.reuse.catalog import Readable
 from kvmart.reuse.prompt import ChatMessage, ChatPrompt, chat_message
-from kvmart.server.api.generation import Opened, open_generation, read_price_cap
-from kvmart.server.api.openai import SSE_HEADERS
+from kvmart.server.api.generation import Opened, check_model, open_generation, read_price_cap
+from kvmart.server.api.params import AnthropicTemperature, NoClientSalt, TopP
 from kvmart.server.api.usage import anthropic_usage
+from kvmart.server.auth import caller
+from kvmart.server.body import parse, read_json
 from kvmart.server.errors import HttpError, http_error
 from kvmart.server.pipeline.engine import Finished
 from kvmart.server.pipeline.plan import GenerationRequest, Sampling
@@ -47,16 +51,17 @@ class AnthropicMessage(BaseModel):
     content: str | list[Block]
 
 
-class MessagesRequest(BaseModel):
-    """Unknown fields (metadata, service_tier...) are accepted and ignored."""
+class MessagesRequest(NoClientSalt):
+    """Unknown fields (metadata, service_tier...) are accepted and ignored (`salt` is refused:
+    kvmart/server/api/params.py)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[Block] | None = None
-    temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: AnthropicTemperature = None
+    top_p: TopP = None
     top_k: int | None = None
     stop_sequences: list[str] | None = None
     stream: bool | None = False
@@ -66,6 +71,12 @@ class MessagesRequest(BaseModel):
     documents: list[str] = []
     cache: Literal["default", "bypass"] = "default"
     max_cache_read_usd_per_mtok: str | float | int | None = None  # the most a document not named may cost
+
+
+class CountTokensRequest(MessagesRequest):
+    """The messages request without `max_tokens` (nothing is generated)."""
+
+    max_tokens: int = Field(1, ge=1)
 
 
 def error_body(error: HttpError) -> dict:
@@ -122,15 +133,13 @@ def message_head(services: Services, message_id: str) -> dict:
 
 @router.post("/v1/messages")
 async def messages(request: Request):
-    opened = await open_generation(request, MessagesRequest, messages_request, "messages",
-                                   lambda req: bool(req.stream))
+    opened = await open_generation(request, MessagesRequest, messages_request, "messages")
     if not isinstance(opened, Opened):
         return opened
     req, run = opened.req, opened.run
     message_id = f"msg_{uuid.uuid4().hex}"
     if req.stream:
-        return StreamingResponse(message_stream(run, message_head(opened.services, message_id)),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return opened.stream(message_stream(run, message_head(opened.services, message_id)))
     text = "".join(d.text for d in await run.collect())
     return await opened.answer({**message_head(opened.services, message_id), "content": [{"type": "text", "text": text}],
                                 "stop_reason": stop_reason(run.ended), "stop_sequence": run.ended.stop_sequence,
@@ -153,3 +162,24 @@ async def message_stream(run: Run, head: dict):
         yield event("message_stop", {})
     except KvmartError as e:
         yield event("error", {"error": error_body(http_error(e))["error"]})
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request):
+    """{"input_tokens": N}: every token of the prompt, the named documents' included (/v1/messages reports the
+    same N split into `input_tokens`, `cache_creation_input_tokens` and `cache_read_input_tokens`). Nothing is
+    charged; the caller must be able to read every document it names."""
+    services: Services = request.app.state.services
+    account = await caller(request)
+    req = parse(CountTokensRequest, await read_json(request, services.server.max_body_bytes))
+    check_model(services, req.model)
+    readable = await run_in_threadpool(services.ledger.readable, account)
+    return {"input_tokens": await run_in_threadpool(prompt_tokens, services, messages_request(req), readable)}
+
+
+def prompt_tokens(services: Services, request: GenerationRequest, readable: Readable) -> int:
+    """The prompt's token count, laid out as the planner lays out a generation's prompt (off the model thread: the
+    planner tokenizes under its own lock). UnknownDocumentError for a document `readable` does not allow."""
+    planner = services.planner
+    named = [planner.document(doc_id, readable) for doc_id in request.prompt.documents]
+    return len(planner.lay_out(request.prompt, named).token_ids)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -22,14 +22,15 @@ from kvmart.format.keys import cache_id as make_cache_id
 from kvmart.ledger import Account, Hold, Licence, Terms, parse_money, usd_text
 from kvmart.reuse import core
 from kvmart.reuse.catalog import Document
-from kvmart.reuse.upload import chunk_spans, plan
+from kvmart.reuse.upload import chunk_spans, plan, upload_size
 from kvmart.runtime.chat import document_ids, layout_for
 from kvmart.server.auth import caller, require_role
-from kvmart.server.body import parse, read_json
+from kvmart.server.body import parse
 from kvmart.server.pipeline.engine import Published, PublishJob
 from kvmart.server.pipeline.plan import MAX_CHARS_PER_TOKEN
 from kvmart.server.pipeline.runs import first_event, submit
 from kvmart.server.pipeline.services import Services
+from kvmart.server.publish_body import read_publish_body
 
 router = APIRouter()
 log = logging.getLogger("kvmart.server")
@@ -80,22 +81,30 @@ async def publish(request: Request):
     services: Services = request.app.state.services
     account = await caller(request)
     require_role(account, "publisher")  # before the body: only publishers may send one as large as an artifact
-    limit = services.server.max_body_bytes + 4 * -(-services.server.max_artifact_bytes // 3)  # room for an upload
-    req = parse(PublishRequest, await read_json(request, limit))
-    body, is_new = await publish_as(services, account, req)
-    return JSONResponse(body, status_code=201 if is_new else 200)
+    body = await read_publish_body(request, services.server, services.settings.data_dir / "uploads",
+                                   request.app.state.uploads)  # a large one streamed to disk (server/publish_body.py)
+    try:
+        req = parse(PublishRequest, body.fields)
+        answer, is_new = await publish_as(services, account, req, body.artifact)
+    finally:
+        body.close()
+    return JSONResponse(answer, status_code=201 if is_new else 200)
 
 
-async def publish_as(services: Services, account: Account, req: PublishRequest) -> tuple[dict, bool]:
+async def publish_as(services: Services, account: Account, req: PublishRequest,
+                     upload: bytes | BinaryIO | None = None) -> tuple[dict, bool]:
     """Publish `req` for `account` (the API and the web page both come here): the document's JSON, and whether it
-    was computed now. ForbiddenError for an agent, TariffError/AccountError for bad terms, 413 for a document
-    beyond the limits, 402 for the fee: each before any forward pass (the fee is held first, charged once the
-    document is stored, released if it is not)."""
+    was computed now. `upload`: the artifact read from the body (else `req.artifact`, base64). ForbiddenError for
+    an agent, TariffError/AccountError for bad terms, 413 for a document beyond the limits or one no request could
+    use, 402 for the fee: each before any forward pass (the fee is held first, charged once the document is
+    stored, released if it is not). The publication is noted in the ledger before anything is stored and the note
+    deleted with the licence, in one transaction: a node killed between the two is repaired when it starts again
+    (kvmart/server/app.py `repair_publications`), so a document is never left public and unpaid."""
     require_role(account, "publisher")
     terms = req.terms()
     await run_in_threadpool(services.ledger.check_readers, terms.readers)
     salt = account.tenant_salt if terms.is_private else ""
-    upload = decode_artifact(req.artifact)
+    upload = upload if upload is not None else decode_artifact(req.artifact)
     if upload is not None and not await run_in_threadpool(services.ledger.may_upload, account):
         raise ForbiddenError(f"account {account.name!r} had an upload refused as a forgery and may not upload "
                              "artifacts until the operator allows it (kvmart accounts allow-uploads); publish the "
@@ -110,11 +119,24 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
                                               req.source)
         return await document_body(services, existing, False, 0.0, 0, claimed), False
     hold = await run_in_threadpool(hold_fee, services, account, len(job.token_ids))
+    note = None  # the ledger's note of this publication, written before anything of it is stored
     try:
+        note = await run_in_threadpool(services.ledger.begin_publication, job_cache_id(services, job), account)
         ticket = submit(services, services.engine.publish(job, services.settings.artifact_codec))
         published = await first_event(ticket)
         assert isinstance(published, Published), published
         doc = await run_in_threadpool(services.engine.register, published)
+        outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
+        services.metrics.published.inc(outcome=outcome)
+        fee: int | None = 0
+        if published.is_new:  # None: another node published the same text first; its licence stands
+            fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, hold, req.source,
+                                          note)
+            if upload is not None:
+                await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
+                                        upload_check_json(services, doc.num_tokens))
+        else:
+            release_hold(services, hold)
     except ArtifactRejectedError as e:
         release_hold(services, hold)
         services.metrics.published.inc(outcome="refused")
@@ -125,22 +147,16 @@ async def publish_as(services: Services, account: Account, req: PublishRequest) 
     except BaseException:
         release_hold(services, hold)
         raise
-    outcome = "already_stored" if not published.is_new else "computed" if upload is None else "uploaded"
-    services.metrics.published.inc(outcome=outcome)
-    fee: int | None = 0
-    if published.is_new:  # None: another node published the same text first; its licence stands
-        fee = await run_in_threadpool(record_publication, services, doc, account, terms, salt, hold, req.source)
-        if upload is not None:
-            await run_in_threadpool(services.ledger.record_upload_check, doc.cache_id, account,
-                                    upload_check_json(services, doc.num_tokens))
-    else:
-        release_hold(services, hold)
+    finally:  # a note not ended with its licence (already stored, refused, failed): the publication is over
+        if note is not None:
+            await run_in_threadpool(services.ledger.end_publication, note)
     return await document_body(services, doc, published.is_new, published.seconds, fee or 0), published.is_new
 
 
-def publish_job(services: Services, req: PublishRequest, salt: str, terms: str, upload: bytes | None) -> PublishJob:
+def publish_job(services: Services, req: PublishRequest, salt: str, terms: str, upload: bytes | BinaryIO | None
+                ) -> PublishJob:
     """The document's token ids (laid out as requests will lay it out; the text's length bounded before it is
-    tokenized), checked against the server's limits."""
+    tokenized), checked against the server's limits (a document no request could use is refused here too)."""
     model, engine = services.model, services.engine
     text = core.check_text(req.text)
     bound = model.context_tokens * MAX_CHARS_PER_TOKEN
@@ -149,14 +165,18 @@ def publish_job(services: Services, req: PublishRequest, salt: str, terms: str, 
                             f"{model.context_tokens:,} tokens", "text")
     layout = layout_for(model.tokenizer, req.system) if req.system else layout_for(model.tokenizer)
     ids = document_ids(model.tokenize, layout, text)
-    engine.check_limits(len(ids), len(upload) if upload is not None else None)
+    engine.check_limits(len(ids), upload_size(upload) if upload is not None else None, layout)
     return PublishJob(ids, req.title, req.source, salt, terms, upload)
+
+
+def job_cache_id(services: Services, job: PublishJob) -> str:
+    """The cache id `job` is stored under (its ids, salt and terms)."""
+    return make_cache_id(services.model.fingerprint.digest, job.token_ids, job.salt, job.terms)
 
 
 def stored_document(services: Services, job: PublishJob) -> Document | None:
     """The document if these ids, salt and terms are stored already."""
-    cid = make_cache_id(services.model.fingerprint.digest, job.token_ids, job.salt, job.terms)
-    entry = services.store.entry(cid)
+    entry = services.store.entry(job_cache_id(services, job))
     return services.catalog.add(entry) if entry is not None and entry.is_document else None
 
 
@@ -165,9 +185,7 @@ def hold_fee(services: Services, account: Account, num_tokens: int) -> Hold | No
     fee = services.ledger.precompute_fee(account, num_tokens)
     if not fee:
         return None
-    held = services.ledger.open_hold(account, fee, None, f"publish:{num_tokens}")
-    assert isinstance(held, Hold), "a hold without an idempotency key is never an earlier charge"
-    return held
+    return services.ledger.open_hold(account, fee, None, f"publish:{num_tokens}")
 
 
 def release_hold(services: Services, hold: Hold | None) -> None:
@@ -218,11 +236,13 @@ def decode_artifact(encoded: str | None) -> bytes | None:
 
 
 def record_publication(services: Services, doc: Document, account: Account, terms: Terms, salt: str,
-                       hold: Hold | None, source: str = "") -> int | None:
-    """The licence and the publisher's fee (spending its hold), together; if that fails, the new document is
-    deleted again: nothing stored, nothing charged."""
+                       hold: Hold | None, source: str = "", note: int | None = None) -> int | None:
+    """The licence and the publisher's fee (spending its hold), together, ending the publication's `note`; if
+    they cannot be recorded (the publisher cannot pay: 402; the ledger fails), the new document is deleted again:
+    never public and unpaid. (A node killed before this is repaired at its next start: kvmart/server/app.py
+    `repair_publications`.)"""
     try:
-        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source, hold)
+        return services.ledger.publish(doc.cache_id, account, terms, salt, doc.num_tokens, source, hold, note)
     except BaseException:
         remove(services, doc)
         release_hold(services, hold)
@@ -260,15 +280,28 @@ def visible_document(services: Services, account: Account, doc_id: str) -> Docum
     return services.catalog.get(doc_id, services.ledger.readable(account))
 
 
+def card_json(services: Services, doc: Document) -> dict:
+    """One document's card: its entry, its licence, who published it (None: the operator, with `kvmart
+    precompute`), what reading it costs (the price of 1M cached tokens, and of reading the whole document once
+    from cache, before the question and answer), who is paid for reads (`ownership`) and how an uploaded artifact
+    was checked (`upload_check`)."""
+    licence = services.ledger.licence(doc.cache_id)
+    publisher = None if licence is None else services.ledger.publisher_name(licence)
+    tariff = services.ledger.tariff if licence is None else licence.tariff(services.ledger.tariff)
+    read_once = services.ledger.quote(licence, doc.num_tokens, 0, 0).total_nanousd
+    return {**document_json(doc), "licence": licence_json(licence), "publisher": publisher,
+            "price": {"cache_read_usd_per_mtok": str(tariff.read_usd_per_mtok), "read_once_usd": usd_text(read_once),
+                      "output_usd_per_mtok": str(tariff.output_usd_per_mtok)},
+            "ownership": ownership_json(services, licence), "upload_check": services.ledger.upload_check(doc.cache_id)}
+
+
 @router.get("/v1/documents/{doc_id}")
 async def get_document(request: Request, doc_id: str):
+    """The document's card (card_json)."""
     services: Services = request.app.state.services
     account = await caller(request)
     doc = await run_in_threadpool(visible_document, services, account, doc_id)
-    licence = await run_in_threadpool(services.ledger.licence, doc.cache_id)
-    return {**document_json(doc), "licence": licence_json(licence),
-            "ownership": await run_in_threadpool(ownership_json, services, licence),
-            "upload_check": await run_in_threadpool(services.ledger.upload_check, doc.cache_id)}
+    return await run_in_threadpool(card_json, services, doc)
 
 
 @router.delete("/v1/documents/{doc_id}")

@@ -4,17 +4,23 @@ metered request, so they differ only in how they read a request and write an ans
     open:  authenticate -> read and validate the body -> check the model -> the endpoint's own checks and
            GenerationRequest -> the payer (idempotency) -> what it may read and a stored answer to replay, in one
            ledger read -> start the run (plan, hold, load, queue: kvmart/server/pipeline/runs.py)
-    close: the answer's JSON, kept for idempotent retries, then sent."""
+    close: the answer's JSON, kept for idempotent retries, then sent; or a stream, whose events are kept once it
+           has been sent whole and charged (kvmart/server/pipeline/billing.py `kept_stream`).
+
+A retry with an Idempotency-Key already charged replays the kept answer, a stream as a stream, or is refused (409:
+charged on another endpoint, for another body, or cut off with nothing kept); it is never computed again for
+free. The request hash names the endpoint (its route's path), so a key charged on one endpoint never replays on
+another."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Generic, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -22,12 +28,13 @@ from kvmart.errors import UnknownModelError
 from kvmart.ledger import parse_money
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
-from kvmart.server.pipeline.billing import Payer, remember_response, replayed_response
+from kvmart.server.pipeline.billing import Payer, kept_stream, remember_response, replayed_response
 from kvmart.server.pipeline.plan import Caller, GenerationRequest
-from kvmart.server.pipeline.runs import Run, start_generation
+from kvmart.server.pipeline.runs import Run, guarded, start_generation
 from kvmart.server.pipeline.services import Services
 
 T = TypeVar("T", bound=BaseModel)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -44,9 +51,15 @@ class Opened(Generic[T]):
         await remember_response(self.services, self.payer, self.run.bill, body)
         return JSONResponse(body)
 
+    def stream(self, events: AsyncGenerator[str, None]) -> StreamingResponse:
+        """Send a streamed answer (its SSE events), kept for the request's idempotent retries once sent whole, and
+        settled however early its client hangs up (runs.py `guarded`)."""
+        return StreamingResponse(guarded(self.run, kept_stream(self.services, self.payer, self.run.bill, events)),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
 
 async def open_generation(request: Request, model: type[T], to_generation: Callable[[T], GenerationRequest],
-                          endpoint: str, is_stream: Callable[[T], bool]) -> Opened[T] | JSONResponse:
+                          endpoint: str) -> Opened[T] | Response:
     """Open a metered generation for `request` (see the module's docstring): the running generation, or the stored
     answer of an idempotent retry (nothing computed or charged again). Every refusal raises here, before anything
     is computed or any byte of the answer is sent."""
@@ -56,13 +69,19 @@ async def open_generation(request: Request, model: type[T], to_generation: Calla
     req = parse(model, body)
     check_model(services, getattr(req, "model"))  # noqa: B009  (every generation request names its model)
     generation = to_generation(req)
-    payer = Payer(account, idempotency_key(request), request_hash(body))
+    payer = Payer(account, idempotency_key(request), request_hash(route_path(request), body))
     readable, stored = await run_in_threadpool(services.ledger.request_context, account, payer.idempotency_key,
                                                payer.request_hash)  # one read for both
-    if not is_stream(req) and (replay := replayed_response(services, stored)):
+    if replay := replayed_response(services, stored):  # a stream replays as a stream
         return replay
     run = await start_generation(services, generation, endpoint, payer, Caller(account, readable, account.tenant_salt))
     return Opened(services, req, payer, run)
+
+
+def route_path(request: Request) -> str:
+    """The path of the route that `request` matched (`/v1/messages`): what names its endpoint in a request hash."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", request.url.path))
 
 
 def check_model(services: Services, requested: str) -> None:

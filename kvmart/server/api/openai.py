@@ -11,12 +11,12 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmart.errors import KvmartError, RequestError, UnsupportedParameterError
 from kvmart.reuse.prompt import ChatPrompt, TextPrompt, chat_message
 from kvmart.server.api.generation import Opened, check_model, open_generation, read_price_cap
+from kvmart.server.api.params import NoClientSalt, OpenAITemperature, Seed, TopP
 from kvmart.server.api.usage import openai_usage
 from kvmart.server.auth import caller
 from kvmart.server.errors import HttpError, http_error
@@ -26,7 +26,6 @@ from kvmart.server.pipeline.runs import Run
 from kvmart.server.pipeline.services import Services
 
 router = APIRouter()
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERROR_TYPES = {"invalid_request": "invalid_request_error", "permission": "permission_error",
                "authentication": "authentication_error", "payment": "insufficient_quota",
                "conflict": "invalid_request_error",
@@ -51,18 +50,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Common(BaseModel):
-    """Fields shared by chat and text completions. Unknown fields are accepted and ignored."""
+class Common(NoClientSalt):
+    """Fields shared by chat and text completions. Unknown fields are accepted and ignored (`salt` is refused:
+    kvmart/server/api/params.py)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: OpenAITemperature = None
+    top_p: TopP = None
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -210,21 +210,16 @@ class Reply:
                 "system_fingerprint": self.fingerprint}
 
 
-def is_stream(req: Common) -> bool:
-    return bool(req.stream)
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    opened = await open_generation(request, ChatCompletionRequest, chat_request, "chat", is_stream)
+    opened = await open_generation(request, ChatCompletionRequest, chat_request, "chat")
     if not isinstance(opened, Opened):
         return opened
     req, run = opened.req, opened.run
     reply = Reply(opened.services, "chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(chat_stream(run, reply, include_usage, bool(req.logprobs)),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return opened.stream(chat_stream(run, reply, include_usage, bool(req.logprobs)))
     deltas = await run.collect()
     choice = {"index": 0, "message": {"role": "assistant", "content": "".join(d.text for d in deltas),
                                       "refusal": None},
@@ -255,15 +250,14 @@ async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: boo
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    opened = await open_generation(request, CompletionRequest, completion_request, "completions", is_stream)
+    opened = await open_generation(request, CompletionRequest, completion_request, "completions")
     if not isinstance(opened, Opened):
         return opened
     req, run = opened.req, opened.run
     reply = Reply(opened.services, "cmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(completion_stream(run, reply, include_usage, req.logprobs is not None),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return opened.stream(completion_stream(run, reply, include_usage, req.logprobs is not None))
     deltas = await run.collect()
     choice = {"index": 0, "text": "".join(d.text for d in deltas),
               "logprobs": completion_logprobs(deltas) if req.logprobs is not None else None,

@@ -2,11 +2,12 @@
 block, so the ledger (charges, receipts) extends `Usage` and these functions, not the endpoints.
 
 OpenAI: `prompt_tokens` counts the whole prompt, `prompt_tokens_details.cached_tokens` the part read from cache
-(always present, 0 without a hit, as OpenAI reports it). Anthropic: `cache_read_input_tokens` counts the tokens read
-from cache, `cache_creation_input_tokens` those computed and kept for later requests (every computed chunk is kept,
-unless the request bypassed the cache), `input_tokens` the rest. Both carry `kvmart`: tokens by kind, where the
-cached ones came from (documents, the caller's own prefix cache; RAM or the store), and the request's charge (what
-it paid, the publishers' royalties, what it saved against re-prefilling, a signed receipt)."""
+(always present, 0 without a hit, as OpenAI reports it); the Responses API says the same as `input_tokens` and
+`input_tokens_details.cached_tokens`. Anthropic: `cache_read_input_tokens` counts the tokens read from cache,
+`cache_creation_input_tokens` those computed and kept for later requests (every computed chunk is kept, unless the
+request bypassed the cache), `input_tokens` the rest. Both carry `kvmart`: tokens by kind, where the cached ones
+came from (documents, the caller's own prefix cache; RAM or the store), and the request's charge (what it paid, the
+publishers' royalties, what it saved against re-prefilling, a signed receipt)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,17 @@ def openai_usage(u: Usage) -> dict:
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
                                       "rejected_prediction_tokens": 0},
+        "kvmart": kvmart_usage(u),
+    }
+
+
+def responses_usage(u: Usage) -> dict:
+    """The Responses API's usage: `input_tokens` is the whole prompt, `cached_tokens` the part read from cache."""
+    return {
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": u.cache_creation_tokens},
+        "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
         "kvmart": kvmart_usage(u),
     }
 

@@ -17,14 +17,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
-from kvmart.errors import ContextOverflowError, TooLargeError
+from kvmart.errors import TooLargeError
 from kvmart.reuse import core
 from kvmart.reuse.catalog import Catalog, Document
 from kvmart.reuse.chunks import Chunk, ChunkStore
 from kvmart.reuse.upload import verify_upload
+from kvmart.runtime.chat import Layout, layout_for, question_ids
 from kvmart.runtime.kv import KV
 from kvmart.runtime.model import Decoder, Model
 from kvmart.server.config import ServerSettings
@@ -34,7 +36,6 @@ from kvmart.server.pipeline.text import Detokenizer, StopMatcher
 from kvmart.server.pipeline.worker import Batched
 
 log = logging.getLogger("kvmart.server")
-MIN_ANSWER_TOKENS = 16  # a published document leaves room for a question and an answer of at least this much
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,15 @@ class Finished:
 @dataclass(frozen=True)
 class PublishJob:
     """A document to store: its token ids, where it comes from, the salt and terms its cache id is made with, and
-    its KV when the publisher uploaded it (`upload`: the artifact's bytes, verified before anything is stored)."""
+    its KV when the publisher uploaded it (`upload`: the artifact's bytes, or an open file holding them for a large
+    body streamed to disk, kvmart/server/publish_body.py; verified before anything is stored)."""
 
     token_ids: list[int]
     title: str
     source: str
     salt: str = ""
     terms: str = ""
-    upload: bytes | None = None
+    upload: bytes | BinaryIO | None = None
 
 
 @dataclass(frozen=True)
@@ -200,19 +202,22 @@ class Engine:
                             tuple((decode([int(i)]), int(i), float(v)) for v, i in zip(values, ids, strict=True)))
 
     # -- publishing ----------------------------------------------------------------------------------------------
-    def check_limits(self, num_tokens: int, upload_bytes: int | None) -> None:
-        """TooLargeError for a document beyond max_document_tokens or an artifact beyond max_artifact_bytes (the
-        one to upload, or the one the provider would write); ContextOverflowError for a document that leaves no
-        room in the context for a question and an answer (no request could ever read it)."""
+    def check_limits(self, num_tokens: int, upload_bytes: int | None, layout: Layout | None = None) -> None:
+        """TooLargeError (413) for a document beyond max_document_tokens, for one no request could use (it leaves
+        no room in the model's context for the shortest question, "?", laid out after it with `layout`, and a
+        one-token answer: the message names the usable limit), or for an artifact beyond max_artifact_bytes (the
+        one to upload, or the one the provider would write). Checked before anything is computed or charged."""
         max_tokens = self.settings.max_document_tokens
         if max_tokens and num_tokens > max_tokens:
             raise TooLargeError(f"the document is {num_tokens:,} tokens; this server publishes documents of at "
                                 f"most {max_tokens:,} tokens", "text")
-        usable = self.model.context_tokens - MIN_ANSWER_TOKENS
+        room = len(question_ids(self.model.tokenize, layout or layout_for(self.model.tokenizer), "?")) + 1
+        usable = self.model.context_tokens - room
         if num_tokens > usable:
-            raise ContextOverflowError(f"the document ({num_tokens:,} tokens) plus room for a question and an answer "
-                                       f"({MIN_ANSWER_TOKENS} tokens)", num_tokens + MIN_ANSWER_TOKENS,
-                                       self.model.context_tokens)
+            raise TooLargeError(
+                f"the document is {num_tokens:,} tokens, and no request could use it: {self.model.spec}'s context "
+                f"holds {self.model.context_tokens:,} tokens, so a document can be at most {usable:,} tokens (room "
+                f"for a question and an answer of at least {room:,} tokens)", "text")
         size = upload_bytes if upload_bytes is not None else num_tokens * self.model.kv_bytes_per_token
         limit = self.settings.max_artifact_bytes
         if limit and size > limit:

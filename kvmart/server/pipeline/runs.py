@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from starlette.concurrency import run_in_threadpool
 
 from kvmart.errors import KvmartError, QueueFullError
-from kvmart.server.pipeline.billing import Bill, Payer, open_bill, release, settle
+from kvmart.server.pipeline.billing import Bill, Payer, open_bill, release, settle, settle_cut_off
 from kvmart.server.pipeline.engine import Delta, Finished
 from kvmart.server.pipeline.plan import Caller, GenerationRequest, Loaded, Plan
 from kvmart.server.pipeline.services import Services
@@ -49,7 +49,9 @@ class Run:
         self.endpoint, self.began, self.bill = endpoint, began, bill
         self.finished: Finished | None = None
         self.failed = False
+        self.sent_tokens = 0  # generated tokens handed to the consumer (what a client that hangs up is charged)
         self._first_token_seen = False
+        self._began = False  # deltas() was asked for its first event: from then on it settles the request itself
 
     @property
     def usage(self) -> Usage:
@@ -63,12 +65,15 @@ class Run:
         return self.finished
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The generated text, piece by piece, then the charge is settled. If the consumer stops early (client
-        gone) or the job fails, the job is cancelled and its hold released: nothing is charged."""
+        """The generated text, piece by piece, then the charge is settled. If the job fails, its hold is released:
+        nothing is charged. If the consumer stops early (the client hung up), the job is cancelled and the request
+        charged for what was sent (`settle_cut_off`): its prompt and every token handed to the consumer."""
+        self._began = True
         try:
             async for event in self.ticket:
                 if isinstance(event, Delta):
                     self._first_token(event)
+                    self.sent_tokens += event.token_id is not None
                     yield event
                 elif isinstance(event, Finished):
                     self.finished = event
@@ -77,9 +82,23 @@ class Run:
             raise
         finally:
             self._record()
-            if self.finished is None or self.failed:
+            if self.failed:
                 release(self.services, self.bill)
+            elif self.finished is None:  # cut off by its client: not free (a client could hang up at the last token)
+                settle_cut_off(self.services, self.bill, self.sent_tokens)
         await settle(self.services, self.bill, self.ended.completion_tokens)
+
+    def abandon(self) -> None:
+        """The consumer went away before it asked `deltas()` for anything (a stream closed before its first delta,
+        or never started): the job is cancelled and the request settled as cut off, for its prompt and nothing
+        generated (`settle_cut_off`: hanging up early never makes a prompt free), so its hold never outlives it.
+        Nothing to do once `deltas()` has begun: it settles the request itself."""
+        if self._began:
+            return
+        self._began = True
+        self.ticket.cancel()
+        self.services.metrics.cancelled.inc()
+        settle_cut_off(self.services, self.bill, 0)
 
     async def collect(self) -> list[Delta]:
         return [delta async for delta in self.deltas()]
@@ -97,6 +116,17 @@ class Run:
         elif not self.failed:  # the consumer stopped early: the client went away
             self.ticket.cancel()
             m.cancelled.inc()
+
+
+async def guarded(run: Run, events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+    """`events` (a streamed answer built on `run`) passed through; however early the stream is closed (the client
+    hung up, even before its first event), `run` is settled or abandoned, never left holding money."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        run.abandon()
 
 
 async def start_generation(services: Services, request: GenerationRequest, endpoint: str, payer: Payer,

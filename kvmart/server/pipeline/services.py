@@ -11,7 +11,7 @@ from kvmart.ledger import Ledger, open_ledger
 from kvmart.reuse.catalog import Catalog
 from kvmart.reuse.chunks import ChunkStore
 from kvmart.runtime.model import Model
-from kvmart.server.config import ServerSettings
+from kvmart.server.config import ServerSettings, node_name
 from kvmart.server.metrics import ServerMetrics
 from kvmart.server.pipeline.engine import Engine
 from kvmart.server.pipeline.hot import HotTier
@@ -35,6 +35,7 @@ class Services:
     worker: Worker
     metrics: ServerMetrics
     ledger: Ledger
+    node: str = ""  # this node's name in the ledger (server/config.py `node_name`)
 
     @property
     def model_id(self) -> str:
@@ -85,8 +86,9 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
         return vars(hot.stats())
 
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
-                            read_hot=hot_values, read_documents=lambda: len(catalog.documents()),
+                            read_hot=hot_values,
+                            read_documents=lambda full: len(catalog.documents(None if full else frozenset())),
                             read_forward_passes=lambda: getattr(model, "forward_passes", 0),
                             read_batches=lambda: {"steps": worker.batch_steps, "rows": worker.batched_payloads})
     return Services(settings, server, model, store, catalog, hot, chunks, planner, loader, engine, worker, metrics,
-                    ledger)
+                    ledger, node_name(server, settings.data_dir))

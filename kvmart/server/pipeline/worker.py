@@ -111,6 +111,7 @@ class Worker:
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []
         self._gate = threading.Lock()  # held while stepping; `hold` takes it to pause the worker
+        self._holding = 0  # holds waiting or held: the worker waits for them before its next round
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._job_seconds = 1.0  # moving average of a job's time in the system, for Retry-After
@@ -160,9 +161,17 @@ class Worker:
     @contextmanager
     def hold(self) -> Iterator[None]:
         """Pause the worker between steps while inside (jobs are still accepted and queued): for maintenance and
-        for tests that need requests to stay queued."""
-        with self._gate:
-            yield
+        for tests that need requests to stay queued. The worker starts no round while a hold is waiting, so a hold
+        waits at most for the round in progress."""
+        with self._cond:
+            self._holding += 1
+        try:
+            with self._gate:
+                yield
+        finally:
+            with self._cond:
+                self._holding -= 1
+                self._cond.notify_all()
 
     def _retry_after(self, queued: int) -> int:
         return max(1, min(60, math.ceil(self._job_seconds * queued / self.max_active)))
@@ -170,7 +179,7 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._active and not self._waiting and not self._stopping:
+                while self._holding or (not self._active and not self._waiting and not self._stopping):
                     self._cond.wait()
                 if self._stopping and not self._active and not self._waiting:
                     return
@@ -178,6 +187,7 @@ class Worker:
                 active = list(self._active)
             with self._gate:
                 self._round(active)
+            time.sleep(0)  # yield the GIL: the event loop sends the tokens just delivered, a waiting hold gets in
 
     def _admit(self) -> None:
         """Move waiting jobs to active, in order, while `max_active` and `memory_bytes` allow (called under _cond)."""
