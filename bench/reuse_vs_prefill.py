@@ -197,17 +197,17 @@ def report_lengths(model: Model, store, ids: list[int], args, kernels: list[str]
 
 
 def random_prefix(model: Model, num_tokens: int, chunk_tokens: int, seed: int = 0) -> tuple[KV, ...]:
-    """Random KV of `num_tokens` in chunks, as a chunk chain is stored (the arithmetic timed does not depend on the
-    values). Every chunk has tensors of its own, so the cache is read from memory, as a real one is."""
+    """Random KV of `num_tokens` in chunks, as a chunk chain is stored (the last one shorter if need be; the arithmetic
+    timed does not depend on the values). Every chunk has tensors of its own, so the cache is read from memory, as
+    a real one is."""
     g = torch.Generator().manual_seed(seed)
-    shape = (1, model.kv_heads, chunk_tokens, model.head_dim)
 
-    def layer() -> torch.Tensor:
-        return torch.randn(shape, generator=g).to(model.dtype)
+    def layer(n: int) -> torch.Tensor:
+        return torch.randn(1, model.kv_heads, n, model.head_dim, generator=g).to(model.dtype)
 
-    chunk = [KV(tuple(layer() for _ in range(model.num_layers)), tuple(layer() for _ in range(model.num_layers)))
-             for _ in range(num_tokens // chunk_tokens)]
-    return tuple(chunk)
+    sizes = [min(chunk_tokens, num_tokens - start) for start in range(0, num_tokens, chunk_tokens)]
+    return tuple(KV(tuple(layer(n) for _ in range(model.num_layers)), tuple(layer(n) for _ in range(model.num_layers)))
+                 for n in sizes)
 
 
 def report_synthetic(model: Model, args, kernels: list[str]) -> None:
