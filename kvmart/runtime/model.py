@@ -249,8 +249,9 @@ class Model:
     def step(self, decoders: list[Decoder]) -> None:
         """One decode step for every decoder not done: feed each its last token, choose its next. With kvmart's
         attention all go through one forward pass (their rows batched through the linear layers, each attending
-        over its own cache); with the contiguous implementations (sdpa, eager) one pass each. Either way each
-        sequence gets the bits it gets alone (kvmart/runtime/rows.py says why)."""
+        over its own cache, chunks they share read once); with the contiguous implementations (sdpa, eager) one
+        pass each. Either way each sequence gets the bits it gets alone (kvmart/runtime/rows.py and
+        decode_attention.py say why)."""
         live = [d for d in decoders if not d.done]
         groups = [live] if self.attention == attention.NAME else [[d] for d in live]
         for group in groups:
