@@ -101,8 +101,16 @@ def test_sequences_join_and_leave_a_batch_without_changing_a_bit(model_f32):
     assert [first.token_ids, short.token_ids, late.token_ids] == alone
 
 
+@pytest.fixture(params=["1-thread", "default-threads"])
+def threads(request, default_threads):
+    """BLAS may split a product between threads differently by its shape: check under both."""
+    torch.set_num_threads(1 if request.param == "1-thread" else default_threads)
+    yield
+    torch.set_num_threads(1)  # what conftest sets for the fast tests
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtype):
+def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtype, threads):
     """Requests about one hot document share its chunks (the same tensors): their rows are multiplied by each chunk
     together, in tiles (kvmart/runtime/decode_attention.py). Eleven sequences: nine on one document (more than a
     tile holds), two on another; each must decode as it does alone."""
