@@ -35,9 +35,13 @@ def test_a_real_cluster_against_the_model(cluster, record_agreement):
     m, p = report.measured, report.predicted
     record_agreement(report.markdown())
     assert m.refused == 0  # the limits are on, cluster-wide, and set for the workload: nothing is refused
+    # every read counted once, by the slowest tier of its chunks; none computed any of its document's tokens
     assert sum(m.tiers.values()) == pytest.approx(1.0) and m.tiers["prefill"] == 0.0
-    for tier in TIERS:  # the replay mirrors each node's LRU and Placement, fed the nodes the router chose
+    assert sum(m.chunk_tiers.values()) == pytest.approx(1.0)
+    for tier in TIERS:  # the replay mirrors each node's hot tier (LRU by bytes) and disk chunk by chunk
         assert m.tiers[tier] == pytest.approx(p.replay[tier], abs=0.03), (tier, m.tiers, p.replay)
+        assert m.chunk_tiers[tier] == pytest.approx(p.replay_chunks[tier], abs=0.03), (tier, m.chunk_tiers,
+                                                                                      p.replay_chunks)
     assert m.shared_bytes == pytest.approx(p.shared_bytes, rel=0.15)  # Redis' own byte counter vs the replay's
     assert m.discovery_bytes == pytest.approx(p.discovery_bytes, rel=0.15)
     assert m.throughput > 0 and p.network.throughput > 0 and 0 < m.latency_p50 <= m.latency_p99

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from infra_support import redis_server  # noqa: F401  (a fixture)
 
 from kvmart.errors import UnknownDocumentError
 from kvmart.reuse import core
@@ -93,6 +94,65 @@ def test_longest_prefix_prefers_the_longest_match_then_the_shorter_document(mode
     assert catalog.longest_prefix([1, 2, 7], 1).document.cache_id == other.cache_id
     assert catalog.longest_prefix([1, 2, 7], 4) is None  # below the minimum
     assert catalog.longest_prefix([9, 9], 1) is None
+
+
+# -- over a Redis shared tier: what a refresh costs ----------------------------------------------------------------
+def redis_calls(server) -> dict[str, int]:
+    """Commands Redis answered since the last reset (INFO commandstats), by name, without this check's own; the
+    reset starts the next count."""
+    client = server.client()
+    found = {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+    client.config_resetstat()
+    return {k: v for k, v in found.items() if k not in ("info", "config|resetstat", "hello", "client|setinfo")}
+
+
+@pytest.fixture
+def redis_pair(redis_server, tmp_path):
+    """A writer talking to Redis directly (as the CLI or another node does) and a node's tiered store over it."""
+    url = f"{redis_server.url}?prefix=catalog{tmp_path.name[-12:]}"
+    return open_store(url), open_store(url, local_dir=tmp_path / "node")
+
+
+def test_a_refresh_reads_only_the_documents_that_changed(model_f32, redis_server, redis_pair):
+    writer, node = redis_pair
+    first = core.precompute(model_f32, writer, sample_text("bsd-3-clause")).entry
+    catalog = Catalog(node, model_f32.fingerprint.digest)
+    catalog.refresh()  # the first look lists everything
+    assert [d.cache_id for d in catalog.documents()] == [first.cache_id]
+    catalog.refresh()  # (Redis has the change-log script from here on)
+    redis_calls(redis_server)
+    catalog.refresh()  # nothing changed: one small script call (it reads the change counter), no index read
+    assert redis_calls(redis_server) == {"evalsha": 1, "get": 1}
+    second = core.precompute(model_f32, writer, sample_text("mpl-2.0")[:3000]).entry
+    redis_calls(redis_server)
+    catalog.refresh()  # one new document: the script (counter, changes), its entry, its index read once, kept
+    assert redis_calls(redis_server) == {"evalsha": 1, "get": 1 + 1 + 1, "zrangebyscore": 1, "mget": 1}
+    assert {d.cache_id for d in catalog.documents()} == {first.cache_id, second.cache_id}
+    assert node.tiers[0].store.entry(second.cache_id) is not None
+    assert catalog.still_stored(catalog.get(document_id(second.cache_id)))
+    assert redis_calls(redis_server) == {}  # `still_stored`, once per request, is answered by the node's disk
+
+
+def test_a_document_removed_elsewhere_leaves_the_catalogue_at_the_next_refresh(model_f32, redis_server, tmp_path):
+    store = open_store(f"{redis_server.url}?prefix=removed{tmp_path.name[-12:]}")
+    stored = core.precompute(model_f32, store, sample_text("bsd-3-clause")).entry
+    catalog = Catalog(store, model_f32.fingerprint.digest)
+    catalog.refresh()
+    core.remove(store, stored.cache_id)
+    catalog.refresh()
+    assert catalog.documents() == []
+
+
+def test_a_catalogue_that_cannot_follow_the_change_log_lists_everything(model_f32, redis_server, redis_pair):
+    writer, node = redis_pair
+    catalog = Catalog(node, model_f32.fingerprint.digest)
+    catalog.refresh()
+    kept = core.precompute(model_f32, writer, sample_text("bsd-3-clause")).entry
+    redis_server.client().delete(f"{writer.config.prefix}:changes")  # the log lost (trimmed, or flushed)
+    redis_calls(redis_server)
+    catalog.refresh()
+    assert "smembers" in redis_calls(redis_server)  # it listed the store
+    assert [d.cache_id for d in catalog.documents()] == [kept.cache_id]
 
 
 def kv_of(num_bytes: int) -> KV:

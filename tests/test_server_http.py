@@ -81,11 +81,32 @@ def test_hot_tier_hits_after_the_first_load_and_metrics_count_them(live, doc):
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     assert grew('kvmart_cache_hits_total{tier="store"}') == 1 and grew('kvmart_cache_hits_total{tier="ram"}') == 2
+    # per request by its slowest chunk, and per chunk; the store here has no tiers of its own
+    assert grew('kvmart_reads_by_tier_total{tier="store"}') == 1 and grew('kvmart_reads_by_tier_total{tier="hot"}') == 2
+    assert grew('kvmart_chunk_reads_total{tier="store"}') == len(chunks)
+    assert grew('kvmart_chunk_reads_total{tier="hot"}') == 2 * len(chunks)
     assert grew("kvmart_hot_misses_total") == len(chunks) and grew("kvmart_hot_hits_total") == 2 * len(chunks)
     assert grew('kvmart_prompt_tokens_total{source="cache"}') == 3 * doc["num_tokens"]
     assert grew('kvmart_http_requests_total{endpoint="/v1/chat/completions",status="200"}') == 3
     assert after["kvmart_hot_bytes"] > 0 and after["kvmart_prefill_seconds_saved_total"] > 0
     assert grew('kvmart_time_to_first_token_seconds_count{endpoint="chat"}') == 3
+
+
+def test_a_read_is_counted_by_the_slowest_tier_any_of_its_chunks_came_from(live, doc):
+    chunks = live.services.catalog.get(doc["id"]).chunks
+    assert len(chunks) >= 2
+    live.http.post("/v1/chat/completions", json=chat(doc["id"]))  # every chunk in the hot tier
+    live.services.hot.discard(chunks[-1][1])  # all but the last
+    before = live.metrics()
+    assert live.http.post("/v1/chat/completions", json=chat(doc["id"])).json()["usage"]["kvmart"]["cache"] == "ram+store"
+    after = live.metrics()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('kvmart_reads_by_tier_total{tier="store"}') == 1 and grew('kvmart_reads_by_tier_total{tier="hot"}') == 0
+    assert grew('kvmart_chunk_reads_total{tier="hot"}') == len(chunks) - 1
+    assert grew('kvmart_chunk_reads_total{tier="store"}') == 1
 
 
 def test_a_zero_byte_hot_tier_loads_from_the_store_every_time(model_f32, tmp_path):

@@ -175,4 +175,8 @@ def test_after_a_trip_through_each_tier_and_codec_answers_stay_bit_exact(model_f
     cached = run(reader, prompt, max_tokens=12, temperature=0.0, top_logprobs=3)
     fresh = run(reader, prompt, bypass=True, max_tokens=12, temperature=0.0, top_logprobs=3)
     assert cached[1].from_store == len(document.chunks) and cached[1].from_ram == 0
+    tier = "redis" if "redis" in kind else "store"  # the tier that answered: Redis (the node's disk is empty)
+    assert cached[1].tiers == (tier,) * len(document.chunks) and cached[1].slowest_tier == tier
     assert cached[2] == fresh[2] and cached[3] == fresh[3]
+    again = run(reader, prompt, max_tokens=1, temperature=0.0)[1]  # now from the hot tier
+    assert set(again.tiers) == {"hot"} and again.slowest_tier == "hot"

@@ -93,7 +93,7 @@ def test_signed_artifact_round_trips_between_nodes(model_f32, shared_url, tmp_pa
     made = core.precompute_ids(model_f32, node(shared_url, tmp_path / "a"), ids, codec="kvmart")
     other = node(shared_url, tmp_path / "b")  # an empty disk: the artifact comes from the shared tier
     loaded = core.load(model_f32, other, made.entry.cache_id)
-    assert other.tiers[1].hits == 1  # its one chunk (the index's head is read from there too, counting no hit)
+    assert other.tiers[1].hits == 1  # its one chunk (the document's index is read from its head: not a hit)
     expected = model_f32.prefill(ids)
     assert all(torch.equal(a, b) for a, b in zip(loaded.kv.tensors().values(), expected.tensors().values(), strict=True))
 

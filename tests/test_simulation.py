@@ -8,7 +8,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kvmart.economics.simulation import TIERS, Cluster, Workload, analytic, che_time, sample_reads, simulate, zipf_pmf
+from kvmart.economics.simulation import (
+    TIERS,
+    ChunkRead,
+    Cluster,
+    Workload,
+    analytic,
+    che_time,
+    che_time_bytes,
+    replay_chunks,
+    sample_reads,
+    simulate,
+    zipf_pmf,
+)
 
 SMALL = Workload(documents=2000, agents=40_000, window_seconds=3600)
 SIZE = analytic(SMALL, Cluster()).extra["artifact_bytes"]
@@ -60,3 +72,35 @@ def test_money():
     assert o.revenue_usd - o.cost_usd == o.margin_usd
     assert o.compute_saved_usd > 0 and o.egress_avoided_usd > 0 and o.storage_usd > 0
     assert o.ttft_p50_seconds <= o.ttft_p99_seconds
+
+
+def test_che_time_in_bytes_with_the_reads_own_chunks():
+    rates = zipf_pmf(500, 0.9) * 10
+    assert che_time_bytes(rates, 4.0, 200.0, 0.0, 1.0) == pytest.approx(che_time(rates, 50), rel=1e-6)
+    # every read also keeps 1 byte under one of 3 keys per item: less room for the items, a shorter time
+    t = che_time_bytes(rates, 4.0, 200.0, 1.0, 3.0)
+    held = 4 * np.sum(-np.expm1(-rates * t)) + 3 * np.sum(-np.expm1(-rates * t / 3))
+    assert held == pytest.approx(200.0, rel=1e-6) and t < che_time(rates, 50)
+    assert che_time_bytes(rates, 4.0, 500 * 7.0, 1.0, 3.0) == float("inf")  # everything fits
+
+
+def test_the_reads_own_last_chunks_take_ram_from_documents():
+    size = analytic(SMALL, Cluster()).extra["artifact_bytes"]
+    cluster = Cluster(nodes=4, ram_bytes=40 * size, disk_bytes=None)
+    lean = replace(SMALL, artifact_bytes=size)
+    assert fractions(cluster, replace(lean, private_chunk_bytes=size // 20))["ram"] < fractions(cluster, lean)["ram"]
+
+
+def test_replay_chunks_reads_each_chunk_from_the_fastest_tier_and_keeps_it_in_ram():
+    a, b = (("a0", 4), ("a1", 4)), (("b0", 4), ("b1", 4))
+    reads = [ChunkRead(1, a, ("a?", 1)), ChunkRead(1, a, ("a?", 1)), ChunkRead(1, b, ("b?", 1)),
+             ChunkRead(1, a, ("a?", 1)), ChunkRead(0, b, ("b?", 1))]
+    # node 1's RAM holds 11 bytes: one document (8) and the reads' last chunks (1 each), not two documents
+    replay = replay_chunks(reads, 2, 11, None, {0: [("a0", 9), ("a1", 9), ("b0", 9), ("b1", 9)]})
+    assert replay.chunk_tiers == (("shared", "shared"), ("ram", "ram"), ("shared", "shared"), ("disk", "disk"),
+                                  ("disk", "disk"))
+    assert replay.read_tiers == ["shared", "ram", "shared", "disk", "disk"]
+    assert replay.fractions == {"ram": 0.2, "disk": 0.4, "shared": 0.4, "prefill": 0.0}
+    # warm-up chunks held at the start are the oldest: the first reads evict them, then they are gone
+    held = replay_chunks([ChunkRead(0, a, ("a?", 1))] * 2, 1, 9, None, {}, ram_held=[9])
+    assert held.chunk_tiers == (("shared", "shared"), ("ram", "ram")) and held.chunk_fractions["ram"] == 0.5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from infra_support import BUCKET, RedisServer, fake_aws_credentials, moto_s3, re
 
 from kvmart.errors import ConfigError, StoreUnavailableError, UnknownCacheError
 from kvmart.store import Entry, Store, open_shared, open_store
+from kvmart.store.base import Changes
 from kvmart.store.disk import DiskStore
 from kvmart.store.memory import MemoryStore
 from kvmart.store.policy import Placement
@@ -157,6 +159,59 @@ def test_redis_ttl_and_pinning(redis_server):
     assert store.set_ttl(cid("b2"), 0) is False
 
 
+def calls(server: RedisServer) -> dict[str, int]:
+    """Commands Redis has answered since the last reset, by name (INFO commandstats)."""
+    return {name.removeprefix("cmdstat_"): stats["calls"]
+            for name, stats in server.client().info("commandstats").items()}
+
+
+def test_redis_change_log_names_each_document_stored_or_removed_once(redis_server):
+    store = redis_store(redis_server)
+    start = store.changes("")
+    assert start.cache_ids is None  # a new cursor: list everything once
+    a, b, piece = cid("c1"), cid("c2"), cid("c3")
+    store.put(entry(a), writer(b"a"))
+    store.put(replace(entry(piece), kind="chunk"), writer(b"a chunk"))  # a chunk is no catalogue's business
+    store.put(entry(a), writer(b"a again"))  # already stored: nothing changes
+    store.put(entry(b), writer(b"b"))
+    seen = store.changes(start.cursor)
+    assert seen.cache_ids == (a, b)
+    assert store.changes(seen.cursor) == replace(seen, cache_ids=())
+    store.delete(a)
+    assert store.changes(seen.cursor).cache_ids == (a,)
+
+
+def test_redis_change_log_asks_for_a_listing_when_it_cannot_tell(redis_server, monkeypatch):
+    import kvmart.store.redis as redis_tier
+
+    monkeypatch.setattr(redis_tier, "CHANGES_KEPT", 2)
+    store = redis_store(redis_server)
+    cursor = store.changes("").cursor
+    for n in range(4):
+        store.put(entry(cid(f"d{n}")), writer(b"x"))
+    assert store.changes(cursor).cache_ids is None  # trimmed past the cursor: 4 changes, 2 kept
+    late = store.changes(store.changes(cursor).cursor)
+    assert late.cache_ids == ()
+    redis_server.client().delete(f"{store.config.prefix}:generation")  # the counter went back (data lost)
+    assert store.changes(late.cursor).cache_ids is None
+    ttl = redis_store(redis_server, ttl="5m")
+    assert ttl.changes(ttl.changes("").cursor).cache_ids is None  # an index may expire without a change
+
+
+def test_a_tiered_read_from_redis_reads_the_index_once(redis_server, tmp_path: Path):
+    """The artifact and the entry the faster tiers are filled with come from one read of Redis' index."""
+    shared = redis_store(redis_server)
+    shared.put(entry(cid("e1")), writer(b"an artifact"))
+    tiered = TieredStore([Tier("disk", DiskStore(tmp_path / "disk")), Tier("redis", shared, is_shared=True)])
+    redis_server.client().config_resetstat()
+    assert read_back(tiered, cid("e1")) == b"an artifact"
+    assert {k: v for k, v in calls(redis_server).items() if k in ("get", "mget")} == {"get": 1, "mget": 1}
+    assert tiered.tiers[0].store.entry(cid("e1")) == shared.entry(cid("e1"))  # kept with its entry
+    f, _, tier = tiered._open_located(cid("e1"))
+    f.close()
+    assert tier == "disk" and tiered.tier_names() == ("disk", "redis")
+
+
 def test_unreachable_shared_tiers_are_store_unavailable():
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         open_shared("redis://127.0.0.1:1/0").entries()
@@ -256,6 +311,21 @@ def test_degraded_while_shared_is_down_then_recovers(tmp_path: Path):
     health = node.health()
     assert health["degraded"] is False and health["pending_pushes"] == 0
     assert read_back(shared, cid("b2")) == b"during"  # pushed once it came back
+
+
+def test_the_shared_tiers_change_log_while_it_is_down_is_no_news(tmp_path: Path):
+    class Logged(Flaky):
+        def changes(self, cursor):
+            self._check()
+            return Changes("7", (cid("a1"),))
+
+    shared = Logged()
+    node = tiered(tmp_path, shared)
+    assert node.changes("3") == Changes("7", (cid("a1"),))  # the shared tier's log: others publish through it
+    shared.is_down = True
+    assert node.changes("3") == Changes("3", ())  # keep what is known until it answers again
+    assert node.changes("") == Changes("", None)  # nothing known yet: list what the local tiers hold
+    assert tiered(tmp_path / "no log", MemoryStore()).changes("3").cache_ids is None  # a store without a log
 
 
 def test_delete_refuses_to_pretend_when_shared_is_down(tmp_path: Path):

@@ -172,11 +172,12 @@ class KvmartNode:
     `models`: a models folder to link as DATA_DIR/models (shared by nodes, so the tiny model is built once)."""
 
     def __init__(self, name: str, root: Path, models: Path | None, store_url: str, *options: str,
-                 ledger_url: str = "", admin_key: str = "") -> None:
+                 ledger_url: str = "", admin_key: str = "", env: dict[str, str] | None = None) -> None:
         """`ledger_url`: the ledger the nodes share (PostgreSQL in production; empty: each node its own SQLite);
-        `admin_key`: KVMART_ADMIN_KEY, the key `publish` and `ask` send unless given another."""
+        `admin_key`: KVMART_ADMIN_KEY, the key `publish` and `ask` send unless given another; `env`: more of the
+        node's environment (KVMART_* settings)."""
         self.name, self.port, self.store_url, self.options = name, free_port(), store_url, options
-        self.ledger_url, self.admin_key = ledger_url, admin_key
+        self.ledger_url, self.admin_key, self.env = ledger_url, admin_key, dict(env or {})
         self.data_dir = root / name
         self.data_dir.mkdir(parents=True)
         if models is not None:
@@ -193,7 +194,7 @@ class KvmartNode:
         env = {**os.environ, "KVMART_DATA_DIR": str(self.data_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "KVMART_LOG_LEVEL": "info",  # its ready line (KVMART_READY) is logged at info
                "PYTHONPATH": os.pathsep.join(p for p in paths if p),
-               "KVMART_CATALOG_REFRESH_SECONDS": CATALOG_REFRESH_SECONDS}
+               "KVMART_CATALOG_REFRESH_SECONDS": CATALOG_REFRESH_SECONDS, **self.env}
         if self.ledger_url:
             env["KVMART_LEDGER"] = self.ledger_url
         if self.admin_key:

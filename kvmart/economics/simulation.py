@@ -11,7 +11,12 @@ node; `bounded` is affinity with a load bound (consistent hashing with bounded l
 `balance_factor` x the mean node load, the rest of a document's reads go to the next node in its order, as
 HAProxy's `hash-balance-factor` does), so the hottest documents are served by several nodes.
 - RAM, LRU (the server's hot tier): Che's approximation, hit_i = 1 - exp(-lambda_i T) with T solving
-  sum_i (1 - exp(-lambda_i T)) = capacity in documents.
+  sum_i (1 - exp(-lambda_i T)) = capacity in documents. A document's chunks are read together, so they are one
+  item of its KV bytes. With `private_chunk_bytes`, every read also leaves its own last chunk (its question,
+  under its agent's salt: the server keeps every computed chunk as its prefix cache) in RAM under a key of its
+  own, one per (document, agent), read again only when that agent reads that document again: those take room
+  too, and T solves sum_i S (1 - exp(-lambda_i T)) + sum_i A s (1 - exp(-lambda_i T / A)) = RAM bytes, with A
+  agents spreading each document's reads.
 - disk, cost-aware score (kvmart.store.policy): with one model and one document size, the score ranks by
   popularity, so the tier holds the node's top-C documents ("ideal LFU"); inclusive of RAM.
 - the first read of a document on a node cannot be local unless it was published there: a fraction
@@ -20,8 +25,9 @@ HAProxy's `hash-balance-factor` does), so the hottest documents are served by se
   anywhere for a TTL: exp(-lambda_shared_i x ttl); a miss is a prefill.
 
 Discrete-event simulation (up to ~10^6 reads): the same workload as a concrete sequence of reads, through exact
-LRU RAM tiers and disk tiers evicting with kvmart's own `Placement`; it validates the analytic model, and is what
-the real multi-node run is compared with (same reads, same order)."""
+LRU RAM tiers and disk tiers evicting with kvmart's own `Placement`; it validates the analytic model. Its
+chunk-level form (`replay_chunks`) is what the real multi-node run is compared with (same reads, same order, the
+nodes the router chose): every chunk of a read under its own key, as the server's Loader and hot tier see them."""
 
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ class Workload:
     model: str = "qwen3-4b"
     dtype: str = "bfloat16"
     artifact_bytes: int | None = None  # measured size per document; None: from the model's shape (economics)
+    private_chunk_bytes: int = 0  # RAM each read leaves under a key of its own, per (document, agent): its last chunk
 
     @property
     def reads(self) -> float:
@@ -159,6 +166,41 @@ def che_time(rates: np.ndarray, capacity: float) -> float:
     return (lo + hi) / 2
 
 
+def che_time_bytes(rates: np.ndarray, item_bytes: float, capacity_bytes: float, private_bytes: float,
+                   private_keys: float) -> float:
+    """T with sum_i item_bytes (1 - exp(-r_i T)) + sum_i private_keys x private_bytes x (1 - exp(-r_i T /
+    private_keys)) = capacity_bytes: Che's time for items of `item_bytes` read at `rates`, each read also keeping
+    `private_bytes` under one of `private_keys` keys of its item; inf if everything fits."""
+    def held(t: float) -> float:
+        return float(item_bytes * np.sum(-np.expm1(-rates * t))
+                     + private_keys * private_bytes * np.sum(-np.expm1(-rates * t / private_keys)))
+
+    read = int(np.count_nonzero(rates > 0))
+    if read * (item_bytes + private_keys * private_bytes) <= capacity_bytes:  # everything ever read fits
+        return math.inf
+    if capacity_bytes <= 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while held(hi) < capacity_bytes:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if held(mid) < capacity_bytes else (lo, mid)
+    return (lo + hi) / 2
+
+
+def ram_hits(workload: Workload, rates: np.ndarray, ram_bytes: int, size: int) -> np.ndarray:
+    """Each document's RAM hit ratio on a node whose reads of it come at `rates` (Che's approximation)."""
+    if not len(rates):
+        return rates
+    if workload.private_chunk_bytes:
+        keys = max(1.0, float(workload.agents))
+        t = che_time_bytes(rates, size, ram_bytes, workload.private_chunk_bytes, keys)
+    else:
+        t = che_time(rates, ram_bytes // size)
+    return -np.expm1(-rates * t)
+
+
 def economics_of(workload: Workload, prices: Prices) -> Economics:
     return analyse(workload.shape, workload.document_tokens, workload.question_tokens, 1, prices, workload.dtype)
 
@@ -213,14 +255,13 @@ def analytic(workload: Workload, cluster: Cluster, prices: Prices | None = None)
     size = workload.artifact_bytes or e.artifact_bytes
     p = zipf_pmf(workload.documents, workload.zipf_s)
     rate = workload.reads * p / workload.window_seconds
-    ram_cap = cluster.ram_bytes // size
     disk_cap = workload.documents if cluster.disk_bytes is None else cluster.disk_bytes // size
     ram, disk = np.zeros(workload.documents), np.zeros(workload.documents)
     shared_rate = np.zeros(workload.documents)
     per_node = []  # (placed, local RAM and disk hit ratios there)
     for placed in placements(workload, cluster, rate):
         docs, r = placed.docs, placed.rates
-        h_ram = -np.expm1(-r * che_time(r, ram_cap)) if len(docs) else r
+        h_ram = ram_hits(workload, r, cluster.ram_bytes, size)
         in_disk = np.zeros(len(docs), dtype=bool)
         in_disk[np.argsort(-r, kind="stable")[:int(disk_cap)]] = True
         n = r * workload.window_seconds
@@ -334,12 +375,11 @@ def sample_reads(workload: Workload, num_reads: int, seed: int = 0) -> tuple[np.
 
 
 def simulate(workload: Workload, cluster: Cluster, docs: np.ndarray, times: np.ndarray,
-             sizes: list[int] | None = None, prices: Prices | None = None, nodes_of: list[int] | None = None,
-             trace: list[str] | None = None) -> Outcome:
+             sizes: list[int] | None = None, prices: Prices | None = None, nodes_of: list[int] | None = None
+             ) -> Outcome:
     """Replay reads (document indices at times) through the cluster. `sizes`: bytes of each document (default:
     the workload's artifact size); `nodes_of`: the node each read goes to (default: home or random routing;
-    `bounded` routing depends on live loads, so it needs `nodes_of`); `trace`: a list to append each read's tier
-    to."""
+    `bounded` routing depends on live loads, so it needs `nodes_of`)."""
     if cluster.routing == "bounded" and nodes_of is None:
         raise ValueError("a replay of bounded routing needs the node of each read (nodes_of)")
     prices = prices or Prices()
@@ -380,11 +420,86 @@ def simulate(workload: Workload, cluster: Cluster, docs: np.ndarray, times: np.n
             last_read[doc] = t
         counts[tier] += 1
         per_node[k][tier] += 1
-        if trace is not None:
-            trace.append(tier)
     total = max(1, len(docs))
     fractions = {tier: counts[tier] / total for tier in TIERS}
     run = replace(workload, agents=len(docs), reads_per_agent=1.0)
     loads = tuple(NodeLoad(sum(c.values()) / workload.window_seconds,
                            {t: c[t] / max(1, sum(c.values())) for t in TIERS}) for c in per_node)
     return replace(price(run, cluster, prices, fractions, float(sum(sizes)), e), nodes=loads)
+
+
+# -- the chunk-level replay of a real run ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChunkRead:
+    """One read as a node serves it from the chunk store (kvmart/server/pipeline/plan.py's Loader): the document's
+    chunks (key, KV bytes), each from the fastest tier that holds it (RAM, the node's disk, the shared tier) and
+    kept in RAM; then the read's own last chunk (its question, under its agent's salt), computed and kept in RAM."""
+
+    node: int
+    chunks: tuple[tuple[str, int], ...]
+    last: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ChunkReplay:
+    """Where every chunk of every read came from (`chunk_tiers`), and each read's tier: the slowest of its chunks'
+    (a read is as slow as its slowest chunk)."""
+
+    chunk_tiers: tuple[tuple[str, ...], ...]
+
+    @property
+    def read_tiers(self) -> list[str]:
+        return [max(tiers, key=TIERS.index) for tiers in self.chunk_tiers]
+
+    @property
+    def fractions(self) -> dict[str, float]:
+        """Per read: the share of reads whose slowest chunk came from each tier."""
+        tiers = self.read_tiers
+        return {t: tiers.count(t) / max(1, len(tiers)) for t in TIERS}
+
+    @property
+    def chunk_fractions(self) -> dict[str, float]:
+        """Per chunk read: the share of chunk reads each tier answered."""
+        every = [t for tiers in self.chunk_tiers for t in tiers]
+        return {t: every.count(t) / max(1, len(every)) for t in TIERS}
+
+
+def replay_chunks(reads: list[ChunkRead], nodes: int, ram_bytes: int, disk_bytes: int | None,
+                  published: dict[int, list[tuple[str, int]]], ram_held: list[int] | None = None) -> ChunkReplay:
+    """Replay `reads` chunk by chunk through each node's RAM LRU (by bytes, as server/pipeline/hot.py) and disk
+    (evicting by Placement, as the tiered store) over a shared tier that holds every chunk (published, pinned).
+    `published`: node -> (key, stored bytes) of the chunks already on its disk (where they were published);
+    `ram_held`: bytes each node's RAM holds at the start (warm-up chunks no read asks for: the oldest entries)."""
+    clock = [0.0]
+    sims = [SimNode(ram_bytes, disk_bytes, Placement(clock=lambda: clock[0]), np.random.default_rng(k))
+            for k in range(nodes)]
+
+    def entry(key: str, stored_bytes: int) -> Entry:
+        return Entry(cache_id=key, title="", source="", model="", fingerprint="", num_tokens=0,
+                     artifact_bytes=stored_bytes, prefill_seconds=0.0, created_at=0.0, kind="chunk")
+
+    for k, chunks in published.items():
+        for key, stored_bytes in chunks:
+            sims[k].disk_put(entry(key, stored_bytes))
+    for k, held in enumerate(ram_held or []):
+        if held:
+            sims[k].ram_put("(warm-up chunks)", held)
+    found = []
+    for n, read in enumerate(reads):
+        clock[0] = float(n)
+        node, tiers = sims[read.node], []
+        for key, kv_bytes in read.chunks:
+            if key in node.ram:
+                node.ram.move_to_end(key)
+                tiers.append("ram")
+                continue
+            node.placement.touch(key)
+            if key in node.disk:
+                tiers.append("disk")
+            else:
+                tiers.append("shared")
+                node.disk_put(entry(key, kv_bytes))  # kept on the node's disk, decoded
+            node.ram_put(key, kv_bytes)
+        node.ram_put(*read.last)
+        found.append(tuple(tiers))
+    return ChunkReplay(tuple(found))

@@ -7,7 +7,10 @@ agree on it, and publishing the same text under the same terms twice gives the s
 cache id: republished under other terms, a document gets a new id).
 
 The catalogue learns of documents published elsewhere (the CLI, other nodes) by `refresh`, which a timer runs
-(`start_refresher`), never a request: a request naming an unknown id is a 404 at once. A request naming a known
+(`start_refresher`), never a request: a request naming an unknown id is a 404 at once. A refresh asks the store
+what changed since the last one (`Store.changes`: on Redis one small reply when nothing did) and reads only the
+documents that changed; it lists every entry only when the store cannot tell (no change log, the first look, a
+log it fell behind), so a node polling often costs its shared tier almost nothing however large the catalogue. A request naming a known
 document checks that it is still stored (`still_stored`, one lookup), so a deletion anywhere is seen at once.
 Documents pasted into a prompt without being named are found by `pasted_at_start`: one lookup by the key of the
 prompt's first chunk, whatever the catalogue's size."""
@@ -29,6 +32,9 @@ from kvmart.store import Entry, Store
 log = logging.getLogger("kvmart.catalog")
 ID_PREFIX = "doc_"
 ID_HEX_DIGITS = 24
+# an artifact up to this size is read whole when registered (an index: token ids and chunk keys, about 1 KB per 100
+# tokens); a head read moves about as much (Redis' first value holds up to 8 MiB)
+WHOLE_READ_BYTES = 4 << 20
 
 
 def document_id(cache_id: str) -> str:
@@ -92,10 +98,23 @@ class Catalog:
         self._first_lengths: Counter[int] = Counter()  # how many of those have a first chunk of each length
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._refreshing = threading.Lock()  # one refresh at a time: they share the cursor
+        self._cursor = ""  # where the store's change log was at the last refresh ('' : never looked)
 
     # -- learning what is stored ---------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Pick up documents added or removed by anyone since the last look (one listing of the store)."""
+        """Pick up documents added or removed by anyone since the last look: those the store's change log names
+        (each read once), or, when the store cannot tell, one listing of every entry."""
+        with self._refreshing:
+            changes = self.store.changes(self._cursor)  # before any listing: what changes meanwhile is seen next time
+            if changes.cache_ids is None:
+                self._relist()
+            else:
+                for cache_id in dict.fromkeys(changes.cache_ids):
+                    self._recheck(cache_id)
+            self._cursor = changes.cursor
+
+    def _relist(self) -> None:
         entries = {document_id(e.cache_id): e for e in self.store.entries()
                    if e.is_document and e.fingerprint == self.fingerprint_digest}
         with self._lock:
@@ -106,6 +125,19 @@ class Catalog:
         for doc_id, entry in entries.items():
             if doc_id not in known:
                 self._add_readable(entry)
+
+    def _recheck(self, cache_id: str) -> None:
+        """A document the change log names: added if it is stored (for this model) and new here, dropped if gone.
+        A document's content is its cache id, so one already held needs no second read."""
+        doc_id = document_id(cache_id)
+        entry = self.store.entry(cache_id)
+        if entry is None:
+            self.remove(doc_id)
+            return
+        with self._lock:
+            known = doc_id in self._documents
+        if not known and entry.is_document and entry.fingerprint == self.fingerprint_digest:
+            self._add_readable(entry)
 
     def start_refresher(self, interval_seconds: float) -> None:
         """Refresh every `interval_seconds` on a thread of its own until `stop_refresher` (0: never)."""
@@ -129,13 +161,14 @@ class Catalog:
             self._thread = None
 
     def add(self, entry: Entry) -> Document:
-        """Register a stored document (its token ids and chunks come from its index's manifest)."""
-        with self.store.open_head(entry.cache_id) as (f, size):  # the header only: no tensors are fetched
+        """Register a stored document (its token ids and chunks come from its index's manifest). A small artifact
+        (an index) is read whole, once, so that a tiered store keeps a copy on this node (it answers `still_stored`
+        locally, and for the document while a shared tier is down); of a large one (a document stored whole by an
+        older version) only the header is read: no tensors are fetched."""
+        read = self.store.open if entry.artifact_bytes <= WHOLE_READ_BYTES else self.store.open_head
+        with read(entry.cache_id) as (f, size):
             manifest, _ = read_manifest(f, size)
         check_requested(manifest, entry.cache_id)
-        if manifest.is_index:  # an index is small: read it whole, so a tiered store keeps a copy on this node
-            with self.store.open(entry.cache_id):  # (it answers for the document while a shared tier is down)
-                pass
         chunks = manifest.chunks or ((manifest.num_tokens, manifest.cache_id),)
         return self.insert(Document(entry, torch.tensor(manifest.token_ids, dtype=torch.int64), chunks,
                                     bool(manifest.salt_hash), manifest.terms))

@@ -118,11 +118,16 @@ class ChunkStore:
         """The stored KV of `chunk`, or None if it is not stored. A chunk that fails its checks (corrupt,
         foreign, other tokens than its key says) is refused, logged and dropped: it will be computed again; with
         `strict`, the refusal is raised (ArtifactError saying why) instead of answered None."""
+        found = self.read_located(chunk, strict)
+        return None if found is None else found[0]
+
+    def read_located(self, chunk: Chunk, strict: bool = False) -> tuple[KV, str] | None:
+        """As `read`, with the name of the store tier that answered (one of the store's `tier_names`)."""
         try:
-            opened = self.store._open(chunk.key)  # a shared tier checks the cluster's signature here
+            opened = self.store._open_located(chunk.key)  # a shared tier checks the cluster's signature here
             if opened is None:
                 return None
-            f, size = opened
+            f, size, tier = opened
             with f:
                 manifest, kv = read_artifact(f, size, self.fingerprint, expected_cache_id=chunk.key)
         except ArtifactError as e:
@@ -136,7 +141,7 @@ class ChunkStore:
             if strict:
                 raise ArtifactError(f"chunk {chunk.key[:16]} holds other tokens than its key says")
             return None
-        return kv
+        return kv, tier
 
     def read_run(self, chunks: Sequence[Chunk]) -> list[KV]:
         """The KVs of the longest run of `chunks`, from the first, that are stored and pass their checks."""

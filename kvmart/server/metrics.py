@@ -88,6 +88,13 @@ class ServerMetrics:
                                              ("endpoint",))
         self.cache_hits = Counter(r, "kvmart_cache_hits_total",
                                   "Requests whose prompt prefix was reused, by the tier it came from.", ("tier",))
+        self.reads_by_tier = Counter(r, "kvmart_reads_by_tier_total",
+                                     "Requests that read cached chunks, by the slowest tier any of them came from: "
+                                     "hot (the RAM hot tier), else the store tier that answered (ram, disk, redis, "
+                                     "s3; store for a store without tiers).", ("tier",))
+        self.chunk_reads = Counter(r, "kvmart_chunk_reads_total",
+                                   "Cached chunks read for requests, by the tier each came from (as "
+                                   "kvmart_reads_by_tier_total).", ("tier",))
         self.cache_misses = Counter(r, "kvmart_cache_misses_total",
                                     "Requests whose prompt matched no stored prefix (computed in full).")
         self.cache_bypass = Counter(r, "kvmart_cache_bypass_total",

@@ -68,6 +68,16 @@ ENTRY_KINDS = ("document", "chunk")
 
 
 Writer = Callable[[BinaryIO], int]
+STORE_TIER = "store"  # the tier name a store without tiers reports (`Store.tier_names`)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """The documents stored or removed since a cursor (`Store.changes`). `cache_ids` None: the store cannot tell
+    (it keeps no change log, the log was trimmed past the cursor, or the cursor is new): list everything once."""
+
+    cursor: str  # where the next look starts: pass it back to `changes`
+    cache_ids: tuple[str, ...] | None
 
 
 class Store(ABC):
@@ -110,6 +120,29 @@ class Store(ABC):
 
     def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         return self._open(cache_id)
+
+    def _open_entry(self, cache_id: str) -> tuple[Entry, BinaryIO, int] | None:
+        """The artifact (as `_open`) and its entry, for a caller that keeps a copy (a tiered store filling a faster
+        tier). Two lookups by default; a store that keeps the entry in the artifact's index (Redis, S3) reads that
+        index once."""
+        entry = self.entry(cache_id)
+        opened = self._open(cache_id) if entry is not None else None
+        return None if entry is None or opened is None else (entry, *opened)
+
+    def _open_located(self, cache_id: str) -> tuple[BinaryIO, int, str] | None:
+        """The artifact (as `_open`) and the name of the tier that answered (one of `tier_names`)."""
+        opened = self._open(cache_id)
+        return None if opened is None else (*opened, STORE_TIER)
+
+    def tier_names(self) -> tuple[str, ...]:
+        """The names of this store's tiers, fastest first (`_open_located` answers one of them)."""
+        return (STORE_TIER,)
+
+    def changes(self, cursor: str) -> Changes:
+        """The documents (entries of kind `document`) stored or removed since `cursor` ('': none yet), so that a
+        catalogue learns what changed without listing every entry. Thread-safe. A store without a change log
+        answers `cache_ids` None every time: its callers list everything (`entries`)."""
+        return Changes("", None)
 
     def resolve(self, prefix: str) -> str:
         """The one cache id starting with `prefix` (at least 6 hex chars); UnknownCacheError otherwise."""

@@ -3,10 +3,16 @@
     PREFIX:chunk:<cache_id>:<nonce>:<i>   bytes i*chunk_bytes .. (i+1)*chunk_bytes of the artifact
     PREFIX:index:<cache_id>               JSON: the entry, size, chunk size, nonce, xxh3-128 of every chunk
     PREFIX:catalog                        a set of cache ids (lazily pruned of ids whose index is gone)
+    PREFIX:generation                     how many times a document was stored or removed (a counter)
+    PREFIX:changes                        a sorted set of "<n>:<cache_id>" by n: the last CHANGES_KEPT of those
 
 A put writes every chunk under a fresh nonce, then the index with SET NX: readers see no index (absent) or a
 complete artifact, never a partial one, and when two nodes publish the same cache id at once the first index wins
-and the loser deletes its chunks, so the artifact is stored once. A read checks every chunk against the index's
+and the loser deletes its chunks, so the artifact is stored once. Publishing a document's index also counts a
+change, in the same script: a node's catalogue asks for the changes since the last one it saw (`changes`: one
+small reply when nothing changed) instead of listing every entry, and lists everything only when it has fallen
+more than CHANGES_KEPT behind, when the counter went back (a Redis that lost its data), or under a TTL (an index
+that expires leaves no change behind). A read checks every chunk against the index's
 checksums; a chunk missing (evicted, expired, lost in a restart without persistence) or corrupt makes the whole
 artifact absent (and its index is dropped so it can be republished): it is recomputed, never served partially.
 
@@ -36,12 +42,45 @@ from kvmart.errors import ArtifactError, StoreError, StoreUnavailableError
 from kvmart.format.artifact import check_fetched
 from kvmart.format.keys import parse_cache_id
 from kvmart.format.signing import cluster_key, sign_index
-from kvmart.store.base import Entry, Store, Writer, parse_index, parse_listed_id
+from kvmart.store.base import Changes, Entry, Store, Writer, parse_index, parse_listed_id
 
 log = logging.getLogger("kvmart.store")
 DEFAULT_CHUNK_BYTES = 8 << 20  # well under Redis' 512 MB value limit; small enough to stream in pieces
 FETCH_BATCH = 16  # chunks per MGET: bounds one reply's size
 INDEX_FIELDS: dict[str, type] = {"size": int, "chunk_bytes": int, "nonce": str, "chunks": list}
+CHANGES_KEPT = 10_000  # document changes kept for catalogues that fell behind (beyond: they list everything)
+
+# Publish an index (SET NX), add it to the catalogue set and, for a document, count the change: one atomic step,
+# so no reader sees a document whose change is missing. KEYS: index, catalog, generation, changes; ARGV: the
+# index's JSON, cache id, TTL seconds (0: none), "1" for a document, CHANGES_KEPT. Returns 1 if published, 0 if
+# another writer's index was there first.
+PUBLISH_SCRIPT = """
+local ok
+if tonumber(ARGV[3]) > 0 then ok = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3])
+else ok = redis.call('SET', KEYS[1], ARGV[1], 'NX') end
+if not ok then return 0 end
+redis.call('SADD', KEYS[2], ARGV[2])
+if ARGV[4] == '1' then  -- a document
+  local n = redis.call('INCR', KEYS[3])
+  redis.call('ZADD', KEYS[4], n, n .. ':' .. ARGV[2])
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[5]) - 1)
+end
+return 1
+"""
+# Count a document's removal. KEYS: generation, changes; ARGV: cache id, CHANGES_KEPT.
+CHANGED_SCRIPT = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], n, n .. ':' .. ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[2]) - 1)
+return n
+"""
+# The changes after ARGV[1] (at most ARGV[2] of them): {generation} when there are none, else {generation, members}.
+# KEYS: generation, changes.
+CHANGES_SCRIPT = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n <= tonumber(ARGV[1]) then return {n} end
+return {n, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])}
+"""
 
 
 @dataclass(frozen=True)
@@ -67,6 +106,9 @@ class RedisStore(Store):
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         self._client = redis.Redis.from_url(config.url, socket_timeout=config.timeout_seconds,
                                             socket_connect_timeout=config.timeout_seconds)
+        self._publish = self._client.register_script(PUBLISH_SCRIPT)
+        self._changed = self._client.register_script(CHANGED_SCRIPT)
+        self._changes = self._client.register_script(CHANGES_SCRIPT)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.config.url!r}, prefix={self.config.prefix!r})"
@@ -105,8 +147,9 @@ class RedisStore(Store):
             for i, key in enumerate(chunk_keys):
                 pipe.set(key, bytes(data[i * step:(i + 1) * step]), ex=ttl)
             pipe.execute()
-            if self._client.set(self._key("index", entry.cache_id), json.dumps(index), nx=True, ex=ttl):
-                self._client.sadd(self._key("catalog"), entry.cache_id)
+            keys = [self._key("index", entry.cache_id), self._key("catalog"), *self._change_keys()]
+            args: list[str | int] = [json.dumps(index), entry.cache_id, ttl or 0, int(entry.is_document), CHANGES_KEPT]
+            if self._publish(keys=keys, args=args):
                 return stored
             self._client.delete(*chunk_keys)  # another writer published it first: keep theirs
         existing = self.entry(entry.cache_id)
@@ -122,18 +165,26 @@ class RedisStore(Store):
         try:
             index = parse_index(raw, "redis", cache_id, INDEX_FIELDS)
         except StoreError as e:
-            self._drop_broken(cache_id, -1, f"its index is malformed ({e})")
+            self._drop_broken(cache_id, None, -1, f"its index is malformed ({e})")
             return None
         if (not index["chunks"] or not all(isinstance(c, str) for c in index["chunks"]) or index["size"] < 0
                 or not re.fullmatch("[0-9a-f]{16}", index["nonce"])):
-            self._drop_broken(cache_id, -1, "its index lists no valid chunks")
+            self._drop_broken(cache_id, index, -1, "its index lists no valid chunks")
             return None
         return index
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         index = self._index(cache_id)
-        if index is None:
-            return None
+        return None if index is None else self._read(cache_id, index)
+
+    def _open_entry(self, cache_id: str) -> tuple[Entry, BinaryIO, int] | None:
+        """The artifact and its entry from one read of the index."""
+        index = self._index(cache_id)
+        opened = self._read(cache_id, index) if index is not None else None
+        return None if index is None or opened is None else (Entry(**index["entry"]), *opened)
+
+    def _read(self, cache_id: str, index: dict) -> tuple[BinaryIO, int] | None:
+        """The artifact's bytes under `index`, every chunk checked; None (and the index dropped) if one is gone."""
         keys = [self._key("chunk", cache_id, index["nonce"], str(i)) for i in range(len(index["chunks"]))]
         data = bytearray()
         with self._reach():
@@ -141,12 +192,12 @@ class RedisStore(Store):
                 blobs = cast(list[bytes | None], self._client.mget(keys[start:start + FETCH_BATCH]))
                 for i, blob in enumerate(blobs, start):
                     if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][i]:
-                        self._drop_broken(cache_id, i, "missing" if blob is None else "corrupt")
+                        self._drop_broken(cache_id, index, i, "missing" if blob is None else "corrupt")
                         return None
                     data += blob
             self._refresh_ttl(cache_id, keys)
         if len(data) != index["size"]:
-            self._drop_broken(cache_id, -1, f"{len(data)} bytes instead of {index['size']}")
+            self._drop_broken(cache_id, index, -1, f"{len(data)} bytes instead of {index['size']}")
             return None
         check_fetched(data, len(data), cache_id)
         return io.BytesIO(data), len(data)
@@ -159,18 +210,47 @@ class RedisStore(Store):
         with self._reach():
             blob = cast(bytes | None, self._client.get(self._key("chunk", cache_id, index["nonce"], "0")))
         if blob is None or xxhash.xxh3_128_hexdigest(blob) != index["chunks"][0]:
-            return self._open(cache_id)  # let the full read find and report the damage
+            return self._read(cache_id, index)  # let the full read find and report the damage
         if len(blob) < 8 or 8 + struct.unpack("<Q", blob[:8])[0] > len(blob):
-            return self._open(cache_id)  # a header longer than a chunk
+            return self._read(cache_id, index)  # a header longer than a chunk
         check_fetched(blob, index["size"], cache_id)
         return io.BytesIO(blob), index["size"]
 
-    def _drop_broken(self, cache_id: str, chunk: int, why: str) -> None:
+    def _drop_broken(self, cache_id: str, index: dict | None, chunk: int, why: str) -> None:
         where = f"chunk {chunk}" if chunk >= 0 else "artifact"
         log.warning("redis artifact %s: %s %s; treated as absent (it will be recomputed)", cache_id[:16], where, why)
         with self._reach():
             self._client.delete(self._key("index", cache_id))
             self._client.srem(self._key("catalog"), cache_id)
+            self._count_removal(cache_id, index)
+
+    def _change_keys(self) -> list[str]:
+        return [self._key("generation"), self._key("changes")]
+
+    def _count_removal(self, cache_id: str, index: dict | None) -> None:
+        """Count a removed document as a change (a chunk is no catalogue's business; an index too malformed to
+        say what it was is counted, so that catalogues look again)."""
+        entry = index.get("entry") if isinstance(index, dict) else None
+        if not isinstance(entry, dict) or entry.get("kind", "document") == "document":
+            self._changed(keys=self._change_keys(), args=[cache_id, CHANGES_KEPT])
+
+    def changes(self, cursor: str) -> Changes:
+        """The documents stored or removed after `cursor` (a count of changes), in one small script call. Unknown
+        (None) for a new cursor, one the log no longer reaches back to, one beyond the counter (the data was
+        lost), or under a TTL (expired documents leave no change behind)."""
+        with self._reach():
+            if not cursor.isdigit():
+                return Changes(str(int(self._client.get(self._key("generation")) or 0)), None)
+            since = int(cursor)
+            reply = self._changes(keys=self._change_keys(), args=[since, CHANGES_KEPT])
+        now = int(reply[0])
+        if now == since and not self.config.ttl_seconds:
+            return Changes(cursor, ())
+        members = [m.decode() if isinstance(m, bytes) else str(m) for m in (reply[1] if len(reply) > 1 else [])]
+        numbers = [int(m.split(":", 1)[0]) for m in members]
+        if now < since or numbers != list(range(since + 1, now + 1)) or self.config.ttl_seconds:
+            return Changes(str(now), None)
+        return Changes(str(now), tuple(m.split(":", 1)[1] for m in members))
 
     def _refresh_ttl(self, cache_id: str, chunk_keys: list[str]) -> None:
         if self.config.ttl_seconds:
@@ -226,7 +306,10 @@ class RedisStore(Store):
             if index is None:
                 return False
             keys = [self._key("chunk", cache_id, index["nonce"], str(i)) for i in range(len(index["chunks"]))]
-            return bool(self._client.delete(self._key("index", cache_id), *keys))
+            removed = bool(self._client.delete(self._key("index", cache_id), *keys))
+            if removed:
+                self._count_removal(cache_id, index)
+            return removed
 
     def set_ttl(self, cache_id: str, ttl_seconds: int) -> bool:
         """Give an artifact a TTL (0: pinned, no expiry); False if it is absent."""

@@ -140,8 +140,16 @@ class S3Store(Store):
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         index = self._index(cache_id)
-        if index is None:
-            return None
+        return None if index is None else self._read(cache_id, index)
+
+    def _open_entry(self, cache_id: str) -> tuple[Entry, BinaryIO, int] | None:
+        """The artifact and its entry from one read of the index."""
+        index = self._index(cache_id)
+        opened = self._read(cache_id, index) if index is not None else None
+        return None if index is None or opened is None else (Entry(**index["entry"]), *opened)
+
+    def _read(self, cache_id: str, index: dict) -> tuple[BinaryIO, int] | None:
+        """The object under `index`, checked; None (and the index dropped) if it is missing or corrupt."""
         with self._reach():
             try:
                 data = self._client.get_object(Bucket=self.config.bucket, Key=index["object"])["Body"].read()

@@ -26,7 +26,7 @@ from functools import partial
 from typing import BinaryIO, TypeVar
 
 from kvmart.errors import ArtifactError, StoreUnavailableError
-from kvmart.store.base import Entry, Store, Writer
+from kvmart.store.base import Changes, Entry, Store, Writer
 from kvmart.store.policy import Placement
 
 log = logging.getLogger("kvmart.store")
@@ -157,19 +157,24 @@ class TieredStore(Store):
         return True
 
     def _open(self, cache_id: str) -> tuple[BinaryIO, int] | None:
+        located = self._open_located(cache_id)
+        return None if located is None else located[:2]
+
+    def _open_located(self, cache_id: str) -> tuple[BinaryIO, int, str] | None:
         for i, tier in enumerate(self.tiers):
-            opened = self._try(tier, partial(tier.store._open, cache_id), None)
-            if opened is None:
-                continue
-            self.placement.touch(cache_id)
-            with self._lock:
-                tier.hits += 1
             if i == 0:
-                return opened
-            entry = self._try(tier, partial(tier.store.entry, cache_id), None)
-            if entry is None:
-                return opened
-            f, size = opened
+                opened = self._try(tier, partial(tier.store._open, cache_id), None)
+                if opened is not None:
+                    self._hit(tier, cache_id)
+                    return (*opened, tier.name)
+                continue
+            # with its entry, from one read of the tier's index where it keeps one (Redis, S3): the faster tiers
+            # are filled with both
+            found = self._try(tier, partial(tier.store._open_entry, cache_id), None)
+            if found is None:
+                continue
+            self._hit(tier, cache_id)
+            entry, f, size = found
             with f:
                 data = f.read()
             if tier.is_shared:
@@ -179,10 +184,30 @@ class TieredStore(Store):
                 if not faster.is_shared and self._put_local(faster, entry, data):
                     with self._lock:
                         faster.fills += 1
-            return io.BytesIO(data), len(data)
+            return io.BytesIO(data), len(data), tier.name
         with self._lock:
             self.misses += 1
         return None
+
+    def _hit(self, tier: Tier, cache_id: str) -> None:
+        self.placement.touch(cache_id)
+        with self._lock:
+            tier.hits += 1
+
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+    def changes(self, cursor: str) -> Changes:
+        """The shared tier's changes (what other nodes publish or remove goes through it; the local tiers change
+        only by this node's own hand). No shared tier, or more than one: unknown (list everything). The shared tier
+        unreachable: no news (what is known is kept until it answers again), or unknown if nothing is known yet."""
+        shared = [t for t in self.tiers if t.is_shared]
+        if len(shared) != 1:
+            return Changes("", None)
+        try:
+            return self._call(shared[0], partial(shared[0].store.changes, cursor))
+        except StoreUnavailableError:
+            return Changes(cursor, () if cursor else None)
 
     def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         """The artifact's start from the fastest tier that has it; nothing is filled (a node that learns of a

@@ -249,6 +249,9 @@ def check_length(prompt: Prompt, context_tokens: int) -> None:
                            f"{context_tokens:,} tokens", param, "context_length_exceeded")
 
 
+HOT_TIER = "hot"  # the tier name `Loaded.tiers` gives a chunk found in the hot tier (RAM, decoded KV)
+
+
 @dataclass(frozen=True)
 class Loaded:
     """The cached chunks of a plan, in order: how many came from RAM and from the store, and how long it took.
@@ -260,6 +263,8 @@ class Loaded:
     from_store: int
     seconds: float
     engine_tokens: int | None = None
+    tiers: tuple[str, ...] = ()  # where each chunk of `kvs` came from: HOT_TIER, or the store tier that answered
+    slowest_tier: str | None = None  # the slowest of `tiers` (the store's tiers are ordered fastest first)
 
     @property
     def num_tokens(self) -> int:
@@ -273,20 +278,24 @@ class Loader:
 
     def __init__(self, hot: HotTier, chunks: ChunkStore) -> None:
         self.hot, self.chunks = hot, chunks
+        self.order = (HOT_TIER, *chunks.store.tier_names())  # fastest first
 
     def load(self, plan: Plan, cancelled: Callable[[], bool] = lambda: False) -> Loaded:
-        start, kvs, ram, stored = time.perf_counter(), [], 0, 0
+        start, kvs, tiers = time.perf_counter(), [], []
         for chunk in plan.chunks[:plan.cached_chunks]:
             if cancelled():
                 break
             kv = self.hot.get(chunk.key)
-            if kv is not None:
-                ram += 1
-            else:
-                kv = self.chunks.read(chunk)
-                if kv is None:
+            tier = HOT_TIER
+            if kv is None:
+                found = self.chunks.read_located(chunk)
+                if found is None:
                     break
-                stored += 1
+                kv, tier = found
                 self.hot.put(chunk.key, kv)
             kvs.append(kv)
-        return Loaded(tuple(kvs), ram, stored, time.perf_counter() - start)
+            tiers.append(tier)
+        ram = tiers.count(HOT_TIER)
+        slowest = max(tiers, key=self.order.index, default=None)
+        return Loaded(tuple(kvs), ram, len(tiers) - ram, time.perf_counter() - start, tiers=tuple(tiers),
+                      slowest_tier=slowest)

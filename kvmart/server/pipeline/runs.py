@@ -167,6 +167,10 @@ def record_reuse(services: Services, plan: Plan, loaded: Loaded) -> None:
         m.cache_hits.inc(tier="ram")
     else:
         m.cache_misses.inc()
+    if loaded.slowest_tier is not None and not plan.request.bypass:
+        m.reads_by_tier.inc(tier=loaded.slowest_tier)
+    for tier in set(loaded.tiers):
+        m.chunk_reads.inc(loaded.tiers.count(tier), tier=tier)
     m.saved_seconds.inc(usage_of(plan, loaded, None).prefill_seconds_saved)
     m.prompt_tokens.inc(cached, source="cache")
     m.prompt_tokens.inc(plan.prompt_tokens - cached, source="computed")
