@@ -1,12 +1,18 @@
 """Claim: serving questions about a hosted document from its cached KV cuts time-to-first-token and raises
-throughput under concurrent load, compared with prefilling the document for every request.
+throughput under concurrent load, compared with prefilling the document for every request; and continuous
+batching (decode steps of every active request in one forward pass) keeps time-to-first-token and throughput up
+as clients grow, compared with the same server decoding one request per forward pass.
 
-One run, one server (`kvmart serve` in-process on a loopback port), one published document kept hot. N concurrent
-clients each stream one chat completion about it; the same wave is sent with the cache (default) and with
-`"cache": "bypass"` (the document prefilled afresh for each request, the same two-step computation), alternating
-for --rounds rounds. Prints a markdown table for docs/BENCHMARKS.md.
+One run, one server (`kvmart serve` in-process on a loopback port), one published document kept hot. Waves of N
+concurrent clients each stream one chat completion about it, for every setting asked for, interleaved round by
+round: the cache (default) or `"cache": "bypass"` (the document prefilled afresh for each request, the same
+chunked computation), and the worker batching (--max-active requests) or not (--unbatched-max-active requests,
+one forward pass each, the previous server's way). Each wave records the clients' time to first token, its wall
+time and the CPU time of this process (server and clients are threads of it). Prints markdown tables for
+docs/BENCHMARKS.md: per setting, medians over every request, and min/median/max over the rounds.
 
-    python bench/serve_load.py --model builtin:smollm2-135m --sample mpl-2.0 --clients 16 --rounds 2
+    python bench/serve_load.py --model builtin:smollm2-135m --clients 1,4,16 --rounds 3 --threads 1
+    python bench/serve_load.py --model builtin:smollm2-135m --clients 4 --modes cached,bypass --batching on
 """
 
 from __future__ import annotations
@@ -70,18 +76,32 @@ def ask(url: str, body: dict, barrier: threading.Barrier, key: str) -> Sample:
                   usage["prompt_tokens_details"]["cached_tokens"])
 
 
-def wave(url: str, doc_id: str, model: str, clients: int, max_tokens: int, cache: str, key: str
-         ) -> tuple[float, list[Sample]]:
-    """`clients` requests at once; (wall seconds, samples)."""
+@dataclass(frozen=True)
+class Wave:
+    wall_seconds: float
+    cpu_seconds: float
+    samples: list[Sample]
+
+    @property
+    def ttft_p50(self) -> float:
+        return statistics.median(s.first_token_seconds for s in self.samples)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(s.completion_tokens for s in self.samples) / self.wall_seconds
+
+
+def wave(url: str, doc_id: str, model: str, clients: int, max_tokens: int, cache: str, key: str) -> Wave:
+    """`clients` requests at once."""
     barrier = threading.Barrier(clients)
     bodies = [{"model": model, "documents": [doc_id], "cache": cache, "stream": True, "max_tokens": max_tokens,
                "temperature": 0, "stream_options": {"include_usage": True},
                "messages": [{"role": "user", "content": f"Question {i}: what does this document say about {topic}?"}]}
               for i, topic in zip(range(clients), ["liability", "warranty", "patents", "trademarks"] * clients, strict=False)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         samples = list(pool.map(lambda body: ask(url, body, barrier, key), bodies))
-    return time.perf_counter() - start, samples
+    return Wave(time.perf_counter() - start, time.process_time() - cpu, samples)
 
 
 def agent_key(app) -> str:
@@ -97,64 +117,95 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+Setting = tuple[int, str, str]  # clients, cache mode, batching
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="default: KVMART_MODEL or kvmart's default model")
     parser.add_argument("--sample", choices=list(SAMPLES), default="mpl-2.0", help="the hosted document")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients per wave")
-    parser.add_argument("--rounds", type=int, default=1, help="waves per mode, alternating cached and bypass")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients per wave (comma-separated)")
+    parser.add_argument("--modes", default="cached", help="cached, bypass (comma-separated)")
+    parser.add_argument("--batching", default="on,off", help="on, off (comma-separated)")
+    parser.add_argument("--rounds", type=int, default=3, help="waves per setting, interleaved")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per answer")
-    parser.add_argument("--max-active", type=int, default=4, help="requests the model worker interleaves")
+    parser.add_argument("--max-active", type=int, default=64, help="requests the batching worker keeps active")
+    parser.add_argument("--unbatched-max-active", type=int, default=4,
+                        help="requests the worker interleaves with batching off (the previous default: 4)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a small "
                                                     "shared machine 1 can be many times faster")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    settings_list: list[Setting] = [(int(c), m, b) for c in args.clients.split(",") for m in args.modes.split(",")
+                                    for b in args.batching.split(",")]
 
     settings = load_settings().with_overrides(model=args.model)
     model = Model.load(settings)
     with tempfile.TemporaryDirectory(dir=settings.data_dir) as tmp:
         store_settings = settings.with_overrides(store=str(Path(tmp) / "store"),
                                                  ledger=f"sqlite:///{Path(tmp) / 'ledger.sqlite'}")
-        server_settings = ServerSettings(max_active=args.max_active, max_queue=max(64, args.clients))
+        most = max(c for c, _, _ in settings_list)
+        server_settings = ServerSettings(max_active=args.max_active, max_queue=max(64, most),
+                                         max_concurrent_per_key=0, rate_limit_per_minute=0)
         app = create_app(store_settings, server_settings, model)
         key = agent_key(app)
         server, url = start_server(app)
+        worker = app.state.services.worker
         doc = httpx.post(url + "/v1/documents", json={"text": sample_text(args.sample)}, timeout=600,
                          headers={"Authorization": f"Bearer {app.state.services.ledger.admin_key_issued}"}).json()
-        for cache in ("default", "bypass"):  # warm-up: load the artifact into the hot tier, touch every code path
+        for cache in {"default" if m == "cached" else "bypass" for _, m, _ in settings_list}:  # warm-up
             wave(url, doc["id"], model.spec, 1, args.max_tokens, cache, key)
-        results: dict[str, list[tuple[float, list[Sample]]]] = {"default": [], "bypass": []}
+        results: dict[Setting, list[Wave]] = {s: [] for s in settings_list}
         for _ in range(args.rounds):
-            for cache in results:
-                results[cache].append(wave(url, doc["id"], model.spec, args.clients, args.max_tokens, cache, key))
+            for clients, mode, batching in settings_list:
+                worker.batching = batching == "on"
+                worker.max_active = args.max_active if worker.batching else args.unbatched_max_active
+                cache = "default" if mode == "cached" else "bypass"
+                results[clients, mode, batching].append(wave(url, doc["id"], model.spec, clients, args.max_tokens,
+                                                             cache, key))
         server.should_exit = True
     report(args, model, doc, results)
 
 
-def report(args, model: Model, doc: dict, results: dict) -> None:
-    rows = {}
-    for cache, waves in results.items():
-        samples = [s for _, wave_samples in waves for s in wave_samples]
-        wall = sum(seconds for seconds, _ in waves)
-        ttft = [s.first_token_seconds for s in samples]
-        rows[cache] = dict(ttft_p50=statistics.median(ttft), ttft_p95=percentile(ttft, 0.95),
-                           tokens_per_second=sum(s.completion_tokens for s in samples) / wall,
-                           requests_per_second=len(samples) / wall, cached=samples[0].cached_tokens)
+def spread(values: list[float], digits: int) -> str:
+    """median [min-max]"""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def report(args, model: Model, doc: dict, results: dict[Setting, list[Wave]]) -> None:
     print(f"model {model.spec} ({model.dtype_name}), torch threads {torch.get_num_threads()}, document "
           f"sample:{args.sample} ({doc['num_tokens']:,} tokens, prefill {doc['prefill_seconds']:.2f}s), "
-          f"{args.clients} concurrent clients x {args.rounds} round(s), {args.max_tokens} tokens per answer, "
-          f"max_active {args.max_active}")
-    print("| mode | cached tokens / request | TTFT p50 s | TTFT p95 s | completion tokens/s | requests/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for cache, label in (("default", "cached"), ("bypass", "bypass (prefill every request)")):
-        r = rows[cache]
-        print(f"| {label} | {r['cached']:,} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | "
-              f"{r['tokens_per_second']:.1f} | {r['requests_per_second']:.2f} |")
-    c, b = rows["default"], rows["bypass"]
-    print(f"ratio (cached vs bypass): TTFT p50 {b['ttft_p50'] / c['ttft_p50']:.1f}x lower, p95 "
-          f"{b['ttft_p95'] / c['ttft_p95']:.1f}x lower; throughput "
-          f"{c['tokens_per_second'] / b['tokens_per_second']:.1f}x higher")
+          f"{args.rounds} round(s), {args.max_tokens} tokens per answer; batching on: max_active "
+          f"{args.max_active}, off: max_active {args.unbatched_max_active}, one forward pass per request step")
+    print("| clients | mode | batching | cached tokens / request | TTFT p50 s | TTFT p95 s | TTFT p50 s per round "
+          "| completion tokens/s per round | CPU s per wave | wall s per wave |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (clients, mode, batching), waves in results.items():
+        ttft = [s.first_token_seconds for w in waves for s in w.samples]
+        print(f"| {clients} | {mode} | {batching} | {waves[0].samples[0].cached_tokens:,} | "
+              f"{statistics.median(ttft):.3f} | {percentile(ttft, 0.95):.3f} | "
+              f"{spread([w.ttft_p50 for w in waves], 3)} | {spread([w.tokens_per_second for w in waves], 1)} | "
+              f"{spread([w.cpu_seconds for w in waves], 2)} | {spread([w.wall_seconds for w in waves], 2)} |")
+    print("ratios, per round then median [min-max]:")
+    for (clients, mode, batching), waves in results.items():
+        if batching == "on" and (clients, mode, "off") in results:
+            off = results[clients, mode, "off"]
+            print(f"  {clients} clients, {mode}: batching on vs off: TTFT p50 "
+                  f"{spread([o.ttft_p50 / w.ttft_p50 for w, o in zip(waves, off, strict=True)], 1)}x lower, "
+                  f"tokens/s {spread([w.tokens_per_second / o.tokens_per_second for w, o in zip(waves, off, strict=True)], 1)}x higher")
+        if mode == "cached" and (clients, "bypass", batching) in results:
+            by = results[clients, "bypass", batching]
+            print(f"  {clients} clients, batching {batching}: cached vs bypass: TTFT p50 "
+                  f"{spread([b.ttft_p50 / w.ttft_p50 for w, b in zip(waves, by, strict=True)], 1)}x lower, "
+                  f"tokens/s {spread([w.tokens_per_second / b.tokens_per_second for w, b in zip(waves, by, strict=True)], 1)}x higher")
+    fewest = min(c for c, _, _ in results)
+    for (clients, mode, batching), waves in results.items():
+        base = results.get((fewest, mode, batching))
+        if clients != fewest and base:
+            print(f"  {mode}, batching {batching}: TTFT p50 at {clients} clients is "
+                  f"{statistics.median(w.ttft_p50 for w in waves) / statistics.median(w.ttft_p50 for w in base):.1f}x "
+                  f"that at {fewest}")
 
 
 if __name__ == "__main__":

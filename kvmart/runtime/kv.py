@@ -165,6 +165,14 @@ class WorkingLayer(CacheLayerMixin):
         self.copied_tokens = self.length = copied_tokens
         self.prefix_tokens = sum(k.shape[-2] for k, _ in segments)  # referenced (segmented mode), not copied
         self.is_initialized = True
+        self._segment_views: tuple[Segment, ...] | None = None
+
+    def segment_views(self) -> tuple[Segment, ...]:
+        """Each segment as (keys transposed [kv_heads, head_dim, n], values [kv_heads, n, head_dim]): what the
+        attention kernel multiplies by, made once per layer instead of at every decode step."""
+        if self._segment_views is None:
+            self._segment_views = tuple((k[0].transpose(-1, -2), v[0]) for k, v in self.segments)
+        return self._segment_views
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise AssertionError("a WorkingLayer is created initialized")
@@ -195,6 +203,10 @@ class WorkingLayer(CacheLayerMixin):
             return (torch.cat([s[0] for s in self.segments] + [k], dim=-2),
                     torch.cat([s[1] for s in self.segments] + [v], dim=-2))
         return k, v
+
+    def new_segment(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens written so far in segmented mode (views of the buffers): what `update` returned last."""
+        return self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
     def new_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens written by `update` (after the prefix, in contiguous mode): views of the buffers."""
@@ -244,3 +256,46 @@ class WorkingCache(Cache):
         """The tokens this cache's forward passes added, as one KV of views into its buffers (no copy)."""
         pairs = [layer.new_keys_values() for layer in self.working_layers]
         return KV(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))
+
+
+class BatchLayer(CacheLayerMixin):
+    """One layer of a BatchCache: row b of each update is written into the b-th sequence's WorkingLayer."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, rows: list[WorkingLayer]) -> None:
+        super().__init__()
+        self.rows = rows
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise AssertionError("a BatchLayer is created initialized")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write each row's new tokens into its own sequence's layer. Returns the inputs: the rows' caches differ in
+        length, so kvmart's attention reads each one's segments from the cache itself, not from the return value."""
+        for b, layer in enumerate(self.rows):
+            layer.update(key_states[b:b + 1], value_states[b:b + 1])
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return max(layer.get_seq_length() for layer in self.rows)
+
+    def get_max_length(self) -> int:
+        return max(layer.get_max_length() for layer in self.rows)
+
+
+class BatchCache(Cache):
+    """Several sequences' WorkingCaches (segmented mode) behind one transformers Cache, for a forward pass that
+    feeds one row per sequence: row b belongs to `caches[b]`. Not thread-safe; the caches stay their owners'."""
+
+    def __init__(self, caches: list[WorkingCache]) -> None:
+        if not caches or not all(layer.segmented for c in caches for layer in c.working_layers):
+            raise AssertionError("a BatchCache needs at least one cache, all in segmented mode")
+        layers = [BatchLayer([c.working_layers[i] for c in caches]) for i in range(len(caches[0].working_layers))]
+        super().__init__(layers=layers)  # type: ignore[arg-type]  # BatchLayer is a CacheLayerMixin
+        self.caches = caches

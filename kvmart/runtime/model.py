@@ -18,10 +18,11 @@ import torch
 
 from kvmart.config import Settings
 from kvmart.errors import ContextOverflowError, InputError, ModelLoadError, ModelNotFoundError
-from kvmart.runtime import attention
+from kvmart.runtime import attention, rows
 from kvmart.runtime.builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins, gguf_folder
 from kvmart.runtime.fingerprint import ModelFingerprint, model_fingerprint
-from kvmart.runtime.kv import KV, Prefix, WorkingCache, as_prefix, prefix_tokens
+from kvmart.runtime.kv import KV, BatchCache, Prefix, WorkingCache, as_prefix, prefix_tokens
+from kvmart.runtime.workspace import Workspace
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -42,6 +43,34 @@ class Step:
     def new_kv(self) -> KV:
         """The KV of the tokens this step computed, without the prefix (views of the step's buffers, no copy)."""
         return self.cache.new_kv()
+
+
+class Decoder:
+    """One sequence being generated: the token chosen last (`token`), the logits that chose it, and the working
+    cache its decode steps write into. Made by `Model.begin`, advanced by `Model.step` (alone or with others: the
+    same bits either way). Not thread-safe."""
+
+    def __init__(self, cache: WorkingCache | None, logits: torch.Tensor, max_new_tokens: int, temperature: float,
+                 top_p: float, generator: torch.Generator | None, stop_ids: frozenset[int]) -> None:
+        self.cache, self.max_new_tokens, self.stop_ids = cache, max_new_tokens, stop_ids
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.token_ids: list[int] = []
+        self.advance(logits)
+
+    @property
+    def token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def done(self) -> bool:
+        """True once the last token ended the sequence (an end-of-sequence token when stopping there) or
+        `max_new_tokens` are generated: no decode step may follow."""
+        return self.token in self.stop_ids or len(self.token_ids) >= self.max_new_tokens
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Choose the next token from `logits` [vocab] (float32)."""
+        self.logits = logits
+        self.token_ids.append(choose_token(logits, self.temperature, self.top_p, self.generator))
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,10 @@ class Model:
         # the Rust tokenizer behind a fast tokenizer raises "Already borrowed" when two threads use it at once; the
         # server tokenizes prompts off the model thread, so every use goes through this lock
         self._text_lock = threading.Lock()
+        self._scratch = threading.local()  # each thread's attention Workspace (kvmart/runtime/workspace.py)
+        # decode steps tile the linear layers' rows, so a sequence decodes to the same bits alone or batched
+        self._tiling = rows.RowTiling()
+        rows.install(hf_model, self._tiling)
         self.forward_passes = 0  # every forward pass this model ran (the server exports it: kvmart_forward_passes_total)
 
     @classmethod
@@ -180,11 +213,23 @@ class Model:
                top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
                on_prompt: Callable[[KV], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (token, logits that chose it) one by one: greedy at temperature 0, else sampled with top-p.
-        Stops after `max_new_tokens`, or after an end-of-sequence token when `stop_at_eos`.
+        Stops after `max_new_tokens`, or after an end-of-sequence token when `stop_at_eos`. One sequence alone:
+        `begin`, then decode `step`s, exactly as a server decodes it among others."""
+        decoder = self.begin(kv, token_ids, max_new_tokens, temperature, top_p, seed, stop_at_eos, on_prompt)
+        while True:
+            yield decoder.token, decoder.logits
+            if decoder.done:
+                return
+            self.step([decoder])
+
+    def begin(self, kv: KV | Prefix | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+              on_prompt: Callable[[KV], None] | None = None) -> Decoder:
+        """Compute the prompt's last piece and choose the first token: a Decoder ready for decode `step`s.
 
         `token_ids` are computed by one `continue_from` after the prefix, exactly as a chunk is, so their KV (given
-        to `on_prompt` before the first token) is the same whether they end a prompt or are a chunk in the middle
-        of a later one; the generated tokens then go into a working cache of their own after them."""
+        to `on_prompt` before the first token is chosen) is the same whether they end a prompt or are a chunk in the
+        middle of a later one; the generated tokens then go into a working cache of their own after them."""
         if not token_ids:
             raise InputError("generation needs at least one prompt token after the cached prefix")
         if max_new_tokens < 1:
@@ -196,38 +241,73 @@ class Model:
         step = self.continue_from(prefix, token_ids)
         if on_prompt is not None:
             on_prompt(step.new_kv)
-        logits = step.logits[-1]
         cache = self._cache(prefix + (step.new_kv,), max_new_tokens - 1) if max_new_tokens > 1 else None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        for i in range(max_new_tokens):
-            token = choose_token(logits, temperature, top_p, generator)
-            yield token, logits
-            if (stop_at_eos and token in self.eos_ids) or cache is None or i == max_new_tokens - 1:
-                return
-            logits = self._forward(cache, [token], logits_to_keep=1)[-1]
+        return Decoder(cache, step.logits[-1], max_new_tokens, temperature, top_p, generator,
+                       self.eos_ids if stop_at_eos else frozenset())
+
+    def step(self, decoders: list[Decoder]) -> None:
+        """One decode step for every decoder not done: feed each its last token, choose its next. With kvmart's
+        attention all go through one forward pass (their rows batched through the linear layers, each attending
+        over its own cache, chunks they share read once); with the contiguous implementations (sdpa, eager) one
+        pass each. Either way each sequence gets the bits it gets alone (kvmart/runtime/rows.py and
+        decode_attention.py say why)."""
+        live = [d for d in decoders if not d.done]
+        groups = [live] if self.attention == attention.NAME else [[d] for d in live]
+        for group in groups:
+            if group:
+                for decoder, logits in zip(group, self._decode_forward(group), strict=True):
+                    decoder.advance(logits)
+
+    def _decode_forward(self, decoders: list[Decoder]) -> torch.Tensor:
+        """Logits [len(decoders), vocab] (float32) of one forward pass feeding each decoder's last token."""
+        caches = [d.cache for d in decoders if d.cache is not None]
+        if len(caches) != len(decoders):
+            raise AssertionError("a decoder with no room left was stepped")
+        ids = [[d.token] for d in decoders]
+        positions = torch.tensor([[c.num_tokens] for c in caches])
+        batch = BatchCache(caches) if self.attention == attention.NAME else caches[0]
+        with self._tiling.rows(rows.ROW_TILES[self.dtype]):
+            return self._run(batch, ids, positions, logits_to_keep=1)[:, -1]
 
     def _cache(self, prefix: Prefix, num_new_tokens: int) -> WorkingCache:
         self.check_fits("the prompt", prefix_tokens(prefix) + num_new_tokens)
         return WorkingCache.build(prefix, self.num_layers, self.kv_heads, self.head_dim, num_new_tokens, self.dtype,
                                   segmented=self.attention == attention.NAME)
 
-    @torch.inference_mode()
+    def workspace(self) -> Workspace:
+        """The calling thread's attention workspace, kept between forward passes (so the hot path allocates
+        nothing large) and never shared between threads."""
+        workspace = getattr(self._scratch, "workspace", None)
+        if workspace is None:
+            workspace = self._scratch.workspace = Workspace()
+        return workspace
+
     def _forward(self, cache: WorkingCache, token_ids: list[int], logits_to_keep: int,
                  progress: Callable[[float], None] | None = None) -> torch.Tensor:
-        self.forward_passes += 1
+        """Logits [positions kept, vocab] (float32) of one forward pass of `token_ids` after `cache`."""
         start = cache.num_tokens
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
+        return self._run(cache, [token_ids], positions, logits_to_keep, progress)[0]
+
+    @torch.inference_mode()
+    def _run(self, cache: WorkingCache | BatchCache, token_ids: list[list[int]], positions: torch.Tensor,
+             logits_to_keep: int, progress: Callable[[float], None] | None = None) -> torch.Tensor:
+        """One forward pass of a batch of rows (one per sequence): logits [rows, positions kept, vocab], float32."""
+        self.forward_passes += 1
         hooks = _layer_progress_hooks(self.hf_model, progress) if progress else []
-        extra = {"kvmart_cache": cache} if self.attention == attention.NAME else {}
+        workspace = self.workspace()
+        extra = {"kvmart_cache": cache, "kvmart_workspace": workspace} if self.attention == attention.NAME else {}
         try:
             out = self.hf_model(
-                input_ids=torch.tensor([token_ids]), position_ids=positions, use_cache=True,
+                input_ids=torch.tensor(token_ids), position_ids=positions, use_cache=True,
                 logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache}, **extra,
             )
         finally:
             for h in hooks:
                 h.remove()
-        return out.logits[0].float()
+            workspace.trim()
+        return out.logits.float()
 
 
 def _cache_kwarg(hf_model) -> str:
@@ -267,4 +347,4 @@ def _layer_progress_hooks(hf_model, progress: Callable[[float], None]) -> list:
             for i, layer in enumerate(layers)]
 
 
-__all__ = ["Model", "Step", "Generation", "resolve_model_folder", "BUILTIN_NAMES"]
+__all__ = ["Model", "Step", "Generation", "Decoder", "resolve_model_folder", "BUILTIN_NAMES"]

@@ -21,8 +21,12 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     ram_cache_bytes: int = 2 * 2**30  # the hot tier's budget for decoded KV caches in RAM
-    max_active: int = 4  # requests the model worker interleaves, one forward pass each in turn
+    max_active: int = 64  # requests the model worker keeps active at most (memory may allow fewer: batch_memory_bytes)
     max_queue: int = 64  # requests waiting beyond those; more get HTTP 429
+    # KV the active requests may hold in all (their computed prompt chunks and their answers' room); a request that
+    # would pass it waits for others to end (the first one always runs); 0: only max_active limits them
+    batch_memory_bytes: int = 2**30
+    batching: bool = True  # decode steps of all active requests in one forward pass (off: one pass each)
     max_body_bytes: int = 32 * 2**20  # larger request bodies get HTTP 413
     default_max_tokens: int = 256  # when a request names no max_tokens (never beyond the context)
     log_level: str = "info"
@@ -62,7 +66,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
-        for name in ("ram_cache_bytes", "max_queue", "max_body_bytes", "rate_limit_per_minute",
+        for name in ("ram_cache_bytes", "max_queue", "batch_memory_bytes", "max_body_bytes", "rate_limit_per_minute",
                      "rate_limit_burst", "max_concurrent_per_key", "max_document_tokens", "max_artifact_bytes",
                      "signin_attempts_per_minute"):
             if getattr(self, name) < 0:

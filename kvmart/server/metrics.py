@@ -74,7 +74,8 @@ class ServerMetrics:
 
     def __init__(self, read_active: Callable[[], float], read_waiting: Callable[[], float],
                  read_hot: Callable[[], dict[str, float]], read_documents: Callable[[bool], float],
-                 read_forward_passes: Callable[[], float] = lambda: 0.0) -> None:
+                 read_forward_passes: Callable[[], float] = lambda: 0.0,
+                 read_batches: Callable[[], dict[str, float]] = lambda: {"steps": 0.0, "rows": 0.0}) -> None:
         """`read_documents(full)`: how many documents there are, all of them if `full` (the admin's scrape), else
         the public ones only (/metrics needs no key: private documents are not counted for just anyone)."""
         r = self.registry = CollectorRegistry()
@@ -126,6 +127,11 @@ class ServerMetrics:
              "prefills of published documents).", "forward_passes", "counter"),
             ("kvmart_queue_active", "Requests the model worker is running.", "active", "gauge"),
             ("kvmart_queue_waiting", "Requests waiting for the model worker.", "waiting", "gauge"))))
+        r.register(ReadAtScrape(read_batches, (
+            ("kvmart_decode_batches_total", "Batched decode steps the model worker ran (one forward pass each).",
+             "steps", "counter"),
+            ("kvmart_decode_batch_rows_total", "Requests those steps advanced by a token, in all (divided by the "
+             "batches: the mean batch size).", "rows", "counter"))))
         r.register(ReadAtScrape(read_hot, (
             ("kvmart_hot_hits_total", "Hot tier (RAM) lookups that found the KV.", "hits", "counter"),
             ("kvmart_hot_misses_total", "Hot tier (RAM) lookups that had to load from the store.", "misses", "counter"),

@@ -1,5 +1,7 @@
 """The engine: what one planned request computes, as a stream of events. Runs only on the model worker's thread
-(forward passes are not thread-safe); the worker advances one generator per step, one forward pass each.
+(forward passes are not thread-safe); the worker advances one generator per step, one forward pass each, except
+decode steps: a request yields `Batched(decoder)` for each, and the worker runs those of every active request in
+one forward pass (`Engine.step`; continuous batching, docs/SERVER.md "The model worker").
 
 By the time a job reaches the engine its prompt is planned (plan.py: laid out, chunked, cached chunks found), its
 money held and its cached chunks loaded (plan.Loader). The engine computes the rest, chunk after chunk, each chunk
@@ -26,11 +28,12 @@ from kvmart.reuse.chunks import Chunk, ChunkStore
 from kvmart.reuse.upload import verify_upload
 from kvmart.runtime.chat import Layout, layout_for, question_ids
 from kvmart.runtime.kv import KV
-from kvmart.runtime.model import Model
+from kvmart.runtime.model import Decoder, Model
 from kvmart.server.config import ServerSettings
 from kvmart.server.pipeline.hot import HotTier
 from kvmart.server.pipeline.plan import Loaded, Plan, Sampling
 from kvmart.server.pipeline.text import Detokenizer, StopMatcher
+from kvmart.server.pipeline.worker import Batched
 
 log = logging.getLogger("kvmart.server")
 
@@ -86,6 +89,19 @@ class Published:
     computed_tokens: int
 
 
+def decoded(decoder: Decoder, model: Model | None) -> Iterator[tuple[int, torch.Tensor] | Batched]:
+    """The decoder's tokens with the logits that chose each (the model's own `stream`). Between them, each decode
+    step is run by `model`, or, with no model, asked for by a Batched(decoder) and left to the consumer."""
+    while True:
+        yield decoder.token, decoder.logits
+        if decoder.done:
+            return
+        if model is None:
+            yield Batched(decoder)
+        else:
+            model.step([decoder])
+
+
 class Engine:
     """Not thread-safe: `execute` and `publish` run on the model worker's thread. Chunks are written to the store by
     a writer thread of its own, so the model never waits on the disk or the network."""
@@ -101,8 +117,11 @@ class Engine:
         self._writer.shutdown(wait=True)
 
     # -- answering -----------------------------------------------------------------------------------------------
-    def execute(self, plan: Plan, loaded: Loaded) -> Iterator[Computed | Delta | Finished]:
-        """Compute the chunks not loaded, then generate: Computed per chunk, Deltas, then Finished."""
+    def execute(self, plan: Plan, loaded: Loaded, batched: bool = False
+                ) -> Iterator[Computed | Delta | Finished | Batched]:
+        """Compute the chunks not loaded, then generate: Computed per chunk, Deltas, then Finished. `batched`: yield
+        a Batched(decoder) before each decode step and leave the step to whoever iterates (the worker, which runs
+        every active request's in one forward pass); else run each step here."""
         prefix = loaded.kvs
         todo = plan.chunks[len(prefix):]
         keep = self._keeper(plan)
@@ -112,9 +131,19 @@ class Engine:
             prefix += (kv,)
             yield Computed(chunk.num_tokens)
         last, s = todo[-1], plan.request.sampling
-        steps = self.model.stream(prefix, list(last.token_ids), plan.max_new_tokens, s.temperature, s.top_p, s.seed,
-                                  on_prompt=lambda kv: keep(last, kv))
-        yield from self.emit(steps, s)
+        decoder = self.model.begin(prefix, list(last.token_ids), plan.max_new_tokens, s.temperature, s.top_p,
+                                   s.seed, on_prompt=lambda kv: keep(last, kv))
+        yield from self.emit(decoded(decoder, None if batched else self.model), s)
+
+    def memory_bytes(self, plan: Plan, loaded: Loaded) -> int:
+        """The KV a request holds while it runs (what the worker admits it by): the prompt tokens it computes and
+        room for its answer. Its loaded chunks are left out: the hot tier holds them already."""
+        tokens = plan.prompt_tokens - loaded.num_tokens + plan.max_new_tokens
+        return tokens * self.model.kv_bytes_per_token
+
+    def step(self, decoders: list[object]) -> None:
+        """One decode step of the parked requests' decoders, in one forward pass (the worker's batch_step)."""
+        self.model.step([d for d in decoders if isinstance(d, Decoder)])
 
     def _keeper(self, plan: Plan) -> Callable[[Chunk, KV], None]:
         """Where a computed chunk goes: the hot tier (the prefix cache), and the store too if it is one of the
@@ -136,12 +165,18 @@ class Engine:
         except Exception:  # noqa: BLE001  (the answer does not depend on it: the chunk stays in RAM, and is recomputed if lost)
             log.exception("could not store chunk %s", chunk.key[:16])
 
-    def emit(self, steps: Iterator[tuple[int, torch.Tensor | None]], sampling: Sampling) -> Iterator[Delta | Finished]:
+    def emit(self, steps: Iterator[tuple[int, torch.Tensor | None] | Batched], sampling: Sampling
+             ) -> Iterator[Delta | Finished | Batched]:
         """Generated (token, logits) pairs as text deltas and a Finished; stops at an end-of-turn token or a stop
-        sequence. Logits may be None (an engine that reports none; then no logprobs)."""
+        sequence. Logits may be None (an engine that reports none; then no logprobs). A Batched from `steps` is
+        passed on as it is (the worker runs the decode step it asks for before `steps` goes on)."""
         detokenizer, stops, count, reason = Detokenizer(self.model.decode), StopMatcher(sampling.stop), 0, "length"
         with closing(steps):  # type: ignore[type-var]  # a generator has close(); the Iterator type does not say so
-            for token, logits in steps:
+            for item in steps:
+                if isinstance(item, Batched):
+                    yield item
+                    continue
+                token, logits = item
                 count += 1
                 if token in self.model.eos_ids:
                     reason = "stop"

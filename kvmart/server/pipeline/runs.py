@@ -21,10 +21,11 @@ from kvmart.server.pipeline.usage import Usage, usage_of
 from kvmart.server.pipeline.worker import Ticket
 
 
-def submit(services: Services, events: Iterator[object]) -> Ticket:
-    """Queue a job on the model worker (QueueFullError counted as a rejection)."""
+def submit(services: Services, events: Iterator[object], memory_bytes: int = 0) -> Ticket:
+    """Queue a job that will hold about `memory_bytes` of KV on the model worker (QueueFullError counted as a
+    rejection)."""
     try:
-        return services.worker.submit(events, asyncio.get_running_loop())
+        return services.worker.submit(events, asyncio.get_running_loop(), memory_bytes)
     except QueueFullError:
         services.metrics.rejected.inc()
         raise
@@ -140,7 +141,8 @@ async def start_generation(services: Services, request: GenerationRequest, endpo
     bill = await open_bill(services, payer, plan)
     try:
         loaded = await run_in_threadpool(services.loader.load, plan)
-        ticket = submit(services, services.engine.execute(plan, loaded))
+        ticket = submit(services, services.engine.execute(plan, loaded, batched=True),
+                        services.engine.memory_bytes(plan, loaded))
     except BaseException:
         release(services, bill)
         raise

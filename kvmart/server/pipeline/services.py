@@ -79,7 +79,8 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
              hot: HotTier, chunks: ChunkStore, planner: Planner, loader: Loader, engine: Engine, ledger: Ledger
              ) -> Services:
     """The services around an engine: its worker and the metrics that read them."""
-    worker = Worker(server.max_active, server.max_queue)
+    worker = Worker(server.max_active, server.max_queue, batch_step=engine.step, memory_bytes=server.batch_memory_bytes,
+                    batching=server.batching)
 
     def hot_values() -> dict[str, float]:
         return vars(hot.stats())
@@ -87,6 +88,7 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
     metrics = ServerMetrics(read_active=lambda: worker.depth()[0], read_waiting=lambda: worker.depth()[1],
                             read_hot=hot_values,
                             read_documents=lambda full: len(catalog.documents(None if full else frozenset())),
-                            read_forward_passes=lambda: getattr(model, "forward_passes", 0))
+                            read_forward_passes=lambda: getattr(model, "forward_passes", 0),
+                            read_batches=lambda: {"steps": worker.batch_steps, "rows": worker.batched_payloads})
     return Services(settings, server, model, store, catalog, hot, chunks, planner, loader, engine, worker, metrics,
                     ledger, node_name(server, settings.data_dir))

@@ -27,6 +27,7 @@ from kvmart.server.pipeline.engine import Computed, Delta, Engine, Finished, Pub
 from kvmart.server.pipeline.hot import HotTier
 from kvmart.server.pipeline.plan import Caller, GenerationRequest, Loaded, Loader, Plan, Planner, Source
 from kvmart.server.pipeline.services import Services, assemble
+from kvmart.server.pipeline.worker import Batched
 from kvmart.store import Store
 
 
@@ -72,7 +73,11 @@ class VllmServerEngine(Engine):
         super().__init__(engine, *args, **kwargs)  # type: ignore[arg-type]  # VllmEngine has a Model's text side
         self.vllm = engine
 
-    def execute(self, plan: Plan, loaded: Loaded) -> Iterator[Computed | Delta | Finished]:
+    def memory_bytes(self, plan: Plan, loaded: Loaded) -> int:  # noqa: ARG002
+        return 0  # vLLM manages its own KV memory
+
+    def execute(self, plan: Plan, loaded: Loaded, batched: bool = False  # noqa: ARG002  (vLLM batches itself)
+                ) -> Iterator[Computed | Delta | Finished | Batched]:
         s = plan.request.sampling
         done = self.vllm.complete(plan.laid.token_ids, plan.max_new_tokens, s.temperature, s.seed,
                                   plan.request.bypass, top_p=s.top_p)

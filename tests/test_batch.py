@@ -1,0 +1,276 @@
+"""Continuous batching is exact: a sequence decoded in a batch with others gets the very bits it gets alone.
+
+How (kvmart/runtime/rows.py): in a decode step each sequence's row goes through the linear layers in fixed tiles of
+ROW_TILES rows, one BLAS call per tile, so its row is computed by a call of the same shape whatever the batch; its
+attention runs over its own cache only, with the kernel it uses alone; every other operation works row by row. The
+tests check the one thing BLAS does not promise (a row's result in a call of fixed shape depends neither on the other
+rows nor on its place among them), then the whole: batched decoding equals decoding alone, logits and tokens, in
+both dtypes, and through the server's worker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvmart.errors import InputError
+from kvmart.runtime.model import Model
+from kvmart.runtime.rows import ROW_TILES, tiled_linear
+from kvmart.server.pipeline.worker import Batched, Worker
+
+DTYPES = ("float32", "bfloat16")
+# (out, in) of every linear layer of the built-in shapes: tiny, SmolLM2-135M, Qwen3-0.6B (their vocabularies left out:
+# the tiny model's own lm_head stands for them, and the model-level tests below run it)
+LINEAR_SHAPES = sorted({(64, 64), (32, 64), (128, 64), (64, 128), (2048, 64),
+                        (576, 576), (192, 576), (1536, 576), (576, 1536),
+                        (2048, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (1024, 3072)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPES)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=[f"{o}x{i}" for o, i in LINEAR_SHAPES])
+def test_a_rows_product_in_a_tile_depends_on_nothing_else(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    weight = torch.randn(shape, generator=g).to(dtype)
+    tile = ROW_TILES[dtype]
+    row = torch.randn(1, shape[1], generator=g).to(dtype)
+    results = []
+    for place in (0, 1, tile // 2, tile - 1):
+        rows = torch.randn(tile, shape[1], generator=g).to(dtype)
+        rows[place] = row[0]
+        results.append(F.linear(rows, weight)[place])
+    results.append(tiled_linear(row, weight, None, tile)[0])  # alone: padded with zeros
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_without_tiles_float32_rows_round_by_the_batch(dtype="float32"):
+    """The control: multiplied untiled, a row alone and the same row among 16 differ (so the test above can fail,
+    and the tiles are needed)."""
+    g = torch.Generator().manual_seed(0)
+    weight, rows = torch.randn(1536, 576, generator=g), torch.randn(16, 576, generator=g)
+    assert not torch.equal(F.linear(rows[:1], weight)[0], F.linear(rows, weight)[0])
+    assert torch.equal(tiled_linear(rows[:1], weight, None, 16)[0], tiled_linear(rows, weight, None, 16)[0])
+
+
+def prompts(model: Model) -> list[tuple[tuple, list[int]]]:
+    """(prefix, question ids) of sequences unlike each other: prefixes of 0-3 chunks, questions of 1-40 tokens."""
+    ids = model.tokenize(" ".join(f"line {i}: the licence grants and limits rights in turn." for i in range(120)))
+    docs = [ids[:300], ids[40:90], ids[:256], ids[5:700], []]
+    questions = [ids[300:320], ids[400:405], ids[600:601], ids[700:740], ids[10:30]]
+    return [(model.prefill_pieces([d[i:i + 256] for i in range(0, len(d), 256)]) if d else (), q)
+            for d, q in zip(docs, questions, strict=True)]
+
+
+SAMPLING = [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=5), dict(temperature=0.0),
+            dict(temperature=1.0, seed=11), dict(temperature=0.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoding_in_a_batch_gives_each_sequence_the_bits_it_gets_alone(load_tiny, dtype):
+    model = load_tiny(dtype)
+    steps = 8
+    alone = [model.generate(prefix, q, steps, stop_at_eos=False, **s)
+             for (prefix, q), s in zip(prompts(model), SAMPLING, strict=True)]
+    decoders = [model.begin(prefix, q, steps, stop_at_eos=False, **s)
+                for (prefix, q), s in zip(prompts(model), SAMPLING, strict=True)]
+    logits = [[d.logits] for d in decoders]
+    passes = model.forward_passes
+    for _ in range(steps - 1):
+        model.step(decoders)
+        for d, seen in zip(decoders, logits, strict=True):
+            seen.append(d.logits)
+    assert model.forward_passes - passes == steps - 1  # one forward pass per step for all five
+    for d, seen, a in zip(decoders, logits, alone, strict=True):
+        assert d.token_ids == a.token_ids
+        assert all(torch.equal(x, y) for x, y in zip(seen, a.logits, strict=True))
+
+
+def test_sequences_join_and_leave_a_batch_without_changing_a_bit(model_f32):
+    """Continuous batching: a sequence that ends leaves the batch, one that starts joins it mid-way."""
+    (p0, q0), (p1, q1), (p2, q2) = prompts(model_f32)[:3]
+    alone = [model_f32.generate(p, q, n, stop_at_eos=False).token_ids for p, q, n in ((p0, q0, 9), (p1, q1, 3),
+                                                                                      (p2, q2, 6))]
+    first, short = model_f32.begin(p0, q0, 9, stop_at_eos=False), model_f32.begin(p1, q1, 3, stop_at_eos=False)
+    model_f32.step([first, short])
+    model_f32.step([first, short])
+    assert short.done
+    late = model_f32.begin(p2, q2, 6, stop_at_eos=False)
+    for _ in range(6):
+        model_f32.step([first, short, late])  # the finished one is skipped
+    assert [first.token_ids, short.token_ids, late.token_ids] == alone
+
+
+@pytest.fixture(params=["1-thread", "default-threads"])
+def threads(request, default_threads):
+    """BLAS may split a product between threads differently by its shape: check under both."""
+    torch.set_num_threads(1 if request.param == "1-thread" else default_threads)
+    yield
+    torch.set_num_threads(1)  # what conftest sets for the fast tests
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtype, threads):
+    """Requests about one hot document share its chunks (the same tensors): their rows are multiplied by each chunk
+    together, in tiles (kvmart/runtime/decode_attention.py). Eleven sequences: nine on one document (more than a
+    tile holds), two on another; each must decode as it does alone."""
+    model = load_tiny(dtype)
+    ids = model.tokenize(" ".join(f"clause {i}: the holder may copy, change and share the work." for i in range(90)))
+    shared = model.prefill_pieces([ids[:256], ids[256:512], ids[512:600]])
+    other = model.prefill_pieces([ids[600:856]])
+    cases = [(shared, ids[700 + 7 * i:705 + 9 * i]) for i in range(9)] + [(other, ids[20:41]), (other, ids[50:53])]
+    steps = 6
+    alone = [model.generate(p, q, steps, stop_at_eos=False) for p, q in cases]
+    decoders = [model.begin(p, q, steps, stop_at_eos=False) for p, q in cases]
+    logits = [[d.logits] for d in decoders]
+    for _ in range(steps - 1):
+        model.step(decoders)
+        for d, seen in zip(decoders, logits, strict=True):
+            seen.append(d.logits)
+    for d, seen, a in zip(decoders, logits, alone, strict=True):
+        assert d.token_ids == a.token_ids
+        assert all(torch.equal(x, y) for x, y in zip(seen, a.logits, strict=True))
+
+
+def test_a_finished_or_empty_decoder_cannot_be_misused(model_f32):
+    prefix, q = prompts(model_f32)[1]
+    one = model_f32.begin(prefix, q, 1)
+    assert one.done and one.cache is None
+    model_f32.step([one])  # nothing to do: it is done
+    assert len(one.token_ids) == 1
+    with pytest.raises(InputError):
+        model_f32.begin(prefix, q, 0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa"])
+def test_contiguous_attention_decodes_one_sequence_per_pass_with_the_same_bits(load_tiny, attention):
+    model = load_tiny("float32", attention)
+    cases = prompts(model)[:3]
+    alone = [model.generate(p, q, 5, stop_at_eos=False).token_ids for p, q in cases]
+    decoders = [model.begin(p, q, 5, stop_at_eos=False) for p, q in cases]
+    passes = model.forward_passes
+    for _ in range(4):
+        model.step(decoders)
+    assert model.forward_passes - passes == 4 * 3
+    assert [d.token_ids for d in decoders] == alone
+
+
+# -- the worker: parked jobs share one batch step ------------------------------------------------------------------
+
+
+def decoding_job(name: str, tokens: int, log: list[str]):
+    for i in range(tokens):
+        yield f"{name}{i}"
+        if i < tokens - 1:
+            yield Batched(name)
+
+
+async def drain(ticket) -> list:
+    return [event async for event in ticket]
+
+
+def run_jobs(worker: Worker, jobs: dict[str, tuple[int, int]]) -> dict[str, list]:
+    """Submit name -> (tokens, memory bytes) jobs while the worker is held (so they start together), drain them."""
+    async def scenario():
+        loop, log = asyncio.get_running_loop(), []
+        with worker.hold():
+            tickets = {n: worker.submit(decoding_job(n, t, log), loop, m) for n, (t, m) in jobs.items()}
+        return {n: await drain(t) for n, t in tickets.items()}
+
+    worker.start()
+    try:
+        return asyncio.run(scenario())
+    finally:
+        worker.stop(timeout_seconds=10)
+
+
+def test_the_worker_runs_the_parked_jobs_decode_steps_together():
+    batches: list[list[object]] = []
+    worker = Worker(max_active=8, max_queue=8, batch_step=batches.append)
+    events = run_jobs(worker, {"a": (4, 0), "b": (2, 0), "c": (3, 0)})
+    assert events == {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1"], "c": ["c0", "c1", "c2"]}
+    assert batches == [["a", "b", "c"], ["a", "c"], ["a"]]  # b and then c leave the batch as they end
+    assert (worker.batch_steps, worker.batched_payloads) == (3, 6)
+
+
+def test_with_batching_off_each_parked_job_steps_alone():
+    batches: list[list[object]] = []
+    worker = Worker(max_active=8, max_queue=8, batch_step=batches.append, batching=False)
+    run_jobs(worker, {"a": (3, 0), "b": (3, 0)})
+    assert batches == [["a"], ["b"], ["a"], ["b"]]
+
+
+def test_memory_admits_jobs_in_order_and_the_first_always():
+    batches: list[list[object]] = []
+    worker = Worker(max_active=8, max_queue=8, batch_step=batches.append, memory_bytes=100)
+    # a (60) and b (60) do not fit together: b waits for a; c (30) fits beside b; d (500) is too big for anything but
+    # running alone, so it waits until the others end
+    run_jobs(worker, {"a": (3, 60), "b": (3, 60), "c": (3, 30), "d": (2, 500)})
+    assert batches == [["a"], ["a"], ["b", "c"], ["b", "c"], ["d"]]
+
+
+def test_a_failed_batch_step_fails_every_job_in_it_and_the_worker_goes_on():
+    def failing_step(payloads: list[object]) -> None:
+        if "bad" in payloads:
+            raise ZeroDivisionError("in the batch")
+
+    worker = Worker(max_active=2, max_queue=8, batch_step=failing_step)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        with worker.hold():
+            tickets = [worker.submit(decoding_job(n, 3, []), loop) for n in ("bad", "fine", "later")]
+        outcomes = []
+        for ticket in tickets:
+            try:
+                outcomes.append(await drain(ticket))
+            except Exception as e:  # noqa: BLE001
+                outcomes.append(type(e).__name__)
+        return outcomes
+
+    worker.start()
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        worker.stop(timeout_seconds=10)
+    assert outcomes == ["InternalError", "InternalError", ["later0", "later1", "later2"]]
+    assert worker.failed_jobs == 2
+
+
+# -- through the server: concurrent requests are batched, and answered as they are alone ---------------------------
+
+
+def test_concurrent_requests_are_batched_and_answered_exactly_as_alone(model_f32, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server_support import LiveServer, wait_until
+
+    from kvmart.reuse.samples import sample_text
+
+    with LiveServer(model_f32, tmp_path / "data") as live:
+        doc = live.publish(sample_text("bsd-3-clause"), title="bsd").json()
+        questions = ["Who holds the copyright?", "May I redistribute it?", "What is disclaimed?", "Name a condition."]
+        bodies = [{"model": live.services.model_id, "documents": [doc["id"]], "max_tokens": 8 + 3 * i,
+                   "messages": [{"role": "user", "content": q}], "logprobs": True, "top_logprobs": 3,
+                   **({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})}
+                  for i, q in enumerate(questions)]
+
+        def answer(body: dict) -> tuple:
+            response = live.http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            return choice["message"]["content"], choice["logprobs"], choice["finish_reason"]
+
+        alone = [answer(body) for body in bodies]  # one at a time: every decode step is a batch of one
+        worker = live.services.worker
+        steps, payloads = worker.batch_steps, worker.batched_payloads
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            with worker.hold():  # all four queue up, then start together
+                futures = [pool.submit(answer, body) for body in bodies]
+                wait_until(lambda: sum(worker.depth()) == len(bodies), "the requests to queue")
+            together = [f.result() for f in futures]
+        assert together == alone  # texts, and every logprob (floats, exactly)
+        assert worker.batched_payloads - payloads > worker.batch_steps - steps  # some steps carried several
+        metrics = live.metrics()
+        assert metrics["kvmart_decode_batch_rows_total"] == worker.batched_payloads > metrics[
+            "kvmart_decode_batches_total"] == worker.batch_steps
