@@ -87,6 +87,14 @@ def proof_ok(proof: dict) -> bool:
     return sn == 0 and r.hex() == proof["root"]
 
 
+def share(receipt: dict, mine: set[str]) -> int:
+    """The royalty of `receipt` on the documents in `mine`, as its `documents` list splits it (a receipt without
+    that list read one document: all of it)."""
+    if not receipt.get("documents"):
+        return receipt["nanousd"]["royalty"] if receipt["document_cache_id"] in mine else 0
+    return sum(d["royalty_nanousd"] for d in receipt["documents"] if d["cache_id"] in mine)
+
+
 def audit(statement: dict, well_known: dict, shown: list[dict], documents: set[str]) -> list[str]:
     """Every problem found: a bad signature, receipts that do not make the root or the totals, a receipt an agent
     showed for one of the publisher's `documents` (cache ids), dated in the period, left out."""
@@ -101,13 +109,14 @@ def audit(statement: dict, well_known: dict, shown: list[dict], documents: set[s
         problems.append("the receipts do not make the statement's Merkle root")
     if any(not receipt_ok(r, keys) for r in receipts):
         problems.append("a receipt in the statement is not signed by the provider")
-    royalty = sum(r["nanousd"]["royalty"] for r in receipts)
+    listed = {d["cache_id"] for d in statement["documents"]}  # the publisher's documents: its shares of a receipt
+    royalty = sum(share(r, listed) for r in receipts)
     if royalty != statement["totals"]["nanousd"]["royalty"] or len(receipts) != statement["totals"]["reads"]:
         problems.append("the totals are not the sum of the receipts")
-    mine = documents
     for receipt in shown:
         in_period = statement["from"] <= receipt["created_at"] < statement["to"]
-        if receipt_ok(receipt, keys) and in_period and receipt["document_cache_id"] in mine \
-                and leaf(receipt) not in leaves:
-            problems.append(f"{receipt['receipt']} (a read of {receipt['document_cache_id'][:12]}) is missing")
+        read = [d["cache_id"] for d in receipt.get("documents") or []] or [receipt["document_cache_id"]]
+        mine = [c for c in read if c in documents]
+        if receipt_ok(receipt, keys) and in_period and mine and leaf(receipt) not in leaves:
+            problems.append(f"{receipt['receipt']} (a read of {mine[0][:12]}) is missing")
     return problems

@@ -8,6 +8,7 @@ import json
 import socket
 from decimal import Decimal
 
+import publisher_audit
 import pytest
 from cli_support import EntryPoint
 from click.testing import CliRunner
@@ -170,6 +171,39 @@ def test_a_statement_covers_the_publishers_reads_and_verifies_offline(ledger):
     assert "Merkle root" in statements.why_invalid({**body, "receipts": mine[:2]}, keys)
     with pytest.raises(RequestError, match="closed period"):
         ledger.statement(owner, 0, body["issued_at"] + 3600)
+    assert ledger.health().is_sound
+
+
+def test_a_read_of_two_publishers_documents_is_in_both_statements_each_with_its_own_share(ledger):
+    """One request read a document of each of two publishers (and some of the agent's own prefix): the receipt is a
+    leaf of both publishers' statements, and each statement sums only its publisher's share of the tokens and
+    royalties, as the receipt's `documents` list splits them."""
+    first, second = funded(ledger, "first", "publisher"), funded(ledger, "second", "publisher")
+    agent = funded(ledger, "agent", "agent")
+    ledger.mark_claim_verified(ledger.new_claim(first, "https://first.example/"))
+    ledger.mark_claim_verified(ledger.new_claim(second, "https://second.example/"))
+    ledger.publish(DOC, first, Terms(), "", 1000, source="https://first.example/a.txt")
+    ledger.publish(OTHER, second, Terms(), "", 1000, source="https://second.example/b.txt")
+    used, parts = ledger.quote_reads([(DOC, ledger.licence(DOC), 300), (OTHER, ledger.licence(OTHER), 700),
+                                      (None, None, 50)], 10, 5)
+    both = ledger.settle_reads(ledger.open_hold(agent, used.total_nanousd, None, "h"), used, parts).receipt
+    alone = read(ledger, agent, OTHER, cached=200).receipt
+    next_second()
+    keys = published_keys(ledger)
+    shares = {d["cache_id"]: d for d in both["documents"]}
+    assert shares[DOC]["royalty_nanousd"] > 0 and shares[OTHER]["royalty_nanousd"] > 0
+    for publisher, doc, receipts_in in ((first, DOC, [both]), (second, OTHER, [both, alone])):
+        body = ledger.statement(publisher, 0, None)
+        assert statements.why_invalid(body, keys) is None
+        assert body["receipts"] == receipts_in and statements.proof(body, both) is not None
+        assert [d["cache_id"] for d in body["documents"]] == [doc]
+        royalty = sum({d["cache_id"]: d for d in r["documents"]}[doc]["royalty_nanousd"] for r in receipts_in)
+        cached = sum({d["cache_id"]: d for d in r["documents"]}[doc]["cached_tokens"] for r in receipts_in)
+        for block in (body["totals"], body["documents"][0]):
+            assert block["reads"] == len(receipts_in)
+            assert block["nanousd"]["royalty"] == block["nanousd"]["royalty_paid"] == royalty
+            assert block["tokens"]["cached"] == cached
+        assert publisher_audit.audit(body, json.loads(json.dumps(ledger.well_known())), [both, alone], {doc}) == []
     assert ledger.health().is_sound
 
 

@@ -2,9 +2,10 @@
 documents, with tokens, prices and what became of each royalty, signed with the provider's key, and a Merkle root
 (kvmart/ledger/merkle.py) over the receipts of those reads.
 
-A receipt belongs to publisher P's statement when P published the document it read at the time of the read, or when
-escrow later paid its royalty to P (P proved it owns the text). Leaves are the receipts exactly as issued, in
-receipt order; a leaf's bytes are the receipt's canonical JSON. So an agent's receipt for a read of P's document in
+A receipt belongs to publisher P's statement when P published a document it read at the time of the read, or when
+escrow later paid a document's royalty to P (P proved it owns the text); of a request that read documents of several
+publishers, P's statement counts P's share (its documents' cached tokens and royalties). Leaves are the receipts
+exactly as issued, in receipt order; a leaf's bytes are the receipt's canonical JSON. So an agent's receipt for a read of P's document in
 the period is either a leaf of the tree (an inclusion proof shows it), or the statement left it out, and the two
 signed documents together prove it.
 
@@ -18,7 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select
+from sqlalchemy import select, union
 from sqlalchemy.engine import Connection
 
 from kvmart.canonical import canonical
@@ -28,7 +29,7 @@ from kvmart.ledger.accounts import Account, account_by_id
 from kvmart.ledger.charges import charge_of
 from kvmart.ledger.keys import Keyring, PublicKey
 from kvmart.ledger.licences import find_licence
-from kvmart.ledger.schema import charges, escrow, signing_keys
+from kvmart.ledger.schema import charge_reads, charges, escrow, signing_keys
 
 VERSION = 1
 DOMAIN = b"kvmart-statement-v1\x00"  # never verifies as a receipt, nor a receipt as a statement
@@ -38,11 +39,22 @@ ROYALTY_STATES = ("paid", "escrow_open", "escrow_paid", "escrow_refunded", "escr
 
 
 @dataclass(frozen=True)
+class Share:
+    """The publisher's part of one receipt: one of its documents the request read, and what became of its royalty."""
+
+    cache_id: str
+    cached_tokens: int
+    royalty_nanousd: int
+    royalty_state: str  # one of ROYALTY_STATES
+
+
+@dataclass(frozen=True)
 class Read:
-    """One receipt of the statement and what became of its royalty, for this publisher."""
+    """One receipt of the statement and the publisher's shares of it (a request may have read documents of several
+    publishers: each is in every such publisher's statement, with that publisher's shares only)."""
 
     receipt: dict
-    royalty_state: str  # one of ROYALTY_STATES
+    shares: tuple[Share, ...]
 
 
 def check_period(start: int, end: int, now: int) -> None:
@@ -63,21 +75,30 @@ def royalty_state(publisher_id: int, royalty_to_id: int | None, held) -> str:
 
 
 def reads(conn: Connection, publisher: Account, start: int, end: int, secret: bytes) -> list[Read]:
-    """The publisher's reads of [start, end), in receipt order."""
-    query = (select(charges, escrow.c.outcome, escrow.c.paid_to, escrow.c.transaction_id.label("held"))
-             .outerjoin(escrow, (escrow.c.transaction_id == charges.c.transaction_id)
-                        & (escrow.c.cache_id == charges.c.cache_id))  # the charge's first document's row
-             .where(charges.c.created_at >= start, charges.c.created_at < end,
-                    or_(charges.c.licensee_id == publisher.id, escrow.c.paid_to == publisher.id))
+    """The publisher's reads of [start, end), in receipt order: every charge that read a document the publisher
+    published then, or whose royalty escrow paid to the publisher, with the publisher's shares of it."""
+    theirs = union(select(charge_reads.c.transaction_id).where(charge_reads.c.licensee_id == publisher.id),
+                   select(escrow.c.transaction_id).where(escrow.c.paid_to == publisher.id),
+                   select(charges.c.transaction_id).where(charges.c.licensee_id == publisher.id))
+    query = (select(charges).where(charges.c.created_at >= start, charges.c.created_at < end,
+                                   charges.c.transaction_id.in_(select(theirs.subquery())))
              .order_by(charges.c.transaction_id))
     names: dict[int, str] = {}
     found = []
     for row in conn.execute(query).all():
         if row.account_id not in names:
             names[row.account_id] = account_by_id(conn, row.account_id).name
-        receipt = charge_of(conn, row, names[row.account_id], secret, replayed=False).receipt
-        held = row if row.held is not None else None
-        found.append(Read(receipt, royalty_state(publisher.id, row.publisher_id, held)))
+        charge = charge_of(conn, row, names[row.account_id], secret, replayed=False)
+        held = {e.cache_id: e for e in conn.execute(select(escrow).where(
+            escrow.c.transaction_id == row.transaction_id)).all()}
+        # a charge from before 0006 has no per-document rows: it read one document, its licensee on the charge
+        documents = [(d.cache_id, d.publisher_id, d.cached_tokens, d.royalty_nanousd, d.paid_to)
+                     for d in charge.reads] or [(row.cache_id, row.licensee_id, row.cached_tokens,
+                                                 row.royalty_nanousd, row.publisher_id)]
+        shares = tuple(Share(cache_id, tokens, royalty, royalty_state(publisher.id, paid_to, held.get(cache_id)))
+                       for cache_id, licensee, tokens, royalty, paid_to in documents
+                       if licensee == publisher.id or getattr(held.get(cache_id), "paid_to", None) == publisher.id)
+        found.append(Read(charge.receipt, shares))
     return found
 
 
@@ -86,14 +107,19 @@ def _sums() -> dict:
             "nanousd": {"total": 0, "cache_read": 0, "royalty": 0, **{f"royalty_{s}": 0 for s in ROYALTY_STATES}}}
 
 
-def _add(into: dict, read: Read) -> None:
+def _add(into: dict, read: Read, shares: tuple[Share, ...]) -> None:
+    """Add one receipt: its request's computed and output tokens, total and cache-read price as a whole; of the
+    cached tokens and royalties, only `shares` (the publisher's documents)."""
     r = read.receipt
     into["reads"] += 1
-    for kind in ("cached", "computed", "output"):
+    for kind in ("computed", "output"):
         into["tokens"][kind] += r["tokens"][kind]
-    for kind in ("total", "cache_read", "royalty"):
+    for kind in ("total", "cache_read"):
         into["nanousd"][kind] += r["nanousd"][kind]
-    into["nanousd"][f"royalty_{read.royalty_state}"] += r["nanousd"]["royalty"]
+    for share in shares:
+        into["tokens"]["cached"] += share.cached_tokens
+        into["nanousd"]["royalty"] += share.royalty_nanousd
+        into["nanousd"][f"royalty_{share.royalty_state}"] += share.royalty_nanousd
 
 
 def body(conn: Connection, publisher: Account, start: int, end: int, found: list[Read], now: int) -> dict:
@@ -101,8 +127,9 @@ def body(conn: Connection, publisher: Account, start: int, end: int, found: list
     per_doc: dict[str, dict] = defaultdict(_sums)
     totals = _sums()
     for read in found:
-        _add(per_doc[read.receipt["document_cache_id"]], read)
-        _add(totals, read)
+        for cache_id in dict.fromkeys(share.cache_id for share in read.shares):
+            _add(per_doc[cache_id], read, tuple(share for share in read.shares if share.cache_id == cache_id))
+        _add(totals, read, read.shares)
     documents = []
     for cache_id in sorted(per_doc):
         licence = find_licence(conn, cache_id)
