@@ -5,9 +5,9 @@ documents, with tokens, prices and what became of each royalty, signed with the 
 A receipt belongs to publisher P's statement when P published a document it read at the time of the read, or when
 escrow later paid a document's royalty to P (P proved it owns the text); of a request that read documents of several
 publishers, P's statement counts P's share (its documents' cached tokens and royalties). Leaves are the receipts
-exactly as issued, in receipt order; a leaf's bytes are the receipt's canonical JSON. So an agent's receipt for a read of P's document in
-the period is either a leaf of the tree (an inclusion proof shows it), or the statement left it out, and the two
-signed documents together prove it.
+exactly as issued, in receipt order; a leaf's bytes are the receipt's canonical JSON. So an agent's receipt for a
+read of P's document in the period is either a leaf of the tree (an inclusion proof shows it), or the statement left
+it out, and the two signed documents together prove it.
 
 A statement covers only the past: `to` may not be later than the moment it is made. It is made in a transaction that
 first locks the current signing key's row, which every charge also locks (shared) before it takes its date, so no
