@@ -212,6 +212,26 @@ def test_a_tiered_read_from_redis_reads_the_index_once(redis_server, tmp_path: P
     assert tier == "disk" and tiered.tier_names() == ("disk", "redis")
 
 
+def test_a_document_deleted_on_one_node_leaves_every_nodes_local_tiers_when_the_change_log_names_it(
+        redis_server, tmp_path: Path):
+    """Node B holds a copy of A's document on its RAM and disk; A deletes it. Once B's catalogue reads the change log
+    that names it, B's tiers no longer answer for it (they answered for it as long as B lived, before); a document
+    the log names that is still stored, or written while the shared tier was down, is kept."""
+    shared = redis_store(redis_server)
+    node_a, node_b = tiered(tmp_path / "a", shared, 1 << 20), tiered(tmp_path / "b", shared, 1 << 20)
+    gone, kept = cid("f1"), cid("f2")
+    cursor = node_b.changes("").cursor
+    for c in (gone, kept):
+        node_a.put(entry(c), writer(b"a document"))
+        assert read_back(node_b, c) == b"a document"  # B's RAM and disk hold it now
+    assert node_a.delete(gone)
+    assert node_b.entry(gone) is not None  # B's tiers still answer, until its catalogue reads the change log
+    seen = node_b.changes(cursor)
+    assert seen.cache_ids == (gone, kept, gone)
+    assert node_b.entry(gone) is None and all(t.store.entry(gone) is None for t in node_b.tiers)
+    assert read_back(node_b, kept) == b"a document" and node_b.tiers[0].store.entry(kept) is not None
+
+
 def test_unreachable_shared_tiers_are_store_unavailable():
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         open_shared("redis://127.0.0.1:1/0").entries()

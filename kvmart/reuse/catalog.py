@@ -7,11 +7,13 @@ agree on it, and publishing the same text under the same terms twice gives the s
 cache id: republished under other terms, a document gets a new id).
 
 The catalogue learns of documents published elsewhere (the CLI, other nodes) by `refresh`, which a timer runs
-(`start_refresher`), never a request: a request naming an unknown id is a 404 at once. A refresh asks the store
-what changed since the last one (`Store.changes`: on Redis one small reply when nothing did) and reads only the
-documents that changed; it lists every entry only when the store cannot tell (no change log, the first look, a
-log it fell behind), so a node polling often costs its shared tier almost nothing however large the catalogue. A request naming a known
-document checks that it is still stored (`still_stored`, one lookup), so a deletion anywhere is seen at once.
+(`start_refresher`), never a request: a request naming an unknown id is a 404 at once. A refresh asks the store what
+changed since the last one (`Store.changes`: on Redis one small reply when nothing did) and reads only the documents
+that changed; it lists every entry only when the store cannot tell (no change log, the first look, a log it fell
+behind), so a node polling often costs its shared tier almost nothing however large the catalogue. A request naming
+a known document checks that it is still stored (`still_stored`, one lookup, this node's tiers first): a deletion
+through this node's store is seen at once; one on another node at this node's next refresh, when the change log
+names it and a tiered store drops its local copies (kvmart/store/tiered.py).
 Documents pasted into a prompt without being named are found by `pasted_at_start`: one lookup by the key of the
 prompt's first chunk, whatever the catalogue's size."""
 

@@ -205,9 +205,26 @@ class TieredStore(Store):
         if len(shared) != 1:
             return Changes("", None)
         try:
-            return self._call(shared[0], partial(shared[0].store.changes, cursor))
+            changes = self._call(shared[0], partial(shared[0].store.changes, cursor))
+            for cache_id in dict.fromkeys(changes.cache_ids or ()):
+                self._drop_if_removed(shared[0], cache_id)
         except StoreUnavailableError:
             return Changes(cursor, () if cursor else None)
+        return changes
+
+    def _drop_if_removed(self, shared: Tier, cache_id: str) -> None:
+        """A document the shared tier's change log names: if this node's tiers hold it but the shared tier no longer
+        does (another node deleted it), drop this node's copies, so that this node stops answering for it too. One
+        written here while the shared tier was down (still to be pushed) is kept."""
+        local = [t for t in self.tiers if not t.is_shared and t.store.entry(cache_id) is not None]
+        with self._lock:
+            pending = cache_id in self._pending
+        if not local or pending or self._call(shared, partial(shared.store.entry, cache_id)) is not None:
+            return
+        for tier in local:
+            tier.store.delete(cache_id)
+        log.info("document %s was deleted on another node: dropped from this node's %s", cache_id[:16],
+                 ", ".join(t.name for t in local))
 
     def _open_head(self, cache_id: str) -> tuple[BinaryIO, int] | None:
         """The artifact's start from the fastest tier that has it; nothing is filled (a node that learns of a
