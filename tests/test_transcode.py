@@ -103,6 +103,25 @@ def test_a_node_keeps_what_it_fetched_encoded_raw_on_its_own_tiers(model_bf16, t
     assert again.kv.equal(kv) and [t.hits for t in disk_only.tiers] == [1, 0]
 
 
+def test_the_publishing_node_keeps_its_own_copy_raw_and_the_shared_tier_the_encoded_one(model_bf16, tmp_path: Path):
+    kv, _, manifest, data = artifact(model_bf16, "kvmart")
+    shared = MemoryStore()
+    publisher = node(tmp_path, shared)
+    publisher.put(Entry(manifest.cache_id, "bsd", "", model_bf16.spec, model_bf16.fingerprint.digest, 100, len(data),
+                        1.0, time.time()), lambda f: f.write(data))
+    with shared.open(manifest.cache_id) as (f, _):
+        assert f.read() == data  # the shared tier gets the encoded artifact, as written
+    for tier in publisher.tiers[:2]:  # this node's RAM and disk: raw, the same id and checksums
+        with tier.store.open(manifest.cache_id) as (f, _):
+            local = f.read()
+        kept = manifest_of(local)
+        assert {r.codec for r in kept.tensors.values()} == {"raw"} and kept.cache_id == manifest.cache_id
+        assert {n: r.checksum for n, r in kept.tensors.items()} == {n: r.checksum for n, r in manifest.tensors.items()}
+        assert tier.store.entry(manifest.cache_id).artifact_bytes == len(local) > len(data)
+    assert core.load(model_bf16, publisher, manifest.cache_id).kv.equal(kv)
+    assert [t.hits for t in publisher.tiers] == [1, 0, 0]
+
+
 def test_a_fetched_copy_is_signed_with_the_nodes_key(model_bf16, tmp_path: Path, monkeypatch):
     monkeypatch.setenv(SIGNING_KEY_ENV, "cluster secret")
     _, _, manifest, data = artifact(model_bf16, "kvmart")

@@ -430,7 +430,8 @@ def predict(cluster: LocalCluster, measured: Measured, observed: Observed) -> Pr
                              tuple((c.key, tokens * KV_BYTES_PER_TOKEN) for tokens, c in documents[d].chunks),
                              (f"{d}/{agent}", max(0, r.prompt_tokens - documents[d].num_tokens) * KV_BYTES_PER_TOKEN))
                    for (d, agent), r in zip(observed.reads, observed.results, strict=True)]
-    published = {0: [(c.key, c.size) for doc in documents for _, c in doc.chunks]}  # node A published them all
+    # node A published them all, and keeps its own copies raw (as every node keeps what it fetched)
+    published = {0: [(c.key, tokens * KV_BYTES_PER_TOKEN) for doc in documents for tokens, c in doc.chunks]}
     replay = replay_chunks(chunk_reads, nodes, cluster.ram_bytes, None, published, observed.ram_held)
     question_bytes = statistics.mean(read.last[1] for read in chunk_reads)
     doc_bytes = statistics.mean(d.num_tokens * KV_BYTES_PER_TOKEN for d in documents)

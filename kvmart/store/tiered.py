@@ -4,7 +4,8 @@
             comes from a shared tier encoded (the `kvmart` codec) is decoded once and kept raw on the local tiers,
             so that every later load on this node maps it in place (kvmart/format/transcode.py: same cache id,
             same decoded-tensor checksums)
-    write:  through to the shared tier first (it decides who published first: stored once), then the local tiers
+    write:  through to the shared tier first (it decides who published first: stored once), then the local tiers,
+            decoded (raw) as a fetched artifact is kept
     budget: a local tier with a byte budget evicts by `Placement` score (cost-aware, pins kept) to make room
 
 Whatever a shared tier returns was checked by it against the checksums in its index, and every artifact is checked
@@ -127,16 +128,24 @@ class TieredStore(Store):
         write(buffer)
         data = buffer.getvalue()
         stored = Entry(**{**entry.as_dict(), "artifact_bytes": len(data)})
+        pushed = False
         for tier in self.tiers:
             if tier.is_shared:
                 try:
                     stored = self._call(tier, partial(tier.store.put, stored, _writer(data)))
+                    pushed = True
                 except StoreUnavailableError:
                     with self._lock:
                         self._pending.add(entry.cache_id)
+        # this node's own copy raw, as a fetched one is kept (read: decoded once); one still to be pushed stays as
+        # written, since the push sends the local copy
+        local, local_entry = data, stored
+        if pushed:
+            local = _decoded(data)
+            local_entry = Entry(**{**stored.as_dict(), "artifact_bytes": len(local)})
         for tier in self.tiers:
             if not tier.is_shared:
-                self._put_local(tier, stored, data)
+                self._put_local(tier, local_entry, local)
         return stored
 
     def _put_local(self, tier: Tier, entry: Entry, data: bytes) -> bool:
