@@ -63,6 +63,24 @@ def test_catalogue_pages_newest_first(live):
     assert live.http.get("/v1/documents", params={"limit": "many"}).status_code == 400
 
 
+def test_the_catalogue_is_searched_by_title_source_or_id_and_pages_within_the_search(live):
+    ids = {name: live.publish(sample_text(name), title=f"{name} licence", source=f"https://example.org/{name}"
+                              ).json()["id"] for name in ("bsd-3-clause", "apache-2.0", "mpl-2.0")}
+
+    def found(**params) -> list[str]:
+        return [d["id"] for d in live.http.get("/v1/documents", params=params).json()["data"]]
+
+    assert found(q="APACHE") == [ids["apache-2.0"]]  # the title, ignoring case
+    assert found(q="example.org/mpl") == [ids["mpl-2.0"]]  # the source
+    assert found(q=ids["bsd-3-clause"][4:14]) == [ids["bsd-3-clause"]]  # the id
+    assert found(q="no such text") == []
+    assert found(q="-2.0 licence") == [ids["mpl-2.0"], ids["apache-2.0"]]  # newest first
+    first = live.http.get("/v1/documents", params={"q": "-2.0", "limit": 1}).json()
+    assert first["has_more"] is True
+    assert found(q="-2.0", limit=1, after=first["last_id"]) == [ids["apache-2.0"]]
+    assert live.http.get("/v1/documents", params={"q": "x" * 201}).status_code == 400
+
+
 def test_only_the_publisher_may_delete(live):
     alice, mallory = live.account("alice", "publisher"), live.account("mallory", "publisher")
     doc = live.publish(BSD, key=alice).json()

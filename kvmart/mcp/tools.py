@@ -6,13 +6,7 @@ from __future__ import annotations
 
 from kvmart.mcp.client import Api
 
-PAGE = 100  # the API's largest page of GET /v1/documents
-MAX_RESULTS = 100
-
-
-def _matches(doc: dict, query: str) -> bool:
-    q = query.casefold()
-    return any(q in str(doc.get(field) or "").casefold() for field in ("title", "source", "id"))
+MAX_RESULTS = 100  # the API's largest page of GET /v1/documents
 
 
 def _listing(doc: dict) -> dict:
@@ -21,17 +15,13 @@ def _listing(doc: dict) -> dict:
 
 async def search(api: Api, key: str, query: str = "", limit: int = 20) -> dict:
     """The documents the key may read whose title, source or id contains `query` (all of them for ''), newest
-    first, at most `limit`."""
+    first, at most `limit`: the server searches (GET /v1/documents?q=), one page."""
     limit = max(1, min(limit, MAX_RESULTS))
-    found: list[dict] = []
-    params: dict[str, str | int] = {"limit": PAGE}
-    while len(found) < limit:
-        page = await api.call(key, "GET", "/v1/documents", params=params)
-        found += [_listing(d) for d in page["data"] if not query or _matches(d, query)]
-        if not page["has_more"]:
-            break
-        params["after"] = page["last_id"]
-    return {"query": query, "documents": found[:limit], "more": len(found) > limit}
+    params: dict[str, str | int] = {"limit": limit}
+    if query:
+        params["q"] = query
+    page = await api.call(key, "GET", "/v1/documents", params=params)
+    return {"query": query, "documents": [_listing(d) for d in page["data"]], "more": page["has_more"]}
 
 
 async def card(api: Api, key: str, document: str) -> dict:

@@ -35,6 +35,7 @@ from kvmart.server.publish_body import read_publish_body
 router = APIRouter()
 log = logging.getLogger("kvmart.server")
 MAX_PAGE = 100
+MAX_QUERY_CHARS = 200  # a search is a substring of a title, source or id
 
 
 class PublishRequest(BaseModel):
@@ -256,14 +257,19 @@ def remove(services: Services, doc: Document) -> None:
 
 
 @router.get("/v1/documents")
-async def list_documents(request: Request, limit: int = 20, after: str | None = None):
-    """Newest first; page with `limit` (1-100) and `after` (the last id of the previous page)."""
+async def list_documents(request: Request, limit: int = 20, after: str | None = None, q: str = ""):
+    """Newest first; page with `limit` (1-100) and `after` (the last id of the previous page); `q`: only documents
+    whose title, source or id contains it (case-insensitive)."""
     services: Services = request.app.state.services
     account = await caller(request)
     if not 1 <= limit <= MAX_PAGE:
         raise RequestError(f"limit must be between 1 and {MAX_PAGE}", "limit")
+    if len(q) > MAX_QUERY_CHARS:
+        raise RequestError(f"q must be at most {MAX_QUERY_CHARS} characters", "q")
     await run_in_threadpool(services.catalog.refresh)  # reads the store: off the event loop
     docs = services.catalog.documents(await run_in_threadpool(services.ledger.readable, account))
+    if q:
+        docs = [d for d in docs if matches(d, q)]
     start = 0
     if after is not None:
         ids = [d.id for d in docs]
@@ -273,6 +279,12 @@ async def list_documents(request: Request, limit: int = 20, after: str | None = 
     page = docs[start:start + limit]
     return {"object": "list", "data": [document_json(d) for d in page], "has_more": start + limit < len(docs),
             "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+def matches(document: Document, query: str) -> bool:
+    """Whether `query` is in the document's title, source or id, ignoring case."""
+    needle = query.casefold()
+    return any(needle in text.casefold() for text in (document.entry.title, document.entry.source, document.id))
 
 
 def visible_document(services: Services, account: Account, doc_id: str) -> Document:
