@@ -153,9 +153,10 @@ def test_the_worker_is_woken_from_an_engines_wait_by_a_new_job():
     job is admitted at once rather than after the wait (here the wait has no end but the wake)."""
     from kvmart.server.pipeline.worker import Batched, Worker
 
-    woken = threading.Event()
+    woken, waiting = threading.Event(), threading.Event()
 
     def wait(payloads: list[object]) -> None:  # noqa: ARG001
+        waiting.set()
         woken.wait()
         woken.clear()
 
@@ -168,6 +169,7 @@ def test_the_worker_is_woken_from_an_engines_wait_by_a_new_job():
     loop = asyncio.new_event_loop()
     try:
         first = worker.submit(parked_forever(), loop)
+        assert waiting.wait(DEADLINE_SECONDS)  # the worker waits inside batch_step: only a wake can end it
         second = worker.submit(iter(["second's event"]), loop)
         got = loop.run_until_complete(asyncio.wait_for(anext(second), DEADLINE_SECONDS))
         assert got == "second's event"

@@ -2,9 +2,12 @@
 KV from kvmart's store into vLLM's paged buffers and saves newly published ones.
 
 vLLM runs its scheduler and worker in other processes, so everything the frontend and the connector must agree
-on is computed here from plain values by both sides: the fingerprint of vLLM-made KV (`vllm_fingerprint`) and the
-rule that picks the stored document a prompt reuses (`reusable_prefix`). vllm itself is imported lazily: this
-module loads without it."""
+on is computed here from plain values by both sides: the fingerprint of vLLM-made KV (`vllm_fingerprint`), what a
+request tells the connector (`request_params`: publish it, load nothing, or load exactly this document) and the
+rules for the document a prompt reuses (`reusable_prefix` for the public ones, `document_prefix` and
+`salt_matches` for a named one). The frontend drives vLLM's async engine (engines/vllm_async.py): requests from any
+thread go to vLLM at once and stream their tokens back. vllm itself is imported lazily: this module loads without
+it."""
 
 from __future__ import annotations
 
