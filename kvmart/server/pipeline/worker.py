@@ -12,7 +12,9 @@ Admission: up to `max_active` jobs are active at once, and only as many as `memo
 how much KV it will hold when submitted; the first job is always admitted), first come first served. Jobs beyond
 `max_active + max_queue` in the system are refused at once with QueueFullError (HTTP 429), never left to hang.
 With `batching` off, parked jobs take their decode steps one by one (one forward pass each): the same arithmetic,
-for comparison.
+for comparison. An engine that computes elsewhere (vLLM: server/pipeline/vllm.py) parks a job while it has no new
+token, and its `batch_step` waits for the engine instead of computing; `wake` (called on every submit) ends that
+wait so a new job is admitted at once.
 
 `Ticket` is a job's asyncio side: an async iterator over its events that raises the job's error, if any."""
 
