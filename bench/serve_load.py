@@ -8,7 +8,7 @@ concurrent clients each stream one chat completion about it, for every setting a
 round: the cache (default) or `"cache": "bypass"` (the document prefilled afresh for each request, the same
 chunked computation), and the worker batching (--max-active requests) or not (--unbatched-max-active requests,
 one forward pass each, the previous server's way). Each wave records the clients' time to first token, its wall
-time and the CPU time of this process (server and clients are threads of it). Prints markdown tables for
+time and the CPU time of this process (server and clients are threads of it) and of its child processes (vLLM's). Prints markdown tables for
 docs/BENCHMARKS.md: per setting, medians over every request, and min/median/max over the rounds.
 
 With `--engine vllm` the server drives vLLM's async engine (kvmart's KV connector loads the document; vLLM's own
@@ -106,10 +106,28 @@ def wave(url: str, doc_id: str, model: str, clients: int, max_tokens: int, cache
                "temperature": 0, "stream_options": {"include_usage": True},
                "messages": [{"role": "user", "content": f"Question {i}: what does this document say about {topic}?"}]}
               for i, topic in zip(range(clients), ["liability", "warranty", "patents", "trademarks"] * clients, strict=False)]
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), cpu_seconds()
     with ThreadPoolExecutor(clients) as pool:
         samples = list(pool.map(lambda body: ask(url, body, barrier, key), bodies))
-    return Wave(time.perf_counter() - start, time.process_time() - cpu, samples)
+    return Wave(time.perf_counter() - start, cpu_seconds() - cpu, samples)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (server and clients are its threads) and of its live child processes (vLLM's
+    engine core and worker), user and system; without psutil, this process's only."""
+    try:
+        import psutil
+    except ImportError:
+        return time.process_time()
+    children = psutil.Process().children(recursive=True)
+    total = time.process_time()
+    for child in children:
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        total += times.user + times.system
+    return total
 
 
 def agent_key(app) -> str:

@@ -20,6 +20,7 @@ Not served here (a clear 400): uploaded artifacts (they are verified against the
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -107,7 +108,8 @@ class VllmServerEngine(Engine):
     def execute(self, plan: Plan, loaded: Loaded, batched: bool = False  # noqa: ARG002  (vLLM batches itself)
                 ) -> Iterator[Computed | Delta | Finished | Batched]:
         """Hand the request to vLLM, then its tokens as vLLM makes them (a Batched whenever none is waiting:
-        the worker then waits for vLLM). The connector loads the planned document (nothing if `bypass`)."""
+        the worker then waits for vLLM). The connector loads the planned document (nothing if `bypass`, and
+        vLLM's prefix cache gives a bypass request nothing either)."""
         s, request = plan.request.sampling, plan.request
         first = plan.chunks[0]
         document = None
@@ -115,7 +117,10 @@ class VllmServerEngine(Engine):
             document = Reusable(plan.documents[0], first.num_tokens, first.salt)
         transfer = request_params(bypass=request.bypass, document=document)
         params = self.vllm.params(plan.max_new_tokens, s.temperature, s.seed, s.top_p, transfer, s.top_logprobs)
-        stream = self.vllm.stream(plan.laid.token_ids, params, cache_salt=plan.chunks[-1].salt)
+        # the caller's salt (kept on its computed chunk); a bypass request gets a salt of its own, so vLLM's prefix
+        # cache gives it nothing either: every token is computed, as the transformers engine's bypass does
+        salt = uuid.uuid4().hex if request.bypass else plan.chunks[-1].salt
+        stream = self.vllm.stream(plan.laid.token_ids, params, cache_salt=salt)
         yield from self.emit(tokens_of(stream), s)
 
     def step(self, decoders: list[object]) -> None:  # noqa: ARG002  (the streams are vLLM's to advance)
