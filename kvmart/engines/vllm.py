@@ -267,10 +267,12 @@ class VllmEngine(Engine):
                  reuse: Reusable | None = None, cache_salt: str = "") -> Completion:
         """As `Engine.complete`, reusing `reuse` (a private document, with its salt) or else the longest public
         document the prompt starts with; `logprobs`: also return the top `logprobs` log-probabilities of every
-        step; `cache_salt`: see `stream`. Blocks until vLLM has finished (other threads' requests run meanwhile)."""
+        step; `cache_salt`: see `stream` (a bypass request gets one of its own: nothing comes from vLLM's prefix
+        cache either). Blocks until vLLM has finished (other threads' requests run meanwhile)."""
         start = time.perf_counter()
         found = reuse if reuse is not None else self.match(prompt_ids)
         transfer = request_params(bypass=bypass, document=found)
+        cache_salt = uuid.uuid4().hex if bypass else cache_salt
         outputs = drain(self.stream(prompt_ids, self.params(max_new_tokens, temperature, seed, top_p, transfer,
                                                             logprobs), cache_salt))
         tokens = [t for out in outputs for t in out.outputs[0].token_ids]
