@@ -176,6 +176,7 @@ def served(runs, folder: Path):
     patch = pytest.MonkeyPatch()
     patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    patch.setenv("OMP_NUM_THREADS", "1")  # as run_engine's: more OpenMP threads than free cores spin, and crawl
     settings = Settings(data_dir=runs["data_dir"], model=str(folder), dtype="float32")
     ledger = open_ledger("", settings.data_dir, environ={})  # the server's own SQLite ledger in the data dir
     keys = {}
