@@ -414,3 +414,27 @@ def _wait(condition) -> None:
     while not condition():
         assert time.monotonic() < end, "gave up waiting for the server to start"
         time.sleep(0.05)
+
+
+def test_each_tenant_and_each_bypass_request_has_its_own_prefix_cache_salt(served, folder: Path, monkeypatch):
+    """vLLM's prefix cache is shared only within a tenant: the server salts each request with its caller's tenant
+    salt, and a `"cache": "bypass"` request with a salt of its own (so nothing of it is served from vLLM's
+    memory either: every token computed)."""
+    engine, ledger = served["engine"], served["ledger"]
+    salts: list[str] = []
+    stream = engine.stream
+
+    def recording(prompt_ids, params, cache_salt=""):
+        salts.append(cache_salt)
+        return stream(prompt_ids, params, cache_salt)
+
+    monkeypatch.setattr(engine, "stream", recording)
+    body = {"model": str(folder), "temperature": 0, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    for name, cache in (("vllm-agent", "default"), ("vllm-other", "default"), ("vllm-agent", "bypass"),
+                        ("vllm-agent", "bypass")):
+        with _client(served, name) as http:
+            assert http.post("/v1/chat/completions", json={**body, "cache": cache}).status_code == 200
+    agent, other = ledger.account("vllm-agent").tenant_salt, ledger.account("vllm-other").tenant_salt
+    assert agent and other and agent != other
+    assert salts[:2] == [agent, other]
+    assert len(set(salts)) == 4  # each bypass request's salt is its own, no tenant's
