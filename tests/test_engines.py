@@ -118,37 +118,3 @@ def test_vllm_options_are_validated():
         VllmOptions(block_size=0)
     with pytest.raises(ConfigError):
         VllmOptions(memory_fraction=1.5)
-
-
-def test_the_vllm_server_engine_refuses_private_documents():
-    """Its KV connector matches prompts against every stored document, whoever asks, so a private (tenant-salted)
-    document is refused there with a clear 400 before anything is computed or stored (docs/VLLM.md)."""
-    from kvmart.errors import UnsupportedParameterError
-    from kvmart.server.pipeline.engine import PublishJob
-    from kvmart.server.pipeline.vllm import VllmServerEngine
-
-    engine = object.__new__(VllmServerEngine)  # publish refuses before it touches the model or the store
-    with pytest.raises(UnsupportedParameterError, match="private documents are not served by the vllm engine"):
-        next(engine.publish(PublishJob([1, 2, 3], "title", "source", salt="tenant-salt"), "raw"))
-
-
-def test_the_vllm_server_engine_refuses_priced_documents():
-    """A priced document's cache id holds its terms; vLLM's connector makes ids without: refused (400)."""
-    from kvmart.errors import UnsupportedParameterError
-    from kvmart.server.pipeline.engine import PublishJob
-    from kvmart.server.pipeline.vllm import VllmServerEngine
-
-    engine = object.__new__(VllmServerEngine)
-    with pytest.raises(UnsupportedParameterError, match="priced documents are not served by the vllm engine"):
-        next(engine.publish(PublishJob([1, 2, 3], "title", "source", terms='{"kind":"priced"}'), "raw"))
-
-
-def test_the_vllm_server_engine_refuses_uploaded_artifacts():
-    """An upload is verified against the transformers engine's chunked prefill, not vLLM's kernels: refused (400)."""
-    from kvmart.errors import UnsupportedParameterError
-    from kvmart.server.pipeline.engine import PublishJob
-    from kvmart.server.pipeline.vllm import VllmServerEngine
-
-    engine = object.__new__(VllmServerEngine)
-    with pytest.raises(UnsupportedParameterError, match="uploaded artifacts are not accepted by the vllm engine"):
-        next(engine.publish(PublishJob([1, 2, 3], "title", "source", upload=b"artifact bytes"), "raw"))

@@ -159,30 +159,31 @@ def _vllm_version() -> str:
     return vllm.__version__
 
 
-def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, folder: Path, tokenizer, monkeypatch):
-    """`kvmart serve --engine vllm` over the store the runs above filled: a chat request naming a document is
-    answered by vLLM from the stored KV, and usage reports the document's cached tokens as the transformers
-    engine does (what the ledger charges)."""
+@pytest.fixture(scope="module")
+def served(runs, folder: Path):
+    """`kvmart serve --engine vllm` (one vLLM engine for every test below) over the store the runs above filled,
+    with its own ledger: an agent, a publisher and two more tenants, each with money."""
     import threading
+    from decimal import Decimal
 
-    import httpx
     import uvicorn
 
     from kvmart.app import create_app
     from kvmart.config import Settings
-    from kvmart.reuse.catalog import document_id
+    from kvmart.ledger import open_ledger
     from kvmart.server import ServerSettings
 
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    from decimal import Decimal
-
-    from kvmart.ledger import open_ledger
-
+    patch = pytest.MonkeyPatch()
+    patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    patch.setenv("OMP_NUM_THREADS", "1")  # as run_engine's: more OpenMP threads than free cores spin, and crawl
     settings = Settings(data_dir=runs["data_dir"], model=str(folder), dtype="float32")
     ledger = open_ledger("", settings.data_dir, environ={})  # the server's own SQLite ledger in the data dir
-    _, agent_key = ledger.create_account("vllm-agent", "agent")
-    ledger.deposit("vllm-agent", Decimal("1"))
+    keys = {}
+    for name, role in (("vllm-agent", "agent"), ("vllm-publisher", "publisher"), ("vllm-reader", "agent"),
+                       ("vllm-other", "agent")):
+        _, keys[name] = ledger.create_account(name, role)
+        ledger.deposit(name, Decimal("1"))
     app = create_app(settings, ServerSettings(port=0, engine="vllm", log_level="warning"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -190,32 +191,220 @@ def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, folder: Path, 
     try:
         _wait(lambda: server.started)
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-        block = runs["first"]["block_size"]
-        with httpx.Client(base_url=url, timeout=DEADLINE_SECONDS,
-                          headers={"Authorization": f"Bearer {agent_key}"}) as http:
-            listed = {d["id"] for d in http.get("/v1/documents").json()["data"]}
-            published = runs["first"]["published"]
-            assert {document_id(p["cache_id"]) for p in published} <= listed
-            reply = http.post("/v1/chat/completions", json={
-                "model": str(folder), "temperature": 0, "max_tokens": MAX_TOKENS,
-                "messages": [{"role": "user", "content": QUESTIONS[0]}],
-                "documents": [document_id(published[1]["cache_id"])]}).json()
-            usage = reply["usage"]
-            assert usage["prompt_tokens"] == len(runs["prompts"][2])
-            assert usage["prompt_tokens_details"]["cached_tokens"] == len(runs["docs"][1]) // block * block
-            assert usage["kvmart"]["cache"] == "store" and usage["kvmart"]["cache_id"] == published[1]["cache_id"]
-            charge = usage["kvmart"]["charge"]  # metered like the transformers engine: the cached tokens at the
-            assert Decimal(charge["cache_read_usd"]) > 0 and ledger.verify_receipt(charge["receipt"])  # cache tariff
-            assert ledger.usage(ledger.account("vllm-agent")).cached_tokens == usage["prompt_tokens_details"][
-                "cached_tokens"]
-            scratch = [t for t in runs["first"]["answers"][2]["tokens"] if t != tokenizer.eos_token_id]
-            assert reply["choices"][0]["message"]["content"] == tokenizer.decode(scratch, skip_special_tokens=True)
-            refused = http.post("/v1/chat/completions", json={
-                "model": str(folder), "messages": [{"role": "user", "content": "hi"}], "logprobs": True})
-            assert refused.status_code == 400 and "vllm" in refused.json()["error"]["message"]
+        yield {"url": url, "ledger": ledger, "keys": keys, "engine": app.state.services.model}
     finally:
         server.should_exit = True
         thread.join(DEADLINE_SECONDS)
+        patch.undo()
+
+
+def _client(served, name: str = "vllm-agent"):
+    import httpx
+
+    return httpx.Client(base_url=served["url"], timeout=DEADLINE_SECONDS,
+                        headers={"Authorization": f"Bearer {served['keys'][name]}"})
+
+
+def test_kvmart_serve_on_vllm_meters_the_documents_it_loads(runs, served, folder: Path, tokenizer):
+    """A chat request naming a document is answered by vLLM from the stored KV, and usage reports the document's
+    cached tokens as the transformers engine does (what the ledger charges)."""
+    from decimal import Decimal
+
+    from kvmart.reuse.catalog import document_id
+
+    ledger, block = served["ledger"], runs["first"]["block_size"]
+    with _client(served) as http:
+        listed = {d["id"] for d in http.get("/v1/documents").json()["data"]}
+        published = runs["first"]["published"]
+        assert {document_id(p["cache_id"]) for p in published} <= listed
+        reply = http.post("/v1/chat/completions", json={
+            "model": str(folder), "temperature": 0, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            "documents": [document_id(published[1]["cache_id"])]}).json()
+        usage = reply["usage"]
+        assert usage["prompt_tokens"] == len(runs["prompts"][2])
+        assert usage["prompt_tokens_details"]["cached_tokens"] == len(runs["docs"][1]) // block * block
+        assert usage["kvmart"]["cache"] == "store" and usage["kvmart"]["cache_id"] == published[1]["cache_id"]
+        charge = usage["kvmart"]["charge"]  # metered like the transformers engine: the cached tokens at the
+        assert Decimal(charge["cache_read_usd"]) > 0 and ledger.verify_receipt(charge["receipt"])  # cache tariff
+        assert ledger.usage(ledger.account("vllm-agent")).cached_tokens == usage["prompt_tokens_details"][
+            "cached_tokens"]
+        scratch = [t for t in runs["first"]["answers"][2]["tokens"] if t != tokenizer.eos_token_id]
+        assert reply["choices"][0]["message"]["content"] == tokenizer.decode(scratch, skip_special_tokens=True)
+
+
+def test_logprobs_are_vllms_own(runs, served, folder: Path):
+    """`logprobs` on --engine vllm: each generated token's log-probability and the top ones, as vLLM computed
+    them for the same prompt (asked directly of the engine), most likely first."""
+    from kvmart.reuse.catalog import document_id
+
+    top = 3
+    with _client(served) as http:
+        reply = http.post("/v1/chat/completions", json={
+            "model": str(folder), "temperature": 0, "max_tokens": MAX_TOKENS, "logprobs": True,
+            "top_logprobs": top, "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            "documents": [document_id(runs["first"]["published"][1]["cache_id"])]})
+    assert reply.status_code == 200, reply.text
+    content = reply.json()["choices"][0]["logprobs"]["content"]
+    direct = served["engine"].complete(runs["prompts"][2], MAX_TOKENS, logprobs=top)
+    decode = served["engine"].decode
+    tokens = [t for t in direct.token_ids if t not in served["engine"].eos_ids]
+    assert [entry["token"] for entry in content] == [decode([t]) for t in tokens]
+    for entry, token, step in zip(content, tokens, direct.logprobs, strict=False):
+        assert entry["logprob"] == step[token] <= 0
+        best = sorted(step.items(), key=lambda item: -item[1])[:top]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == [lp for _, lp in best]
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]  # greedy: the chosen one is the likeliest
+
+
+LONG_TOKENS = 200  # long enough that an answer is still being generated while the test looks
+
+
+def test_concurrent_requests_reach_vllm_together_and_stream(served, folder: Path):
+    """Requests from concurrent clients go to vLLM at once (its scheduler batches them), and their tokens stream
+    as vLLM makes them, on the OpenAI and the Anthropic streaming endpoints alike. vLLM's scheduler is paused
+    first, so both requests must be inside vLLM together (one request per vLLM call would wait forever for the
+    first to end); then each client's first token comes while vLLM is still generating its answer."""
+    import json as _json
+    import threading
+
+    engine = served["engine"]
+    prompts = _long_answers(served, folder, 2)
+    bodies = [("/v1/chat/completions", {"model": str(folder), "temperature": 0, "max_tokens": LONG_TOKENS,
+                                        "stream": True, "messages": [{"role": "user", "content": prompts[0]}]}),
+              ("/v1/messages", {"model": str(folder), "temperature": 0, "max_tokens": LONG_TOKENS, "stream": True,
+                                "messages": [{"role": "user", "content": prompts[1]}]})]
+    first_seen = [threading.Event(), threading.Event()]
+    live_at_first: list[int | None] = [None, None]
+    texts, ends, errors = ["", ""], [None, None], []
+
+    def consume(i: int) -> None:
+        try:
+            with _client(served) as http, http.stream("POST", bodies[i][0], json=bodies[i][1]) as response:
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = _json.loads(line.removeprefix("data: "))
+                    piece, end = _piece(event)
+                    if piece and not first_seen[i].is_set():
+                        live_at_first[i] = _unfinished(engine)
+                        first_seen[i].set()
+                    texts[i] += piece
+                    ends[i] = end or ends[i]
+        except BaseException as e:  # noqa: BLE001  (reported by the test thread)
+            errors.append(e)
+            first_seen[i].set()
+
+    _pause(engine)
+    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        _wait(lambda: _unfinished(engine) == 2 or bool(errors))  # both inside vLLM at once, none generating yet
+    finally:
+        _resume(engine)
+    for thread in threads:
+        thread.join(DEADLINE_SECONDS)
+    assert not errors, errors
+    assert live_at_first == [2, 2]  # each client's first token came while vLLM was still generating both
+    assert ends == ["length", "max_tokens"] and all(texts), (ends, texts)
+    assert _unfinished(engine) == 0
+
+
+def _long_answers(served, folder: Path, count: int) -> list[str]:
+    """`count` questions whose greedy answers run to LONG_TOKENS (no end-of-turn before), asked one at a time."""
+    found = []
+    with _client(served) as http:
+        for i in range(40):
+            question = f"Tell me a long story number {i}."
+            reply = http.post("/v1/chat/completions", json={
+                "model": str(folder), "temperature": 0, "max_tokens": LONG_TOKENS,
+                "messages": [{"role": "user", "content": question}]}).json()
+            if reply["choices"][0]["finish_reason"] == "length":
+                found.append(question)
+                if len(found) == count:
+                    return found
+    raise AssertionError("no question among 40 has a greedy answer of LONG_TOKENS tokens on this model")
+
+
+def _piece(event: dict) -> tuple[str, str | None]:
+    """(text, finish reason) of one streamed event, OpenAI's or Anthropic's."""
+    if "choices" in event:
+        choice = event["choices"][0] if event["choices"] else {}
+        return (choice.get("delta") or {}).get("content") or "", choice.get("finish_reason")
+    if event.get("type") == "content_block_delta":
+        return event["delta"].get("text", ""), None
+    if event.get("type") == "message_delta":
+        return "", event["delta"].get("stop_reason")
+    return "", None
+
+
+def _unfinished(engine) -> int:
+    """Requests vLLM holds (waiting or running)."""
+    return engine.runner.engine.get_num_unfinished_requests()
+
+
+def _pause(engine) -> None:
+    asyncllm = engine.runner.engine
+    engine.runner.call(lambda: asyncllm.pause_generation(mode="keep", clear_cache=False))
+
+
+def _resume(engine) -> None:
+    asyncllm = engine.runner.engine
+    engine.runner.call(asyncllm.resume_generation)
+
+
+def test_private_documents_are_reused_by_their_readers_only(served, folder: Path, tokenizer):
+    """A private document published through --engine vllm is stored under its publisher's tenant salt; a reader
+    it names reuses it from the store; another tenant cannot name it (404), and a prompt that merely repeats its
+    tokens reuses nothing of it: the connector loads a private document only when named with its own salt, and
+    vLLM's own prefix cache is salted per tenant."""
+    from kvmart.engines.vllm import Reusable, drain, request_params
+
+    engine, ledger = served["engine"], served["ledger"]
+    # no public document shares a block with it (the public mpl-2.0 one above would, were its start the same)
+    text = "Confidential: this copy belongs to the vllm-publisher tenant.\n\n" + sample_text("mpl-2.0")[:1300]
+    with _client(served, "vllm-publisher") as http:
+        answer = http.post("/v1/documents", json={"text": text, "title": "private", "licence": "private",
+                                                  "readers": ["vllm-reader"]})
+    assert answer.status_code == 201, answer.text
+    doc_id, cache_id = answer.json()["id"], answer.json()["cache_id"]
+    document = engine.catalog.get(doc_id)
+    assert document.is_salted and document.cache_id == cache_id
+    block = engine.block_size
+    aligned = document.num_tokens // block * block
+    question = {"model": str(folder), "temperature": 0, "max_tokens": 4,
+                "messages": [{"role": "user", "content": QUESTIONS[0]}]}
+    with _client(served, "vllm-reader") as http:
+        read = http.post("/v1/chat/completions", json={**question, "documents": [doc_id]})
+    assert read.status_code == 200, read.text
+    assert read.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == aligned
+    with _client(served, "vllm-other") as http:
+        refused = http.post("/v1/chat/completions", json={**question, "documents": [doc_id]})
+        assert refused.status_code == 404
+        ids = document.token_list() + tokenizer.encode("Who may use it?", add_special_tokens=False)
+        pasted = http.post("/v1/completions", json={"model": str(folder), "prompt": ids, "max_tokens": 4,
+                                                    "temperature": 0})
+    assert pasted.status_code == 200, pasted.text
+    assert pasted.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+    # inside vLLM: what the connector loaded and what vLLM's prefix cache gave (num_cached_tokens)
+    salt = ledger.account("vllm-publisher").tenant_salt
+    other = ledger.account("vllm-other").tenant_salt
+    ask = lambda transfer, cache_salt: drain(engine.stream(ids, engine.params(2, transfer=transfer),  # noqa: E731
+                                                           cache_salt))
+    # (the other tenant's own blocks of these ids, from its request above, are its own to reuse: fresh salts here)
+    repeated = ask(request_params(), other + "-1")  # nothing matched, nothing in vLLM's cache for that salt
+    assert repeated[0].num_cached_tokens == 0 and not repeated[-1].kv_transfer_params
+    forged = ask(request_params(document=Reusable(document, aligned, "guessed-salt")), other + "-2")
+    assert forged[0].num_cached_tokens == 0 and not forged[-1].kv_transfer_params  # named without its salt
+    named = ask(request_params(document=Reusable(document, aligned, salt)), other + "-3")  # the checks above can
+    assert named[0].num_cached_tokens == aligned  # fail: with the salt, the connector loads it
+    assert named[-1].kv_transfer_params == {"kvmart": {"loaded_tokens": aligned, "refused_tokens": 0}}
+    again = ask(request_params(), other + "-3")  # and vLLM's prefix cache holds it for that salt only
+    assert again[0].num_cached_tokens >= aligned
+    assert ask(request_params(), other + "-4")[0].num_cached_tokens == 0
 
 
 def _wait(condition) -> None:
@@ -225,3 +414,27 @@ def _wait(condition) -> None:
     while not condition():
         assert time.monotonic() < end, "gave up waiting for the server to start"
         time.sleep(0.05)
+
+
+def test_each_tenant_and_each_bypass_request_has_its_own_prefix_cache_salt(served, folder: Path, monkeypatch):
+    """vLLM's prefix cache is shared only within a tenant: the server salts each request with its caller's tenant
+    salt, and a `"cache": "bypass"` request with a salt of its own (so nothing of it is served from vLLM's
+    memory either: every token computed)."""
+    engine, ledger = served["engine"], served["ledger"]
+    salts: list[str] = []
+    stream = engine.stream
+
+    def recording(prompt_ids, params, cache_salt=""):
+        salts.append(cache_salt)
+        return stream(prompt_ids, params, cache_salt)
+
+    monkeypatch.setattr(engine, "stream", recording)
+    body = {"model": str(folder), "temperature": 0, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    for name, cache in (("vllm-agent", "default"), ("vllm-other", "default"), ("vllm-agent", "bypass"),
+                        ("vllm-agent", "bypass")):
+        with _client(served, name) as http:
+            assert http.post("/v1/chat/completions", json={**body, "cache": cache}).status_code == 200
+    agent, other = ledger.account("vllm-agent").tenant_salt, ledger.account("vllm-other").tenant_salt
+    assert agent and other and agent != other
+    assert salts[:2] == [agent, other]
+    assert len(set(salts)) == 4  # each bypass request's salt is its own, no tenant's

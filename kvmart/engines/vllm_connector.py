@@ -13,6 +13,7 @@ and vLLM recomputes them: never used, never fatal."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,11 +25,13 @@ import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvmart.engines.vllm import PARAMS_KEY, reusable_prefix, vllm_fingerprint
+from kvmart.engines.vllm import PARAMS_KEY, Reusable, document_prefix, reusable_prefix, salt_matches, vllm_fingerprint
 from kvmart.engines.vllm_paged import gather, paged_views, scatter
-from kvmart.errors import ConfigError, KvmartError
+from kvmart.errors import ConfigError, KvmartError, UnknownDocumentError
 from kvmart.format.artifact import artifact_size, manifest_for, read_artifact, write_artifact
-from kvmart.reuse.catalog import Catalog
+from kvmart.format.keys import cache_id as make_cache_id
+from kvmart.format.keys import is_cache_id
+from kvmart.reuse.catalog import Catalog, document_id
 from kvmart.runtime.kv import KV
 from kvmart.store import Entry, open_store
 
@@ -44,6 +47,7 @@ class LoadSpec:
     start: int
     end: int
     block_ids: list[int]
+    salt: str = ""  # the document's (a private one's tenant salt): its artifact is verified with it
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class SaveSpec:
     source: str
     model: str
     started_at: float  # wall clock when vLLM first scheduled the prefill (same host: the worker measures to it)
+    salt: str = ""  # a private document's tenant salt ('' public)
+    terms: str = ""  # its licence terms, canonical: both are part of its cache id, as with the transformers engine
 
 
 @dataclass
@@ -126,7 +132,8 @@ class KvmartConnector(KVConnectorBase_V1):
         self.fingerprint = self._fingerprint(attention_backend_name(vllm_config))
         # scheduler side
         self.catalog = Catalog(self.store, self.fingerprint.digest)
-        self._loads: dict[str, tuple[str, int, int]] = {}  # req_id -> (cache_id, end, num_external)
+        self._matched: dict[str, Reusable] = {}  # req_id -> the document it reuses, until its blocks are allocated
+        self._loads: dict[str, tuple[Reusable, int]] = {}  # req_id -> (what to load, num_external)
         self._publishing: dict[str, _Publishing] = {}
         self._loaded: dict[str, tuple[int, set[int]]] = {}  # req_id -> (tokens loaded, their blocks)
         self._refused: dict[str, int] = {}  # req_id -> tokens whose load the worker refused
@@ -144,24 +151,55 @@ class KvmartConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens loadable from kvmart's store beyond those vLLM already has; never blocking (loads are
         synchronous, done before the step's forward pass)."""
-        ours = _ours(request)
-        if ours.get("publish") is not None or ours.get("bypass"):
-            return 0, False
-        self.catalog.refresh()
-        found = reusable_prefix(self.catalog, list(request.prompt_token_ids or []), self.block_size)
+        self._matched.pop(request.request_id, None)
+        found = self._match(request)
         if found is None or found.num_tokens <= num_computed_tokens:
             return 0, False
+        self._matched[request.request_id] = found
         return found.num_tokens - num_computed_tokens, False
+
+    def _match(self, request) -> Reusable | None:
+        """What a request reuses: nothing for a publish or a bypass; the document kvmart's frontend named (it
+        chose it among those the caller may read); else the longest public document the prompt starts with. A
+        private document is matched only when named with its own salt, so a request that cannot name the salt
+        (another tenant's, or a client of a vLLM server that passes kv_transfer_params through) never reuses it."""
+        ours = _ours(request)
+        if ours.get("publish") is not None or ours.get("bypass"):
+            return None
+        self.catalog.refresh()
+        ids = list(request.prompt_token_ids or [])
+        named = ours.get("document")
+        if named is None:
+            return reusable_prefix(self.catalog, ids, self.block_size)
+        return self._named(named, ids, request.request_id)
+
+    def _named(self, named: object, ids: list[int], req_id: str) -> Reusable | None:
+        """The named document as the prompt starts with it, if it is stored for this engine and the salt sent
+        with it is its own; else None (logged: kvmart's frontend names only documents it found)."""
+        cache_id = named.get("cache_id") if isinstance(named, dict) else None
+        salt = named.get("salt", "") if isinstance(named, dict) else None
+        if not isinstance(cache_id, str) or not is_cache_id(cache_id) or not isinstance(salt, str):
+            log.warning("kvmart: request %s names no valid document (%r): nothing loaded", req_id, named)
+            return None
+        try:
+            document = self.catalog.get(document_id(cache_id))
+        except UnknownDocumentError:
+            log.warning("kvmart: request %s names document %s, not stored for this engine", req_id, cache_id[:16])
+            return None
+        if document.cache_id != cache_id or not salt_matches(document, self.fingerprint.digest, salt):
+            log.warning("kvmart: request %s names document %s with another salt: refused", req_id, cache_id[:16])
+            return None
+        return document_prefix(document, ids, self.block_size, salt)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         """Remember what to load into the blocks vLLM just allocated, and which requests to publish."""
         ours = _ours(request)
         if ours.get("publish") is not None:
             self._publishing[request.request_id] = _Publishing(list(request.prompt_token_ids or []), ours["publish"])
+        found = self._matched.pop(request.request_id, None)
         if num_external_tokens > 0:
-            found = reusable_prefix(self.catalog, list(request.prompt_token_ids or []), self.block_size)
-            assert found is not None, "vLLM allocated blocks for a match that is gone"
-            self._loads[request.request_id] = (found.document.cache_id, found.num_tokens, num_external_tokens)
+            assert found is not None, "vLLM allocated blocks for tokens the connector did not match"
+            self._loads[request.request_id] = (found, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> KvmartMetadata:
         meta = KvmartMetadata()
@@ -189,10 +227,11 @@ class KvmartConnector(KVConnectorBase_V1):
         planned = self._loads.pop(req_id, None)
         if planned is None:
             return
-        cache_id, end, num_external = planned
+        found, num_external = planned
+        end = found.num_tokens
         start = end - num_external  # vLLM's own prefix cache holds [0, start): those blocks are shared, left alone
         blocks = list(block_ids[start // self.block_size:end // self.block_size])
-        meta.loads.append(LoadSpec(req_id, cache_id, start, end, blocks))
+        meta.loads.append(LoadSpec(req_id, found.document.cache_id, start, end, blocks, found.salt))
         self._loaded[req_id] = (end - start, set(blocks))
 
     def _plan_save(self, meta: KvmartMetadata, req_id: str, num_computed: int, scheduler_output) -> None:
@@ -204,12 +243,14 @@ class KvmartConnector(KVConnectorBase_V1):
         del self._publishing[req_id]
         p = publishing.params
         meta.saves.append(SaveSpec(req_id, publishing.token_ids, publishing.block_ids, str(p.get("title", "")),
-                                   str(p.get("source", "")), str(p.get("model", self.spec)), publishing.started_at))
+                                   str(p.get("source", "")), str(p.get("model", self.spec)), publishing.started_at,
+                                   str(p.get("salt", "")), str(p.get("terms", ""))))
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Blocks are freed at once (saves and loads are synchronous). The request's output says how many tokens
         were loaded from kvmart's store (`kv_transfer_params["kvmart"]["loaded_tokens"]`), for metering."""
         self._publishing.pop(request.request_id, None)
+        self._matched.pop(request.request_id, None)
         self._loads.pop(request.request_id, None)
         loaded, _ = self._loaded.pop(request.request_id, (0, set()))
         refused = self._refused.pop(request.request_id, 0)
@@ -273,7 +314,7 @@ class KvmartConnector(KVConnectorBase_V1):
 
     def _load(self, spec: LoadSpec) -> None:
         with self.store.open(spec.cache_id) as (f, size):
-            _, kv = read_artifact(f, size, self.fingerprint, requested_cache_id=spec.cache_id)
+            _, kv = read_artifact(f, size, self.fingerprint, spec.salt, requested_cache_id=spec.cache_id)
         if kv.num_tokens < spec.end:
             raise KvmartError(f"artifact {spec.cache_id[:16]} holds {kv.num_tokens} tokens, {spec.end} were matched")
         for i, name in enumerate(self._layer_names):
@@ -289,7 +330,9 @@ class KvmartConnector(KVConnectorBase_V1):
             keys.append(gather(k, spec.block_ids, num_tokens, self.block_size))
             values.append(gather(v, spec.block_ids, num_tokens, self.block_size))
         kv = KV(tuple(keys), tuple(values))
-        manifest = manifest_for(kv, spec.token_ids, self.fingerprint)
+        manifest = manifest_for(kv, spec.token_ids, self.fingerprint, spec.salt,
+                                cache_id=make_cache_id(self.fingerprint.digest, spec.token_ids, spec.salt, spec.terms))
+        manifest = dataclasses.replace(manifest, terms=spec.terms)
         entry = Entry(cache_id=manifest.cache_id, title=spec.title, source=spec.source, model=spec.model,
                       fingerprint=self.fingerprint.digest, num_tokens=num_tokens,
                       artifact_bytes=artifact_size(manifest, kv), prefill_seconds=max(0.0, time.time() - spec.started_at),

@@ -106,6 +106,8 @@ class Engine:
     """Not thread-safe: `execute` and `publish` run on the model worker's thread. Chunks are written to the store by
     a writer thread of its own, so the model never waits on the disk or the network."""
 
+    steps_are_forward_passes = True  # each `step` is one forward pass (the worker's batch count is a metric)
+
     def __init__(self, model: Model, catalog: Catalog, hot: HotTier, chunks: ChunkStore,
                  settings: ServerSettings, chunk_tokens: int) -> None:
         self.model, self.catalog, self.hot, self.chunks = model, catalog, hot, chunks
@@ -145,6 +147,9 @@ class Engine:
         """One decode step of the parked requests' decoders, in one forward pass (the worker's batch_step)."""
         self.model.step([d for d in decoders if isinstance(d, Decoder)])
 
+    def wake(self) -> None:
+        """A job was queued (the worker's `wake`): nothing to do here, the worker never waits inside `step`."""
+
     def _keeper(self, plan: Plan) -> Callable[[Chunk, KV], None]:
         """Where a computed chunk goes: the hot tier (the prefix cache), and the store too if it is one of the
         first document's own chunks (a chunk lost from the store, repaired). A bypass request keeps nothing."""
@@ -165,11 +170,12 @@ class Engine:
         except Exception:  # noqa: BLE001  (the answer does not depend on it: the chunk stays in RAM, and is recomputed if lost)
             log.exception("could not store chunk %s", chunk.key[:16])
 
-    def emit(self, steps: Iterator[tuple[int, torch.Tensor | None] | Batched], sampling: Sampling
+    def emit(self, steps: Iterator[tuple[int, object] | Batched], sampling: Sampling
              ) -> Iterator[Delta | Finished | Batched]:
-        """Generated (token, logits) pairs as text deltas and a Finished; stops at an end-of-turn token or a stop
-        sequence. Logits may be None (an engine that reports none; then no logprobs). A Batched from `steps` is
-        passed on as it is (the worker runs the decode step it asks for before `steps` goes on)."""
+        """Generated (token, scores) pairs as text deltas and a Finished; stops at an end-of-turn token or a stop
+        sequence. Scores are what `logprob` reads (here the logits that chose the token; None: no logprobs). A
+        Batched from `steps` is passed on as it is (the worker runs the decode step it asks for before `steps` goes
+        on). Closing this generator closes `steps`."""
         detokenizer, stops, count, reason = Detokenizer(self.model.decode), StopMatcher(sampling.stop), 0, "length"
         with closing(steps):  # type: ignore[type-var]  # a generator has close(); the Iterator type does not say so
             for item in steps:
@@ -192,8 +198,9 @@ class Engine:
             yield Delta(tail, None, None)
         yield Finished("stop" if stop else reason, stop, count)
 
-    def logprob(self, logits: torch.Tensor | None, token: int, top: int | None) -> TokenLogprob | None:
-        if top is None or logits is None:
+    def logprob(self, logits: object, token: int, top: int | None) -> TokenLogprob | None:
+        """The chosen token's log-probability and the `top` most likely, from the logits that chose it."""
+        if top is None or not isinstance(logits, torch.Tensor):
             return None
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], torch.empty(0, dtype=torch.long))
@@ -225,9 +232,9 @@ class Engine:
             raise TooLargeError(f"{what} {size:,} bytes; this server stores artifacts of at most {limit:,} bytes",
                                 "artifact" if upload_bytes is not None else "text")
 
-    def publish(self, job: PublishJob, codec: str) -> Iterator[Published]:
+    def publish(self, job: PublishJob, codec: str) -> Iterator[Published | Batched]:
         """Store a document as a chunk chain (chunks another document stored are shared, not recomputed), or find
-        it already stored. An upload is verified first (kvmart/reuse/upload.py): ArtifactRejectedError if it is
+        it already stored: one Published (an engine that computes elsewhere yields Batched while it waits). An upload is verified first (kvmart/reuse/upload.py): ArtifactRejectedError if it is
         not the model's KV of exactly these tokens; nothing is stored then."""
         start = time.perf_counter()
         computed = None

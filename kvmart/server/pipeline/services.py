@@ -80,7 +80,12 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
              ) -> Services:
     """The services around an engine: its worker and the metrics that read them."""
     worker = Worker(server.max_active, server.max_queue, batch_step=engine.step, memory_bytes=server.batch_memory_bytes,
-                    batching=server.batching)
+                    batching=server.batching, wake=engine.wake)
+
+    def batches() -> dict[str, float]:
+        if not engine.steps_are_forward_passes:  # vLLM batches inside itself; the worker's steps only wait for it
+            return {"steps": 0, "rows": 0}
+        return {"steps": worker.batch_steps, "rows": worker.batched_payloads}
 
     def hot_values() -> dict[str, float]:
         return vars(hot.stats())
@@ -89,6 +94,6 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
                             read_hot=hot_values,
                             read_documents=lambda full: len(catalog.documents(None if full else frozenset())),
                             read_forward_passes=lambda: getattr(model, "forward_passes", 0),
-                            read_batches=lambda: {"steps": worker.batch_steps, "rows": worker.batched_payloads})
+                            read_batches=batches)
     return Services(settings, server, model, store, catalog, hot, chunks, planner, loader, engine, worker, metrics,
                     ledger, node_name(server, settings.data_dir))

@@ -12,7 +12,9 @@ Admission: up to `max_active` jobs are active at once, and only as many as `memo
 how much KV it will hold when submitted; the first job is always admitted), first come first served. Jobs beyond
 `max_active + max_queue` in the system are refused at once with QueueFullError (HTTP 429), never left to hang.
 With `batching` off, parked jobs take their decode steps one by one (one forward pass each): the same arithmetic,
-for comparison.
+for comparison. An engine that computes elsewhere (vLLM: server/pipeline/vllm.py) parks a job while it has no new
+token, and its `batch_step` waits for the engine instead of computing; `wake` (called on every submit) ends that
+wait so a new job is admitted at once.
 
 `Ticket` is a job's asyncio side: an async iterator over its events that raises the job's error, if any."""
 
@@ -102,11 +104,14 @@ class Worker:
     """Thread-safe `submit`; everything else runs on the worker's own thread."""
 
     def __init__(self, max_active: int, max_queue: int, batch_step: Callable[[list[object]], None] = _unbatchable,
-                 memory_bytes: int = 0, batching: bool = True) -> None:
+                 memory_bytes: int = 0, batching: bool = True, wake: Callable[[], None] = lambda: None) -> None:
         """`batch_step(payloads)` runs the parked jobs' shared unit of work (it may raise: every job in the batch
-        then fails); `memory_bytes`: what the active jobs may hold in all (0: no limit but `max_active`)."""
+        then fails; it may also wait, for an engine that computes elsewhere, as the vllm one does); `wake()` is
+        called whenever a job is queued or the worker is stopped, to end such a wait so the job is admitted at
+        once; `memory_bytes`: what the active jobs may hold in all (0: no limit but `max_active`)."""
         self.max_active, self.max_queue = max_active, max_queue
         self.batch_step, self.memory_bytes, self.batching = batch_step, memory_bytes, batching
+        self.wake = wake
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []
@@ -141,6 +146,7 @@ class Worker:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self.wake()
         if self._thread is not None:
             self._thread.join(timeout_seconds)
 
@@ -156,6 +162,7 @@ class Worker:
                 raise QueueFullError(queued, self._retry_after(queued))
             self._waiting.append(_Job(events, ticket, time.perf_counter(), memory_bytes))
             self._cond.notify_all()
+        self.wake()
         return ticket
 
     @contextmanager
