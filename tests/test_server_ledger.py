@@ -4,6 +4,7 @@ their own cache ids, never matched for anyone else), bad prices (400), admin end
 
 from __future__ import annotations
 
+import contextlib
 import json
 from decimal import Decimal
 
@@ -142,6 +143,32 @@ def test_a_retry_with_the_same_idempotency_key_is_charged_once(live):
                for _ in range(2)]
     assert retried[0].json()["id"] == retried[1].json()["id"]
     assert usage_of(live, retrier)["requests"] == 2
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/messages", "/v1/completions", "/v1/responses"])
+def test_a_request_charged_the_instant_before_its_node_fails_is_replayed_not_refused(live, monkeypatch, endpoint):
+    """The node fails right after the charge commits, before it answers (here: an error raised after settling; a
+    SIGKILL there did the same in tests/test_load.py). The answer was kept in the charge's own transaction, so the
+    retry gets it, charged once; before, the retry was refused (409: charged, no answer kept)."""
+    agent = live.account(f"unlucky{endpoint.replace('/', '-')}", "agent", usd="1")
+    headers = auth(agent, **{"Idempotency-Key": "just-before-the-crash"})
+    body = {"model": MODEL, "max_tokens": 4, "temperature": 0}
+    body |= {"input": "Hi"} if endpoint == "/v1/responses" else {"prompt": "Hi"} if endpoint == "/v1/completions" \
+        else {"messages": [{"role": "user", "content": "Hi"}]}
+    settle_reads = live.services.ledger.settle_reads
+
+    def then_fail(*args, **kwargs):
+        settle_reads(*args, **kwargs)
+        raise RuntimeError("the node failed between charging and answering")
+
+    monkeypatch.setattr(live.services.ledger, "settle_reads", then_fail)
+    with contextlib.suppress(httpx.TransportError):  # the connection may drop with the error, as a dying node's does
+        assert httpx.post(live.url + endpoint, headers=headers, json=body, timeout=60).status_code >= 500
+    monkeypatch.undo()
+    again = httpx.post(live.url + endpoint, headers=headers, json=body, timeout=60)
+    assert again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert usage_of(live, agent)["requests"] == 1
 
 
 def sse_data(lines) -> list[dict]:

@@ -263,10 +263,12 @@ class Ledger(Market):
                       charged.royalty_nanousd)] if cache_id is not None else []
         return self.settle_reads(hold, charged, reads)
 
-    def settle_reads(self, hold: Hold, charged: Quote, reads: Sequence[Read]) -> Charge:
+    def settle_reads(self, hold: Hold, charged: Quote, reads: Sequence[Read],
+                     keep: Callable[[Charge], str] | None = None) -> Charge:
         """Post the charge; each document's royalty goes to its publisher or, for an open document whose owner is
         not verified, to escrow (kvmart/ledger/escrow.py), as its licence stands now (a verified owner may have
-        taken it over since the hold); the receipt signed with the current key."""
+        taken it over since the hold); the receipt signed with the current key. `keep`: the answer to keep for the
+        hold's Idempotency-Key, made from the charge, in the same transaction (a crash keeps both or neither)."""
 
         def work(conn: Connection) -> Charge:
             routed, escrowed = [], []
@@ -282,6 +284,8 @@ class Ledger(Market):
             for read in escrowed:
                 escrow.hold(conn, charge.transaction_id, read.cache_id, hold.account_id, read.royalty_nanousd,
                             charge.receipt["created_at"], self.escrow_seconds)
+            if keep is not None and hold.idempotency_key is not None:
+                charges.remember_response(conn, hold.account_id, hold.idempotency_key, keep(charge))
             return charge
 
         return self.run(work)

@@ -141,9 +141,10 @@ async def messages(request: Request):
     if req.stream:
         return opened.stream(message_stream(run, message_head(opened.services, message_id)))
     text = "".join(d.text for d in await run.collect())
-    return await opened.answer({**message_head(opened.services, message_id), "content": [{"type": "text", "text": text}],
-                                "stop_reason": stop_reason(run.ended), "stop_sequence": run.ended.stop_sequence,
-                                "usage": anthropic_usage(run.usage)})
+    head = message_head(opened.services, message_id)
+    return await opened.answer(lambda: {**head, "content": [{"type": "text", "text": text}],
+                                        "stop_reason": stop_reason(run.ended), "stop_sequence": run.ended.stop_sequence,
+                                        "usage": anthropic_usage(run.usage)})
 
 
 async def message_stream(run: Run, head: dict):

@@ -14,6 +14,7 @@ another."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -28,7 +29,7 @@ from kvmart.errors import UnknownModelError
 from kvmart.ledger import parse_money
 from kvmart.server.auth import caller, idempotency_key, request_hash
 from kvmart.server.body import parse, read_json
-from kvmart.server.pipeline.billing import Payer, kept_stream, remember_response, replayed_response
+from kvmart.server.pipeline.billing import Payer, kept_stream, replayed_response, settle
 from kvmart.server.pipeline.plan import Caller, GenerationRequest
 from kvmart.server.pipeline.runs import Run, guarded, start_generation
 from kvmart.server.pipeline.services import Services
@@ -46,10 +47,19 @@ class Opened(Generic[T]):
     payer: Payer
     run: Run
 
-    async def answer(self, body: dict) -> JSONResponse:
-        """Send a complete (non-streamed) answer, kept first for the request's idempotent retries."""
-        await remember_response(self.services, self.payer, self.run.bill, body)
-        return JSONResponse(body)
+    async def answer(self, build: Callable[[], dict]) -> JSONResponse:
+        """Charge the run (`run.collect()` left it unsettled) and send its complete answer, `build()` (made once the
+        charge is known: its usage holds the receipt). With an Idempotency-Key the answer is kept for the request's
+        retries in the charge's own transaction, so no node dies between charging a request and keeping its answer."""
+        built: list[dict] = []
+
+        def keep() -> str:
+            built.append(build())
+            return json.dumps(built[-1], separators=(",", ":"))
+
+        await settle(self.services, self.run.bill, self.run.ended.completion_tokens,
+                     keep if self.payer.idempotency_key is not None else None)
+        return JSONResponse(built[-1] if built else build())
 
     def stream(self, events: AsyncGenerator[str, None]) -> StreamingResponse:
         """Send a streamed answer (its SSE events), kept for the request's idempotent retries once sent whole, and

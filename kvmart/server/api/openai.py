@@ -225,7 +225,8 @@ async def chat_completions(request: Request):
                                       "refusal": None},
               "logprobs": chat_logprobs(deltas) if req.logprobs else None,
               "finish_reason": run.ended.finish_reason}
-    return await opened.answer({**reply.head("chat.completion"), "choices": [choice], "usage": openai_usage(run.usage)})
+    return await opened.answer(lambda: {**reply.head("chat.completion"), "choices": [choice],
+                                         "usage": openai_usage(run.usage)})
 
 
 async def chat_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):
@@ -262,7 +263,8 @@ async def completions(request: Request):
     choice = {"index": 0, "text": "".join(d.text for d in deltas),
               "logprobs": completion_logprobs(deltas) if req.logprobs is not None else None,
               "finish_reason": run.ended.finish_reason}
-    return await opened.answer({**reply.head("text_completion"), "choices": [choice], "usage": openai_usage(run.usage)})
+    return await opened.answer(lambda: {**reply.head("text_completion"), "choices": [choice],
+                                         "usage": openai_usage(run.usage)})
 
 
 async def completion_stream(run: Run, reply: Reply, include_usage: bool, logprobs: bool):

@@ -239,7 +239,7 @@ async def create_response(request: Request):
         return opened.stream(response_stream(run, reply))  # kept for retries, settled however early it is cut off
     for delta in await run.collect():
         reply.add(delta)
-    return await opened.answer(reply.response(status_of(run), run.usage))
+    return await opened.answer(lambda: reply.response(status_of(run), run.usage))
 
 
 def checked_request(req: ResponsesRequest) -> GenerationRequest:

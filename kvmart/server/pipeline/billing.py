@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -71,14 +71,22 @@ async def open_bill(services: Services, payer: Payer, plan: Plan) -> Bill:
     return bill
 
 
-async def settle(services: Services, bill: Bill, output_tokens: int) -> None:
-    """Charge what the request used (one transaction: entries, receipt, hold dropped). The prompt is billed as
-    planned: a cached chunk found gone when loaded is computed again at the provider's cost, not the agent's."""
+async def settle(services: Services, bill: Bill, output_tokens: int, keep: Callable[[], str] | None = None) -> None:
+    """Charge what the request used (one transaction: entries, receipt, hold dropped, and with `keep` the answer
+    `keep()` makes, kept for the request's Idempotency-Key; `bill.charge` is set before it is called). The prompt is
+    billed as planned: a cached chunk found gone when loaded is computed again at the provider's cost, not the
+    agent's."""
     if bill.hold is None:
         return
     used, reads = services.ledger.quote_reads(bill.reads, bill.computed_tokens, output_tokens)
     hold, bill.hold = bill.hold, None
-    bill.charge = await run_in_threadpool(services.ledger.settle_reads, hold, used, reads)
+
+    def kept(charge: Charge) -> str:
+        bill.charge = charge
+        return keep() if keep is not None else ""
+
+    bill.charge = await run_in_threadpool(services.ledger.settle_reads, hold, used, reads,
+                                          kept if keep is not None else None)
     m = services.metrics
     m.charges.inc(outcome="charged")
     m.charged_usd.inc(used.total_nanousd / NANO_PER_USD)  # a float for Prometheus only; the ledger keeps integers

@@ -64,10 +64,11 @@ class Run:
             raise AssertionError("the run has not finished: iterate deltas() to its end first")
         return self.finished
 
-    async def deltas(self) -> AsyncIterator[Delta]:
-        """The generated text, piece by piece, then the charge is settled. If the job fails, its hold is released:
-        nothing is charged. If the consumer stops early (the client hung up), the job is cancelled and the request
-        charged for what was sent (`settle_cut_off`): its prompt and every token handed to the consumer."""
+    async def deltas(self, settle_at_end: bool = True) -> AsyncIterator[Delta]:
+        """The generated text, piece by piece, then the charge is settled (unless not `settle_at_end`: the caller
+        settles, `Opened.answer`). If the job fails, its hold is released: nothing is charged. If the consumer stops
+        early (the client hung up), the job is cancelled and the request charged for what was sent
+        (`settle_cut_off`): its prompt and every token handed to the consumer."""
         self._began = True
         try:
             async for event in self.ticket:
@@ -86,7 +87,8 @@ class Run:
                 release(self.services, self.bill)
             elif self.finished is None:  # cut off by its client: not free (a client could hang up at the last token)
                 settle_cut_off(self.services, self.bill, self.sent_tokens)
-        await settle(self.services, self.bill, self.ended.completion_tokens)
+        if settle_at_end:
+            await settle(self.services, self.bill, self.ended.completion_tokens)
 
     def abandon(self) -> None:
         """The consumer went away before it asked `deltas()` for anything (a stream closed before its first delta,
@@ -101,7 +103,9 @@ class Run:
         settle_cut_off(self.services, self.bill, 0)
 
     async def collect(self) -> list[Delta]:
-        return [delta async for delta in self.deltas()]
+        """Every delta of a complete (non-streamed) answer, the charge left to `Opened.answer`, which settles it and
+        keeps the answer in one transaction."""
+        return [delta async for delta in self.deltas(settle_at_end=False)]
 
     def _first_token(self, delta: Delta) -> None:
         if not self._first_token_seen and delta.token_id is not None:
