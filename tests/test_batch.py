@@ -1,11 +1,15 @@
 """Continuous batching is exact: a sequence decoded in a batch with others gets the very bits it gets alone.
 
-How (kvmart/runtime/rows.py): in a decode step each sequence's row goes through the linear layers in fixed tiles of
-ROW_TILES rows, one BLAS call per tile, so its row is computed by a call of the same shape whatever the batch; its
-attention runs over its own cache only, with the kernel it uses alone; every other operation works row by row. The
-tests check the one thing BLAS does not promise (a row's result in a call of fixed shape depends neither on the other
-rows nor on its place among them), then the whole: batched decoding equals decoding alone, logits and tokens, in
-both dtypes, and through the server's worker."""
+How (kvmart/runtime/rows.py): in a decode step the rows of every sequence go through each float32 linear layer in
+one oneDNN product over weights reordered once (its rows round alike from 2 rows up: checked on first use, and
+by these tests), or, where that does not hold and in bfloat16, in fixed tiles of ROW_TILES rows, one BLAS call per
+tile, so a row is computed by a call of the same shape whatever the batch; the attention multiplies the rows of
+sequences sharing a document's chunks together where the row counts were checked to round alike
+(kvmart/runtime/decode_attention.py), else in fixed tiles; every other operation works row by row. The tests check
+what BLAS does not promise (a row's result depends neither on the other rows nor on its place among them, in a call
+of fixed shape, or of any row count on the packed route), that the checks refuse a route whose rows differ, then
+the whole: batched decoding equals decoding alone, logits and tokens, in both dtypes, on every route, and through
+the server's worker."""
 
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from kvmart.errors import InputError
+from kvmart.runtime import decode_attention, rows
 from kvmart.runtime.model import Model
-from kvmart.runtime.rows import ROW_TILES, tiled_linear
+from kvmart.runtime.rows import ROW_TILES, PackedRows, row_calls, tiled_linear
 from kvmart.server.pipeline.worker import Batched, Worker
 
 DTYPES = ("float32", "bfloat16")
@@ -51,6 +56,65 @@ def test_without_tiles_float32_rows_round_by_the_batch(dtype="float32"):
     weight, rows = torch.randn(1536, 576, generator=g), torch.randn(16, 576, generator=g)
     assert not torch.equal(F.linear(rows[:1], weight)[0], F.linear(rows, weight)[0])
     assert torch.equal(tiled_linear(rows[:1], weight, None, 16)[0], tiled_linear(rows, weight, None, 16)[0])
+
+
+needs_packed = pytest.mark.skipif(not rows.packed_available(), reason="this torch has no oneDNN reordered-weight "
+                                  "product (torch.ops.mkldnn._reorder_linear_weight); decode steps use fixed tiles")
+
+
+@needs_packed
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=[f"{o}x{i}" for o, i in LINEAR_SHAPES])
+def test_on_the_packed_route_a_row_rounds_alike_in_any_number_of_rows(shape, threads):
+    g = torch.Generator().manual_seed(sum(shape))
+    layer = torch.nn.Linear(shape[1], shape[0], bias=False)
+    layer.weight.data = torch.randn(shape, generator=g)
+    packed = PackedRows(layer)
+    row = torch.randn(1, shape[1], generator=g)
+    alone = packed.linear(row, layer.weight, None)[0]
+    for count in (2, 3, 16, 17, 40, 65, 129):
+        others = torch.randn(count, shape[1], generator=g)
+        for place in (0, count // 2, count - 1):
+            batch = others.clone()
+            batch[place] = row[0]
+            assert torch.equal(packed.linear(batch, layer.weight, None)[place], alone), (count, place)
+    assert torch.allclose(alone, F.linear(row, layer.weight)[0], rtol=1e-4, atol=1e-4)  # the same product
+
+
+def test_packed_calls_cover_every_row_and_never_take_one_alone():
+    for count in [*range(1, 140), 1000]:
+        calls = row_calls(count, 64)
+        assert [i for a, b in calls for i in range(a, b)] == list(range(count))
+        assert all(b - a <= 64 for a, b in calls)
+        assert count == 1 or all(b - a >= 2 for a, b in calls)
+
+
+@needs_packed
+def test_float32_decode_steps_take_the_packed_route_where_its_rows_agree(model_f32):
+    assert model_f32.decode_route == "packed"
+
+
+@needs_packed
+def test_a_packed_route_whose_rows_differ_is_refused_and_decoding_stays_exact(load_tiny, monkeypatch):
+    """The control: a oneDNN that rounded large calls differently (simulated: one ulp off past 16 rows) fails the
+    check, so the model decodes by fixed tiles, and batched still equals alone."""
+    product = rows._packed_product
+
+    def rounding_by_rows(x, packed, bias):
+        out = product(x, packed, bias)
+        return torch.nextafter(out, torch.full_like(out, float("inf"))) if x.shape[0] > 16 else out
+
+    monkeypatch.setattr(rows, "_packed_product", rounding_by_rows)
+    model = load_tiny("float32")
+    fresh = PackedRows(model.hf_model)
+    assert not fresh.usable(torch.float32)
+    monkeypatch.setattr(model, "packed_rows", fresh)
+    assert model.decode_route == "tiles"
+    cases = prompts(model)
+    alone = [model.generate(p, q, 4, stop_at_eos=False).token_ids for p, q in cases]
+    decoders = [model.begin(p, q, 4, stop_at_eos=False) for p, q in cases]
+    for _ in range(3):
+        model.step(decoders)
+    assert [d.token_ids for d in decoders] == alone
 
 
 def prompts(model: Model) -> list[tuple[tuple, list[int]]]:
@@ -109,12 +173,21 @@ def threads(request, default_threads):
     torch.set_num_threads(1)  # what conftest sets for the fast tests
 
 
+@pytest.mark.parametrize("route", ["checked", "refused"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtype, threads):
+def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtype, threads, route, monkeypatch):
     """Requests about one hot document share its chunks (the same tensors): their rows are multiplied by each chunk
-    together, in tiles (kvmart/runtime/decode_attention.py). Eleven sequences: nine on one document (more than a
-    tile holds), two on another; each must decode as it does alone."""
+    together (kvmart/runtime/decode_attention.py), in one product where the row counts were checked to round alike,
+    else in fixed tiles ("refused": the check made to fail, as on a BLAS whose rows differ). Eleven sequences: nine
+    on one document (more than a fixed tile holds), two on another; each must decode as it does alone."""
     model = load_tiny(dtype)
+    monkeypatch.setattr(decode_attention, "_checked", {})
+    if route == "refused":
+        monkeypatch.setattr(decode_attention, "_check", lambda *args: False)
+    tiles: list[int] = []
+    tile = decode_attention._tile
+    monkeypatch.setattr(decode_attention, "_tile", lambda q, views, users, n, *rest: (tiles.append(n),
+                                                                                       tile(q, views, users, n, *rest)))
     ids = model.tokenize(" ".join(f"clause {i}: the holder may copy, change and share the work." for i in range(90)))
     shared = model.prefill_pieces([ids[:256], ids[256:512], ids[512:600]])
     other = model.prefill_pieces([ids[600:856]])
@@ -123,6 +196,7 @@ def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtyp
     alone = [model.generate(p, q, steps, stop_at_eos=False) for p, q in cases]
     decoders = [model.begin(p, q, steps, stop_at_eos=False) for p, q in cases]
     logits = [[d.logits] for d in decoders]
+    tiles.clear()
     for _ in range(steps - 1):
         model.step(decoders)
         for d, seen in zip(decoders, logits, strict=True):
@@ -130,6 +204,10 @@ def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtyp
     for d, seen, a in zip(decoders, logits, alone, strict=True):
         assert d.token_ids == a.token_ids
         assert all(torch.equal(x, y) for x, y in zip(seen, a.logits, strict=True))
+    group = model.hf_model.config.num_attention_heads // model.kv_heads
+    least = decode_attention.tile_rows(group)
+    # nine sequences on one document: one product of their 9 groups of rows where checked, fixed tiles where refused
+    assert max(tiles) == (9 * group if route == "checked" else least)
 
 
 def test_a_finished_or_empty_decoder_cannot_be_misused(model_f32):

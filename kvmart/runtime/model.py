@@ -119,6 +119,9 @@ class Model:
         # decode steps tile the linear layers' rows, so a sequence decodes to the same bits alone or batched
         self._tiling = rows.RowTiling()
         rows.install(hf_model, self._tiling)
+        # float32 decode steps multiply all their rows at once where oneDNN's packed product allows (checked on first
+        # use); None: always the fixed tiles (bench/decode_batch.py --route tiles sets that to compare)
+        self.packed_rows: rows.PackedRows | None = rows.PackedRows(hf_model)
         self.forward_passes = 0  # every forward pass this model ran (the server exports it: kvmart_forward_passes_total)
 
     @classmethod
@@ -267,8 +270,19 @@ class Model:
         ids = [[d.token] for d in decoders]
         positions = torch.tensor([[c.num_tokens] for c in caches])
         batch = BatchCache(caches) if self.attention == attention.NAME else caches[0]
-        with self._tiling.rows(rows.ROW_TILES[self.dtype]):
+        with self._tiling.rows(rows.ROW_TILES[self.dtype], self._packed_route()):
             return self._run(batch, ids, positions, logits_to_keep=1)[:, -1]
+
+    def _packed_route(self) -> rows.PackedRows | None:
+        """The packed route for this decode step, or None for the fixed tiles (kvmart/runtime/rows.py)."""
+        packed = self.packed_rows
+        return packed if packed is not None and packed.usable(self.dtype) else None
+
+    @property
+    def decode_route(self) -> str:
+        """How decode steps multiply their rows through the linear layers: "packed" or "tiles" (runs the packed
+        route's check if it has not run under this thread count)."""
+        return "packed" if self._packed_route() is not None else "tiles"
 
     def _cache(self, prefix: Prefix, num_new_tokens: int) -> WorkingCache:
         self.check_fits("the prompt", prefix_tokens(prefix) + num_new_tokens)
