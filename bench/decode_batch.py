@@ -5,7 +5,7 @@ Measured side by side in one run, interleaved: B sequences, each after a cached 
 KV in 256-token chunks: the arithmetic does not depend on the values; --documents contexts shared among them, as
 requests about a hot document share its chunks) and a 20-token question, take decode steps
   batched : `Model.step` over all B at once (all rows through each linear layer at once on the packed route, in
-            fixed tiles on the tiles route; attention per sequence, shared chunks read once for all);
+            fixed tiles on the sgemm route; attention per sequence, shared chunks read once for all);
   one-row : each sequence in its own forward pass over its own cache, its row multiplied alone, exactly as the
             server decoded before batching (Model._forward, the prompt kernel's attention, untiled linears).
 Prints, per B, CPU ms per generated token (median [min-max] over --repeats steps; one torch thread recommended)
@@ -64,10 +64,11 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=1, help="distinct cached contexts the sequences share "
                                                                   "(1: every sequence asks about one hot document)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--route", choices=("packed", "tiles"), default="packed",
-                        help="how a batched step's linear layers multiply (kvmart/runtime/rows.py): packed (oneDNN, all "
-                             "rows at once; kvmart's default in float32 where its check passes) or fixed tiles")
-    parser.add_argument("--tile", type=int, help="rows per BLAS call on the tiles route (default: kvmart's, "
+    parser.add_argument("--route", choices=("packed", "sgemm"), default="packed",
+                        help="how the linear layers multiply (kvmart/runtime/rows.py): packed (oneDNN, a decode step's "
+                             "rows at once; kvmart's default in float32 where its check passes) or sgemm (decode steps "
+                             "in fixed tiles)")
+    parser.add_argument("--tile", type=int, help="rows per BLAS call on the sgemm route (default: kvmart's, "
                                                  "kvmart/runtime/rows.py ROW_TILES)")
     parser.add_argument("--attention-tile", type=int, help="query rows per product in a batched step's attention "
                                                            "(default: kvmart/runtime/decode_attention.py ROW_TILE)")
@@ -75,8 +76,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Model.load(load_settings().with_overrides(model=args.model, dtype=args.dtype))
-    if args.route == "tiles":
-        model.packed_rows = None
+    if args.route == "sgemm":
+        model.use_sgemm()
     if args.tile:
         rows.ROW_TILES[model.dtype] = args.tile
     if args.attention_tile:
@@ -85,7 +86,7 @@ def main() -> None:
     prefixes = [random_prefix(model, args.context, seed) for seed in range(args.documents)]  # shared, as a hot
     question = list(range(100, 120))                                                       # document's chunks are
     print(f"model {args.model} ({args.dtype}), torch threads {torch.get_num_threads()}, {args.context:,} cached "
-          f"tokens per sequence in {args.documents} shared context(s), linear route {model.decode_route} (tile {rows.ROW_TILES[model.dtype]}), CPU "
+          f"tokens per sequence in {args.documents} shared context(s), linear route {model.linear_route} (tile {rows.ROW_TILES[model.dtype]}), CPU "
           f"ms per generated token, median [min-max] of {args.repeats} steps")
     print("| sequences | batched | one row per pass | ratio |")
     print("|---:|---:|---:|---:|")

@@ -205,6 +205,11 @@ class ShuttingDownError(KvmartError):
     """The server is shutting down and takes no new work (HTTP 503)."""
 
 
+class InconsistentKernelError(KvmartError):
+    """The model's matrix route would not give the bits its caches were computed with under the current thread count
+    (kvmart/runtime/rows.py): kvmart refuses to compute rather than compute other bits (HTTP 500)."""
+
+
 class InternalError(KvmartError):
     """A bug: an unexpected exception while serving a request. Logged with its traceback; HTTP 500."""
 

@@ -44,12 +44,14 @@ def tiny_folder(session_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def load_tiny(session_dir: Path, tiny_folder: Path):
     """`load_tiny(dtype, attention=None)` -> the session's Model (default attention unless named), loaded once.
-    Shared by many tests: never modify it."""
+    Shared by many tests: never modify it. `fresh=True`: a Model of its own, loaded anew, which the test may change."""
     loaded: dict[tuple[str, str | None], Model] = {}
 
-    def load(dtype: str, attention: str | None = None) -> Model:
+    def load(dtype: str, attention: str | None = None, fresh: bool = False) -> Model:
+        settings = Settings(data_dir=session_dir, model=TINY, dtype=dtype).with_overrides(attention=attention)
+        if fresh:
+            return Model.load(settings)
         if (dtype, attention) not in loaded:
-            settings = Settings(data_dir=session_dir, model=TINY, dtype=dtype).with_overrides(attention=attention)
             loaded[dtype, attention] = Model.load(settings)
         return loaded[dtype, attention]
 

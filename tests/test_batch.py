@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvmart.errors import InputError
+from kvmart.errors import InconsistentKernelError, InputError
 from kvmart.runtime import decode_attention, rows
 from kvmart.runtime.model import Model
 from kvmart.runtime.rows import ROW_TILES, PackedRows, row_calls, tiled_linear
@@ -59,25 +59,47 @@ def test_without_tiles_float32_rows_round_by_the_batch(dtype="float32"):
 
 
 needs_packed = pytest.mark.skipif(not rows.packed_available(), reason="this torch has no oneDNN reordered-weight "
-                                  "product (torch.ops.mkldnn._reorder_linear_weight); decode steps use fixed tiles")
+                                  "product (torch.ops.mkldnn._reorder_linear_weight); kvmart multiplies by sgemm")
+
+
+def packed_layer(shape: tuple[int, int], seed: int) -> tuple[torch.nn.Linear, PackedRows]:
+    layer = torch.nn.Linear(shape[1], shape[0], bias=False)
+    layer.weight.data = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return layer, PackedRows(layer, None)
 
 
 @needs_packed
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=[f"{o}x{i}" for o, i in LINEAR_SHAPES])
 def test_on_the_packed_route_a_row_rounds_alike_in_any_number_of_rows(shape, threads):
-    g = torch.Generator().manual_seed(sum(shape))
-    layer = torch.nn.Linear(shape[1], shape[0], bias=False)
-    layer.weight.data = torch.randn(shape, generator=g)
-    packed = PackedRows(layer)
+    layer, packed = packed_layer(shape, sum(shape))
+    g = torch.Generator().manual_seed(1)
     row = torch.randn(1, shape[1], generator=g)
     alone = packed.linear(row, layer.weight, None)[0]
-    for count in (2, 3, 16, 17, 40, 65, 129):
+    for count in (2, 3, 16, 17, 40, 65, 129, 300, 600):
         others = torch.randn(count, shape[1], generator=g)
         for place in (0, count // 2, count - 1):
             batch = others.clone()
             batch[place] = row[0]
             assert torch.equal(packed.linear(batch, layer.weight, None)[place], alone), (count, place)
     assert torch.allclose(alone, F.linear(row, layer.weight)[0], rtol=1e-4, atol=1e-4)  # the same product
+
+
+@needs_packed
+def test_on_the_packed_route_a_row_rounds_alike_on_any_number_of_threads(default_threads):
+    """Why the packed route is every pass's, prompts included: with sgemm, 256 rows of the Qwen3-0.6B shape's down
+    projection (a chunk's worth) round differently on one thread and on two, so a cache computed on one node would
+    not be bit-exact with a reader's own prefill on another; on the packed route they agree."""
+    if default_threads < 2:
+        pytest.skip("one CPU: there is no second thread count to compare with")
+    layer, packed = packed_layer((1024, 3072), 0)
+    x = torch.randn(256, 3072, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for threads in (1, default_threads):
+        torch.set_num_threads(threads)
+        results[threads] = (F.linear(x, layer.weight), packed.linear(x, layer.weight, None))
+    torch.set_num_threads(1)
+    assert torch.equal(results[1][1], results[default_threads][1])
+    assert not torch.equal(results[1][0], results[default_threads][0])  # the control: sgemm does differ
 
 
 def test_packed_calls_cover_every_row_and_never_take_one_alone():
@@ -89,32 +111,68 @@ def test_packed_calls_cover_every_row_and_never_take_one_alone():
 
 
 @needs_packed
-def test_float32_decode_steps_take_the_packed_route_where_its_rows_agree(model_f32):
-    assert model_f32.decode_route == "packed"
+def test_float32_models_take_the_packed_route_and_say_so_in_their_fingerprint(model_f32, model_bf16):
+    assert model_f32.linear_route == rows.PACKED and model_f32.fingerprint.linear == rows.PACKED
+    assert model_bf16.linear_route == "sgemm" and "linear" not in model_bf16.fingerprint.as_dict()
 
 
 @needs_packed
-def test_a_packed_route_whose_rows_differ_is_refused_and_decoding_stays_exact(load_tiny, monkeypatch):
-    """The control: a oneDNN that rounded large calls differently (simulated: one ulp off past 16 rows) fails the
-    check, so the model decodes by fixed tiles, and batched still equals alone."""
+@pytest.mark.parametrize("differs", ["by rows", "by threads"])
+def test_a_packed_route_whose_rows_differ_is_not_taken(model_f32, monkeypatch, differs, default_threads):
+    """The control: a oneDNN that rounded large calls, or calls on several threads, differently (simulated: one ulp
+    off) fails the check, so the model takes sgemm; and a packed route whose check fails under a later thread count
+    refuses to compute."""
+    if differs == "by threads" and default_threads < 2:
+        pytest.skip("one CPU: there is no second thread count to compare with")
     product = rows._packed_product
 
-    def rounding_by_rows(x, packed, bias):
+    def rounding_differently(x, packed, bias):
         out = product(x, packed, bias)
-        return torch.nextafter(out, torch.full_like(out, float("inf"))) if x.shape[0] > 16 else out
+        odd = x.shape[0] > 16 if differs == "by rows" else torch.get_num_threads() > 1
+        return torch.nextafter(out, torch.full_like(out, float("inf"))) if odd else out
 
-    monkeypatch.setattr(rows, "_packed_product", rounding_by_rows)
-    model = load_tiny("float32")
-    fresh = PackedRows(model.hf_model)
-    assert not fresh.usable(torch.float32)
-    monkeypatch.setattr(model, "packed_rows", fresh)
-    assert model.decode_route == "tiles"
+    monkeypatch.setattr(rows, "_packed_product", rounding_differently)
+    torch.set_num_threads(default_threads)
+    try:
+        output = model_f32.hf_model.get_output_embeddings()
+        assert rows.choose(model_f32.hf_model, torch.float32, output) is None
+        refused = PackedRows(model_f32.hf_model, output)
+        with pytest.raises(InconsistentKernelError, match="threads"):
+            refused.linear(torch.ones(3, model_f32.hf_model.config.hidden_size), output.weight, None)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_on_the_sgemm_route_batched_decoding_is_exact_too(load_tiny):
+    """The other route (fixed tiles in decode steps), as a model whose check failed takes it: batched equals
+    alone."""
+    model = load_tiny("float32", fresh=True)
+    model.use_sgemm()
+    assert model.linear_route == "sgemm" and "linear" not in model.fingerprint.as_dict()
     cases = prompts(model)
     alone = [model.generate(p, q, 4, stop_at_eos=False).token_ids for p, q in cases]
     decoders = [model.begin(p, q, 4, stop_at_eos=False) for p, q in cases]
     for _ in range(3):
         model.step(decoders)
     assert [d.token_ids for d in decoders] == alone
+
+
+@needs_packed
+def test_a_prompts_kv_is_the_same_on_any_number_of_threads(model_f32, default_threads):
+    """Caches move between nodes with other core counts: a chunk and a question continued after it give the same
+    KV and logits on one thread and on all of them."""
+    if default_threads < 2:
+        pytest.skip("one CPU: there is no second thread count to compare with")
+    ids = model_f32.tokenize(" ".join(f"clause {i}: the holder may copy and share the work." for i in range(60)))
+    results = []
+    for threads in (1, default_threads):
+        torch.set_num_threads(threads)
+        chunks = model_f32.prefill_pieces([ids[:256], ids[256:300]])
+        results.append((chunks, model_f32.continue_from(chunks, ids[300:337])))
+    torch.set_num_threads(1)
+    (one, step_one), (many, step_many) = results
+    assert all(a.equal(b) for a, b in zip(one, many, strict=True))
+    assert step_one.new_kv.equal(step_many.new_kv) and torch.equal(step_one.logits, step_many.logits)
 
 
 def prompts(model: Model) -> list[tuple[tuple, list[int]]]:

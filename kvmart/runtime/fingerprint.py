@@ -1,7 +1,7 @@
 """Fingerprints: what identifies a model for caching purposes, and the file hashes behind it.
 
 A model fingerprint hashes everything that can change a KV cache bit: the config, the weight files, the tokenizer,
-the dtype and the attention implementation. Each component is kept so that a refusal can say *which* differs.
+the dtype, the attention implementation and the route of the linear layers' products. Each component is kept so that a refusal can say *which* differs.
 Hashing gigabytes of weights takes seconds, so file hashes are cached by (path, size, mtime)."""
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class ModelFingerprint:
     # "vllm 0.32.0; block_size 16". Empty (and then absent from `as_dict`, so that the digest of every
     # transformers-made artifact stays what it was) for the reference engine.
     engine: str = ""
+    # The route the linear layers multiply by, when it is not BLAS's sgemm through nn.Linear (the route every earlier
+    # release took): "onednn-packed" (kvmart/runtime/rows.py). Empty, and then absent from `as_dict`, for sgemm, so
+    # that the digest of every cache made that way stays what it was.
+    linear: str = ""
 
     @property
     def digest(self) -> str:
@@ -44,6 +48,8 @@ class ModelFingerprint:
                       "dtype": self.dtype, "attention": self.attention}
         if self.engine:
             components["engine"] = self.engine
+        if self.linear:
+            components["linear"] = self.linear
         return components
 
     def differences(self, other: dict[str, str]) -> list[str]:
@@ -53,7 +59,7 @@ class ModelFingerprint:
         return [k for k in sorted(mine.keys() | other.keys(), key=_component_order) if other.get(k) != mine.get(k)]
 
 
-COMPONENTS = ("config", "weights", "tokenizer", "dtype", "attention", "engine")
+COMPONENTS = ("config", "weights", "tokenizer", "dtype", "attention", "engine", "linear")
 
 
 def _component_order(name: str) -> tuple[int, str]:

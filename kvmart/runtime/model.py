@@ -11,7 +11,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -104,7 +104,7 @@ class Model:
     def __init__(self, hf_model, tokenizer, folder: Path, spec: str, dtype: str, attention_name: str,
                  fingerprint: ModelFingerprint) -> None:
         self.hf_model, self.tokenizer, self.folder, self.spec = hf_model, tokenizer, folder, spec
-        self.dtype_name, self.attention, self.fingerprint = dtype, attention_name, fingerprint
+        self.dtype_name, self.attention = dtype, attention_name
         config = hf_model.config
         self.num_layers: int = config.num_hidden_layers
         self.kv_heads: int = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -116,12 +116,14 @@ class Model:
         # server tokenizes prompts off the model thread, so every use goes through this lock
         self._text_lock = threading.Lock()
         self._scratch = threading.local()  # each thread's attention Workspace (kvmart/runtime/workspace.py)
-        # decode steps tile the linear layers' rows, so a sequence decodes to the same bits alone or batched
+        # the linear layers' route (kvmart/runtime/rows.py): oneDNN's packed product where its rows round alike
+        # whatever their number and thread count (checked now), else sgemm with decode steps in fixed tiles; the
+        # route is part of the fingerprint, as it changes the bits of every cache
+        output = hf_model.get_output_embeddings()
         self._tiling = rows.RowTiling()
-        rows.install(hf_model, self._tiling)
-        # float32 decode steps multiply all their rows at once where oneDNN's packed product allows (checked on first
-        # use); None: always the fixed tiles (bench/decode_batch.py --route tiles sets that to compare)
-        self.packed_rows: rows.PackedRows | None = rows.PackedRows(hf_model)
+        rows.install(hf_model, self._tiling, output)
+        self._tiling.shared.packed = rows.choose(hf_model, self.dtype, output)
+        self.fingerprint = replace(fingerprint, linear=self.linear_route if self._tiling.packed else "")
         self.forward_passes = 0  # every forward pass this model ran (the server exports it: kvmart_forward_passes_total)
 
     @classmethod
@@ -270,19 +272,18 @@ class Model:
         ids = [[d.token] for d in decoders]
         positions = torch.tensor([[c.num_tokens] for c in caches])
         batch = BatchCache(caches) if self.attention == attention.NAME else caches[0]
-        with self._tiling.rows(rows.ROW_TILES[self.dtype], self._packed_route()):
+        with self._tiling.rows(rows.ROW_TILES[self.dtype]):
             return self._run(batch, ids, positions, logits_to_keep=1)[:, -1]
 
-    def _packed_route(self) -> rows.PackedRows | None:
-        """The packed route for this decode step, or None for the fixed tiles (kvmart/runtime/rows.py)."""
-        packed = self.packed_rows
-        return packed if packed is not None and packed.usable(self.dtype) else None
+    def use_sgemm(self) -> None:
+        """Multiply by BLAS's sgemm from now on (the benchmarks compare the routes); the fingerprint follows."""
+        self._tiling.shared.packed = None
+        self.fingerprint = replace(self.fingerprint, linear="")
 
     @property
-    def decode_route(self) -> str:
-        """How decode steps multiply their rows through the linear layers: "packed" or "tiles" (runs the packed
-        route's check if it has not run under this thread count)."""
-        return "packed" if self._packed_route() is not None else "tiles"
+    def linear_route(self) -> str:
+        """How the linear layers multiply (kvmart/runtime/rows.py): "onednn-packed" or "sgemm"."""
+        return rows.PACKED if self._tiling.packed is not None else "sgemm"
 
     def _cache(self, prefix: Prefix, num_new_tokens: int) -> WorkingCache:
         self.check_fits("the prompt", prefix_tokens(prefix) + num_new_tokens)
