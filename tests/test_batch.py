@@ -117,6 +117,20 @@ def test_float32_models_take_the_packed_route_and_say_so_in_their_fingerprint(mo
 
 
 @needs_packed
+def test_every_thread_multiplies_by_the_models_route(model_f32):
+    """The server computes on its worker thread: the route (and so the bits of every cache) is the model's there
+    too, not only on the thread that loaded it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = model_f32.tokenize("the holder may copy and share the work, and must keep this notice " * 3)
+    here = model_f32.continue_from(None, ids)
+    with ThreadPoolExecutor(1) as pool:
+        route, there = pool.submit(lambda: (model_f32.linear_route, model_f32.continue_from(None, ids))).result()
+    assert route == rows.PACKED
+    assert torch.equal(here.logits, there.logits) and here.new_kv.equal(there.new_kv)
+
+
+@needs_packed
 @pytest.mark.parametrize("differs", ["by rows", "by threads"])
 def test_a_packed_route_whose_rows_differ_is_not_taken(model_f32, monkeypatch, differs, default_threads):
     """The control: a oneDNN that rounded large calls, or calls on several threads, differently (simulated: one ulp
@@ -398,15 +412,17 @@ def test_concurrent_requests_are_batched_and_answered_exactly_as_alone(model_f32
             return choice["message"]["content"], choice["logprobs"], choice["finish_reason"]
 
         alone = [answer(body) for body in bodies]  # one at a time: every decode step is a batch of one
-        worker = live.services.worker
-        steps, payloads = worker.batch_steps, worker.batched_payloads
+        worker, engine, model = live.services.worker, live.services.engine, live.services.model
+        steps, rows, passes = engine.decode_steps, engine.decode_rows, model.forward_passes
         with ThreadPoolExecutor(len(bodies)) as pool:
             with worker.hold():  # all four queue up, then start together
                 futures = [pool.submit(answer, body) for body in bodies]
                 wait_until(lambda: sum(worker.depth()) == len(bodies), "the requests to queue")
             together = [f.result() for f in futures]
         assert together == alone  # texts, and every logprob (floats, exactly)
-        assert worker.batched_payloads - payloads > worker.batch_steps - steps  # some steps carried several
+        assert engine.decode_rows - rows > engine.decode_steps - steps  # some steps carried several
+        # the four questions' prompt pieces shared one forward pass (packed): 1 pass for them, 1 per decode step
+        assert model.forward_passes - passes == 1 + engine.decode_steps - steps
         metrics = live.metrics()
-        assert metrics["kvmart_decode_batch_rows_total"] == worker.batched_payloads > metrics[
-            "kvmart_decode_batches_total"] == worker.batch_steps
+        assert metrics["kvmart_decode_batch_rows_total"] == engine.decode_rows > metrics[
+            "kvmart_decode_batches_total"] == engine.decode_steps

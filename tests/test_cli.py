@@ -214,7 +214,8 @@ def test_artifact_of_another_dtype_is_refused(kvmart_cli, doc: Path):
     cid = precomputed_id(kvmart_cli("precompute", str(doc)))
     result = kvmart_cli("ask", cid[:8], QUESTION, "--dtype", "bfloat16")
     assert result.exit_code == 4
-    assert "made by a different model: dtype differ" in " ".join(result.stderr.split())
+    # the dtype differs, and with it the route of the linear layers (bfloat16 multiplies by sgemm)
+    assert "made by a different model: dtype" in " ".join(result.stderr.split())
 
 
 def test_bad_settings(kvmart_cli, doc: Path):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmart.runtime.decode_attention import decode_attention
-from kvmart.runtime.kv import BatchCache
+from kvmart.runtime.kv import BatchCache, PackedCache, WorkingLayer
 from kvmart.runtime.workspace import Workspace
 
 NAME = "kvmart"
@@ -43,13 +43,27 @@ def segmented_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
         layers = [cache.working_layers[module.layer_idx] for cache in kvmart_cache.caches]
         workspace = kvmart_workspace if kvmart_workspace is not None else Workspace()
         return decode_attention(query, layers, scale, workspace), None
+    if isinstance(kvmart_cache, PackedCache):  # prompt pieces of several sequences, one after another
+        parts = []
+        for (start, end), cache in zip(kvmart_cache.bounds, kvmart_cache.caches, strict=True):
+            layer = cache.working_layers[module.layer_idx]
+            keys, values = layer.new_segment()
+            parts.append(_piece_attention(query[:, :, start:end], layer, keys, values, scale, kvmart_workspace))
+        return torch.cat(parts, dim=1), None
     layer = kvmart_cache.working_layers[module.layer_idx]
+    return _piece_attention(query, layer, key, value, scale, kvmart_workspace), None
+
+
+def _piece_attention(query: torch.Tensor, layer: WorkingLayer, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     workspace: Workspace | None) -> torch.Tensor:
+    """One prompt piece's attention over its layer (`key`/`value`: its new-token segment, the piece's own tokens
+    last): [1, q, Hq, D], a tensor of its own."""
     if not layer.segments and key.shape[-2] == query.shape[-2]:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    out = grouped_attention(query, layer.segments, key, value, scale, kvmart_workspace, layer.segment_views())
+        return out.transpose(1, 2).contiguous()
+    out = grouped_attention(query, layer.segments, key, value, scale, workspace, layer.segment_views())
     # a copy of the workspace's output in transformers' layout (a plain `contiguous` may return the view itself)
-    return out.transpose(1, 2).clone(memory_format=torch.contiguous_format), None
+    return out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
 
 
 def grouped_attention(query: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor]], key: torch.Tensor,

@@ -299,3 +299,49 @@ class BatchCache(Cache):
         layers = [BatchLayer([c.working_layers[i] for c in caches]) for i in range(len(caches[0].working_layers))]
         super().__init__(layers=layers)  # type: ignore[arg-type]  # BatchLayer is a CacheLayerMixin
         self.caches = caches
+
+
+class PackedLayer(CacheLayerMixin):
+    """One layer of a PackedCache: tokens [start, end) of each update are written into that piece's WorkingLayer."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, rows: list[WorkingLayer], bounds: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.rows, self.bounds = rows, bounds
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise AssertionError("a PackedLayer is created initialized")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write each piece's tokens into its own sequence's layer. Returns the inputs: kvmart's attention reads each
+        piece's segments from its own layer, not from the return value."""
+        for (start, end), layer in zip(self.bounds, self.rows, strict=True):
+            layer.update(key_states[:, :, start:end], value_states[:, :, start:end])
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return max(layer.get_seq_length() for layer in self.rows)
+
+    def get_max_length(self) -> int:
+        return max(layer.get_max_length() for layer in self.rows)
+
+
+class PackedCache(Cache):
+    """Several sequences' WorkingCaches (segmented mode) behind one transformers Cache, for a forward pass that feeds
+    their prompt pieces one after another along the token axis: tokens [start, end) of `bounds[i]` belong to
+    `caches[i]`. Not thread-safe; the caches stay their owners'."""
+
+    def __init__(self, caches: list[WorkingCache], bounds: list[tuple[int, int]]) -> None:
+        if len(caches) != len(bounds) or not caches or not all(
+                layer.segmented for c in caches for layer in c.working_layers):
+            raise AssertionError("a PackedCache needs one bound per cache, all caches in segmented mode")
+        layers = [PackedLayer([c.working_layers[i] for c in caches], bounds)
+                  for i in range(len(caches[0].working_layers))]
+        super().__init__(layers=layers)  # type: ignore[arg-type]  # PackedLayer is a CacheLayerMixin
+        self.caches, self.bounds = caches, bounds

@@ -21,10 +21,13 @@ from kvmart.errors import ContextOverflowError, InputError, ModelLoadError, Mode
 from kvmart.runtime import attention, rows
 from kvmart.runtime.builtin import BUILTIN_NAMES, Progress, builtin_folder, describe_builtins, gguf_folder
 from kvmart.runtime.fingerprint import ModelFingerprint, model_fingerprint
-from kvmart.runtime.kv import KV, BatchCache, Prefix, WorkingCache, as_prefix, prefix_tokens
+from kvmart.runtime.kv import KV, BatchCache, PackedCache, Prefix, WorkingCache, as_prefix, prefix_tokens
 from kvmart.runtime.workspace import Workspace
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Prompt tokens of several requests in one forward pass at most (`continue_many`): a few chunks' worth, so that a
+# pass stays short enough for the decode steps of the others to come between passes.
+PACKED_PROMPT_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,10 @@ class Model:
         # whatever their number and thread count (checked now), else sgemm with decode steps in fixed tiles; the
         # route is part of the fingerprint, as it changes the bits of every cache
         output = hf_model.get_output_embeddings()
-        self._tiling = rows.RowTiling()
+        self._route = rows.Route()
+        self._tiling = rows.RowTiling(self._route)
         rows.install(hf_model, self._tiling, output)
-        self._tiling.shared.packed = rows.choose(hf_model, self.dtype, output)
+        self._route.packed = rows.choose(hf_model, self.dtype, output)
         self.fingerprint = replace(fingerprint, linear=self.linear_route if self._tiling.packed else "")
         self.forward_passes = 0  # every forward pass this model ran (the server exports it: kvmart_forward_passes_total)
 
@@ -229,27 +233,94 @@ class Model:
 
     def begin(self, kv: KV | Prefix | None, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-              on_prompt: Callable[[KV], None] | None = None) -> Decoder:
+              on_prompt: Callable[[KV], None] | None = None, computed: Step | None = None) -> Decoder:
         """Compute the prompt's last piece and choose the first token: a Decoder ready for decode `step`s.
 
         `token_ids` are computed by one `continue_from` after the prefix, exactly as a chunk is, so their KV (given
         to `on_prompt` before the first token is chosen) is the same whether they end a prompt or are a chunk in the
-        middle of a later one; the generated tokens then go into a working cache of their own after them."""
-        if not token_ids:
-            raise InputError("generation needs at least one prompt token after the cached prefix")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        middle of a later one; the generated tokens then go into a working cache of their own after them.
+        `computed`: that step, already computed (by `continue_many`, among other requests' pieces)."""
         prefix = as_prefix(kv)
-        # prompt + generated tokens <= context, as OpenAI and vLLM count (the last token is never fed back)
-        self.check_fits("the prompt plus the tokens to generate",
-                        prefix_tokens(prefix) + len(token_ids) + max_new_tokens)
-        step = self.continue_from(prefix, token_ids)
+        self.check_prompt(prefix, token_ids, max_new_tokens)
+        step = computed if computed is not None else self.continue_from(prefix, token_ids)
         if on_prompt is not None:
             on_prompt(step.new_kv)
         cache = self._cache(prefix + (step.new_kv,), max_new_tokens - 1) if max_new_tokens > 1 else None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return Decoder(cache, step.logits[-1], max_new_tokens, temperature, top_p, generator,
                        self.eos_ids if stop_at_eos else frozenset())
+
+    def check_prompt(self, prefix: Prefix, token_ids: list[int], max_new_tokens: int) -> None:
+        """InputError or ContextOverflowError unless `begin` can generate `max_new_tokens` after these tokens."""
+        if not token_ids:
+            raise InputError("generation needs at least one prompt token after the cached prefix")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        # prompt + generated tokens <= context, as OpenAI and vLLM count (the last token is never fed back)
+        self.check_fits("the prompt plus the tokens to generate",
+                        prefix_tokens(prefix) + len(token_ids) + max_new_tokens)
+
+    @property
+    def packs_prompts(self) -> bool:
+        """Whether `continue_many` puts several requests' pieces in one forward pass: on the packed route (rows
+        round alike in any call) with kvmart's attention (each piece attends over its own cache)."""
+        return self._tiling.packed is not None and self.attention == attention.NAME
+
+    def continue_many(self, pieces: list[tuple[Prefix, list[int]]]) -> list[Step]:
+        """`continue_from(prefix, token_ids)` of every piece (logits of its last position), with the same bits as
+        each computed alone: where `packs_prompts`, all in forward passes of up to PACKED_PROMPT_TOKENS tokens, one
+        piece after another along the token axis (their rows go through the linear layers together, which rounds
+        no row otherwise on the packed route; each attends over its own cache with the kernel it uses alone; the
+        output layer multiplies each one's last row alone); else one forward pass each."""
+        caches = [self._cache(as_prefix(prefix), len(ids)) for prefix, ids in pieces]
+        steps: list[Step] = []
+        for group in self._packings([len(ids) for _, ids in pieces]):
+            if len(group) == 1:
+                i = group[0]
+                steps.append(Step(self._forward(caches[i], pieces[i][1], logits_to_keep=1), caches[i]))
+                continue
+            logits = self._packed_forward([caches[i] for i in group], [pieces[i][1] for i in group])
+            steps.extend(Step(piece_logits, caches[i]) for i, piece_logits in zip(group, logits, strict=True))
+        return steps
+
+    def _packings(self, lengths: list[int]) -> list[list[int]]:
+        """The pieces (by index, in order) in forward passes: consecutive ones packed up to PACKED_PROMPT_TOKENS
+        tokens where `packs_prompts`, else one each."""
+        if not self.packs_prompts:
+            return [[i] for i in range(len(lengths))]
+        groups: list[list[int]] = []
+        tokens = 0
+        for i, n in enumerate(lengths):
+            if groups and tokens + n <= PACKED_PROMPT_TOKENS:
+                groups[-1].append(i)
+                tokens += n
+            else:
+                groups.append([i])
+                tokens = n
+        return groups
+
+    @torch.inference_mode()
+    def _packed_forward(self, caches: list[WorkingCache], pieces: list[list[int]]) -> list[torch.Tensor]:
+        """One forward pass of several pieces one after another along the token axis, each after its own cache:
+        per piece, the logits [1, vocab] (float32) of its last position."""
+        self.forward_passes += 1
+        bounds, start = [], 0
+        for ids in pieces:
+            bounds.append((start, start + len(ids)))
+            start += len(ids)
+        positions = torch.cat([torch.arange(c.num_tokens, c.num_tokens + len(ids))
+                               for c, ids in zip(caches, pieces, strict=True)]).unsqueeze(0)
+        cache = PackedCache(caches, bounds)
+        workspace = self.workspace()
+        try:
+            hidden = self.hf_model.get_decoder()(
+                input_ids=torch.tensor([[t for ids in pieces for t in ids]]), position_ids=positions, use_cache=True,
+                **{self._cache_kwarg: cache}, kvmart_cache=cache, kvmart_workspace=workspace,
+            ).last_hidden_state
+        finally:
+            workspace.trim()
+        output = self.hf_model.get_output_embeddings()
+        return [output(hidden[:, end - 1:end, :]).float()[0] for _, end in bounds]
 
     def step(self, decoders: list[Decoder]) -> None:
         """One decode step for every decoder not done: feed each its last token, choose its next. With kvmart's
@@ -277,7 +348,7 @@ class Model:
 
     def use_sgemm(self) -> None:
         """Multiply by BLAS's sgemm from now on (the benchmarks compare the routes); the fingerprint follows."""
-        self._tiling.shared.packed = None
+        self._route.packed = None
         self.fingerprint = replace(self.fingerprint, linear="")
 
     @property

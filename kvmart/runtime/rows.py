@@ -181,18 +181,18 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
 
 
 class RowTiling(threading.local):
-    """How this model's linear layers multiply: `packed` (shared by every thread: the packed route, or None for
-    sgemm) and, per thread, `tile`: None outside decode steps, the sgemm route's tile inside one. One per model; a
-    thread's tile is its own, so a decode step on one thread never changes a prefill on another."""
+    """How this model's linear layers multiply: `packed` (one for every thread, set by `choose`: the packed route,
+    or None for sgemm) and, per thread, `tile`: None outside decode steps, the sgemm route's tile inside one. One per
+    model; a thread's tile is its own, so a decode step on one thread never changes a prefill on another."""
 
     tile: int | None = None
 
-    def __init__(self) -> None:
-        self.shared = _Shared()
+    def __init__(self, route: Route) -> None:
+        self.route = route  # threading.local runs __init__ again on every thread, with the same `route`
 
     @property
     def packed(self) -> PackedRows | None:
-        return self.shared.packed
+        return self.route.packed
 
     @contextmanager
     def rows(self, tile: int) -> Iterator[None]:
@@ -204,7 +204,9 @@ class RowTiling(threading.local):
             self.tile = before
 
 
-class _Shared:
+class Route:
+    """A model's route, shared by all its threads: `packed` or None (sgemm)."""
+
     packed: PackedRows | None = None
 
 

@@ -1,7 +1,9 @@
 """The engine: what one planned request computes, as a stream of events. Runs only on the model worker's thread
-(forward passes are not thread-safe); the worker advances one generator per step, one forward pass each, except
-decode steps: a request yields `Batched(decoder)` for each, and the worker runs those of every active request in
-one forward pass (`Engine.step`; continuous batching, docs/SERVER.md "The model worker").
+(forward passes are not thread-safe). A request's computation is asked for, not done, where the worker batches:
+it yields `Batched(Piece)` for each prompt chunk and `Batched(decoder)` before each decode step, and the worker runs
+those of every active request together (`Engine.step`: the prompt pieces packed into shared forward passes where
+that changes no bit, Model.continue_many; the decode steps in one forward pass; continuous batching, docs/SERVER.md
+"The model worker").
 
 By the time a job reaches the engine its prompt is planned (plan.py: laid out, chunked, cached chunks found), its
 money held and its cached chunks loaded (plan.Loader). The engine computes the rest, chunk after chunk, each chunk
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -27,8 +29,8 @@ from kvmart.reuse.catalog import Catalog, Document
 from kvmart.reuse.chunks import Chunk, ChunkStore
 from kvmart.reuse.upload import verify_upload
 from kvmart.runtime.chat import Layout, layout_for, question_ids
-from kvmart.runtime.kv import KV
-from kvmart.runtime.model import Decoder, Model
+from kvmart.runtime.kv import KV, Prefix, prefix_tokens
+from kvmart.runtime.model import Decoder, Model, Step
 from kvmart.server.config import ServerSettings
 from kvmart.server.pipeline.hot import HotTier
 from kvmart.server.pipeline.plan import Loaded, Plan, Sampling
@@ -51,6 +53,16 @@ class Computed:
     """A chunk of the prompt was computed (one forward pass): the worker's other jobs get their turn."""
 
     num_tokens: int
+
+
+@dataclass
+class Piece:
+    """A prompt piece a request asks the batch step to compute (Batched(Piece)): its tokens after its prefix, and
+    the step once computed."""
+
+    prefix: Prefix
+    token_ids: list[int]
+    step: Step | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,8 @@ class Engine:
                  settings: ServerSettings, chunk_tokens: int) -> None:
         self.model, self.catalog, self.hot, self.chunks = model, catalog, hot, chunks
         self.settings, self.chunk_tokens = settings, chunk_tokens
+        self.decode_steps = self.decode_rows = 0  # batched decode steps and the sequences they advanced (metrics)
+        self.prompt_pieces = 0  # prompt pieces computed in batch steps
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvmart-chunk-writer")
 
     def close(self) -> None:
@@ -122,20 +136,36 @@ class Engine:
     def execute(self, plan: Plan, loaded: Loaded, batched: bool = False
                 ) -> Iterator[Computed | Delta | Finished | Batched]:
         """Compute the chunks not loaded, then generate: Computed per chunk, Deltas, then Finished. `batched`: yield
-        a Batched(decoder) before each decode step and leave the step to whoever iterates (the worker, which runs
-        every active request's in one forward pass); else run each step here."""
+        a Batched(Piece) for each chunk and a Batched(decoder) before each decode step and leave the computation to
+        whoever iterates (the worker, which runs every active request's in one batch step: `step`); else compute
+        each here."""
         prefix = loaded.kvs
         todo = plan.chunks[len(prefix):]
-        keep = self._keeper(plan)
+        keep, s = self._keeper(plan), plan.request.sampling
+        # checked before anything is computed, so that a request that cannot fit never fails a batch it shares
+        self.model.check_fits("the prompt plus the tokens to generate",
+                              prefix_tokens(prefix) + sum(c.num_tokens for c in todo) + plan.max_new_tokens)
         for chunk in todo[:-1]:
-            kv = self.model.continue_from(prefix, list(chunk.token_ids)).new_kv
+            kv = (yield from self._compute(prefix, list(chunk.token_ids), batched)).new_kv
             keep(chunk, kv)
             prefix += (kv,)
             yield Computed(chunk.num_tokens)
-        last, s = todo[-1], plan.request.sampling
+        last = todo[-1]
+        step = yield from self._compute(prefix, list(last.token_ids), batched)
         decoder = self.model.begin(prefix, list(last.token_ids), plan.max_new_tokens, s.temperature, s.top_p,
-                                   s.seed, on_prompt=lambda kv: keep(last, kv))
+                                   s.seed, on_prompt=lambda kv: keep(last, kv), computed=step)
         yield from self.emit(decoded(decoder, None if batched else self.model), s)
+
+    def _compute(self, prefix: Prefix, token_ids: list[int], batched: bool) -> Generator[Batched, None, Step]:
+        """One prompt piece after `prefix`: computed here, or asked for by a Batched(Piece) and computed by `step`
+        among the other requests' pieces (the same bits: Model.continue_many)."""
+        if not batched:
+            return self.model.continue_from(prefix, token_ids)
+        piece = Piece(prefix, token_ids)
+        yield Batched(piece)
+        if piece.step is None:
+            raise AssertionError("a prompt piece was resumed before its batch step ran")
+        return piece.step
 
     def memory_bytes(self, plan: Plan, loaded: Loaded) -> int:
         """The KV a request holds while it runs (what the worker admits it by): the prompt tokens it computes and
@@ -143,9 +173,20 @@ class Engine:
         tokens = plan.prompt_tokens - loaded.num_tokens + plan.max_new_tokens
         return tokens * self.model.kv_bytes_per_token
 
-    def step(self, decoders: list[object]) -> None:
-        """One decode step of the parked requests' decoders, in one forward pass (the worker's batch_step)."""
-        self.model.step([d for d in decoders if isinstance(d, Decoder)])
+    def step(self, payloads: list[object]) -> None:
+        """The parked requests' prompt pieces (in as few forward passes as Model.continue_many packs them into),
+        then one decode step of their decoders in one forward pass: the worker's batch_step."""
+        pieces = [p for p in payloads if isinstance(p, Piece)]
+        if pieces:
+            for piece, step in zip(pieces, self.model.continue_many([(p.prefix, p.token_ids) for p in pieces]),
+                                   strict=True):
+                piece.step = step
+            self.prompt_pieces += len(pieces)
+        decoders = [d for d in payloads if isinstance(d, Decoder)]
+        if decoders:
+            self.model.step(decoders)
+            self.decode_steps += 1
+            self.decode_rows += len(decoders)
 
     def wake(self) -> None:
         """A job was queued (the worker's `wake`): nothing to do here, the worker never waits inside `step`."""

@@ -85,7 +85,7 @@ def assemble(settings: Settings, server: ServerSettings, model: Model, store: St
     def batches() -> dict[str, float]:
         if not engine.steps_are_forward_passes:  # vLLM batches inside itself; the worker's steps only wait for it
             return {"steps": 0, "rows": 0}
-        return {"steps": worker.batch_steps, "rows": worker.batched_payloads}
+        return {"steps": engine.decode_steps, "rows": engine.decode_rows}
 
     def hot_values() -> dict[str, float]:
         return vars(hot.stats())
