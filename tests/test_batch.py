@@ -282,6 +282,28 @@ def test_sequences_sharing_a_cached_document_are_batched_exactly(load_tiny, dtyp
     assert max(tiles) == (9 * group if route == "checked" else least)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prompt_pieces_packed_together_get_the_bits_each_gets_alone(load_tiny, dtype, threads):
+    """Requests' prompt pieces computed in one batch step (Model.continue_many): pieces of 1 to 300 tokens, after a
+    cached document, after nothing (the from-scratch kernel), after other chunks; more tokens in all than one packed
+    pass takes. Each piece's logits and KV equal `continue_from` alone. float32 packs them (one forward pass for
+    several); bfloat16, on sgemm, computes each alone."""
+    model = load_tiny(dtype)
+    ids = model.tokenize(" ".join(f"clause {i}: the holder may copy, change and share the work." for i in range(150)))
+    shared = model.prefill_pieces([ids[:256], ids[256:512]])
+    other = model.prefill_pieces([ids[600:856]])
+    pieces = [(shared, ids[700:730]), ((), ids[10:50]), (other, ids[900:901]), (shared, ids[1000:1300]),
+              (other, ids[905:925]), ((), ids[1300:1600]), (shared, ids[1600:1605]), (other, ids[40:440])]
+    alone = [model.continue_from(p, q) for p, q in pieces]
+    passes = model.forward_passes
+    together = model.continue_many(pieces)
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.logits, b.logits) and a.new_kv.equal(b.new_kv)
+    packed = dtype == "float32"
+    assert model.packs_prompts == packed
+    assert model.forward_passes - passes == (2 if packed else len(pieces))  # 1,096 tokens: two packed passes
+
+
 def test_a_finished_or_empty_decoder_cannot_be_misused(model_f32):
     prefix, q = prompts(model_f32)[1]
     one = model_f32.begin(prefix, q, 1)
