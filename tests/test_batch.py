@@ -448,3 +448,36 @@ def test_concurrent_requests_are_batched_and_answered_exactly_as_alone(model_f32
         metrics = live.metrics()
         assert metrics["kvmart_decode_batch_rows_total"] == engine.decode_rows > metrics[
             "kvmart_decode_batches_total"] == engine.decode_steps
+
+
+def test_a_batch_step_computes_prompt_pieces_up_to_its_budget_and_the_rest_ask_again():
+    """A batch step computes the parked prompt pieces first come first up to PROMPT_TOKENS_PER_STEP tokens (one at
+    least), so a first token is not held back by every waiting prompt; a piece left over is asked for again."""
+    from kvmart.server.pipeline.engine import PROMPT_TOKENS_PER_STEP, Engine, Piece
+
+    computed: list[list[int]] = []
+
+    class Counting:
+        def continue_many(self, items):
+            computed.append([len(ids) for _, ids in items])
+            return [len(ids) for _, ids in items]  # stands for each piece's Step
+
+        def step(self, decoders):
+            raise AssertionError("no decoder was parked")
+
+    engine = Engine(Counting(), None, None, None, None, 256)  # type: ignore[arg-type]  # only step() is used
+    try:
+        budget = PROMPT_TOKENS_PER_STEP
+        pieces = [Piece((), [7] * n) for n in (budget - 56, 50, 10, budget + 44)]
+        for _ in range(3):
+            engine.step([p for p in pieces if p.step is None])
+        assert computed == [[budget - 56, 50], [10], [budget + 44]]  # the last, alone, beyond the budget
+        asking = engine._compute((), [7] * 5, batched=True)
+        first, again = next(asking), next(asking)  # not computed yet: it asks again, for the same piece
+        assert isinstance(first, Batched) and again.payload is first.payload
+        first.payload.step = "done"
+        with pytest.raises(StopIteration) as stop:
+            next(asking)
+        assert stop.value.value == "done"
+    finally:
+        engine.close()

@@ -39,6 +39,11 @@ from kvmart.server.pipeline.worker import Batched
 
 log = logging.getLogger("kvmart.server")
 
+# Prompt tokens one batch step computes at most (a chunk's worth, in one packed forward pass where the model packs):
+# more would hold every first token back until all the waiting prompts are done (measured: at 16 clients, TTFT p50
+# 3.3 s with every prompt in one step against ... with this budget; bench/serve_load.py).
+PROMPT_TOKENS_PER_STEP = 256
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -162,9 +167,8 @@ class Engine:
         if not batched:
             return self.model.continue_from(prefix, token_ids)
         piece = Piece(prefix, token_ids)
-        yield Batched(piece)
-        if piece.step is None:
-            raise AssertionError("a prompt piece was resumed before its batch step ran")
+        while piece.step is None:  # a batch step computes as many pieces as fit its budget; the rest ask again
+            yield Batched(piece)
         return piece.step
 
     def memory_bytes(self, plan: Plan, loaded: Loaded) -> int:
@@ -174,9 +178,17 @@ class Engine:
         return tokens * self.model.kv_bytes_per_token
 
     def step(self, payloads: list[object]) -> None:
-        """The parked requests' prompt pieces (in as few forward passes as Model.continue_many packs them into),
-        then one decode step of their decoders in one forward pass: the worker's batch_step."""
-        pieces = [p for p in payloads if isinstance(p, Piece)]
+        """The worker's batch_step: the parked requests' prompt pieces, first come first, up to PROMPT_TOKENS_PER_STEP
+        tokens (one at least; Model.continue_many packs them into one forward pass where it can; the others wait for
+        the next step, so that a first token is not held back by every other request's prompt), then one decode step
+        of their decoders in one forward pass."""
+        pieces: list[Piece] = []
+        budget = PROMPT_TOKENS_PER_STEP
+        for piece in (p for p in payloads if isinstance(p, Piece)):
+            if pieces and len(piece.token_ids) > budget:
+                break
+            pieces.append(piece)
+            budget -= len(piece.token_ids)
         if pieces:
             for piece, step in zip(pieces, self.model.continue_many([(p.prefix, p.token_ids) for p in pieces]),
                                    strict=True):
