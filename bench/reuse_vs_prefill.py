@@ -171,8 +171,8 @@ def ratios(prefill: list[Timing], reuse: list[Timing]) -> str:
 
 def report_lengths(model: Model, store, ids: list[int], args, kernels: list[str]) -> None:
     shape = shape_from_config(model.hf_model.config.to_dict(), model.spec)
-    print(f"model {args.model} ({args.dtype}, attention {args.attention}), torch threads {torch.get_num_threads()}, "
-          f"question {args.question_tokens} tokens, {args.repeats} repeats; seconds and ratios: wall median "
+    print(f"model {args.model} ({args.dtype}, attention {args.attention}, linear route {model.linear_route}), torch "
+          f"threads {torch.get_num_threads()}, question {args.question_tokens} tokens, {args.repeats} repeats; seconds and ratios: wall median "
           f"[min-max] (CPU median)")
     hot = " | ".join(f"reuse hot s ({k}) | ratio hot ({k})" for k in kernels)
     print(f"| document tokens | KV MB | prefill s | {hot} | reuse warm s | ratio warm | reuse cold s | ratio cold "
@@ -256,12 +256,17 @@ def main() -> None:
                         help="attention kernels to time the hot reuse with: current, previous (comma-separated)")
     parser.add_argument("--synthetic", help="cached lengths to time hot reuse over random KV (no prefill)")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="chunk size of the random KV (--synthetic)")
+    parser.add_argument("--route", choices=("model", "sgemm"), default="model",
+                        help="the linear layers' route (kvmart/runtime/rows.py): the model's own (oneDNN's packed "
+                             "product in float32 where its check passes) or sgemm, the route before it")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kernels = args.kernels.split(",")
     settings = load_settings().with_overrides(model=args.model, dtype=args.dtype, attention=args.attention)
     model = Model.load(settings)
+    if args.route == "sgemm":
+        model.use_sgemm()
     if args.synthetic:
         report_synthetic(model, args, kernels)
         return

@@ -14,6 +14,7 @@ the server's worker."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import torch
@@ -435,16 +436,21 @@ def test_concurrent_requests_are_batched_and_answered_exactly_as_alone(model_f32
 
         alone = [answer(body) for body in bodies]  # one at a time: every decode step is a batch of one
         worker, engine, model = live.services.worker, live.services.engine, live.services.model
-        steps, rows, passes = engine.decode_steps, engine.decode_rows, model.forward_passes
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            with worker.hold():  # all four queue up, then start together
-                futures = [pool.submit(answer, body) for body in bodies]
-                wait_until(lambda: sum(worker.depth()) == len(bodies), "the requests to queue")
-            together = [f.result() for f in futures]
-        assert together == alone  # texts, and every logprob (floats, exactly)
-        assert engine.decode_rows - rows > engine.decode_steps - steps  # some steps carried several
-        # the four questions' prompt pieces shared one forward pass (packed): 1 pass for them, 1 per decode step
-        assert model.forward_passes - passes == 1 + engine.decode_steps - steps
+        assert not engine.batch_prompts  # the default: each prompt chunk its own forward pass
+        for batch_prompts in (False, True):
+            engine.batch_prompts = batch_prompts
+            steps, rows, passes = engine.decode_steps, engine.decode_rows, model.forward_passes
+            with ThreadPoolExecutor(len(bodies)) as pool:
+                with worker.hold():  # all four queue up, then start together
+                    futures = [pool.submit(answer, body) for body in bodies]
+                    wait_until(lambda: sum(worker.depth()) == len(bodies), "the requests to queue")
+                together = [f.result() for f in futures]
+            assert together == alone  # texts, and every logprob (floats, exactly)
+            assert engine.decode_rows - rows > engine.decode_steps - steps  # some steps carried several
+            # the four questions' prompt pieces: one forward pass each, or one for all four when packed
+            prompt_passes = 1 if batch_prompts else len(bodies)
+            assert model.forward_passes - passes == prompt_passes + engine.decode_steps - steps
+        engine.batch_prompts = False
         metrics = live.metrics()
         assert metrics["kvmart_decode_batch_rows_total"] == engine.decode_rows > metrics[
             "kvmart_decode_batches_total"] == engine.decode_steps
@@ -465,7 +471,10 @@ def test_a_batch_step_computes_prompt_pieces_up_to_its_budget_and_the_rest_ask_a
         def step(self, decoders):
             raise AssertionError("no decoder was parked")
 
-    engine = Engine(Counting(), None, None, None, None, 256)  # type: ignore[arg-type]  # only step() is used
+    from kvmart.server.config import ServerSettings
+
+    fake: Any = Counting()  # stands for the model: only continue_many and step are called
+    engine = Engine(fake, None, None, None, ServerSettings(batch_prompts=True), 256)  # type: ignore[arg-type]  # no tiers: unused
     try:
         budget = PROMPT_TOKENS_PER_STEP
         pieces = [Piece((), [7] * n) for n in (budget - 56, 50, 10, budget + 44)]

@@ -394,6 +394,9 @@ def main() -> None:
               "more wait for others to end (0: only --max-active counts).  [default: 1GiB]")
 @click.option("--batching/--no-batching", default=None, help="Decode steps of all active requests in one forward "
               "pass (off: one pass each, in turn).  [default: on]")
+@click.option("--batch-prompts/--no-batch-prompts", default=None, help="Prompt chunks of concurrent requests packed "
+              "into shared forward passes (float32; the same bits): more throughput, later first tokens.  "
+              "[default: off]")
 @click.option("--max-body-bytes", help="Largest request body accepted (HTTP 413 beyond).  [default: 32MiB]")
 @click.option("--ledger", "--db", "ledger_url", help="Ledger database URL.  [default: DATA_DIR/ledger.sqlite; or "
                                              "postgresql://USER@HOST:PORT/DB]")
@@ -416,7 +419,7 @@ def main() -> None:
 @common_options
 def serve(settings: Settings, host: str | None, port: int | None, ram_cache_bytes: str | None,
           max_active: int | None, max_queue: int | None, batch_memory_bytes: str | None, batching: bool | None,
-          max_body_bytes: str | None, ledger_url: str | None, engine: str | None,
+          batch_prompts: bool | None, max_body_bytes: str | None, ledger_url: str | None, engine: str | None,
           rate_limit_per_minute: int | None, max_concurrent_per_key: int | None, max_document_tokens: int | None,
           max_artifact_bytes: str | None, max_concurrent_uploads: int | None, node_name: str | None,
           cors_origins: tuple[str, ...]) -> None:
@@ -425,7 +428,7 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
     Documents published with POST /v1/documents (or `kvmart precompute`, same store) are prefilled once; every
     request that reads one, by name or by pasting its text, continues from its stored KV. Options can also be set
     as KVMART_HOST, KVMART_PORT, KVMART_RAM_CACHE_BYTES, KVMART_MAX_ACTIVE, KVMART_MAX_QUEUE,
-    KVMART_BATCH_MEMORY_BYTES, KVMART_BATCHING, KVMART_MAX_BODY_BYTES,
+    KVMART_BATCH_MEMORY_BYTES, KVMART_BATCHING, KVMART_BATCH_PROMPTS, KVMART_MAX_BODY_BYTES,
     KVMART_LEDGER, KVMART_ENGINE, and the limits (docs/SECURITY.md) as KVMART_RATE_LIMIT_PER_MINUTE,
     KVMART_RATE_LIMIT_BURST, KVMART_MAX_CONCURRENT_PER_KEY, KVMART_MAX_DOCUMENT_TOKENS, KVMART_MAX_ARTIFACT_BYTES,
     KVMART_UPLOAD_CHUNK_TOKENS, KVMART_UPLOAD_VERIFY_PERCENT, KVMART_MAX_CONCURRENT_UPLOADS, KVMART_NODE_NAME and
@@ -438,6 +441,7 @@ def serve(settings: Settings, host: str | None, port: int | None, ram_cache_byte
 
     server = load_server_settings().with_overrides(
         host=host, port=port, max_active=max_active, max_queue=max_queue, batching=batching,
+        batch_prompts=batch_prompts,
         batch_memory_bytes=parse_bytes(batch_memory_bytes) if batch_memory_bytes else None,
         ram_cache_bytes=parse_bytes(ram_cache_bytes) if ram_cache_bytes else None,
         max_body_bytes=parse_bytes(max_body_bytes) if max_body_bytes else None, engine=engine,

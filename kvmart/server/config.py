@@ -27,6 +27,9 @@ class ServerSettings:
     # would pass it waits for others to end (the first one always runs); 0: only max_active limits them
     batch_memory_bytes: int = 2**30
     batching: bool = True  # decode steps of all active requests in one forward pass (off: one pass each)
+    # prompt chunks of concurrent requests packed into shared forward passes (float32; the same bits): more tokens/s,
+    # but a first token waits for the whole pack (bench/serve_load.py measures both; docs/SERVER.md)
+    batch_prompts: bool = False
     max_body_bytes: int = 32 * 2**20  # larger request bodies get HTTP 413
     default_max_tokens: int = 256  # when a request names no max_tokens (never beyond the context)
     log_level: str = "info"

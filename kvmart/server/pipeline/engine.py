@@ -1,9 +1,9 @@
 """The engine: what one planned request computes, as a stream of events. Runs only on the model worker's thread
-(forward passes are not thread-safe). A request's computation is asked for, not done, where the worker batches:
-it yields `Batched(Piece)` for each prompt chunk and `Batched(decoder)` before each decode step, and the worker runs
-those of every active request together (`Engine.step`: the prompt pieces packed into shared forward passes where
-that changes no bit, Model.continue_many; the decode steps in one forward pass; continuous batching, docs/SERVER.md
-"The model worker").
+(forward passes are not thread-safe); the worker advances one generator per step, computing a prompt chunk there,
+except what it batches: a request yields `Batched(decoder)` before each decode step (and, with `batch_prompts`,
+`Batched(Piece)` for each prompt chunk), and the worker runs those of every active request together (`Engine.step`:
+the decode steps in one forward pass; the prompt pieces packed into shared forward passes where that changes no
+bit, Model.continue_many; continuous batching, docs/SERVER.md "The model worker").
 
 By the time a job reaches the engine its prompt is planned (plan.py: laid out, chunked, cached chunks found), its
 money held and its cached chunks loaded (plan.Loader). The engine computes the rest, chunk after chunk, each chunk
@@ -39,9 +39,8 @@ from kvmart.server.pipeline.worker import Batched
 
 log = logging.getLogger("kvmart.server")
 
-# Prompt tokens one batch step computes at most (a chunk's worth, in one packed forward pass where the model packs):
-# more would hold every first token back until all the waiting prompts are done (measured: at 16 clients, TTFT p50
-# 3.3 s with every prompt in one step against ... with this budget; bench/serve_load.py).
+# Prompt tokens one batch step computes at most, with batch_prompts (a chunk's worth, one packed forward pass where
+# the model packs): bounds how long a step holds back the first tokens of the requests in it.
 PROMPT_TOKENS_PER_STEP = 256
 
 
@@ -129,6 +128,7 @@ class Engine:
                  settings: ServerSettings, chunk_tokens: int) -> None:
         self.model, self.catalog, self.hot, self.chunks = model, catalog, hot, chunks
         self.settings, self.chunk_tokens = settings, chunk_tokens
+        self.batch_prompts = settings.batch_prompts  # prompt chunks asked of the batch step (else computed here)
         self.decode_steps = self.decode_rows = 0  # batched decode steps and the sequences they advanced (metrics)
         self.prompt_pieces = 0  # prompt pieces computed in batch steps
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvmart-chunk-writer")
@@ -141,9 +141,9 @@ class Engine:
     def execute(self, plan: Plan, loaded: Loaded, batched: bool = False
                 ) -> Iterator[Computed | Delta | Finished | Batched]:
         """Compute the chunks not loaded, then generate: Computed per chunk, Deltas, then Finished. `batched`: yield
-        a Batched(Piece) for each chunk and a Batched(decoder) before each decode step and leave the computation to
-        whoever iterates (the worker, which runs every active request's in one batch step: `step`); else compute
-        each here."""
+        a Batched(decoder) before each decode step, and with `batch_prompts` a Batched(Piece) for each chunk, and
+        leave that computation to whoever iterates (the worker, which runs every active request's in one batch step:
+        `step`); else compute it here."""
         prefix = loaded.kvs
         todo = plan.chunks[len(prefix):]
         keep, s = self._keeper(plan), plan.request.sampling
@@ -164,7 +164,7 @@ class Engine:
     def _compute(self, prefix: Prefix, token_ids: list[int], batched: bool) -> Generator[Batched, None, Step]:
         """One prompt piece after `prefix`: computed here, or asked for by a Batched(Piece) and computed by `step`
         among the other requests' pieces (the same bits: Model.continue_many)."""
-        if not batched:
+        if not (batched and self.batch_prompts):
             return self.model.continue_from(prefix, token_ids)
         piece = Piece(prefix, token_ids)
         while piece.step is None:  # a batch step computes as many pieces as fit its budget; the rest ask again

@@ -1,12 +1,13 @@
 """The model worker: one thread that owns the model, fed by a bounded queue.
 
-Each job is a generator of events (see engine.py); every call to `next` is one unit of work (delivering an event,
-or computing what a job computes itself). A job that needs a prompt chunk computed or a decode step yields
-`Batched` instead: the worker parks it, and once every active job has had its turn it runs one `batch_step` over all
-the parked jobs' payloads (the engine's: prompt chunks packed into shared forward passes, decode steps of all
-sequences in one: continuous batching), then resumes each so its token goes out at once. So in every round each job
-moves on by one prompt chunk or one token: a new request's prompt chunks are computed alongside the others' decode
-steps, never queued behind whole answers, and a slow client blocks no one (its events wait in its own queue).
+Each job is a generator of events (see engine.py); every call to `next` is one unit of work (a prompt chunk's
+forward pass, or delivering an event). A job that needs a decode step (or, where the engine batches prompts, a
+prompt chunk) yields `Batched` instead: the worker parks it, and once every active job has had its turn it runs one
+`batch_step` over all the parked jobs' payloads (the engine's: decode steps of all sequences in one forward pass,
+prompt chunks packed into shared ones: continuous batching), then resumes each so its token goes out at once. So in
+every round each job moves on by one prompt chunk or one token: a new request's prompt chunks are interleaved with
+the others' decode steps, never queued behind whole answers, and a slow client blocks no one (its events wait in
+its own queue).
 
 Admission: up to `max_active` jobs are active at once, and only as many as `memory_bytes` allows (each job says
 how much KV it will hold when submitted; the first job is always admitted), first come first served. Jobs beyond
