@@ -474,7 +474,8 @@ def test_a_batch_step_computes_prompt_pieces_up_to_its_budget_and_the_rest_ask_a
     from kvmart.server.config import ServerSettings
 
     fake: Any = Counting()  # stands for the model: only continue_many and step are called
-    engine = Engine(fake, None, None, None, ServerSettings(batch_prompts=True), 256)  # type: ignore[arg-type]  # no tiers: unused
+    nothing: Any = None  # the catalogue, hot tier and chunk store: a batch step uses none of them
+    engine = Engine(fake, nothing, nothing, nothing, ServerSettings(batch_prompts=True), 256)
     try:
         budget = PROMPT_TOKENS_PER_STEP
         pieces = [Piece((), [7] * n) for n in (budget - 56, 50, 10, budget + 44)]
