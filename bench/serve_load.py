@@ -152,7 +152,9 @@ def main() -> None:
     parser.add_argument("--sample", choices=list(SAMPLES), default="mpl-2.0", help="the hosted document")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients per wave (comma-separated)")
     parser.add_argument("--modes", default="cached", help="cached, bypass (comma-separated)")
-    parser.add_argument("--batching", default="on,off", help="on, off (comma-separated)")
+    parser.add_argument("--batching", default="on,off",
+                        help="on, off, prompts (comma-separated; prompts: on, and concurrent requests' prompt chunks "
+                             "packed into shared forward passes, the server's --batch-prompts)")
     parser.add_argument("--rounds", type=int, default=3, help="waves per setting, interleaved")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per answer")
     parser.add_argument("--max-active", type=int, default=64, help="requests the batching worker keeps active")
@@ -191,7 +193,9 @@ def main() -> None:
         results: dict[Setting, list[Wave]] = {s: [] for s in settings_list}
         for _ in range(args.rounds):
             for clients, mode, batching in settings_list:
-                worker.batching = batching == "on"
+                worker.batching = batching != "off"
+                if args.engine == "transformers":
+                    app.state.services.engine.batch_prompts = batching == "prompts"
                 worker.max_active = args.max_active if worker.batching else args.unbatched_max_active
                 cache = "default" if mode == "cached" else "bypass"
                 results[clients, mode, batching].append(wave(url, doc["id"], engine.spec, clients, args.max_tokens,
@@ -223,9 +227,9 @@ def report(args, label: str, doc: dict, results: dict[Setting, list[Wave]]) -> N
               f"{spread([w.cpu_seconds for w in waves], 2)} | {spread([w.wall_seconds for w in waves], 2)} |")
     print("ratios, per round then median [min-max]:")
     for (clients, mode, batching), waves in results.items():
-        if batching == "on" and (clients, mode, "off") in results:
+        if batching != "off" and (clients, mode, "off") in results:
             off = results[clients, mode, "off"]
-            print(f"  {clients} clients, {mode}: batching on vs off: TTFT p50 "
+            print(f"  {clients} clients, {mode}: batching {batching} vs off: TTFT p50 "
                   f"{spread([o.ttft_p50 / w.ttft_p50 for w, o in zip(waves, off, strict=True)], 1)}x lower, "
                   f"tokens/s {spread([w.tokens_per_second / o.tokens_per_second for w, o in zip(waves, off, strict=True)], 1)}x higher")
         if mode == "cached" and (clients, "bypass", batching) in results:
