@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmart.format.keys import cache_id
+from kvmart.runtime import rows
 from kvmart.runtime.fingerprint import file_sha256, model_fingerprint
 
 HASHES = "hashes.json"
@@ -52,7 +53,7 @@ def test_loaded_model_carries_its_folder_fingerprint(model_f32, model_bf16, tiny
     folder_fp = model_fingerprint(tiny_folder, "float32", model_f32.attention)
     # the folder's components, and the route its linear layers multiply by (kvmart/runtime/rows.py)
     assert model_f32.fingerprint == replace(folder_fp, linear="" if model_f32.linear_route == "sgemm" else
-                                            model_f32.linear_route)
+                                            rows.fingerprint_component())
     assert model_f32.fingerprint.attention == model_f32.attention
     expected = ["dtype"] + (["linear"] if model_f32.linear_route != "sgemm" else [])  # bfloat16 multiplies by sgemm
     assert model_bf16.fingerprint.differences(model_f32.fingerprint.as_dict()) == expected

@@ -35,8 +35,9 @@ class ModelFingerprint:
     # transformers-made artifact stays what it was) for the reference engine.
     engine: str = ""
     # The route the linear layers multiply by, when it is not BLAS's sgemm through nn.Linear (the route every earlier
-    # release took): "onednn-packed" (kvmart/runtime/rows.py). Empty, and then absent from `as_dict`, for sgemm, so
-    # that the digest of every cache made that way stays what it was.
+    # release took), with the instruction set its kernels were picked for: "onednn-packed avx512"
+    # (kvmart/runtime/rows.py). Empty, and then absent from `as_dict`, for sgemm, so that the digest of every cache
+    # made that way stays what it was.
     linear: str = ""
 
     @property

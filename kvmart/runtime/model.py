@@ -127,7 +127,7 @@ class Model:
         self._tiling = rows.RowTiling(self._route)
         rows.install(hf_model, self._tiling, output)
         self._route.packed = rows.choose(hf_model, self.dtype, output)
-        self.fingerprint = replace(fingerprint, linear=self.linear_route if self._tiling.packed else "")
+        self.fingerprint = replace(fingerprint, linear=rows.fingerprint_component() if self._tiling.packed else "")
         self.forward_passes = 0  # every forward pass this model ran (the server exports it: kvmart_forward_passes_total)
 
     @classmethod

@@ -18,8 +18,9 @@ Two routes:
   every shape in calls of `CHECKED_ROWS` rows, compared bit for bit with the same rows in a call of MAX_ROWS, on the
   thread count in force and on one thread; at load, and again for each new thread count. A model whose check
   fails at load takes the other route; one whose check fails later refuses to compute (InconsistentKernelError)
-  rather than compute other bits. The route is a component of the model fingerprint (`linear`), so caches computed
-  by the other route are never taken for this one's. The reordered copies hold as much memory as the linear weights
+  rather than compute other bits. The route, with the instruction set its kernels were picked for, is a component
+  of the model fingerprint (`linear`, e.g. "onednn-packed avx512"), so caches computed by the other route or on
+  another kind of CPU are never taken for this one's. The reordered copies hold as much memory as the linear weights
   themselves.
 - **sgemm** (bfloat16, and float32 where the check fails or oneDNN is missing; what kvmart did before): prompt
   pieces through nn.Linear as they are (their caches are bit-exact only between nodes with the same thread count,
@@ -42,7 +43,15 @@ from kvmart.errors import InconsistentKernelError
 
 log = logging.getLogger("kvmart.runtime")
 
-PACKED = "onednn-packed"  # the packed route's name in the model fingerprint (the sgemm route has none)
+PACKED = "onednn-packed"  # the packed route's name (the sgemm route has no fingerprint component)
+
+
+def fingerprint_component() -> str:
+    """The packed route's fingerprint component: its name and the instruction set torch dispatches to here (oneDNN
+    picks its kernels by it, and kernels for other instruction sets may round differently: a cache made on another
+    kind of CPU is another model's, never taken for this one's), e.g. "onednn-packed avx512"."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    return f"{PACKED} {capability.lower()}"
 
 # Rows per BLAS call in a decode step on the sgemm route, by dtype (bench/decode_batch.py --route sgemm --tile
 # measures the choice). float32: 2, the smallest tile past the one-row method (a 2-row product costs what a 1-row one
