@@ -1,8 +1,9 @@
 """Fingerprints: what identifies a model for caching purposes, and the file hashes behind it.
 
 A model fingerprint hashes everything that can change a KV cache bit: the config, the weight files, the tokenizer,
-the dtype, the attention implementation and the route of the linear layers' products. Each component is kept so that a refusal can say *which* differs.
-Hashing gigabytes of weights takes seconds, so file hashes are cached by (path, size, mtime)."""
+the dtype, the attention implementation and the route of the linear layers' products. Each component is kept so
+that a refusal can say *which* differs. Hashing gigabytes of weights takes seconds, so file hashes are cached by
+(path, size, mtime)."""
 
 from __future__ import annotations
 

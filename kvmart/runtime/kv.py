@@ -258,25 +258,27 @@ class WorkingCache(Cache):
         return KV(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))
 
 
-class BatchLayer(CacheLayerMixin):
-    """One layer of a BatchCache: row b of each update is written into the b-th sequence's WorkingLayer."""
+class SharedLayer(CacheLayerMixin):
+    """One layer of a cache that several sequences' WorkingLayers stand behind: `parts[i]` picks, from each update's
+    keys and values, what the i-th sequence's layer gets (its row of a decode step, or its tokens of a packed
+    prompt pass)."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, rows: list[WorkingLayer]) -> None:
+    def __init__(self, rows: list[WorkingLayer], parts: list[tuple[slice, ...]]) -> None:
         super().__init__()
-        self.rows = rows
+        self.rows, self.parts = rows, parts
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise AssertionError("a BatchLayer is created initialized")
+        raise AssertionError("a SharedLayer is created initialized")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write each row's new tokens into its own sequence's layer. Returns the inputs: the rows' caches differ in
-        length, so kvmart's attention reads each one's segments from the cache itself, not from the return value."""
-        for b, layer in enumerate(self.rows):
-            layer.update(key_states[b:b + 1], value_states[b:b + 1])
+        """Write each sequence's part into its own layer. Returns the inputs: the sequences' caches differ in length,
+        so kvmart's attention reads each one's segments from its own layer, not from the return value."""
+        for part, layer in zip(self.parts, self.rows, strict=True):
+            layer.update(key_states[part], value_states[part])
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -289,59 +291,32 @@ class BatchLayer(CacheLayerMixin):
         return max(layer.get_max_length() for layer in self.rows)
 
 
-class BatchCache(Cache):
-    """Several sequences' WorkingCaches (segmented mode) behind one transformers Cache, for a forward pass that
-    feeds one row per sequence: row b belongs to `caches[b]`. Not thread-safe; the caches stay their owners'."""
+class SharedCache(Cache):
+    """Several sequences' WorkingCaches (segmented mode) behind one transformers Cache, `parts[i]` of every update
+    belonging to `caches[i]`. Not thread-safe; the caches stay their owners'."""
 
-    def __init__(self, caches: list[WorkingCache]) -> None:
-        if not caches or not all(layer.segmented for c in caches for layer in c.working_layers):
-            raise AssertionError("a BatchCache needs at least one cache, all in segmented mode")
-        layers = [BatchLayer([c.working_layers[i] for c in caches]) for i in range(len(caches[0].working_layers))]
-        super().__init__(layers=layers)  # type: ignore[arg-type]  # BatchLayer is a CacheLayerMixin
+    def __init__(self, caches: list[WorkingCache], parts: list[tuple[slice, ...]]) -> None:
+        if not caches or len(parts) != len(caches) or not all(
+                layer.segmented for c in caches for layer in c.working_layers):
+            raise AssertionError(f"a {type(self).__name__} needs at least one cache, one part per cache, all caches "
+                                 f"in segmented mode")
+        layers = [SharedLayer([c.working_layers[i] for c in caches], parts)
+                  for i in range(len(caches[0].working_layers))]
+        super().__init__(layers=layers)  # type: ignore[arg-type]  # SharedLayer is a CacheLayerMixin
         self.caches = caches
 
 
-class PackedLayer(CacheLayerMixin):
-    """One layer of a PackedCache: tokens [start, end) of each update are written into that piece's WorkingLayer."""
+class BatchCache(SharedCache):
+    """For a forward pass that feeds one row per sequence (a decode step): row b belongs to `caches[b]`."""
 
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, rows: list[WorkingLayer], bounds: list[tuple[int, int]]) -> None:
-        super().__init__()
-        self.rows, self.bounds = rows, bounds
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise AssertionError("a PackedLayer is created initialized")
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write each piece's tokens into its own sequence's layer. Returns the inputs: kvmart's attention reads each
-        piece's segments from its own layer, not from the return value."""
-        for (start, end), layer in zip(self.bounds, self.rows, strict=True):
-            layer.update(key_states[:, :, start:end], value_states[:, :, start:end])
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return max(layer.get_seq_length() for layer in self.rows)
-
-    def get_max_length(self) -> int:
-        return max(layer.get_max_length() for layer in self.rows)
+    def __init__(self, caches: list[WorkingCache]) -> None:
+        super().__init__(caches, [(slice(b, b + 1),) for b in range(len(caches))])
 
 
-class PackedCache(Cache):
-    """Several sequences' WorkingCaches (segmented mode) behind one transformers Cache, for a forward pass that feeds
-    their prompt pieces one after another along the token axis: tokens [start, end) of `bounds[i]` belong to
-    `caches[i]`. Not thread-safe; the caches stay their owners'."""
+class PackedCache(SharedCache):
+    """For a forward pass that feeds several sequences' prompt pieces one after another along the token axis:
+    tokens [start, end) of `bounds[i]` belong to `caches[i]`."""
 
     def __init__(self, caches: list[WorkingCache], bounds: list[tuple[int, int]]) -> None:
-        if len(caches) != len(bounds) or not caches or not all(
-                layer.segmented for c in caches for layer in c.working_layers):
-            raise AssertionError("a PackedCache needs one bound per cache, all caches in segmented mode")
-        layers = [PackedLayer([c.working_layers[i] for c in caches], bounds)
-                  for i in range(len(caches[0].working_layers))]
-        super().__init__(layers=layers)  # type: ignore[arg-type]  # PackedLayer is a CacheLayerMixin
-        self.caches, self.bounds = caches, bounds
+        super().__init__(caches, [(slice(None), slice(None), slice(start, end)) for start, end in bounds])
+        self.bounds = bounds

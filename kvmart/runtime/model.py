@@ -256,9 +256,12 @@ class Model:
             raise InputError("generation needs at least one prompt token after the cached prefix")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        # prompt + generated tokens <= context, as OpenAI and vLLM count (the last token is never fed back)
-        self.check_fits("the prompt plus the tokens to generate",
-                        prefix_tokens(prefix) + len(token_ids) + max_new_tokens)
+        self.check_room(prefix_tokens(prefix) + len(token_ids), max_new_tokens)
+
+    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """ContextOverflowError unless a prompt of `prompt_tokens` leaves room for `max_new_tokens`: prompt +
+        generated tokens <= context, as OpenAI and vLLM count (the last token is never fed back)."""
+        self.check_fits("the prompt plus the tokens to generate", prompt_tokens + max_new_tokens)
 
     @property
     def packs_prompts(self) -> bool:

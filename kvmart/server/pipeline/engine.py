@@ -130,7 +130,6 @@ class Engine:
         self.settings, self.chunk_tokens = settings, chunk_tokens
         self.batch_prompts = settings.batch_prompts  # prompt chunks asked of the batch step (else computed here)
         self.decode_steps = self.decode_rows = 0  # batched decode steps and the sequences they advanced (metrics)
-        self.prompt_pieces = 0  # prompt pieces computed in batch steps
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvmart-chunk-writer")
 
     def close(self) -> None:
@@ -148,8 +147,7 @@ class Engine:
         todo = plan.chunks[len(prefix):]
         keep, s = self._keeper(plan), plan.request.sampling
         # checked before anything is computed, so that a request that cannot fit never fails a batch it shares
-        self.model.check_fits("the prompt plus the tokens to generate",
-                              prefix_tokens(prefix) + sum(c.num_tokens for c in todo) + plan.max_new_tokens)
+        self.model.check_room(prefix_tokens(prefix) + sum(c.num_tokens for c in todo), plan.max_new_tokens)
         for chunk in todo[:-1]:
             kv = (yield from self._compute(prefix, list(chunk.token_ids), batched)).new_kv
             keep(chunk, kv)
@@ -193,7 +191,6 @@ class Engine:
             for piece, step in zip(pieces, self.model.continue_many([(p.prefix, p.token_ids) for p in pieces]),
                                    strict=True):
                 piece.step = step
-            self.prompt_pieces += len(pieces)
         decoders = [d for d in payloads if isinstance(d, Decoder)]
         if decoders:
             self.model.step(decoders)
